@@ -1,0 +1,13 @@
+//! liveupdate: userspace orchestration of Linux kernel live update.
+//!
+//! The library holds everything but the process shells: the state machine
+//! ([`state`]), subsystem callbacks ([`subsystem`]), the handover record
+//! ([`record`]) and the regions it lives in ([`region`]), the kernel
+//! interfaces ([`kernel`]), the client protocol ([`protocol`]) and the engine
+//! that ties them together for luod ([`engine`]).
+
+pub mod names;
+pub mod record;
+pub mod region;
+pub mod state;
+pub mod subsystem;

@@ -1,0 +1,202 @@
+//! The handover record's content, format version 1.
+//!
+//! Postcard is not self-describing: any change to these types (a field added,
+//! removed, reordered or retyped) is a new format version. When that day
+//! comes, this file is copied to `v1.rs` unchanged, the new types live here,
+//! and the decoder converts a v1 record into the new model (see
+//! `docs/state-format.md`, "Compatibility").
+
+use crate::names::SessionName;
+use crate::state::State;
+use serde::{Deserialize, Serialize};
+
+/// Nanoseconds since the Unix epoch (CLOCK_REALTIME).
+pub type UnixNanos = u64;
+
+/// Everything luod must not lose: its state, the update in flight, the
+/// sessions and their tokens, subsystem sections and the history of cycles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverRecord {
+    /// Where the host is in the cycle.
+    pub state: State,
+    /// Name of the backend that wrote the record (`file`, `luo`, `reserved-memory`).
+    pub backend: String,
+    /// Set when the record was written as the outgoing image at `reboot`.
+    pub handover: Option<Handover>,
+    /// The cycle in flight, if any.
+    pub update: Option<Update>,
+    /// Client sessions, in creation order.
+    pub sessions: Vec<SessionRecord>,
+    /// Subsystem sections, keyed by subsystem name, each with its own version.
+    pub subsystems: Vec<Section>,
+    /// Data extents copied into the region (indexed by [`FdRecord::data`]).
+    pub extents: Vec<Extent>,
+    /// Completed and cancelled cycles, oldest first, at most [`HISTORY_LIMIT`].
+    pub history: Vec<Cycle>,
+    /// Number of live updates this host went through (finished cycles).
+    pub live_updates: u64,
+    /// Identifier the next cycle gets.
+    pub next_cycle_id: u64,
+}
+
+/// How many cycles the history keeps.
+pub const HISTORY_LIMIT: usize = 64;
+
+impl HandoverRecord {
+    /// An empty record of a host in `normal` with nothing preserved.
+    pub fn new(backend: &str) -> Self {
+        HandoverRecord {
+            state: State::Normal,
+            backend: backend.to_string(),
+            handover: None,
+            update: None,
+            sessions: Vec::new(),
+            subsystems: Vec::new(),
+            extents: Vec::new(),
+            history: Vec::new(),
+            live_updates: 0,
+            next_cycle_id: 1,
+        }
+    }
+}
+
+/// Written at `reboot`: who handed over, so the next luod knows a kexec happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// `/proc/sys/kernel/random/boot_id` of the kernel that wrote the record.
+    pub boot_id: String,
+    /// True when the kexec was simulated (file backend): the next luod treats
+    /// the record as incoming even though the boot id did not change.
+    pub simulated: bool,
+    /// Release (`uname -r`) of the kernel that wrote the record.
+    pub kernel_release: String,
+}
+
+/// The cycle in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    /// Cycle identifier, increasing per host.
+    pub id: u64,
+    /// The target kernel, when `prepare` loaded one.
+    pub target: Option<KernelImage>,
+    /// When each transition happened.
+    pub timestamps: Timestamps,
+}
+
+/// A kernel image loaded for kexec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelImage {
+    /// Path of the kernel image.
+    pub kernel: String,
+    /// SHA-256 of the kernel image as loaded.
+    pub kernel_sha256: [u8; 32],
+    /// Path of the initrd, if any.
+    pub initrd: Option<String>,
+    /// SHA-256 of the initrd, if any.
+    pub initrd_sha256: Option<[u8; 32]>,
+    /// Command line of the target kernel.
+    pub cmdline: String,
+}
+
+/// When each step of a cycle happened (nanoseconds since the Unix epoch).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamps {
+    /// `prepare` completed.
+    pub prepared: Option<UnixNanos>,
+    /// `freeze` started: the blackout begins.
+    pub freeze_started: Option<UnixNanos>,
+    /// `freeze` completed.
+    pub frozen: Option<UnixNanos>,
+    /// `reboot` called the kernel (or, simulated, finished writing the image).
+    pub reboot: Option<UnixNanos>,
+    /// luod started in the new kernel.
+    pub luod_started: Option<UnixNanos>,
+    /// luod reached `updated`: the blackout ends.
+    pub updated: Option<UnixNanos>,
+    /// `finish` completed.
+    pub finished: Option<UnixNanos>,
+    /// `cancel` completed.
+    pub cancelled: Option<UnixNanos>,
+}
+
+/// A client session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Session name, unique on the host.
+    pub name: SessionName,
+    /// Uid of the client that created it; only that uid sees it.
+    pub owner_uid: u32,
+    /// Preserved files, in preservation order.
+    pub fds: Vec<FdRecord>,
+    /// True once the session came through a live update and awaits retrieval.
+    pub incoming: bool,
+}
+
+/// A file preserved under a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdRecord {
+    /// The client's token, unique within the session.
+    pub token: u64,
+    /// Size of the file in bytes when it was last recorded.
+    pub size: u64,
+    /// Index into [`HandoverRecord::extents`] when the contents were copied
+    /// into the region (copying backends, from `reboot`/`freeze` on).
+    pub data: Option<u32>,
+    /// True once the client took the file back in the new kernel.
+    pub retrieved: bool,
+}
+
+/// A run of bytes in the region's data area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// Offset from the start of the region.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// CRC-32C of the bytes.
+    pub crc32c: u32,
+}
+
+/// A subsystem's opaque state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Section {
+    /// Subsystem name (the key).
+    pub name: String,
+    /// The subsystem's own version of the blob format.
+    pub version: u32,
+    /// The blob.
+    pub blob: Vec<u8>,
+}
+
+/// How a cycle ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The host went through the update and `finish` closed it.
+    Finished,
+    /// `cancel` abandoned it before the reboot.
+    Cancelled,
+}
+
+/// A cycle in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cycle {
+    /// Cycle identifier.
+    pub id: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The target kernel, if one was loaded.
+    pub target: Option<KernelImage>,
+    /// Kernel release before the update.
+    pub from_release: String,
+    /// Kernel release after the update (empty when cancelled).
+    pub to_release: String,
+    /// When each step happened.
+    pub timestamps: Timestamps,
+    /// Sessions carried.
+    pub sessions: u32,
+    /// Files carried.
+    pub files: u32,
+    /// Bytes carried.
+    pub bytes: u64,
+}
