@@ -1,1 +1,42 @@
-fn main() {}
+//! luod: the live-update daemon.
+//!
+//! Exit status: 0 after SIGTERM/SIGINT, 1 when it cannot start (the message
+//! says why), 2 on bad arguments, 75 after a simulated kexec (`--backend
+//! file`): the record is in the region, start luod again on it.
+
+mod args;
+mod backend;
+mod peer;
+mod server;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = args::Args::parse();
+    if let Some(path) = &args.holder {
+        // The fd holder: a separate process so that preserved files outlive
+        // a crash of luod (see liveupdate::holder).
+        return match liveupdate::holder::run_holder(path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("luod fd holder: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LUOD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match server::run(&args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("luod: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

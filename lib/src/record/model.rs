@@ -77,6 +77,8 @@ pub struct Handover {
 pub struct Update {
     /// Cycle identifier, increasing per host.
     pub id: u64,
+    /// Release (`uname -r`) of the kernel the cycle started in.
+    pub from_release: String,
     /// The target kernel, when `prepare` loaded one.
     pub target: Option<KernelImage>,
     /// When each transition happened.

@@ -1,0 +1,153 @@
+//! Engine errors, and how each reaches a client.
+
+use crate::kernel::KernelError;
+use crate::names::NameError;
+use crate::protocol::{ErrorKind, ErrorReply};
+use crate::record::RecordError;
+use crate::state::{IllegalTransition, State};
+use crate::subsystem::StepError;
+
+/// Why the engine refused a request. Whatever the variant, the engine's state
+/// and record are as they were before the request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The command is not allowed in this state.
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+    /// A session operation that this state does not allow.
+    #[error("{what} is not allowed in state {state}")]
+    SessionsLocked {
+        /// What was attempted.
+        what: &'static str,
+        /// The state.
+        state: State,
+    },
+    /// The caller is not root and lacks `CAP_SYS_BOOT`.
+    #[error("{0} needs root or CAP_SYS_BOOT")]
+    NotPrivileged(&'static str),
+    /// The session name is invalid.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// An argument is invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No such session among the caller's.
+    #[error("no session named {0}")]
+    NoSuchSession(String),
+    /// A session of that name exists (of any owner: names are host-wide).
+    #[error("a session named {0} exists already")]
+    SessionExists(String),
+    /// No such token in the session.
+    #[error("session {session} has no file under token {token}")]
+    NoSuchToken {
+        /// Session.
+        session: String,
+        /// Token.
+        token: u64,
+    },
+    /// The token is in use in the session.
+    #[error("session {session} already has a file under token {token}")]
+    TokenExists {
+        /// Session.
+        session: String,
+        /// Token.
+        token: u64,
+    },
+    /// The file was retrieved already.
+    #[error("session {session} token {token} was already retrieved")]
+    AlreadyRetrieved {
+        /// Session.
+        session: String,
+        /// Token.
+        token: u64,
+    },
+    /// `finish` with files nobody took back.
+    #[error("{0} preserved file(s) were not retrieved: {1}")]
+    NotRetrieved(usize, String),
+    /// A request that needs exactly one file descriptor came without one.
+    #[error("{0}")]
+    MissingFd(&'static str),
+    /// A subsystem vetoed or failed; earlier steps were undone.
+    #[error(transparent)]
+    Step(#[from] StepError),
+    /// The kernel (or the backend emulating it) refused.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// The record could not be read or written.
+    #[error("handover record: {0}")]
+    Record(#[from] RecordError),
+    /// The reboot failed; the engine unfroze and is back in `prepared`.
+    #[error("reboot failed, unfroze back to prepared: {0}")]
+    RebootFailed(String),
+    /// An I/O error while reading a file the request named.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl EngineError {
+    /// The class of failure.
+    pub fn kind(&self) -> ErrorKind {
+        use EngineError as E;
+        match self {
+            E::Illegal(_) | E::SessionsLocked { .. } => ErrorKind::WrongState,
+            E::NotPrivileged(_) => ErrorKind::PermissionDenied,
+            E::Name(_) | E::InvalidArgument(_) | E::MissingFd(_) | E::Io(_) => ErrorKind::InvalidArgument,
+            E::NoSuchSession(_) | E::NoSuchToken { .. } => ErrorKind::NotFound,
+            E::SessionExists(_) | E::TokenExists { .. } => ErrorKind::AlreadyExists,
+            E::AlreadyRetrieved { .. } | E::NotRetrieved(..) => ErrorKind::WrongState,
+            E::Step(s) if s.is_veto() => ErrorKind::Vetoed,
+            E::Step(_) => ErrorKind::SubsystemFailed,
+            E::Kernel(KernelError::NoSuchSession(_) | KernelError::NoSuchToken { .. }) => ErrorKind::NotFound,
+            E::Kernel(KernelError::SessionExists(_) | KernelError::TokenExists { .. } | KernelError::AlreadyPreserved { .. }) => {
+                ErrorKind::AlreadyExists
+            }
+            E::Kernel(KernelError::Unsupported { .. } | KernelError::Load { .. }) => ErrorKind::InvalidArgument,
+            E::Kernel(_) | E::RebootFailed(_) => ErrorKind::Kernel,
+            E::Record(_) => ErrorKind::Record,
+        }
+    }
+
+    /// What the person at the keyboard can do about it.
+    pub fn hint(&self) -> String {
+        use EngineError as E;
+        match self {
+            E::Illegal(t) => match t.state {
+                State::Normal => "run `luoctl prepare` first".into(),
+                State::Prepared => "continue with `luoctl freeze`/`reboot`, or `luoctl cancel`".into(),
+                State::Frozen => "continue with `luoctl reboot`, or `luoctl cancel`".into(),
+                State::Updated => "retrieve your sessions, then `luoctl finish`".into(),
+            },
+            E::SessionsLocked { state: State::Prepared | State::Frozen, .. } => {
+                "a cycle is in flight: `luoctl cancel` it first, or wait until it finishes".into()
+            }
+            E::SessionsLocked { .. } => "`luoctl finish` the cycle first".into(),
+            E::NotPrivileged(_) => "run as root (or with CAP_SYS_BOOT)".into(),
+            E::NoSuchSession(_) => "`luoctl session list` shows your sessions".into(),
+            E::NoSuchToken { session, .. } => format!("`luoctl session list` shows the tokens of {session}"),
+            E::TokenExists { .. } => "choose another token".into(),
+            E::SessionExists(_) => "choose another name, or finish the existing session".into(),
+            E::NotRetrieved(..) => "retrieve them, or discard a session with `luoctl session finish NAME`".into(),
+            E::Step(s) if s.is_veto() => format!("resolve what subsystem {} reports, then prepare again", s.subsystem),
+            E::Step(s) => format!("see luod's log for subsystem {}; the transition was undone", s.subsystem),
+            E::Kernel(KernelError::Unsupported { .. }) => "hand over a memfd (memfd_create(2))".into(),
+            E::Kernel(KernelError::AlreadyPreserved { .. }) => "each open file can be preserved once".into(),
+            E::Kernel(KernelError::Load { .. }) => "check the --kernel/--initrd paths".into(),
+            E::RebootFailed(_) => "fix the cause, then `luoctl reboot` again, or `luoctl cancel`".into(),
+            E::Record(_) => "see luod's log; the previous record generation is intact".into(),
+            _ => String::new(),
+        }
+    }
+
+    /// The reply a client gets.
+    pub fn to_reply(&self) -> ErrorReply {
+        ErrorReply {
+            kind: self.kind(),
+            message: self.to_string(),
+            hint: self.hint(),
+            step: match self {
+                EngineError::Step(s) => Some(s.clone()),
+                _ => None,
+            },
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The engine: luod's logic without the socket.
+//!
+//! It owns the kernel interface, the subsystem registry, the record store and
+//! the current record. Every request goes through one method that either
+//! succeeds and persists a new record generation, or fails and leaves the
+//! record and the kernel as they were.
+
+mod capacity;
+mod error;
+mod sessions;
+mod startup;
+mod transitions;
+
+pub use capacity::RegionCapacity;
+pub use error::EngineError;
+pub use startup::HostInfo;
+pub use transitions::Rebooted;
+
+/// Exit status of luod after a simulated kexec (documented in the README).
+pub const SIMULATED_KEXEC_EXIT: i32 = 75;
+
+use crate::kernel::Kernel;
+use crate::protocol::{CheckItem, CheckReport, CycleSummary, FileInfo, PrepareArgs, SessionInfo, StatusReport};
+use crate::record::{Cycle, HandoverRecord, RecordStore, SessionRecord, UnixNanos};
+use crate::region::Region;
+use crate::state::{Event, State};
+use crate::subsystem::Registry;
+
+/// Who is asking, from the socket's peer credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// Peer uid.
+    pub uid: u32,
+    /// Peer pid.
+    pub pid: i32,
+    /// Root or `CAP_SYS_BOOT`: may drive transitions and see every session.
+    pub privileged: bool,
+}
+
+impl Caller {
+    /// The engine itself (tests, startup).
+    pub const ROOT: Caller = Caller { uid: 0, pid: 0, privileged: true };
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now() -> UnixNanos {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// luod's logic.
+pub struct Engine<R: Region> {
+    kernel: Box<dyn Kernel>,
+    registry: Registry,
+    store: RecordStore<R>,
+    record: HandoverRecord,
+    generation: u64,
+    host: HostInfo,
+    notes: Vec<String>,
+}
+
+impl<R: Region> std::fmt::Debug for Engine<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("state", &self.record.state)
+            .field("backend", &self.kernel.name())
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Region> Engine<R> {
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.record.state
+    }
+
+    /// The current record (read-only).
+    pub fn record(&self) -> &HandoverRecord {
+        &self.record
+    }
+
+    /// Generation of the newest record written or read.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Notes from startup.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Writes `next` as the new record generation (no data) and adopts it.
+    fn commit(&mut self, mut next: HandoverRecord) -> Result<u64, EngineError> {
+        next.extents.clear();
+        for s in &mut next.sessions {
+            for f in &mut s.fds {
+                f.data = None;
+            }
+        }
+        let report = self.store.write(&mut next, &[])?;
+        self.record = next;
+        self.generation = report.generation;
+        Ok(report.generation)
+    }
+
+    fn require_privileged(caller: &Caller, what: &'static str) -> Result<(), EngineError> {
+        if caller.privileged { Ok(()) } else { Err(EngineError::NotPrivileged(what)) }
+    }
+
+    fn session_info(s: &SessionRecord) -> SessionInfo {
+        SessionInfo {
+            name: s.name.to_string(),
+            owner_uid: s.owner_uid,
+            files: s.fds.iter().map(|f| FileInfo { token: f.token, size: f.size, retrieved: f.retrieved }).collect(),
+            incoming: s.incoming,
+        }
+    }
+
+    /// `status`: everything a caller may see.
+    pub fn status(&self, caller: &Caller) -> StatusReport {
+        let sessions = self
+            .record
+            .sessions
+            .iter()
+            .filter(|s| caller.privileged || s.owner_uid == caller.uid)
+            .map(Self::session_info)
+            .collect();
+        let last_cycle = match &self.record.update {
+            Some(u) => Some(CycleSummary {
+                id: u.id,
+                outcome: "in-progress".into(),
+                target_kernel: u.target.as_ref().map(|t| t.kernel.clone()),
+                timestamps: u.timestamps.clone(),
+                blackout_ns: blackout(&u.timestamps),
+            }),
+            None => self.record.history.last().map(summary),
+        };
+        StatusReport {
+            state: self.record.state,
+            backend: self.kernel.name().to_string(),
+            region: self.store.region().describe(),
+            generation: self.generation,
+            sessions,
+            subsystems: self.registry.names(),
+            last_cycle,
+            live_updates: self.record.live_updates,
+            notes: self.notes.clone(),
+        }
+    }
+
+    /// `history`: past cycles, oldest first.
+    pub fn history(&self) -> Vec<Cycle> {
+        self.record.history.clone()
+    }
+
+    /// `check`: what `prepare` with `args` would find. Changes nothing.
+    pub fn check(&self, caller: &Caller, args: &PrepareArgs) -> CheckReport {
+        let mut items = Vec::new();
+        let mut item = |name: &str, ok: bool, detail: String| items.push(CheckItem { name: name.into(), ok, detail });
+        let state_ok = Event::Prepare.allowed_from().contains(&self.record.state);
+        item(
+            "state",
+            state_ok,
+            if state_ok { "normal: prepare is allowed".into() } else { format!("state is {}: prepare needs normal", self.record.state) },
+        );
+        item(
+            "privilege",
+            caller.privileged,
+            if caller.privileged { "caller may drive transitions".into() } else { "transitions need root or CAP_SYS_BOOT".into() },
+        );
+        match self.target_image(args) {
+            Ok(None) => item("target kernel", true, "none given: prepare without kexec target (simulated or later load)".into()),
+            Ok(Some(img)) => item(
+                "target kernel",
+                true,
+                format!("{} loads (sha256 {}), cmdline {:?}", img.kernel, hex(&img.kernel_sha256), img.cmdline),
+            ),
+            Err(e) => item("target kernel", false, e.to_string()),
+        }
+        let (files, bytes) = self.preserved_totals();
+        let capacity = self.store.data_capacity();
+        item(
+            "region capacity",
+            bytes <= capacity,
+            format!("{files} preserved file(s), {bytes} bytes; the region holds {capacity} bytes of data"),
+        );
+        let ok = items.iter().all(|i| i.ok);
+        CheckReport { ok, items }
+    }
+
+    /// Number and total size of the files preserved now.
+    fn preserved_totals(&self) -> (u64, u64) {
+        let mut files = 0;
+        let mut bytes = 0;
+        for (_, _, fd) in self.kernel.preserved() {
+            files += 1;
+            bytes += crate::kernel::memfd::size(fd).unwrap_or(0);
+        }
+        (files, bytes)
+    }
+}
+
+/// Blackout: freeze start to `updated`.
+pub fn blackout(t: &crate::record::Timestamps) -> Option<u64> {
+    Some(t.updated?.saturating_sub(t.freeze_started?))
+}
+
+fn summary(c: &Cycle) -> CycleSummary {
+    CycleSummary {
+        id: c.id,
+        outcome: match c.outcome {
+            crate::record::Outcome::Finished => "finished".into(),
+            crate::record::Outcome::Cancelled => "cancelled".into(),
+        },
+        target_kernel: c.target.as_ref().map(|t| t.kernel.clone()),
+        timestamps: c.timestamps.clone(),
+        blackout_ns: blackout(&c.timestamps),
+    }
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

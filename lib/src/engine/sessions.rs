@@ -1,0 +1,113 @@
+//! Session requests: create, preserve, list, retrieve, finish.
+//!
+//! Names are host-wide (as in the kernel), but a client sees and touches only
+//! the sessions its uid created: another uid's session answers "no session
+//! named ...", exactly like one that does not exist.
+
+use super::{Caller, Engine, EngineError};
+use crate::kernel::memfd;
+use crate::names::SessionName;
+use crate::protocol::SessionInfo;
+use crate::record::{FdRecord, SessionRecord};
+use crate::region::Region;
+use crate::state::State;
+use std::os::fd::{AsFd, OwnedFd};
+
+impl<R: Region> Engine<R> {
+    fn own_session(&self, caller: &Caller, name: &str) -> Result<usize, EngineError> {
+        let name = SessionName::new(name)?;
+        self.record
+            .sessions
+            .iter()
+            .position(|s| s.name == name && s.owner_uid == caller.uid)
+            .ok_or_else(|| EngineError::NoSuchSession(name.to_string()))
+    }
+
+    /// Creates a session owned by the caller. Only in `normal`.
+    pub fn session_create(&mut self, caller: &Caller, name: &str) -> Result<(), EngineError> {
+        let name = SessionName::new(name)?;
+        if self.record.state != State::Normal {
+            return Err(EngineError::SessionsLocked { what: "creating a session", state: self.record.state });
+        }
+        if self.record.sessions.iter().any(|s| s.name == name) {
+            return Err(EngineError::SessionExists(name.to_string()));
+        }
+        self.kernel.create_session(&name)?;
+        let mut next = self.record.clone();
+        next.sessions.push(SessionRecord { name: name.clone(), owner_uid: caller.uid, fds: Vec::new(), incoming: false });
+        if let Err(e) = self.commit(next) {
+            let _ = self.kernel.finish_session(&name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Preserves `fd` under `token` in the caller's session. Only in `normal`:
+    /// once `prepare` has checked what the cycle carries, nothing is added.
+    pub fn session_preserve(&mut self, caller: &Caller, name: &str, token: u64, fd: OwnedFd) -> Result<u64, EngineError> {
+        let i = self.own_session(caller, name)?;
+        if self.record.state != State::Normal {
+            return Err(EngineError::SessionsLocked { what: "preserving a file", state: self.record.state });
+        }
+        let session = self.record.sessions[i].name.clone();
+        if self.record.sessions[i].fds.iter().any(|f| f.token == token) {
+            return Err(EngineError::TokenExists { session: session.to_string(), token });
+        }
+        let size = memfd::size(fd.as_fd()).map_err(|e| EngineError::Io(format!("cannot stat the file: {e}")))?;
+        self.kernel.preserve_fd(&session, token, fd)?;
+        let mut next = self.record.clone();
+        next.sessions[i].fds.push(FdRecord { token, size, data: None, retrieved: false });
+        if let Err(e) = self.commit(next) {
+            let _ = self.kernel.retrieve_fd(&session, token);
+            return Err(e);
+        }
+        Ok(size)
+    }
+
+    /// The caller's sessions.
+    pub fn session_list(&self, caller: &Caller) -> Vec<SessionInfo> {
+        self.record.sessions.iter().filter(|s| s.owner_uid == caller.uid).map(Self::session_info).collect()
+    }
+
+    /// Takes back a preserved file after an update. Only in `updated`.
+    pub fn session_retrieve(&mut self, caller: &Caller, name: &str, token: u64) -> Result<(OwnedFd, u64), EngineError> {
+        let i = self.own_session(caller, name)?;
+        if self.record.state != State::Updated {
+            return Err(EngineError::SessionsLocked { what: "retrieving a file", state: self.record.state });
+        }
+        let session = self.record.sessions[i].name.clone();
+        let Some(j) = self.record.sessions[i].fds.iter().position(|f| f.token == token) else {
+            return Err(EngineError::NoSuchToken { session: session.to_string(), token });
+        };
+        if self.record.sessions[i].fds[j].retrieved {
+            return Err(EngineError::AlreadyRetrieved { session: session.to_string(), token });
+        }
+        let fd = self.kernel.retrieve_fd(&session, token)?;
+        let size = memfd::size(fd.as_fd()).unwrap_or(self.record.sessions[i].fds[j].size);
+        let mut next = self.record.clone();
+        next.sessions[i].fds[j].retrieved = true;
+        if let Err(e) = self.commit(next) {
+            let _ = self.kernel.adopt_incoming(&session, token, fd);
+            return Err(e);
+        }
+        Ok((fd, size))
+    }
+
+    /// Ends the caller's session. In `normal` its files are unpreserved; in
+    /// `updated` files not retrieved are discarded. Refused while a cycle is
+    /// in flight (`prepared`, `frozen`).
+    pub fn session_finish(&mut self, caller: &Caller, name: &str) -> Result<(), EngineError> {
+        let i = self.own_session(caller, name)?;
+        if matches!(self.record.state, State::Prepared | State::Frozen) {
+            return Err(EngineError::SessionsLocked { what: "finishing a session", state: self.record.state });
+        }
+        let session = self.record.sessions[i].name.clone();
+        let mut next = self.record.clone();
+        next.sessions.remove(i);
+        self.commit(next)?;
+        if let Err(e) = self.kernel.finish_session(&session) {
+            tracing::warn!("session {session} did not finish in the kernel: {e}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! Starting the engine: reading the record, and telling a restart of luod in
+//! the same kernel from the first start in a new one.
+
+use super::{Engine, EngineError, now};
+use crate::kernel::{Handoff, Kernel, memfd};
+use crate::record::{HandoverRecord, RecordStore, SlotStatus};
+use crate::region::Region;
+use crate::state::State;
+use crate::subsystem::{Blob, Registry};
+use std::os::fd::AsFd;
+
+/// Facts about the running kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    /// `/proc/sys/kernel/random/boot_id`: differs after every boot and kexec.
+    pub boot_id: String,
+    /// `uname -r`.
+    pub kernel_release: String,
+    /// `/proc/cmdline`.
+    pub cmdline: String,
+    /// When luod started (for the blackout accounting).
+    pub started: u64,
+}
+
+impl HostInfo {
+    /// Reads the running kernel's facts.
+    pub fn current() -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+        HostInfo {
+            boot_id: read("/proc/sys/kernel/random/boot_id"),
+            kernel_release: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            cmdline: read("/proc/cmdline"),
+            started: now(),
+        }
+    }
+}
+
+fn slot_note(slots: &[SlotStatus; 2]) -> String {
+    let one = |i: usize| match &slots[i] {
+        SlotStatus::Empty => "empty".to_string(),
+        SlotStatus::Valid { generation } => format!("generation {generation}"),
+        SlotStatus::Invalid { reason } => reason.clone(),
+    };
+    format!("slot A: {}; slot B: {}", one(0), one(1))
+}
+
+impl<R: Region> Engine<R> {
+    /// Starts the engine on `store`.
+    ///
+    /// - No valid record (an empty region, or garbage): `normal`, with a note
+    ///   saying why when the region was not empty.
+    /// - A record written at a handover by another kernel (or by a simulated
+    ///   kexec): the new kernel's start. Preserved files are restored, the
+    ///   subsystems get their sections back, the state is `updated`.
+    /// - Otherwise luod restarted in the same kernel: the state and sessions
+    ///   are the record's, and the files come back from where the kernel
+    ///   interface parked them.
+    pub fn open(
+        kernel: Box<dyn Kernel>,
+        registry: Registry,
+        mut store: RecordStore<R>,
+        host: HostInfo,
+    ) -> Result<Self, EngineError> {
+        let report = store.load()?;
+        let mut notes = Vec::new();
+        let (generation, record) = match report.latest {
+            None => {
+                if report.slots.iter().any(|s| matches!(s, SlotStatus::Invalid { .. })) {
+                    let note = format!(
+                        "the region held no valid record ({}); starting in normal with nothing preserved",
+                        slot_note(&report.slots)
+                    );
+                    tracing::warn!("{note}");
+                    notes.push(note);
+                }
+                (0, HandoverRecord::new(kernel.name()))
+            }
+            Some((generation, record)) => {
+                if report.slots.iter().any(|s| matches!(s, SlotStatus::Invalid { .. })) {
+                    tracing::info!("using record generation {generation} ({})", slot_note(&report.slots));
+                }
+                (generation, record)
+            }
+        };
+        let incoming = record
+            .handover
+            .as_ref()
+            .is_some_and(|h| h.simulated || h.boot_id != host.boot_id);
+        let mut engine = Engine { kernel, registry, store, record, generation, host, notes };
+        if incoming {
+            engine.take_incoming()?;
+        } else {
+            engine.resume_same_kernel()?;
+        }
+        Ok(engine)
+    }
+
+    /// First start in the new kernel: restore files and subsystems, enter `updated`.
+    fn take_incoming(&mut self) -> Result<(), EngineError> {
+        let mut next = self.record.clone();
+        let handover = next.handover.take();
+        self.kernel.discard_all()?;
+        let mut lost = Vec::new();
+        for s in &mut next.sessions {
+            self.kernel.create_session(&s.name)?;
+            s.incoming = true;
+            let mut kept = Vec::new();
+            for f in s.fds.drain(..) {
+                if self.kernel.handoff() == Handoff::Kernel {
+                    // The kernel carried the file itself; it is retrieved from
+                    // the kernel's session when the client asks for it.
+                    kept.push(f);
+                    continue;
+                }
+                let restored = match f.data {
+                    Some(i) => {
+                        let extent = next.extents.get(i as usize).copied();
+                        let bytes = extent.ok_or_else(|| format!("extent {i} missing")).and_then(|e| {
+                            self.store.data(&e).map_err(|e| e.to_string())
+                        });
+                        bytes.and_then(|b| memfd::from_bytes(&format!("{}:{}", s.name, f.token), b).map_err(|e| e.to_string()))
+                    }
+                    None => Err("no data was written for it".to_string()),
+                };
+                match restored.and_then(|fd| {
+                    let size = memfd::size(fd.as_fd()).map_err(|e| e.to_string())?;
+                    self.kernel.adopt_incoming(&s.name, f.token, fd).map_err(|e| e.to_string())?;
+                    Ok(size)
+                }) {
+                    Ok(size) => {
+                        let mut f = f;
+                        f.size = size;
+                        f.data = None;
+                        kept.push(f);
+                    }
+                    Err(why) => lost.push(format!("session {} token {}: {why}", s.name, f.token)),
+                }
+            }
+            s.fds = kept;
+        }
+        for l in &lost {
+            let note = format!("preserved file lost in the handover: {l}");
+            tracing::error!("{note}");
+            self.notes.push(note);
+        }
+        let sections: Vec<(String, Blob)> = next
+            .subsystems
+            .iter()
+            .map(|s| (s.name.clone(), Blob { version: s.version, data: s.blob.clone() }))
+            .collect();
+        for f in self.registry.restore(&sections) {
+            let note = format!("subsystem {} failed to restore: {}", f.subsystem, f.error);
+            tracing::error!("{note}");
+            self.notes.push(note);
+        }
+        next.state = State::Updated;
+        if let Some(u) = next.update.as_mut() {
+            u.timestamps.luod_started = Some(self.host.started);
+            u.timestamps.updated = Some(now());
+        }
+        let from = handover.map(|h| h.kernel_release).unwrap_or_default();
+        if let Some(u) = next.update.as_mut() {
+            u.from_release = from.clone();
+        }
+        self.notes.push(format!(
+            "came up after a live update from kernel {from} (now {}): {} session(s) to retrieve",
+            self.host.kernel_release,
+            next.sessions.len()
+        ));
+        self.commit(next)?;
+        Ok(())
+    }
+
+    /// Restart of luod in the same kernel: take the parked files back and
+    /// reconcile them with the record.
+    fn resume_same_kernel(&mut self) -> Result<(), EngineError> {
+        let mut next = self.record.clone();
+        if next.handover.take().is_some() {
+            let note = "a handover record was written but the kexec did not happen; still frozen".to_string();
+            tracing::warn!("{note}");
+            self.notes.push(note);
+        }
+        let recovered = self.kernel.recover()?;
+        let mut changed = false;
+        for s in &mut next.sessions {
+            if let Err(e) = self.kernel.create_session(&s.name) {
+                if !matches!(e, crate::kernel::KernelError::SessionExists(_)) {
+                    return Err(e.into());
+                }
+            }
+            let before = s.fds.len();
+            let name = s.name.clone();
+            s.fds.retain(|f| {
+                let ok = f.retrieved || recovered.iter().any(|(n, t)| *n == name && *t == f.token);
+                if !ok {
+                    let note = format!("session {name} token {}: the preserved file did not survive luod's restart", f.token);
+                    tracing::error!("{note}");
+                    self.notes.push(note);
+                }
+                ok
+            });
+            changed |= s.fds.len() != before;
+        }
+        // Files parked but never acknowledged in the record: drop them.
+        for (name, token) in recovered {
+            let known = next.sessions.iter().any(|s| s.name == name && s.fds.iter().any(|f| f.token == token));
+            if !known {
+                tracing::warn!("dropping parked file {name}/{token}: not in the record");
+                let _ = self.kernel.retrieve_fd(&name, token);
+            }
+        }
+        if changed || next != self.record {
+            self.commit(next)?;
+        }
+        Ok(())
+    }
+}

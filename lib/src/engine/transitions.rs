@@ -1,0 +1,357 @@
+//! The transitions: prepare, freeze, reboot, finish, cancel.
+//!
+//! Each one checks the state machine first, then does its steps; when step
+//! `k` fails, the undo of steps `k-1..0` runs in reverse and the record is not
+//! changed. Only the last step writes the new record generation.
+
+use super::{Caller, Engine, EngineError, hex, now};
+use crate::kernel::{Handoff, KernelLoad, RebootOutcome, memfd};
+use crate::protocol::{PrepareArgs, TransitionReport};
+use crate::record::{Cycle, DataSource, Handover, HandoverRecord, KernelImage, Outcome, Section, Update, HISTORY_LIMIT};
+use crate::region::Region;
+use crate::state::{Event, State, transition};
+use crate::subsystem::{Blobs, PrepareContext};
+use sha2::{Digest, Sha256};
+use std::time::Instant;
+
+/// What a successful `reboot` means for luod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebooted {
+    /// The kexec was simulated: luod must exit now with
+    /// [`SIMULATED_KEXEC_EXIT`](crate::engine::SIMULATED_KEXEC_EXIT).
+    Simulated(TransitionReport),
+}
+
+fn sha256_file(path: &str) -> Result<[u8; 32], EngineError> {
+    let mut file = std::fs::File::open(path).map_err(|e| EngineError::Io(format!("cannot read {path}: {e}")))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf).map_err(|e| EngineError::Io(format!("cannot read {path}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+fn sections(blobs: Blobs) -> Vec<Section> {
+    blobs.into_iter().map(|(name, b)| Section { name, version: b.version, blob: b.data }).collect()
+}
+
+impl<R: Region> Engine<R> {
+    /// The target kernel `args` describe, with digests; `None` when no kernel is given.
+    pub(super) fn target_image(&self, args: &PrepareArgs) -> Result<Option<KernelImage>, EngineError> {
+        let Some(kernel) = &args.kernel else {
+            if args.initrd.is_some() || args.cmdline.is_some() || args.reuse_cmdline {
+                return Err(EngineError::InvalidArgument("--initrd, --cmdline and --reuse-cmdline need --kernel".into()));
+            }
+            return Ok(None);
+        };
+        let cmdline = match (&args.cmdline, args.reuse_cmdline) {
+            (Some(c), false) => c.clone(),
+            (None, true) => self.host.cmdline.clone(),
+            (Some(_), true) => {
+                return Err(EngineError::InvalidArgument("give either --cmdline or --reuse-cmdline, not both".into()));
+            }
+            (None, false) => return Err(EngineError::InvalidArgument("--kernel needs --cmdline S or --reuse-cmdline".into())),
+        };
+        crate::kernel::emulated::check_image(std::path::Path::new(kernel))?;
+        let initrd_sha256 = args.initrd.as_deref().map(sha256_file).transpose()?;
+        Ok(Some(KernelImage {
+            kernel: kernel.clone(),
+            kernel_sha256: sha256_file(kernel)?,
+            initrd: args.initrd.clone(),
+            initrd_sha256,
+            cmdline,
+        }))
+    }
+
+    fn report(&self, from: State, started: Instant, notes: Vec<String>) -> TransitionReport {
+        let files: u32 = self.record.sessions.iter().map(|s| s.fds.len() as u32).sum();
+        TransitionReport {
+            from,
+            to: self.record.state,
+            generation: self.generation,
+            sessions: self.record.sessions.len() as u32,
+            files,
+            bytes: self.record.sessions.iter().flat_map(|s| &s.fds).map(|f| f.size).sum(),
+            elapsed_ns: started.elapsed().as_nanos() as u64,
+            notes,
+        }
+    }
+
+    /// Sizes of the preserved files as they are now, in the record.
+    fn refresh_sizes(&self, next: &mut HandoverRecord) {
+        for (name, token, fd) in self.kernel.preserved() {
+            if let Some(f) = next.sessions.iter_mut().find(|s| s.name == name).and_then(|s| s.fds.iter_mut().find(|f| f.token == token)) {
+                f.size = memfd::size(fd).unwrap_or(f.size);
+            }
+        }
+    }
+
+    /// `normal -> prepared`: load the target kernel, prepare every subsystem.
+    pub fn prepare(&mut self, caller: &Caller, args: &PrepareArgs) -> Result<TransitionReport, EngineError> {
+        let started = Instant::now();
+        Self::require_privileged(caller, "prepare")?;
+        let from = self.record.state;
+        let to = transition(from, Event::Prepare)?;
+        let target = self.target_image(args)?;
+        if let Some(t) = &target {
+            let load = KernelLoad {
+                kernel: t.kernel.clone().into(),
+                initrd: t.initrd.clone().map(Into::into),
+                cmdline: t.cmdline.clone(),
+            };
+            self.kernel.load_kernel(&load)?;
+        }
+        let (files, bytes) = self.preserved_totals();
+        let ctx = PrepareContext {
+            target_cmdline: target.as_ref().map(|t| t.cmdline.clone()),
+            preserved_bytes: bytes,
+            preserved_files: files,
+        };
+        let blobs = match self.registry.prepare(&ctx) {
+            Ok(b) => b,
+            Err(e) => {
+                self.unload_quietly(target.is_some());
+                return Err(e.into());
+            }
+        };
+        let mut next = self.record.clone();
+        next.state = to;
+        next.subsystems = sections(blobs);
+        next.update = Some(Update {
+            id: next.next_cycle_id,
+            from_release: self.host.kernel_release.clone(),
+            target,
+            timestamps: crate::record::Timestamps { prepared: Some(now()), ..Default::default() },
+        });
+        next.next_cycle_id += 1;
+        self.refresh_sizes(&mut next);
+        let loaded = next.update.as_ref().is_some_and(|u| u.target.is_some());
+        if let Err(e) = self.commit(next) {
+            self.registry.cancel();
+            self.unload_quietly(loaded);
+            return Err(e);
+        }
+        let mut notes = Vec::new();
+        if let Some(t) = self.record.update.as_ref().and_then(|u| u.target.as_ref()) {
+            notes.push(format!("loaded {} (sha256 {})", t.kernel, hex(&t.kernel_sha256)));
+        }
+        Ok(self.report(from, started, notes))
+    }
+
+    fn unload_quietly(&mut self, loaded: bool) {
+        if loaded {
+            if let Err(e) = self.kernel.unload_kernel() {
+                tracing::warn!("unloading the target kernel failed: {e}");
+            }
+        }
+    }
+
+    /// `prepared -> frozen`: every subsystem freezes; the record is written.
+    pub fn freeze(&mut self, caller: &Caller) -> Result<TransitionReport, EngineError> {
+        let started = Instant::now();
+        Self::require_privileged(caller, "freeze")?;
+        let from = self.record.state;
+        let to = transition(from, Event::Freeze)?;
+        let freeze_started = now();
+        let blobs = self.registry.freeze()?;
+        let mut next = self.record.clone();
+        next.state = to;
+        for (name, blob) in blobs {
+            next.subsystems.retain(|s| s.name != name);
+            next.subsystems.push(Section { name, version: blob.version, blob: blob.data });
+        }
+        if let Some(u) = next.update.as_mut() {
+            u.timestamps.freeze_started = Some(freeze_started);
+            u.timestamps.frozen = Some(now());
+        }
+        self.refresh_sizes(&mut next);
+        if let Err(e) = self.commit(next) {
+            self.registry.unfreeze();
+            return Err(e);
+        }
+        Ok(self.report(from, started, Vec::new()))
+    }
+
+    /// `frozen -> (kexec)`; freezes first when `prepared`. A copying backend
+    /// writes every preserved file and the record into the region here.
+    ///
+    /// On failure the subsystems unfreeze and the state is `prepared`.
+    pub fn reboot(&mut self, caller: &Caller) -> Result<Rebooted, EngineError> {
+        let started = Instant::now();
+        Self::require_privileged(caller, "reboot")?;
+        let from = self.record.state;
+        if from == State::Prepared {
+            self.freeze(caller)?;
+        }
+        transition(self.record.state, Event::Reboot)?;
+        match self.write_handover() {
+            Ok(()) => {}
+            Err(e) => return Err(self.unfreeze_after(e.to_string())),
+        }
+        match self.kernel.reboot() {
+            Ok(RebootOutcome::Simulated) => {
+                let mut report = self.report(from, started, Vec::new());
+                report.to = State::Updated;
+                report.notes.push(format!(
+                    "simulated kexec: record generation {} written to {}; luod exits now, start it again on the same region",
+                    self.generation,
+                    self.store.region().describe()
+                ));
+                Ok(Rebooted::Simulated(report))
+            }
+            Err(e) => Err(self.unfreeze_after(e.to_string())),
+        }
+    }
+
+    /// Writes the outgoing record (and, for a copying backend, the data).
+    fn write_handover(&mut self) -> Result<(), EngineError> {
+        let mut next = self.record.clone();
+        next.handover = Some(Handover {
+            boot_id: self.host.boot_id.clone(),
+            simulated: self.kernel.simulates_kexec(),
+            kernel_release: self.host.kernel_release.clone(),
+        });
+        if let Some(u) = next.update.as_mut() {
+            u.timestamps.reboot = Some(now());
+        }
+        let preserved = self.kernel.preserved();
+        let mut sources = Vec::new();
+        if self.kernel.handoff() == Handoff::Copy {
+            for (name, token, fd) in &preserved {
+                let src = memfd::FdSource::new(*fd).map_err(|e| EngineError::Io(format!("cannot read {name}/{token}: {e}")))?;
+                let Some(f) = next.sessions.iter_mut().find(|s| s.name == *name).and_then(|s| s.fds.iter_mut().find(|f| f.token == *token)) else {
+                    continue;
+                };
+                f.size = src.data_len();
+                f.data = Some(sources.len() as u32);
+                sources.push(src);
+            }
+        }
+        let refs: Vec<&dyn DataSource> = sources.iter().map(|s| s as &dyn DataSource).collect();
+        let report = self.store.write(&mut next, &refs)?;
+        self.generation = report.generation;
+        self.record = next;
+        Ok(())
+    }
+
+    /// A failed reboot: unfreeze, back to `prepared`, record written.
+    fn unfreeze_after(&mut self, why: String) -> EngineError {
+        for f in self.registry.unfreeze() {
+            tracing::error!("while unfreezing after a failed reboot, {} {}: {}", f.subsystem, f.step, f.error);
+        }
+        let mut next = self.record.clone();
+        next.state = State::Prepared;
+        next.handover = None;
+        if let Some(u) = next.update.as_mut() {
+            u.timestamps.freeze_started = None;
+            u.timestamps.frozen = None;
+            u.timestamps.reboot = None;
+        }
+        if let Err(e) = self.commit(next) {
+            tracing::error!("cannot record the unfreeze after a failed reboot: {e}");
+        }
+        EngineError::RebootFailed(why)
+    }
+
+    /// `updated -> normal`: subsystems finish, sessions end, the cycle goes
+    /// into the history.
+    pub fn finish(&mut self, caller: &Caller) -> Result<TransitionReport, EngineError> {
+        let started = Instant::now();
+        Self::require_privileged(caller, "finish")?;
+        let from = self.record.state;
+        let to = transition(from, Event::Finish)?;
+        let pending: Vec<String> = self
+            .record
+            .sessions
+            .iter()
+            .flat_map(|s| s.fds.iter().filter(|f| !f.retrieved).map(move |f| format!("{}/{}", s.name, f.token)))
+            .collect();
+        if !pending.is_empty() {
+            return Err(EngineError::NotRetrieved(pending.len(), pending.join(", ")));
+        }
+        self.registry.finish()?;
+        let mut notes = Vec::new();
+        for s in &self.record.sessions {
+            if let Err(e) = self.kernel.finish_session(&s.name) {
+                notes.push(format!("session {} did not finish in the kernel: {e}", s.name));
+            }
+        }
+        let report_before = self.report(from, started, Vec::new());
+        let mut next = self.record.clone();
+        next.state = to;
+        next.sessions.clear();
+        next.subsystems.clear();
+        if let Some(mut u) = next.update.take() {
+            u.timestamps.finished = Some(now());
+            push_history(&mut next, Cycle {
+                id: u.id,
+                outcome: Outcome::Finished,
+                target: u.target.take(),
+                from_release: u.from_release,
+                to_release: self.host.kernel_release.clone(),
+                timestamps: u.timestamps,
+                sessions: report_before.sessions,
+                files: report_before.files,
+                bytes: report_before.bytes,
+            });
+        }
+        next.live_updates += 1;
+        self.commit(next)?;
+        let mut report = self.report(from, started, notes);
+        (report.sessions, report.files, report.bytes) = (report_before.sessions, report_before.files, report_before.bytes);
+        Ok(report)
+    }
+
+    /// `prepared | frozen -> normal`: unfreeze if frozen, cancel every
+    /// subsystem, unload the target kernel. Sessions stay preserved.
+    pub fn cancel(&mut self, caller: &Caller) -> Result<TransitionReport, EngineError> {
+        let started = Instant::now();
+        Self::require_privileged(caller, "cancel")?;
+        let from = self.record.state;
+        let to = transition(from, Event::Cancel)?;
+        let mut notes = Vec::new();
+        let mut failures = Vec::new();
+        if from == State::Frozen {
+            failures.extend(self.registry.unfreeze());
+        }
+        failures.extend(self.registry.cancel());
+        for f in failures {
+            notes.push(format!("subsystem {} failed {}: {}", f.subsystem, f.step, f.error));
+        }
+        let mut next = self.record.clone();
+        let loaded = next.update.as_ref().is_some_and(|u| u.target.is_some());
+        self.unload_quietly(loaded);
+        next.state = to;
+        next.subsystems.clear();
+        if let Some(mut u) = next.update.take() {
+            u.timestamps.cancelled = Some(now());
+            let files = next.sessions.iter().map(|s| s.fds.len() as u32).sum();
+            let bytes = next.sessions.iter().flat_map(|s| &s.fds).map(|f| f.size).sum();
+            let sessions = next.sessions.len() as u32;
+            push_history(&mut next, Cycle {
+                id: u.id,
+                outcome: Outcome::Cancelled,
+                target: u.target.take(),
+                from_release: u.from_release,
+                to_release: String::new(),
+                timestamps: u.timestamps,
+                sessions,
+                files,
+                bytes,
+            });
+        }
+        self.commit(next)?;
+        Ok(self.report(from, started, notes))
+    }
+}
+
+fn push_history(record: &mut HandoverRecord, cycle: Cycle) {
+    record.history.push(cycle);
+    let excess = record.history.len().saturating_sub(HISTORY_LIMIT);
+    record.history.drain(..excess);
+}

@@ -1,0 +1,217 @@
+//! LUO emulated in userspace, for kernels without it.
+//!
+//! luod itself holds the files it preserves, exactly as the kernel would hold
+//! them after `PRESERVE_FD`, and the engine copies their contents into its
+//! region at the handover ([`Handoff::Copy`]). After the kexec (real or
+//! simulated) the engine recreates memfds from the region and hands them back
+//! here with [`Kernel::adopt_incoming`].
+//!
+//! A preserved file must survive a crash of luod before the reboot, so every
+//! file is also parked in an [`FdPark`] (the holder process) when one is set;
+//! a luod started again takes them back with [`Emulated::recover`].
+
+use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome, memfd};
+use crate::holder::FdPark;
+use crate::names::SessionName;
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+#[derive(Debug)]
+struct File {
+    fd: Option<OwnedFd>,
+    identity: (u64, u64),
+}
+
+/// The userspace emulation of LUO.
+#[derive(Debug)]
+pub struct Emulated {
+    name: &'static str,
+    sessions: BTreeMap<SessionName, BTreeMap<u64, File>>,
+    loaded: Option<KernelLoad>,
+    park: Option<Box<dyn FdPark>>,
+}
+
+/// Key of a parked file: token and session name (names cannot hold NUL).
+fn park_key(session: &SessionName, token: u64) -> String {
+    format!("{token}\0{session}")
+}
+
+impl Emulated {
+    /// An emulation reporting itself as backend `name`.
+    pub fn new(name: &'static str, park: Option<Box<dyn FdPark>>) -> Self {
+        Emulated { name, sessions: BTreeMap::new(), loaded: None, park }
+    }
+
+    /// Takes back the files parked by a previous luod of this kernel. Returns
+    /// what was recovered as (session, token) pairs; files under keys that do
+    /// not parse are closed.
+    fn recover_parked(&mut self) -> Result<Vec<(SessionName, u64)>, KernelError> {
+        let Some(park) = self.park.as_mut() else { return Ok(Vec::new()) };
+        let parked = park.fetch_all().map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+        let mut out = Vec::new();
+        for (key, fd) in parked {
+            let Some((token, name)) = key.split_once('\0') else { continue };
+            let (Ok(token), Ok(name)) = (token.parse::<u64>(), SessionName::new(name)) else { continue };
+            let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
+            self.sessions.entry(name.clone()).or_default().insert(token, File { fd: Some(fd), identity });
+            out.push((name, token));
+        }
+        Ok(out)
+    }
+
+    /// Forgets every file, as a kexec does (the holder drops its copies too).
+    fn forget_all(&mut self) -> Result<(), KernelError> {
+        self.sessions.clear();
+        if let Some(park) = self.park.as_mut() {
+            park.clear().map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn park(&mut self, session: &SessionName, token: u64, fd: BorrowedFd<'_>) -> Result<(), KernelError> {
+        if let Some(park) = self.park.as_mut() {
+            let fd = fd.try_clone_to_owned().map_err(|e| KernelError::Sys { op: "dup".into(), errno: errno_of(&e) })?;
+            park.put(&park_key(session, token), fd)
+                .map_err(|e| KernelError::Reboot(format!("cannot park the file with the fd holder: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn unpark(&mut self, session: &SessionName, token: u64) {
+        if let Some(park) = self.park.as_mut() {
+            if let Err(e) = park.remove(&park_key(session, token)) {
+                tracing::warn!("fd holder did not drop {session}/{token}: {e}");
+            }
+        }
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> nix::errno::Errno {
+    nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+impl Kernel for Emulated {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn handoff(&self) -> Handoff {
+        Handoff::Copy
+    }
+
+    fn simulates_kexec(&self) -> bool {
+        true
+    }
+
+    fn create_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
+        if self.sessions.contains_key(name) {
+            return Err(KernelError::SessionExists(name.to_string()));
+        }
+        self.sessions.insert(name.clone(), BTreeMap::new());
+        Ok(())
+    }
+
+    fn preserve_fd(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
+        let files = self.sessions.get(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        if files.contains_key(&token) {
+            return Err(KernelError::TokenExists { session: session.to_string(), token });
+        }
+        if !memfd::is_memfd(fd.as_fd()) {
+            return Err(KernelError::Unsupported { what: memfd::describe(fd.as_fd()) });
+        }
+        let identity = memfd::identity(fd.as_fd()).map_err(|e| KernelError::Sys { op: "fstat".into(), errno: errno_of(&e) })?;
+        for (name, files) in &self.sessions {
+            for (t, f) in files {
+                if f.fd.is_some() && f.identity == identity {
+                    return Err(KernelError::AlreadyPreserved { session: name.to_string(), token: *t });
+                }
+            }
+        }
+        self.park(session, token, fd.as_fd())?;
+        self.sessions
+            .get_mut(session)
+            .expect("checked above")
+            .insert(token, File { fd: Some(fd), identity });
+        Ok(())
+    }
+
+    fn retrieve_fd(&mut self, session: &SessionName, token: u64) -> Result<OwnedFd, KernelError> {
+        let files = self.sessions.get_mut(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        let file = files.get_mut(&token).ok_or_else(|| KernelError::NoSuchToken { session: session.to_string(), token })?;
+        let fd = file.fd.take().ok_or_else(|| KernelError::AlreadyRetrieved { session: session.to_string(), token })?;
+        self.unpark(session, token);
+        Ok(fd)
+    }
+
+    fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError> {
+        let files = self.sessions.remove(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        for token in files.keys() {
+            self.unpark(session, *token);
+        }
+        Ok(())
+    }
+
+    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)> {
+        let mut out = Vec::new();
+        for (name, files) in &self.sessions {
+            for (token, f) in files {
+                if let Some(fd) = &f.fd {
+                    out.push((name.clone(), *token, fd.as_fd()));
+                }
+            }
+        }
+        out
+    }
+
+    fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
+        self.park(session, token, fd.as_fd())?;
+        let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
+        self.sessions.entry(session.clone()).or_default().insert(token, File { fd: Some(fd), identity });
+        Ok(())
+    }
+
+    fn recover(&mut self) -> Result<Vec<(SessionName, u64)>, KernelError> {
+        self.recover_parked()
+    }
+
+    fn discard_all(&mut self) -> Result<(), KernelError> {
+        self.forget_all()
+    }
+
+    fn load_kernel(&mut self, load: &KernelLoad) -> Result<(), KernelError> {
+        check_image(&load.kernel)?;
+        if let Some(initrd) = &load.initrd {
+            std::fs::File::open(initrd).map_err(|e| KernelError::Load { path: initrd.display().to_string(), reason: e.to_string() })?;
+        }
+        self.loaded = Some(load.clone());
+        Ok(())
+    }
+
+    fn unload_kernel(&mut self) -> Result<(), KernelError> {
+        self.loaded = None;
+        Ok(())
+    }
+
+    fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
+        self.forget_all()?;
+        Ok(RebootOutcome::Simulated)
+    }
+}
+
+/// Checks that `path` is a readable x86 bzImage (boot protocol 2.06 or
+/// later), the check `kexec_file_load` would make first.
+pub fn check_image(path: &std::path::Path) -> Result<(), KernelError> {
+    let load_err = |reason: String| KernelError::Load { path: path.display().to_string(), reason };
+    let mut header = [0u8; 0x210];
+    let file = std::fs::File::open(path).map_err(|e| load_err(e.to_string()))?;
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0)
+        .map_err(|_| load_err("the file is too short to be a kernel image".into()))?;
+    if &header[0x202..0x206] != b"HdrS" {
+        return Err(load_err("not a bzImage (no \"HdrS\" boot header at offset 0x202)".into()));
+    }
+    let version = u16::from_le_bytes([header[0x206], header[0x207]]);
+    if version < 0x0206 {
+        return Err(load_err(format!("boot protocol {}.{:02} is too old for kexec_file_load (need 2.06)", version >> 8, version & 0xff)));
+    }
+    Ok(())
+}

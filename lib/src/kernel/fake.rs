@@ -1,0 +1,101 @@
+//! A fake kernel for tests of the logic above the kernel interface: the
+//! userspace emulation plus failures injected per operation.
+
+use super::emulated::Emulated;
+use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome};
+use crate::names::SessionName;
+use std::collections::HashMap;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+/// An operation of the [`Kernel`] trait, for failure injection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `create_session`.
+    CreateSession,
+    /// `preserve_fd`.
+    PreserveFd,
+    /// `retrieve_fd`.
+    RetrieveFd,
+    /// `finish_session`.
+    FinishSession,
+    /// `load_kernel`.
+    LoadKernel,
+    /// `reboot`.
+    Reboot,
+}
+
+/// Failures to inject, shared with the test that set them.
+pub type Failures = Arc<Mutex<HashMap<Op, KernelError>>>;
+
+/// The emulation with injected failures. `load_kernel` accepts any path.
+#[derive(Debug)]
+pub struct FakeKernel {
+    inner: Emulated,
+    failures: Failures,
+}
+
+impl FakeKernel {
+    /// A fake kernel and the handle that injects failures into it.
+    pub fn new() -> (Self, Failures) {
+        let failures = Failures::default();
+        (FakeKernel { inner: Emulated::new("fake", None), failures: failures.clone() }, failures)
+    }
+
+    fn check(&self, op: Op) -> Result<(), KernelError> {
+        match self.failures.lock().expect("failures lock").get(&op) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Kernel for FakeKernel {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    fn handoff(&self) -> Handoff {
+        Handoff::Copy
+    }
+    fn simulates_kexec(&self) -> bool {
+        true
+    }
+    fn create_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
+        self.check(Op::CreateSession)?;
+        self.inner.create_session(name)
+    }
+    fn preserve_fd(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
+        self.check(Op::PreserveFd)?;
+        self.inner.preserve_fd(session, token, fd)
+    }
+    fn retrieve_fd(&mut self, session: &SessionName, token: u64) -> Result<OwnedFd, KernelError> {
+        self.check(Op::RetrieveFd)?;
+        self.inner.retrieve_fd(session, token)
+    }
+    fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError> {
+        self.check(Op::FinishSession)?;
+        self.inner.finish_session(session)
+    }
+    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)> {
+        self.inner.preserved()
+    }
+    fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
+        self.inner.adopt_incoming(session, token, fd)
+    }
+    fn recover(&mut self) -> Result<Vec<(SessionName, u64)>, KernelError> {
+        self.inner.recover()
+    }
+    fn discard_all(&mut self) -> Result<(), KernelError> {
+        self.inner.discard_all()
+    }
+    fn load_kernel(&mut self, _load: &KernelLoad) -> Result<(), KernelError> {
+        self.check(Op::LoadKernel)
+    }
+    fn unload_kernel(&mut self) -> Result<(), KernelError> {
+        Ok(())
+    }
+    fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
+        self.check(Op::Reboot)?;
+        self.inner.reboot()
+    }
+}

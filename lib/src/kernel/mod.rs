@@ -1,0 +1,160 @@
+//! Kernel interfaces: what luod asks of the kernel.
+//!
+//! [`Kernel`] is the live-update uAPI as luod uses it (sessions, preserved
+//! files, the target kernel, the reboot). Implementations:
+//!
+//! - [`emulated::Emulated`]: LUO emulated in userspace. luod holds the
+//!   preserved files itself and copies their contents into a region at the
+//!   handover; the file backend (simulated kexec) uses it.
+//! - [`fake::FakeKernel`]: the emulation plus injected failures, for tests of
+//!   the logic above it. It never stands in for a real-kernel test.
+//!
+//! The real `/dev/liveupdate` implementation plugs in behind the same trait.
+
+pub mod emulated;
+pub mod fake;
+pub mod memfd;
+
+use crate::names::SessionName;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+/// What `prepare` loads for kexec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelLoad {
+    /// Kernel image path.
+    pub kernel: std::path::PathBuf,
+    /// Initrd path.
+    pub initrd: Option<std::path::PathBuf>,
+    /// Command line.
+    pub cmdline: String,
+}
+
+/// How the contents of preserved files reach the next kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// The kernel carries preserved files itself (LUO).
+    Kernel,
+    /// luod copies the contents into its region and recreates memfds after
+    /// the kexec (file and reserved-memory backends).
+    Copy,
+}
+
+/// What `reboot` did when it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebootOutcome {
+    /// The kexec was simulated: luod must exit now, and a luod started again
+    /// on the same region plays the new kernel's.
+    Simulated,
+}
+
+/// Why the kernel (or the backend emulating it) refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// No session of that name.
+    #[error("no session named {0}")]
+    NoSuchSession(String),
+    /// A session of that name exists.
+    #[error("a session named {0} exists already")]
+    SessionExists(String),
+    /// No file under that token in the session.
+    #[error("session {session} has no file under token {token}")]
+    NoSuchToken {
+        /// Session.
+        session: String,
+        /// Token.
+        token: u64,
+    },
+    /// The token is in use in the session.
+    #[error("session {session} already has a file under token {token}")]
+    TokenExists {
+        /// Session.
+        session: String,
+        /// Token.
+        token: u64,
+    },
+    /// The same open file is preserved already.
+    #[error("this file is already preserved (session {session}, token {token})")]
+    AlreadyPreserved {
+        /// Session holding it.
+        session: String,
+        /// Token it is under.
+        token: u64,
+    },
+    /// The file type cannot be preserved by this kernel.
+    #[error("cannot preserve {what}: only memfds can be preserved")]
+    Unsupported {
+        /// What the file is (its /proc/self/fd link).
+        what: String,
+    },
+    /// The file was already taken back.
+    #[error("session {session} token {token} was already retrieved")]
+    AlreadyRetrieved {
+        /// Session.
+        session: String,
+        /// Token.
+        token: u64,
+    },
+    /// The device is held by another process.
+    #[error("{what} is busy: another agent holds it")]
+    Busy {
+        /// Which device.
+        what: String,
+    },
+    /// A system call failed.
+    #[error("{op} failed: {errno} ({})", .errno.desc())]
+    Sys {
+        /// What was being done.
+        op: String,
+        /// The errno.
+        errno: nix::errno::Errno,
+    },
+    /// Loading the target kernel failed.
+    #[error("cannot load kernel {path}: {reason}")]
+    Load {
+        /// The image.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The reboot did not happen.
+    #[error("reboot failed: {0}")]
+    Reboot(String),
+}
+
+/// The live-update interface of a kernel, as luod uses it.
+pub trait Kernel: Send + std::fmt::Debug {
+    /// Backend name (`file`, `luo`, `reserved-memory`, `fake`).
+    fn name(&self) -> &'static str;
+    /// How preserved contents reach the next kernel.
+    fn handoff(&self) -> Handoff;
+    /// True when `reboot` only simulates the kexec (luod exits, the same
+    /// kernel keeps running): the next luod must treat the record as incoming
+    /// even though the boot id did not change.
+    fn simulates_kexec(&self) -> bool;
+    /// Creates a session (LUO `CREATE_SESSION`).
+    fn create_session(&mut self, name: &SessionName) -> Result<(), KernelError>;
+    /// Preserves `fd` under `token` (LUO `PRESERVE_FD`). Takes ownership: the
+    /// kernel keeps the file until the reboot or until the session ends.
+    fn preserve_fd(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError>;
+    /// Takes back a file of a session of the previous kernel (LUO `RETRIEVE_FD`).
+    fn retrieve_fd(&mut self, session: &SessionName, token: u64) -> Result<OwnedFd, KernelError>;
+    /// Ends a session (LUO `FINISH` after retrieval; before the reboot,
+    /// closing the session unpreserves its files).
+    fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError>;
+    /// Preserved files, for copying backends: session, token, and the file.
+    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)>;
+    /// After a copying handoff: a file recreated from the region, to be
+    /// retrieved later under `session`/`token`.
+    fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError>;
+    /// Takes back the files a previous luod of this same kernel parked
+    /// (after a crash of luod); returns them as (session, token) pairs.
+    fn recover(&mut self) -> Result<Vec<(SessionName, u64)>, KernelError>;
+    /// Drops every session and file: the state a freshly booted kernel is in.
+    fn discard_all(&mut self) -> Result<(), KernelError>;
+    /// Loads the target kernel for kexec (`kexec_file_load`).
+    fn load_kernel(&mut self, load: &KernelLoad) -> Result<(), KernelError>;
+    /// Unloads it.
+    fn unload_kernel(&mut self) -> Result<(), KernelError>;
+    /// Reboots into the loaded kernel. A real kexec does not return on success.
+    fn reboot(&mut self) -> Result<RebootOutcome, KernelError>;
+}

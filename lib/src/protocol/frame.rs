@@ -1,0 +1,219 @@
+//! Length-prefixed frames over a Unix stream socket, with file descriptors
+//! passed as `SCM_RIGHTS` ancillary data.
+//!
+//! A frame is a little-endian `u32` payload length followed by the payload, a
+//! postcard encoding of a [`Request`](super::Request) or
+//! [`Response`](super::Response). The length is checked against
+//! [`MAX_FRAME_LEN`] before anything is allocated. File descriptors ride on
+//! the frame's first byte; at most [`MAX_FDS_PER_FRAME`] are accepted and any
+//! extra are closed.
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+/// Largest payload accepted, in bytes.
+pub const MAX_FRAME_LEN: u32 = 1 << 20;
+
+/// Most file descriptors accepted with one frame.
+pub const MAX_FDS_PER_FRAME: usize = 4;
+
+/// Why a frame could not be sent or received.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the connection between frames.
+    #[error("connection closed by peer")]
+    Closed,
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({got} of {want} bytes received)")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes the frame announced (including the 4-byte length).
+        want: usize,
+    },
+    /// The announced payload is larger than [`MAX_FRAME_LEN`].
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_LEN} bytes")]
+    TooLarge {
+        /// Announced length.
+        len: u32,
+    },
+    /// More file descriptors than [`MAX_FDS_PER_FRAME`] arrived.
+    #[error("frame carried {count} file descriptors; at most {MAX_FDS_PER_FRAME} are accepted")]
+    TooManyFds {
+        /// How many arrived.
+        count: usize,
+    },
+    /// The kernel truncated the ancillary data (descriptors were lost).
+    #[error("file descriptors were truncated in transit (ancillary buffer too small)")]
+    FdsTruncated,
+    /// The payload is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(#[source] postcard::Error),
+    /// The message could not be encoded.
+    #[error("cannot encode message: {0}")]
+    Encode(#[source] postcard::Error),
+    /// The socket failed (including a receive timeout).
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Sends `msg` with `fds` attached.
+pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), FrameError> {
+    let mut buf = vec![0u8; 4];
+    let buf = {
+        let mut payload = postcard::to_extend(msg, std::mem::take(&mut buf)).map_err(FrameError::Encode)?;
+        let len = payload.len() - 4;
+        let len32 = u32::try_from(len).ok().filter(|l| *l <= MAX_FRAME_LEN);
+        let Some(len32) = len32 else {
+            return Err(FrameError::TooLarge { len: u32::try_from(len).unwrap_or(u32::MAX) });
+        };
+        payload[..4].copy_from_slice(&len32.to_le_bytes());
+        payload
+    };
+    send_raw(sock, &buf, fds)
+}
+
+/// Sends raw bytes with `fds` on the first byte. Tests use it to send
+/// malformed frames; [`send`] uses it for well-formed ones.
+pub fn send_raw(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FrameError> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let iov = [IoSlice::new(&bytes[sent..])];
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if sent == 0 && !raw.is_empty() { &cmsg } else { &[] };
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => sent += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(FrameError::Io(e.into())),
+        }
+    }
+    Ok(())
+}
+
+/// Receives one message and the file descriptors that came with it.
+pub fn recv<T: DeserializeOwned>(sock: &UnixStream) -> Result<(T, Vec<OwnedFd>), FrameError> {
+    let mut fds = Vec::new();
+    let mut header = [0u8; 4];
+    fill(sock, &mut header, 0, 4, &mut fds)?;
+    let len = u32::from_le_bytes(header);
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge { len });
+    }
+    // Bounded by MAX_FRAME_LEN above, so the allocation is at most 1 MiB.
+    let mut payload = vec![0u8; len as usize];
+    fill(sock, &mut payload, 4, 4 + len as usize, &mut fds)?;
+    if fds.len() > MAX_FDS_PER_FRAME {
+        return Err(FrameError::TooManyFds { count: fds.len() });
+    }
+    let msg = postcard::from_bytes(&payload).map_err(FrameError::Malformed)?;
+    Ok((msg, fds))
+}
+
+/// Fills `buf` from the socket, collecting descriptors. `before` and `total`
+/// place `buf` within the frame, for the truncation message.
+fn fill(sock: &UnixStream, buf: &mut [u8], before: usize, total: usize, fds: &mut Vec<OwnedFd>) -> Result<(), FrameError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_FRAME]);
+        let mut iov = [IoSliceMut::new(&mut buf[got..])];
+        let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(FrameError::Io(e.into())),
+        };
+        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        for c in msg.cmsgs().map_err(|e| FrameError::Io(e.into()))? {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                for raw in received {
+                    // SAFETY: the kernel just installed `raw` in our fd table
+                    // for this SCM_RIGHTS message; nothing else owns it, so
+                    // wrapping it gives it exactly one owner that closes it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        }
+        if truncated {
+            return Err(FrameError::FdsTruncated);
+        }
+        if msg.bytes == 0 {
+            if before == 0 && got == 0 {
+                return Err(FrameError::Closed);
+            }
+            return Err(FrameError::Truncated { got: before + got, want: total });
+        }
+        got += msg.bytes;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Request, Response};
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_request_and_its_fd_cross_the_socket() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let req = Request::SessionPreserve { name: "vm0".into(), token: 7 };
+        send(&a, &req, &[file.as_fd()]).unwrap();
+        let (got, fds): (Request, _) = recv(&b).unwrap();
+        assert_eq!(got, req);
+        assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn clean_close_between_frames_is_closed() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(a);
+        assert!(matches!(recv::<Request>(&b), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn close_in_the_middle_of_a_frame_is_truncated() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&10u32.to_le_bytes()).unwrap();
+        a.write_all(&[1, 2, 3]).unwrap();
+        drop(a);
+        match recv::<Request>(&b) {
+            Err(FrameError::Truncated { got, want }) => assert_eq!((got, want), (7, 14)),
+            other => panic!("unexpected {other:?}"),
+        }
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[1, 0]).unwrap();
+        drop(a);
+        assert!(matches!(recv::<Request>(&b), Err(FrameError::Truncated { got: 2, want: 4 })));
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocating() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        assert!(matches!(recv::<Request>(&b), Err(FrameError::TooLarge { len: u32::MAX })));
+    }
+
+    #[test]
+    fn garbage_payload_is_malformed() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&3u32.to_le_bytes()).unwrap();
+        a.write_all(&[0xff, 0xff, 0xff]).unwrap();
+        assert!(matches!(recv::<Request>(&b), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn too_many_fds_are_refused_and_closed() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let files: Vec<_> = (0..MAX_FDS_PER_FRAME + 1).map(|_| tempfile::tempfile().unwrap()).collect();
+        let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+        send(&a, &Response::Done, &fds).unwrap();
+        // The kernel truncates the ancillary data we have room for: either way the frame is refused.
+        assert!(matches!(recv::<Response>(&b), Err(FrameError::FdsTruncated | FrameError::TooManyFds { .. })));
+    }
+}

@@ -1,0 +1,301 @@
+//! The protocol between luod and its clients (luoctl, VMMs, services).
+//!
+//! One definition for both sides: request and response types here, framing
+//! and file-descriptor passing in [`frame`], a blocking client in [`client`].
+//!
+//! A connection starts with [`Request::Hello`] carrying [`PROTOCOL_VERSION`];
+//! luod answers [`Response::Hello`] or refuses a version it does not speak.
+//! Each request then gets exactly one response. A request that carries a file
+//! descriptor (`SessionPreserve`) sends it with `SCM_RIGHTS` on the frame's
+//! first byte; a response that returns one (`Fd`) does the same.
+
+pub mod client;
+pub mod frame;
+
+use crate::record::{Cycle, Timestamps};
+use crate::state::State;
+use crate::subsystem::StepError;
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol; luod refuses a client that speaks another one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default path of luod's socket.
+pub const DEFAULT_SOCKET: &str = "/run/luod/luod.sock";
+
+/// What `prepare` (and `check`) is asked to do about the target kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareArgs {
+    /// Kernel image to load for kexec.
+    pub kernel: Option<String>,
+    /// Initrd to load with it.
+    pub initrd: Option<String>,
+    /// Command line for the target kernel.
+    pub cmdline: Option<String>,
+    /// Use the running kernel's command line, plus what the backend needs.
+    pub reuse_cmdline: bool,
+}
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// First message of a connection.
+    Hello {
+        /// The client's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// Free-form client name for logs (`luoctl 0.1.0`).
+        client: String,
+    },
+    /// State, sessions, subsystems, last cycle.
+    Status,
+    /// Preflight: what `prepare` with these arguments would find; changes nothing.
+    Check(PrepareArgs),
+    /// `normal -> prepared`.
+    Prepare(PrepareArgs),
+    /// `prepared -> frozen`.
+    Freeze,
+    /// `frozen -> (kexec)`; freezes first when `prepared`.
+    Reboot,
+    /// `updated -> normal`.
+    Finish,
+    /// `prepared | frozen -> normal`.
+    Cancel,
+    /// Past cycles.
+    History,
+    /// Create a session owned by the caller's uid.
+    SessionCreate {
+        /// Session name (1 to 63 bytes, no NUL, no '/').
+        name: String,
+    },
+    /// The caller's sessions.
+    SessionList,
+    /// Preserve the file descriptor sent with this frame under `token`.
+    SessionPreserve {
+        /// Session name.
+        name: String,
+        /// Token, unique within the session.
+        token: u64,
+    },
+    /// Take back a preserved file after an update; the response carries it.
+    SessionRetrieve {
+        /// Session name.
+        name: String,
+        /// Token it was preserved under.
+        token: u64,
+    },
+    /// Close a session: in `updated`, once its files are retrieved; in
+    /// `normal`, unpreserves its files.
+    SessionFinish {
+        /// Session name.
+        name: String,
+    },
+}
+
+impl Request {
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Status => "status",
+            Request::Check(_) => "check",
+            Request::Prepare(_) => "prepare",
+            Request::Freeze => "freeze",
+            Request::Reboot => "reboot",
+            Request::Finish => "finish",
+            Request::Cancel => "cancel",
+            Request::History => "history",
+            Request::SessionCreate { .. } => "session-create",
+            Request::SessionList => "session-list",
+            Request::SessionPreserve { .. } => "session-preserve",
+            Request::SessionRetrieve { .. } => "session-retrieve",
+            Request::SessionFinish { .. } => "session-finish",
+        }
+    }
+}
+
+/// luod's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to `Hello`.
+    Hello {
+        /// luod's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// luod's version string.
+        server: String,
+    },
+    /// Answer to `Status`.
+    Status(StatusReport),
+    /// Answer to `Check`.
+    Check(CheckReport),
+    /// Answer to a transition.
+    Transition(TransitionReport),
+    /// Answer to `History`.
+    History(Vec<Cycle>),
+    /// Answer to `SessionList`.
+    Sessions(Vec<SessionInfo>),
+    /// The request succeeded and has nothing to report.
+    Done,
+    /// Answer to `SessionRetrieve`: the file descriptor travels with the frame.
+    Fd {
+        /// Size of the file in bytes.
+        size: u64,
+    },
+    /// The request failed; nothing was changed.
+    Error(ErrorReply),
+}
+
+/// Classes of failure; luoctl maps each to an exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request is malformed or an argument is invalid.
+    InvalidArgument,
+    /// The command is not allowed in the current state.
+    WrongState,
+    /// The caller lacks the privilege (root or `CAP_SYS_BOOT`) or the ownership.
+    PermissionDenied,
+    /// A subsystem vetoed `prepare`.
+    Vetoed,
+    /// A subsystem failed a step; the transition was undone.
+    SubsystemFailed,
+    /// No such session or token.
+    NotFound,
+    /// The session or token exists already.
+    AlreadyExists,
+    /// The kernel (or the backend) refused.
+    Kernel,
+    /// The handover record or the region could not be read or written.
+    Record,
+    /// The frame or protocol version is wrong.
+    Protocol,
+    /// Something luod did not expect; see its log.
+    Internal,
+}
+
+/// A failed request: what failed and why, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Class of failure.
+    pub kind: ErrorKind,
+    /// What failed and why, one sentence.
+    pub message: String,
+    /// What to do about it (may be empty).
+    pub hint: String,
+    /// The subsystem step that failed, when a subsystem failed.
+    pub step: Option<StepError>,
+}
+
+impl std::fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        if !self.hint.is_empty() {
+            write!(f, "; {}", self.hint)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ErrorReply {}
+
+/// A session as a client sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Name.
+    pub name: String,
+    /// Owner uid.
+    pub owner_uid: u32,
+    /// Preserved files.
+    pub files: Vec<FileInfo>,
+    /// True when the session came through an update and awaits retrieval.
+    pub incoming: bool,
+}
+
+/// A preserved file as a client sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Token.
+    pub token: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// True once retrieved in the new kernel.
+    pub retrieved: bool,
+}
+
+/// The last cycle, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CycleSummary {
+    /// Cycle id.
+    pub id: u64,
+    /// `finished`, `cancelled`, or `in-progress`.
+    pub outcome: String,
+    /// Target kernel path, if one was loaded.
+    pub target_kernel: Option<String>,
+    /// Transition timestamps.
+    pub timestamps: Timestamps,
+    /// Blackout (freeze start to `updated`) in nanoseconds, when known.
+    pub blackout_ns: Option<u64>,
+}
+
+/// Answer to `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Current state.
+    pub state: State,
+    /// Backend name.
+    pub backend: String,
+    /// Description of where the record lives.
+    pub region: String,
+    /// Generation of the newest record written.
+    pub generation: u64,
+    /// Sessions visible to the caller.
+    pub sessions: Vec<SessionInfo>,
+    /// Registered subsystems, in order.
+    pub subsystems: Vec<String>,
+    /// The cycle in flight, or the last one.
+    pub last_cycle: Option<CycleSummary>,
+    /// Number of live updates this host went through.
+    pub live_updates: u64,
+    /// Notes from startup (e.g. why the region's content was not used).
+    pub notes: Vec<String>,
+}
+
+/// One preflight item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckItem {
+    /// What was checked.
+    pub name: String,
+    /// Whether it is fine.
+    pub ok: bool,
+    /// Details or what to do.
+    pub detail: String,
+}
+
+/// Answer to `check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// Whether `prepare` would be allowed.
+    pub ok: bool,
+    /// Items, in the order they were checked.
+    pub items: Vec<CheckItem>,
+}
+
+/// Answer to a transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionReport {
+    /// State before.
+    pub from: State,
+    /// State after.
+    pub to: State,
+    /// Generation of the record written.
+    pub generation: u64,
+    /// Sessions carried.
+    pub sessions: u32,
+    /// Files carried.
+    pub files: u32,
+    /// Bytes carried.
+    pub bytes: u64,
+    /// How long the transition took in luod, in nanoseconds.
+    pub elapsed_ns: u64,
+    /// Human notes (e.g. "simulated kexec: luod exits; start it again").
+    pub notes: Vec<String>,
+}

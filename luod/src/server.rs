@@ -1,0 +1,221 @@
+//! The socket server: accepts clients, checks who they are, and hands their
+//! requests to the engine one at a time.
+
+use crate::args::Args;
+use crate::backend::{self, StartError};
+use crate::peer;
+use liveupdate::engine::{Caller, Engine, EngineError, Rebooted, SIMULATED_KEXEC_EXIT};
+use liveupdate::protocol::frame::{self, FrameError};
+use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response};
+use liveupdate::region::FileRegion;
+use nix::sys::signal::{SigSet, Signal};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Shared = Arc<Mutex<Engine<FileRegion>>>;
+
+/// Exit status requested by a thread (-1: keep running).
+static EXIT: AtomicI32 = AtomicI32::new(-1);
+
+/// Runs luod until SIGTERM/SIGINT or a simulated kexec; returns the exit status.
+pub fn run(args: &Args) -> Result<u8, StartError> {
+    // Block the stop signals in every thread; one thread waits for them.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGINT);
+    stop.thread_block().map_err(|e| StartError::Io { what: "cannot block signals for", path: "luod".into(), source: e.into() })?;
+
+    let listener = bind(&args.socket)?;
+    let started = backend::start(args)?;
+    let engine = started.engine;
+    for note in engine.notes() {
+        tracing::warn!("{note}");
+    }
+    tracing::info!(
+        "luod {} serving {} (backend file, state {}, record generation {})",
+        env!("CARGO_PKG_VERSION"),
+        args.socket.display(),
+        engine.state(),
+        engine.generation()
+    );
+    let engine: Shared = Arc::new(Mutex::new(engine));
+
+    let socket = args.socket.clone();
+    std::thread::spawn(move || {
+        if let Ok(sig) = stop.wait() {
+            tracing::info!("{sig} received, shutting down");
+            EXIT.store(0, Ordering::SeqCst);
+            // Wake the accept loop.
+            let _ = UnixStream::connect(&socket);
+        }
+    });
+
+    let timeout = Duration::from_secs(args.client_timeout.max(1));
+    for conn in listener.incoming() {
+        if EXIT.load(Ordering::SeqCst) >= 0 {
+            break;
+        }
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        let engine = engine.clone();
+        let socket = args.socket.clone();
+        std::thread::spawn(move || {
+            serve(conn, &engine, timeout);
+            if EXIT.load(Ordering::SeqCst) >= 0 {
+                let _ = UnixStream::connect(&socket);
+            }
+        });
+    }
+    let code = EXIT.load(Ordering::SeqCst).max(0);
+    let _ = std::fs::remove_file(&args.socket);
+    // Hold the engine lock while exiting so no request is half-served.
+    let _guard = engine.lock().unwrap_or_else(|p| p.into_inner());
+    tracing::info!("luod exits with status {code}");
+    Ok(code as u8)
+}
+
+/// Binds the socket (mode 0660), replacing a stale one but never a live one.
+fn bind(path: &std::path::Path) -> Result<UnixListener, StartError> {
+    let io = |what: &'static str| {
+        move |source| StartError::Io { what, path: path.display().to_string(), source }
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io("cannot create the directory of socket"))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(StartError::SocketInUse(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(io("cannot remove stale socket"))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io("cannot bind socket"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io("cannot set mode 0660 on socket"))?;
+    Ok(listener)
+}
+
+fn protocol_error(message: String) -> Response {
+    Response::Error(ErrorReply { kind: ErrorKind::Protocol, message, hint: String::new(), step: None })
+}
+
+/// Serves one connection until it closes or breaks the protocol.
+fn serve(conn: UnixStream, engine: &Shared, timeout: Duration) {
+    let caller = match peer::caller(&conn) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("cannot read peer credentials: {e}");
+            return;
+        }
+    };
+    let _ = conn.set_read_timeout(Some(timeout));
+    let mut greeted = false;
+    loop {
+        let (req, fds): (Request, Vec<OwnedFd>) = match frame::recv(&conn) {
+            Ok(m) => m,
+            Err(FrameError::Closed) => return,
+            Err(e) => {
+                tracing::info!("client pid {} uid {}: {e}; closing the connection", caller.pid, caller.uid);
+                let _ = frame::send(&conn, &protocol_error(format!("{e}; closing the connection")), &[]);
+                return;
+            }
+        };
+        if !greeted {
+            match req {
+                Request::Hello { version, client } if version == PROTOCOL_VERSION => {
+                    tracing::debug!("client {client} pid {} uid {} connected", caller.pid, caller.uid);
+                    greeted = true;
+                    let hello = Response::Hello { version: PROTOCOL_VERSION, server: format!("luod {}", env!("CARGO_PKG_VERSION")) };
+                    if frame::send(&conn, &hello, &[]).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Request::Hello { version, .. } => {
+                    let msg = format!("luod speaks protocol version {PROTOCOL_VERSION}, the client {version}; use matching luod and client versions");
+                    let _ = frame::send(&conn, &protocol_error(msg), &[]);
+                    return;
+                }
+                other => {
+                    let msg = format!("the first request must be hello, not {}", other.kind());
+                    let _ = frame::send(&conn, &protocol_error(msg), &[]);
+                    return;
+                }
+            }
+        }
+        let kind = req.kind();
+        let (resp, fd, exit) = {
+            let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+            dispatch(&mut engine, &caller, req, fds)
+        };
+        match &resp {
+            Response::Error(e) => tracing::info!("{kind} from uid {} refused: {}", caller.uid, e.message),
+            _ if !matches!(kind, "status" | "history" | "session-list" | "check") => {
+                tracing::info!("{kind} from uid {} done", caller.uid)
+            }
+            _ => {}
+        }
+        let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+        let sent = frame::send(&conn, &resp, &fds);
+        if let Some(code) = exit {
+            EXIT.store(code, Ordering::SeqCst);
+            return;
+        }
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs one request. Returns the response, a file to send with it, and an
+/// exit status when luod must stop after answering.
+fn dispatch(engine: &mut Engine<FileRegion>, caller: &Caller, req: Request, mut fds: Vec<OwnedFd>) -> (Response, Option<OwnedFd>, Option<i32>) {
+    let err = |e: EngineError| (Response::Error(e.to_reply()), None, None);
+    let wants_fd = matches!(req, Request::SessionPreserve { .. });
+    if !wants_fd && !fds.is_empty() {
+        return err(EngineError::InvalidArgument(format!("{} takes no file descriptor but {} came with it", req.kind(), fds.len())));
+    }
+    let r = match req {
+        Request::Hello { .. } => Err(EngineError::InvalidArgument("hello was already exchanged".into())),
+        Request::Status => Ok(Response::Status(engine.status(caller))),
+        Request::Check(args) => Ok(Response::Check(engine.check(caller, &args))),
+        Request::History => Ok(Response::History(engine.history())),
+        Request::Prepare(args) => engine.prepare(caller, &args).map(Response::Transition),
+        Request::Freeze => engine.freeze(caller).map(Response::Transition),
+        Request::Finish => engine.finish(caller).map(Response::Transition),
+        Request::Cancel => engine.cancel(caller).map(Response::Transition),
+        Request::Reboot => {
+            return match engine.reboot(caller) {
+                Ok(Rebooted::Simulated(report)) => (Response::Transition(report), None, Some(SIMULATED_KEXEC_EXIT)),
+                Err(e) => err(e),
+            };
+        }
+        Request::SessionCreate { name } => engine.session_create(caller, &name).map(|()| Response::Done),
+        Request::SessionList => Ok(Response::Sessions(engine.session_list(caller))),
+        Request::SessionPreserve { name, token } => {
+            if fds.len() != 1 {
+                return err(EngineError::MissingFd("session-preserve needs exactly one file descriptor (sent with SCM_RIGHTS)"));
+            }
+            let fd = fds.pop().expect("one fd");
+            engine.session_preserve(caller, &name, token, fd).map(|_| Response::Done)
+        }
+        Request::SessionRetrieve { name, token } => {
+            return match engine.session_retrieve(caller, &name, token) {
+                Ok((fd, size)) => (Response::Fd { size }, Some(fd), None),
+                Err(e) => err(e),
+            };
+        }
+        Request::SessionFinish { name } => engine.session_finish(caller, &name).map(|()| Response::Done),
+    };
+    match r {
+        Ok(resp) => (resp, None, None),
+        Err(e) => err(e),
+    }
+}
