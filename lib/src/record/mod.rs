@@ -1,24 +1,207 @@
 //! The handover record: encoding, checksums and the A/B store.
 //!
-//! STUB: the record/region helper implements this module.
+//! The record is luod's memory across a kexec (or a restart): its state, the
+//! update in flight, the sessions and their tokens, subsystem sections and
+//! the history, plus the contents of preserved files when the backend copies
+//! them. [`RecordStore`] keeps it in a [`Region`](crate::region::Region) split into two slots, A and
+//! B. Each write goes to the slot that does not hold the newest record and
+//! writes its header last, so a write cut at any byte leaves the previous
+//! generation readable.
+//!
+//! The byte layout, the write protocol and the compatibility policy are in
+//! `docs/state-format.md`; this module is its implementation.
 
+mod codec;
 mod model;
-pub use model::*;
+mod store;
 
-use crate::region::Region;
+pub use model::*;
+pub use store::RecordStore;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 
 /// Format version of the record (independent of the crate version).
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The first 8 bytes of every slot header.
+pub const MAGIC: [u8; 8] = *b"LUODREC\0";
+
+/// Size of a slot header in bytes.
+pub const HEADER_LEN: usize = 64;
+
+/// Largest record payload (the encoded [`HandoverRecord`], not the data) in
+/// bytes. Checked before anything is allocated or written.
+pub const MAX_RECORD_LEN: u64 = 16 << 20;
+
+/// Alignment unit of the layout: slots and data extents start at multiples
+/// of this many bytes from the start of the region. Fixed by the format (it is
+/// not the page size of the running system, although it matches x86-64's).
+pub const LAYOUT_ALIGN: u64 = 4096;
+
 /// Why a record could not be read or written.
+///
+/// Messages say what was found and what it means; the source (if any) holds
+/// the lower-level cause.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    /// Placeholder.
-    #[error("stub")]
-    Stub,
+    /// The slot does not start with [`MAGIC`].
+    #[error(
+        "slot does not start with the record magic (found {found:02x?}): it never held a luod record or was overwritten"
+    )]
+    BadMagic {
+        /// The 8 bytes found instead.
+        found: [u8; 8],
+    },
+    /// The record was written in a format version this luod cannot read.
+    #[error(
+        "record has format version {found} but this luod reads format versions 1 to {supported}: use a luod built for format version {found}"
+    )]
+    UnsupportedVersion {
+        /// Version in the header.
+        found: u32,
+        /// Newest version this build reads ([`FORMAT_VERSION`]).
+        supported: u32,
+    },
+    /// The header's own checksum does not match: the header is damaged or
+    /// was being written when the writer stopped.
+    #[error(
+        "record header checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the header is damaged or its write was cut short"
+    )]
+    HeaderChecksum {
+        /// CRC-32C stored in the header.
+        stored: u32,
+        /// CRC-32C of the header bytes as found.
+        computed: u32,
+    },
+    /// The record was written for a region of another size, so the slots
+    /// are not where the record expects them.
+    #[error(
+        "record was written for a region of {written} bytes but the region is now {now} bytes: open the region with its original size"
+    )]
+    RegionSizeChanged {
+        /// Region size in the header.
+        written: u64,
+        /// Region size now.
+        now: u64,
+    },
+    /// The record payload is larger than [`MAX_RECORD_LEN`].
+    #[error("record payload is {len} bytes, more than the limit of {max} bytes")]
+    TooLarge {
+        /// Payload length (found in a header, or needed to encode a record).
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The bytes end before the record does.
+    #[error("record needs {need} bytes but only {have} are there: it was cut short")]
+    Truncated {
+        /// Bytes the record claims.
+        need: u64,
+        /// Bytes available.
+        have: u64,
+    },
+    /// The payload does not match the checksum in the header.
+    #[error(
+        "record payload checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the record is damaged or its write was cut short"
+    )]
+    PayloadChecksum {
+        /// CRC-32C stored in the header.
+        stored: u32,
+        /// CRC-32C of the payload as found.
+        computed: u32,
+    },
+    /// The payload passed its checksum but is not a valid record of this
+    /// format version (a writer bug, or a version mix-up).
+    #[error(
+        "record payload passed its checksum but does not decode as a format {FORMAT_VERSION} record"
+    )]
+    Decode(#[source] postcard::Error),
+    /// The payload decoded but left bytes over.
+    #[error("record payload has {count} bytes after the end of the record")]
+    TrailingBytes {
+        /// Bytes left over.
+        count: u64,
+    },
+    /// The record could not be encoded.
+    #[error("cannot encode the record")]
+    Encode(#[source] postcard::Error),
+    /// The region cannot hold two slots, or a slot cannot hold the record and
+    /// its data.
+    #[error(
+        "the region must be at least {need} bytes for this, but it is {have} bytes: give luod a larger region"
+    )]
+    RegionTooSmall {
+        /// Smallest region size that would do.
+        need: u64,
+        /// Size of the region.
+        have: u64,
+    },
+    /// A preserved file points at an extent the record does not have.
+    #[error(
+        "file with token {token} of session {session} points at data extent {index}, but the record has {extents} extents: pass one data source per copied file"
+    )]
+    DanglingExtent {
+        /// Session name.
+        session: String,
+        /// The file's token.
+        token: u64,
+        /// The extent index in [`FdRecord::data`].
+        index: u32,
+        /// Number of extents (data sources).
+        extents: usize,
+    },
+    /// An extent lies outside the data area of the newest record's slot.
+    #[error(
+        "data extent at offset {offset} ({len} bytes) lies outside the data area {start}..{end} of the record's slot"
+    )]
+    DataOutOfBounds {
+        /// Extent offset from the region start.
+        offset: u64,
+        /// Extent length.
+        len: u64,
+        /// Start of the data area.
+        start: u64,
+        /// End of the data area (end of the slot).
+        end: u64,
+    },
+    /// The bytes of an extent do not match its checksum.
+    #[error(
+        "data extent at offset {offset} ({len} bytes) is damaged: checksum {computed:#010x}, expected {stored:#010x}"
+    )]
+    DataChecksum {
+        /// Extent offset from the region start.
+        offset: u64,
+        /// Extent length.
+        len: u64,
+        /// CRC-32C recorded in the extent.
+        stored: u32,
+        /// CRC-32C of the bytes found.
+        computed: u32,
+    },
+    /// Data was asked for while the region holds no valid record.
+    #[error("the region holds no valid record, so it has no data to read")]
+    NoRecord,
+    /// A data source could not be read into the region.
+    #[error("cannot read data source {index} into the region")]
+    DataSource {
+        /// Position of the source in the list given to [`RecordStore::write`].
+        index: usize,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The generation counter reached its maximum.
+    #[error(
+        "the newest record has generation {0}, the last one possible: the region must be reinitialised"
+    )]
+    GenerationOverflow(u64),
 }
 
 /// Where bytes of a preserved file come from when they are copied into the region.
+///
+/// [`RecordStore::write`] hands [`read_into`](DataSource::read_into) the
+/// region's own bytes, so the data is copied once, straight into place.
 pub trait DataSource {
     /// Number of bytes.
     fn data_len(&self) -> u64;
@@ -26,10 +209,67 @@ pub trait DataSource {
     fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()>;
 }
 
+impl DataSource for [u8] {
+    fn data_len(&self) -> u64 {
+        self.len() as u64
+    }
+    fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
+        if dst.len() != self.len() {
+            return Err(size_changed(self.len() as u64, dst.len()));
+        }
+        dst.copy_from_slice(self);
+        Ok(())
+    }
+}
+
+impl DataSource for Vec<u8> {
+    fn data_len(&self) -> u64 {
+        self.as_slice().data_len()
+    }
+    fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
+        self.as_slice().read_into(dst)
+    }
+}
+
+impl<T: DataSource + ?Sized> DataSource for &T {
+    fn data_len(&self) -> u64 {
+        (**self).data_len()
+    }
+    fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
+        (**self).read_into(dst)
+    }
+}
+
+/// A file (typically a memfd holding guest RAM), read with `pread` from
+/// offset 0 straight into the region.
+///
+/// `data_len` is the file size at the time of the call (0 if `fstat` fails);
+/// `read_into` checks the size again and fails if the file changed size in
+/// between, so a file is never recorded short.
+impl DataSource for File {
+    fn data_len(&self) -> u64 {
+        self.metadata().map(|m| m.len()).unwrap_or(0)
+    }
+    fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
+        let len = self.metadata()?.len();
+        if len != dst.len() as u64 {
+            return Err(size_changed(len, dst.len()));
+        }
+        self.read_exact_at(dst, 0)
+    }
+}
+
+fn size_changed(now: u64, expected: usize) -> std::io::Error {
+    std::io::Error::other(format!(
+        "the source is {now} bytes but {expected} were expected: it changed size during the write"
+    ))
+}
+
 /// What a slot of the region held at load time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlotStatus {
-    /// Never written (no magic).
+    /// Never written (its header bytes are all zero), or its write was cut
+    /// right after the header was cleared.
     Empty,
     /// A valid record of this generation.
     Valid {
@@ -38,7 +278,7 @@ pub enum SlotStatus {
     },
     /// Something is there but it is not a valid record.
     Invalid {
-        /// Why (one sentence).
+        /// Why (the [`RecordError`] message and its causes).
         reason: String,
     },
 }
@@ -59,46 +299,71 @@ pub struct WriteReport {
     pub generation: u64,
     /// Slot written (0 = A, 1 = B).
     pub slot: usize,
-    /// Bytes of record written.
+    /// Bytes of record written (header and payload).
     pub record_bytes: u64,
     /// Bytes of data written.
     pub data_bytes: u64,
 }
 
-/// Reads and writes records in the two slots of a region.
-#[derive(Debug)]
-pub struct RecordStore<R: Region> {
-    region: R,
+/// The message of `error` followed by its causes, `: `-separated.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
-impl<R: Region> RecordStore<R> {
-    /// Wraps a region; fails if it is too small to hold two slots.
-    pub fn new(region: R) -> Result<Self, RecordError> {
-        Ok(RecordStore { region })
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn slice_source_refuses_a_destination_of_another_size() {
+        let src: &[u8] = &[1, 2, 3];
+        let mut dst = [0u8; 2];
+        let err = src.read_into(&mut dst).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the source is 3 bytes but 2 were expected: it changed size during the write"
+        );
     }
-    /// Reads both slots and returns the newest valid record.
-    pub fn load(&mut self) -> Result<LoadReport, RecordError> {
-        unimplemented!("stub")
+
+    #[test]
+    fn file_source_reads_the_whole_file_from_offset_zero() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"hello region").unwrap();
+        assert_eq!(file.data_len(), 12);
+        let mut dst = [0u8; 12];
+        file.read_into(&mut dst).unwrap();
+        assert_eq!(&dst, b"hello region");
     }
-    /// Writes `record` with `data` as the next generation into the slot that
-    /// does not hold the newest record. Sets `record.extents`.
-    pub fn write(
-        &mut self,
-        _record: &mut HandoverRecord,
-        _data: &[&dyn DataSource],
-    ) -> Result<WriteReport, RecordError> {
-        unimplemented!("stub")
+
+    #[test]
+    fn file_source_fails_when_the_file_changed_size() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"abc").unwrap();
+        let mut dst = [0u8; 5];
+        let err = file.read_into(&mut dst).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the source is 3 bytes but 5 were expected: it changed size during the write"
+        );
     }
-    /// The bytes of an extent of the newest record, checked against its CRC.
-    pub fn data(&self, _extent: &Extent) -> Result<&[u8], RecordError> {
-        unimplemented!("stub")
-    }
-    /// Bytes of data one slot can hold next to a record of `record_len` bytes.
-    pub fn data_capacity(&self) -> u64 {
-        unimplemented!("stub")
-    }
-    /// The region.
-    pub fn region(&self) -> &R {
-        &self.region
+
+    #[test]
+    fn error_chain_lists_causes_once() {
+        let err = RecordError::DataSource {
+            index: 2,
+            source: std::io::Error::other("disk on fire"),
+        };
+        assert_eq!(
+            error_chain(&err),
+            "cannot read data source 2 into the region: disk on fire"
+        );
     }
 }
