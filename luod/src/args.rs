@@ -20,6 +20,11 @@ pub struct Args {
     #[arg(long, default_value = liveupdate::protocol::DEFAULT_SOCKET, env = "LUOD_SOCKET")]
     pub socket: PathBuf,
 
+    /// Group (name or gid) that owns the socket, so its members can connect
+    /// (the socket is mode 0660). Default: luod's own group.
+    #[arg(long)]
+    pub socket_group: Option<String>,
+
     /// Directory for luod's runtime files (the fd holder's socket).
     #[arg(long, default_value = "/run/luod")]
     pub state_dir: PathBuf,

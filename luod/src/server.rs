@@ -29,7 +29,7 @@ pub fn run(args: &Args) -> Result<u8, StartError> {
     stop.add(Signal::SIGINT);
     stop.thread_block().map_err(|e| StartError::Io { what: "cannot block signals for", path: "luod".into(), source: e.into() })?;
 
-    let listener = bind(&args.socket)?;
+    let listener = bind(&args.socket, args.socket_group.as_deref())?;
     let started = backend::start(args)?;
     let engine = started.engine;
     for note in engine.notes() {
@@ -84,7 +84,7 @@ pub fn run(args: &Args) -> Result<u8, StartError> {
 }
 
 /// Binds the socket (mode 0660), replacing a stale one but never a live one.
-fn bind(path: &std::path::Path) -> Result<UnixListener, StartError> {
+fn bind(path: &std::path::Path, group: Option<&str>) -> Result<UnixListener, StartError> {
     let io = |what: &'static str| {
         move |source| StartError::Io { what, path: path.display().to_string(), source }
     };
@@ -99,6 +99,19 @@ fn bind(path: &std::path::Path) -> Result<UnixListener, StartError> {
     }
     let listener = UnixListener::bind(path).map_err(io("cannot bind socket"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io("cannot set mode 0660 on socket"))?;
+    if let Some(group) = group {
+        let gid = match group.parse::<u32>() {
+            Ok(gid) => nix::unistd::Gid::from_raw(gid),
+            Err(_) => match nix::unistd::Group::from_name(group) {
+                Ok(Some(g)) => g.gid,
+                _ => {
+                    let source = std::io::Error::new(std::io::ErrorKind::NotFound, format!("no group named {group}"));
+                    return Err(io("cannot give the socket to --socket-group")(source));
+                }
+            },
+        };
+        nix::unistd::chown(path, None, Some(gid)).map_err(|e| io("cannot chown socket")(e.into()))?;
+    }
     Ok(listener)
 }
 
