@@ -92,6 +92,12 @@ impl<R: Region> Engine<R> {
         &self.notes
     }
 
+    /// Stops the engine and returns its record store (the region outlives
+    /// luod, as it outlives a kexec).
+    pub fn into_store(self) -> RecordStore<R> {
+        self.store
+    }
+
     /// Writes `next` as the new record generation (no data) and adopts it.
     fn commit(&mut self, mut next: HandoverRecord) -> Result<u64, EngineError> {
         next.extents.clear();

@@ -1,0 +1,320 @@
+//! Engine tests over the fake kernel and an in-memory region: the logic of
+//! transitions, undo and persistence. The same paths run end to end against
+//! luod in `tests/`.
+
+use super::*;
+use crate::kernel::fake::{Failures, FakeKernel, Op};
+use crate::kernel::{KernelError, memfd};
+use crate::protocol::ErrorKind;
+use crate::record::Outcome;
+use crate::region::MemRegion;
+use crate::subsystem::{Blob, PrepareContext, Subsystem, SubsystemError};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+struct Probe {
+    name: &'static str,
+    log: Log,
+    veto: Option<&'static str>,
+    fail_freeze: bool,
+}
+
+impl Probe {
+    fn push(&self, what: &str) {
+        self.log.lock().unwrap().push(format!("{}.{what}", self.name));
+    }
+}
+
+impl Subsystem for Probe {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn prepare(&mut self, _: &PrepareContext) -> Result<Option<Blob>, SubsystemError> {
+        self.push("prepare");
+        match self.veto {
+            Some(r) => Err(SubsystemError::Veto(r.into())),
+            None => Ok(Some(Blob { version: 3, data: format!("{}-prepared", self.name).into_bytes() })),
+        }
+    }
+    fn freeze(&mut self) -> Result<Option<Blob>, SubsystemError> {
+        self.push("freeze");
+        if self.fail_freeze {
+            return Err(SubsystemError::Failed("device did not quiesce".into()));
+        }
+        Ok(Some(Blob { version: 4, data: format!("{}-frozen", self.name).into_bytes() }))
+    }
+    fn cancel(&mut self) -> Result<(), SubsystemError> {
+        self.push("cancel");
+        Ok(())
+    }
+    fn unfreeze(&mut self) -> Result<(), SubsystemError> {
+        self.push("unfreeze");
+        Ok(())
+    }
+    fn restore(&mut self, blob: Option<&Blob>) -> Result<(), SubsystemError> {
+        let got = blob.map(|b| format!("v{}:{}", b.version, String::from_utf8_lossy(&b.data))).unwrap_or_default();
+        self.push(&format!("restore({got})"));
+        Ok(())
+    }
+    fn finish(&mut self) -> Result<(), SubsystemError> {
+        self.push("finish");
+        Ok(())
+    }
+}
+
+fn host() -> HostInfo {
+    HostInfo { boot_id: "boot-1".into(), kernel_release: "6.19.0-test".into(), cmdline: "console=ttyS0".into(), started: now() }
+}
+
+fn registry(log: &Log, veto: Option<&'static str>, fail_freeze: bool) -> Registry {
+    let mut r = Registry::new();
+    r.register(Box::new(Probe { name: "a", log: log.clone(), veto: None, fail_freeze: false })).unwrap();
+    r.register(Box::new(Probe { name: "b", log: log.clone(), veto, fail_freeze })).unwrap();
+    r
+}
+
+fn engine_on(store: RecordStore<MemRegion>, log: &Log, veto: Option<&'static str>, fail_freeze: bool) -> (Engine<MemRegion>, Failures) {
+    let (kernel, failures) = FakeKernel::new();
+    (Engine::open(Box::new(kernel), registry(log, veto, fail_freeze), store, host()).unwrap(), failures)
+}
+
+fn new_engine(log: &Log) -> (Engine<MemRegion>, Failures) {
+    engine_on(RecordStore::new(MemRegion::zeroed(8 << 20)).unwrap(), log, None, false)
+}
+
+fn take(log: &Log) -> Vec<String> {
+    std::mem::take(&mut *log.lock().unwrap())
+}
+
+const USER: Caller = Caller { uid: 1000, pid: 1, privileged: false };
+
+fn preserve(e: &mut Engine<MemRegion>, session: &str, token: u64, bytes: &[u8]) {
+    let fd = memfd::from_bytes("t", bytes).unwrap();
+    e.session_preserve(&Caller::ROOT, session, token, fd).unwrap();
+}
+
+#[test]
+fn a_cycle_through_a_simulated_kexec_restores_files_and_sections() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    e.session_create(&Caller::ROOT, "vm0").unwrap();
+    preserve(&mut e, "vm0", 1, b"guest ram");
+    preserve(&mut e, "vm0", 2, b"");
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.freeze(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(report) = e.reboot(&Caller::ROOT).unwrap();
+    assert_eq!((report.from, report.to, report.files, report.bytes), (State::Frozen, State::Updated, 2, 9));
+    assert_eq!(take(&log), ["a.prepare", "b.prepare", "a.freeze", "b.freeze"]);
+
+    let (mut e, _) = engine_on(e.into_store(), &log, None, false);
+    assert_eq!(e.state(), State::Updated);
+    assert_eq!(take(&log), ["a.restore(v4:a-frozen)", "b.restore(v4:b-frozen)"]);
+    let (fd, size) = e.session_retrieve(&Caller::ROOT, "vm0", 1).unwrap();
+    assert_eq!(size, 9);
+    let mut buf = vec![0u8; 9];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::from(fd), &mut buf, 0).unwrap();
+    assert_eq!(buf, b"guest ram");
+    let (_, size) = e.session_retrieve(&Caller::ROOT, "vm0", 2).unwrap();
+    assert_eq!(size, 0);
+    let u = e.record().update.clone().unwrap();
+    assert!(blackout(&u.timestamps).is_some());
+    e.finish(&Caller::ROOT).unwrap();
+    assert_eq!(e.state(), State::Normal);
+    assert!(e.record().sessions.is_empty());
+    assert_eq!(e.record().live_updates, 1);
+    let cycle = e.history().pop().unwrap();
+    assert_eq!((cycle.outcome, cycle.files, cycle.bytes), (Outcome::Finished, 2, 9));
+    assert_eq!(take(&log), ["a.finish", "b.finish"]);
+}
+
+#[test]
+fn a_restart_in_updated_does_not_take_the_record_as_incoming_again() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.reboot(&Caller::ROOT).unwrap();
+    let (e, _) = engine_on(e.into_store(), &log, None, false);
+    let generation = e.generation();
+    let (e, _) = engine_on(e.into_store(), &log, None, false);
+    assert_eq!(e.state(), State::Updated);
+    assert_eq!(e.generation(), generation, "nothing to write on a plain restart");
+}
+
+#[test]
+fn a_veto_reaches_the_caller_and_leaves_the_host_in_normal() {
+    let log = Log::default();
+    let (mut e, _) = engine_on(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap(), &log, Some("VM vm7 is migrating"), false);
+    let generation = e.generation();
+    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Vetoed);
+    assert_eq!(err.to_string(), "subsystem b failed prepare: vetoed: VM vm7 is migrating");
+    assert_eq!(take(&log), ["a.prepare", "b.prepare", "a.cancel"]);
+    assert_eq!((e.state(), e.generation()), (State::Normal, generation));
+}
+
+#[test]
+fn a_failing_freeze_unfreezes_the_earlier_subsystems_and_stays_prepared() {
+    let log = Log::default();
+    let (mut e, _) = engine_on(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap(), &log, None, true);
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    take(&log);
+    let generation = e.generation();
+    let err = e.freeze(&Caller::ROOT).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SubsystemFailed);
+    assert_eq!(take(&log), ["a.freeze", "b.freeze", "a.unfreeze"]);
+    assert_eq!((e.state(), e.generation()), (State::Prepared, generation));
+}
+
+#[test]
+fn a_failing_reboot_unfreezes_back_to_prepared() {
+    let log = Log::default();
+    let (mut e, failures) = new_engine(&log);
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.freeze(&Caller::ROOT).unwrap();
+    take(&log);
+    failures.lock().unwrap().insert(Op::Reboot, KernelError::Reboot("kexec image vanished".into()));
+    let err = e.reboot(&Caller::ROOT).unwrap_err();
+    assert_eq!(err.to_string(), "reboot failed, unfroze back to prepared: reboot failed: kexec image vanished");
+    assert_eq!(take(&log), ["b.unfreeze", "a.unfreeze"]);
+    assert_eq!(e.state(), State::Prepared);
+    assert!(e.record().handover.is_none());
+    // A luod restarted now is still in prepared, not updated.
+    let (e, _) = engine_on(e.into_store(), &log, None, false);
+    assert_eq!(e.state(), State::Prepared);
+}
+
+#[test]
+fn a_kernel_that_does_not_load_fails_prepare_and_changes_nothing() {
+    let log = Log::default();
+    let (mut e, failures) = new_engine(&log);
+    let image = tempfile::NamedTempFile::new().unwrap();
+    let mut bz = vec![0u8; 0x400];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    std::fs::write(image.path(), &bz).unwrap();
+    failures.lock().unwrap().insert(Op::LoadKernel, KernelError::Load { path: "k".into(), reason: "Exec format error".into() });
+    let args = PrepareArgs { kernel: Some(image.path().display().to_string()), cmdline: Some("quiet".into()), ..Default::default() };
+    let generation = e.generation();
+    let err = e.prepare(&Caller::ROOT, &args).unwrap_err();
+    assert_eq!(err.to_string(), "cannot load kernel k: Exec format error");
+    assert!(take(&log).is_empty(), "no subsystem ran");
+    assert_eq!((e.state(), e.generation()), (State::Normal, generation));
+
+    failures.lock().unwrap().clear();
+    e.prepare(&Caller::ROOT, &args).unwrap();
+    let target = e.record().update.as_ref().unwrap().target.clone().unwrap();
+    assert_eq!(target.cmdline, "quiet");
+    assert_eq!(hex(&target.kernel_sha256).len(), 64);
+}
+
+#[test]
+fn prepare_refuses_a_file_that_is_not_a_kernel_and_inconsistent_arguments() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    let not_kernel = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(not_kernel.path(), vec![0u8; 4096]).unwrap();
+    let k = not_kernel.path().display().to_string();
+    let cases = [
+        (PrepareArgs { kernel: Some(k.clone()), cmdline: Some("x".into()), ..Default::default() }, "not a bzImage"),
+        (PrepareArgs { kernel: Some(k.clone()), ..Default::default() }, "--kernel needs --cmdline S or --reuse-cmdline"),
+        (PrepareArgs { kernel: Some(k), cmdline: Some("x".into()), reuse_cmdline: true, ..Default::default() }, "not both"),
+        (PrepareArgs { cmdline: Some("x".into()), ..Default::default() }, "need --kernel"),
+    ];
+    for (args, want) in cases {
+        let err = e.prepare(&Caller::ROOT, &args).unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(e.state(), State::Normal);
+    }
+}
+
+#[test]
+fn cancel_from_frozen_unfreezes_then_cancels_in_reverse_order() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    e.session_create(&Caller::ROOT, "s").unwrap();
+    preserve(&mut e, "s", 9, b"kept");
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.freeze(&Caller::ROOT).unwrap();
+    take(&log);
+    e.cancel(&Caller::ROOT).unwrap();
+    assert_eq!(take(&log), ["b.unfreeze", "a.unfreeze", "b.cancel", "a.cancel"]);
+    assert_eq!(e.state(), State::Normal);
+    assert_eq!(e.record().sessions[0].fds.len(), 1, "sessions stay preserved");
+    assert_eq!(e.history().last().unwrap().outcome, Outcome::Cancelled);
+    assert!(e.record().subsystems.is_empty());
+}
+
+#[test]
+fn transitions_need_privilege_and_users_see_only_their_sessions() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    e.session_create(&Caller::ROOT, "root-s").unwrap();
+    e.session_create(&USER, "user-s").unwrap();
+    let err = e.prepare(&USER, &PrepareArgs::default()).unwrap_err();
+    assert_eq!(err.to_string(), "prepare needs root or CAP_SYS_BOOT");
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+    let names = |v: Vec<crate::protocol::SessionInfo>| v.into_iter().map(|s| s.name).collect::<Vec<_>>();
+    assert_eq!(names(e.session_list(&USER)), ["user-s"]);
+    assert_eq!(names(e.session_list(&Caller::ROOT)), ["root-s"]);
+    assert_eq!(names(e.status(&USER).sessions), ["user-s"]);
+    assert_eq!(names(e.status(&Caller::ROOT).sessions), ["root-s", "user-s"]);
+    let err = e.session_finish(&USER, "root-s").unwrap_err();
+    assert_eq!(err.to_string(), "no session named root-s");
+    let err = e.session_create(&USER, "root-s").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+}
+
+#[test]
+fn finish_refuses_while_files_wait_to_be_retrieved() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    e.session_create(&Caller::ROOT, "s").unwrap();
+    preserve(&mut e, "s", 1, b"a");
+    preserve(&mut e, "s", 2, b"b");
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.reboot(&Caller::ROOT).unwrap();
+    let (mut e, _) = engine_on(e.into_store(), &log, None, false);
+    e.session_retrieve(&Caller::ROOT, "s", 1).unwrap();
+    let err = e.finish(&Caller::ROOT).unwrap_err();
+    assert_eq!(err.to_string(), "1 preserved file(s) were not retrieved: s/2");
+    assert_eq!(e.state(), State::Updated);
+    let err = e.session_retrieve(&Caller::ROOT, "s", 1).unwrap_err();
+    assert_eq!(err.to_string(), "session s token 1 was already retrieved");
+    e.session_finish(&Caller::ROOT, "s").unwrap();
+    e.finish(&Caller::ROOT).unwrap();
+}
+
+#[test]
+fn session_requests_are_refused_while_a_cycle_is_in_flight() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    e.session_create(&Caller::ROOT, "s").unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    let generation = e.generation();
+    let err = e.session_create(&Caller::ROOT, "t").unwrap_err();
+    assert_eq!(err.to_string(), "creating a session is not allowed in state prepared");
+    let fd = memfd::from_bytes("x", b"x").unwrap();
+    let err = e.session_preserve(&Caller::ROOT, "s", 1, fd).unwrap_err();
+    assert_eq!(err.to_string(), "preserving a file is not allowed in state prepared");
+    let err = e.session_finish(&Caller::ROOT, "s").unwrap_err();
+    assert_eq!(err.to_string(), "finishing a session is not allowed in state prepared");
+    assert_eq!(e.generation(), generation);
+}
+
+#[test]
+fn a_region_too_small_for_the_data_fails_the_reboot_not_the_host() {
+    let log = Log::default();
+    let (mut e, _) = engine_on(RecordStore::new(MemRegion::zeroed(256 << 10)).unwrap(), &log, None, false);
+    e.session_create(&Caller::ROOT, "s").unwrap();
+    let fd = memfd::from_bytes("big", b"x").unwrap();
+    let keep = fd.as_fd().try_clone_to_owned().unwrap();
+    e.session_preserve(&Caller::ROOT, "s", 1, fd).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    std::fs::File::from(keep).set_len(1 << 20).unwrap();
+    let err = e.reboot(&Caller::ROOT).unwrap_err();
+    assert!(err.to_string().starts_with("reboot failed, unfroze back to prepared: "), "{err}");
+    assert_eq!(e.state(), State::Prepared);
+}
