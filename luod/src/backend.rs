@@ -3,7 +3,7 @@
 use crate::args::{Args, Backend};
 use liveupdate::engine::{Engine, HostInfo, RegionCapacity};
 use liveupdate::holder::HolderClient;
-use liveupdate::kernel::emulated::Emulated;
+use liveupdate::kernel::emulated::{Emulated, KexecMode};
 use liveupdate::record::RecordStore;
 use liveupdate::region::FileRegion;
 use liveupdate::subsystem::Registry;
@@ -84,7 +84,7 @@ fn start_file(args: &Args) -> Result<Started, StartError> {
     let holder_path = args.state_dir.join("holder.sock");
     let holder = HolderClient::connect_or_spawn(&holder_path, || spawn_holder(&holder_path))
         .map_err(io("cannot start the fd holder at", &holder_path))?;
-    let kernel = Emulated::new("file", Some(Box::new(holder)));
+    let kernel = Emulated::new("file", KexecMode::Simulated, Some(Box::new(holder)));
     let mut registry = Registry::new();
     registry
         .register(Box::new(RegionCapacity::new(store.data_capacity())))

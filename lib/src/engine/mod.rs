@@ -59,6 +59,7 @@ pub struct Engine<R: Region> {
     generation: u64,
     host: HostInfo,
     notes: Vec<String>,
+    cmdline_needs: Vec<String>,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -90,6 +91,20 @@ impl<R: Region> Engine<R> {
     /// Notes from startup.
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// Parameters the target kernel's command line must carry for this
+    /// backend (`liveupdate=on`, the same `memmap=`): `prepare` refuses a
+    /// command line without them, `--reuse-cmdline` adds them, `check`
+    /// reports them.
+    pub fn set_cmdline_needs(&mut self, needs: Vec<String>) {
+        self.cmdline_needs = needs;
+    }
+
+    /// Parameters of `cmdline` luod needs but does not find there.
+    pub fn missing_in_cmdline(&self, cmdline: &str) -> Vec<String> {
+        let words: Vec<&str> = cmdline.split_whitespace().collect();
+        self.cmdline_needs.iter().filter(|n| !words.contains(&n.as_str())).cloned().collect()
     }
 
     /// Stops the engine and returns its record store (the region outlives

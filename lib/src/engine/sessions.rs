@@ -26,6 +26,11 @@ impl<R: Region> Engine<R> {
     /// Creates a session owned by the caller. Only in `normal`.
     pub fn session_create(&mut self, caller: &Caller, name: &str) -> Result<(), EngineError> {
         let name = SessionName::new(name)?;
+        if name.as_str() == crate::kernel::luo::RECORD_SESSION {
+            return Err(EngineError::InvalidArgument(format!(
+                "session name {name} is reserved for luod's own record; choose another name"
+            )));
+        }
         if self.record.state != State::Normal {
             return Err(EngineError::SessionsLocked { what: "creating a session", state: self.record.state });
         }

@@ -88,7 +88,7 @@ impl<R: Region> Engine<R> {
             .handover
             .as_ref()
             .is_some_and(|h| h.simulated || h.boot_id != host.boot_id);
-        let mut engine = Engine { kernel, registry, store, record, generation, host, notes };
+        let mut engine = Engine { kernel, registry, store, record, generation, host, notes, cmdline_needs: Vec::new() };
         if incoming {
             engine.take_incoming()?;
         } else {
@@ -104,16 +104,16 @@ impl<R: Region> Engine<R> {
         self.kernel.discard_all()?;
         let mut lost = Vec::new();
         for s in &mut next.sessions {
-            self.kernel.create_session(&s.name)?;
             s.incoming = true;
+            if self.kernel.handoff() == Handoff::Kernel {
+                if let Err(e) = self.kernel.retrieve_session(&s.name) {
+                    lost.extend(s.fds.drain(..).map(|f| format!("session {} token {}: {e}", s.name, f.token)));
+                }
+                continue;
+            }
+            self.kernel.create_session(&s.name)?;
             let mut kept = Vec::new();
             for f in s.fds.drain(..) {
-                if self.kernel.handoff() == Handoff::Kernel {
-                    // The kernel carried the file itself; it is retrieved from
-                    // the kernel's session when the client asks for it.
-                    kept.push(f);
-                    continue;
-                }
                 let restored = match f.data {
                     Some(i) => {
                         let extent = next.extents.get(i as usize).copied();

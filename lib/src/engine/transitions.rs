@@ -51,12 +51,27 @@ impl<R: Region> Engine<R> {
         };
         let cmdline = match (&args.cmdline, args.reuse_cmdline) {
             (Some(c), false) => c.clone(),
-            (None, true) => self.host.cmdline.clone(),
+            (None, true) => {
+                let mut c = self.host.cmdline.clone();
+                for need in self.missing_in_cmdline(&c) {
+                    c.push(' ');
+                    c.push_str(&need);
+                }
+                c
+            }
             (Some(_), true) => {
                 return Err(EngineError::InvalidArgument("give either --cmdline or --reuse-cmdline, not both".into()));
             }
             (None, false) => return Err(EngineError::InvalidArgument("--kernel needs --cmdline S or --reuse-cmdline".into())),
         };
+        let missing = self.missing_in_cmdline(&cmdline);
+        if !missing.is_empty() {
+            return Err(EngineError::InvalidArgument(format!(
+                "the target command line lacks {}, which the {} backend needs across the kexec: add it, or use --reuse-cmdline",
+                missing.join(" "),
+                self.kernel.name()
+            )));
+        }
         crate::kernel::emulated::check_image(std::path::Path::new(kernel))?;
         let initrd_sha256 = args.initrd.as_deref().map(sha256_file).transpose()?;
         Ok(Some(KernelImage {
@@ -174,7 +189,30 @@ impl<R: Region> Engine<R> {
             self.registry.unfreeze();
             return Err(e);
         }
+        if self.copies_at_freeze() {
+            // The kexec is real and nothing runs after it: the final record
+            // and the preserved files go into the region now.
+            if let Err(e) = self.write_handover() {
+                self.registry.unfreeze();
+                let mut back = self.record.clone();
+                back.state = from;
+                if let Some(u) = back.update.as_mut() {
+                    u.timestamps.freeze_started = None;
+                    u.timestamps.frozen = None;
+                }
+                if let Err(e2) = self.commit(back) {
+                    tracing::error!("cannot record the undo of a failed freeze: {e2}");
+                }
+                return Err(e);
+            }
+        }
         Ok(self.report(from, started, Vec::new()))
+    }
+
+    /// A copying backend with a real kexec writes the handover at `freeze`;
+    /// a simulated one at `reboot`.
+    fn copies_at_freeze(&self) -> bool {
+        self.kernel.handoff() == Handoff::Copy && !self.kernel.simulates_kexec()
     }
 
     /// `frozen -> (kexec)`; freezes first when `prepared`. A copying backend
@@ -189,9 +227,10 @@ impl<R: Region> Engine<R> {
             self.freeze(caller)?;
         }
         transition(self.record.state, Event::Reboot)?;
-        match self.write_handover() {
-            Ok(()) => {}
-            Err(e) => return Err(self.unfreeze_after(e.to_string())),
+        if self.record.handover.is_none() {
+            if let Err(e) = self.write_handover() {
+                return Err(self.unfreeze_after(e.to_string()));
+            }
         }
         match self.kernel.reboot() {
             Ok(RebootOutcome::Simulated) => {
@@ -217,7 +256,9 @@ impl<R: Region> Engine<R> {
             kernel_release: self.host.kernel_release.clone(),
         });
         if let Some(u) = next.update.as_mut() {
-            u.timestamps.reboot = Some(now());
+            if self.kernel.simulates_kexec() {
+                u.timestamps.reboot = Some(now());
+            }
         }
         let preserved = self.kernel.preserved();
         let mut sources = Vec::new();

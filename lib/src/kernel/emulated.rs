@@ -10,7 +10,7 @@
 //! file is also parked in an [`FdPark`] (the holder process) when one is set;
 //! a luod started again takes them back with [`Emulated::recover`].
 
-use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome, memfd};
+use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome, kexec, memfd};
 use crate::holder::FdPark;
 use crate::names::SessionName;
 use std::collections::BTreeMap;
@@ -22,10 +22,22 @@ struct File {
     identity: (u64, u64),
 }
 
+/// What `reboot` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KexecMode {
+    /// Nothing: luod exits and a luod started again plays the new kernel's
+    /// (file backend). Target kernels are checked but not loaded.
+    Simulated,
+    /// `kexec_file_load` at prepare, `reboot(LINUX_REBOOT_CMD_KEXEC)` at
+    /// reboot (reserved-memory backend).
+    Real,
+}
+
 /// The userspace emulation of LUO.
 #[derive(Debug)]
 pub struct Emulated {
     name: &'static str,
+    mode: KexecMode,
     sessions: BTreeMap<SessionName, BTreeMap<u64, File>>,
     loaded: Option<KernelLoad>,
     park: Option<Box<dyn FdPark>>,
@@ -38,8 +50,8 @@ fn park_key(session: &SessionName, token: u64) -> String {
 
 impl Emulated {
     /// An emulation reporting itself as backend `name`.
-    pub fn new(name: &'static str, park: Option<Box<dyn FdPark>>) -> Self {
-        Emulated { name, sessions: BTreeMap::new(), loaded: None, park }
+    pub fn new(name: &'static str, mode: KexecMode, park: Option<Box<dyn FdPark>>) -> Self {
+        Emulated { name, mode, sessions: BTreeMap::new(), loaded: None, park }
     }
 
     /// Takes back the files parked by a previous luod of this kernel. Returns
@@ -100,7 +112,7 @@ impl Kernel for Emulated {
     }
 
     fn simulates_kexec(&self) -> bool {
-        true
+        self.mode == KexecMode::Simulated
     }
 
     fn create_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
@@ -108,6 +120,11 @@ impl Kernel for Emulated {
             return Err(KernelError::SessionExists(name.to_string()));
         }
         self.sessions.insert(name.clone(), BTreeMap::new());
+        Ok(())
+    }
+
+    fn retrieve_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
+        self.sessions.entry(name.clone()).or_default();
         Ok(())
     }
 
@@ -183,18 +200,29 @@ impl Kernel for Emulated {
         if let Some(initrd) = &load.initrd {
             std::fs::File::open(initrd).map_err(|e| KernelError::Load { path: initrd.display().to_string(), reason: e.to_string() })?;
         }
+        if self.mode == KexecMode::Real {
+            kexec::load(&load.kernel, load.initrd.as_deref(), &load.cmdline)?;
+        }
         self.loaded = Some(load.clone());
         Ok(())
     }
 
     fn unload_kernel(&mut self) -> Result<(), KernelError> {
+        if self.mode == KexecMode::Real && self.loaded.is_some() {
+            kexec::unload()?;
+        }
         self.loaded = None;
         Ok(())
     }
 
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
-        self.forget_all()?;
-        Ok(RebootOutcome::Simulated)
+        match self.mode {
+            KexecMode::Simulated => {
+                self.forget_all()?;
+                Ok(RebootOutcome::Simulated)
+            }
+            KexecMode::Real => Err(kexec::reboot_into_loaded()),
+        }
     }
 }
 

@@ -39,7 +39,7 @@ impl FakeKernel {
     /// A fake kernel and the handle that injects failures into it.
     pub fn new() -> (Self, Failures) {
         let failures = Failures::default();
-        (FakeKernel { inner: Emulated::new("fake", None), failures: failures.clone() }, failures)
+        (FakeKernel { inner: Emulated::new("fake", super::emulated::KexecMode::Simulated, None), failures: failures.clone() }, failures)
     }
 
     fn check(&self, op: Op) -> Result<(), KernelError> {
@@ -63,6 +63,9 @@ impl Kernel for FakeKernel {
     fn create_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
         self.check(Op::CreateSession)?;
         self.inner.create_session(name)
+    }
+    fn retrieve_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
+        self.inner.retrieve_session(name)
     }
     fn preserve_fd(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
         self.check(Op::PreserveFd)?;

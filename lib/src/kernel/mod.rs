@@ -13,7 +13,10 @@
 
 pub mod emulated;
 pub mod fake;
+pub mod kexec;
+pub mod luo;
 pub mod memfd;
+pub mod uapi;
 
 use crate::names::SessionName;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -116,9 +119,20 @@ pub enum KernelError {
         /// Why.
         reason: String,
     },
-    /// The reboot did not happen.
+    /// The reboot did not happen (or a step luod needs for it failed).
     #[error("reboot failed: {0}")]
     Reboot(String),
+    /// The kernel has no live update, or it is off.
+    #[error("live update is not available: no /dev/liveupdate (the kernel needs CONFIG_LIVEUPDATE and `liveupdate=on` on its command line)")]
+    NotEnabled,
+    /// The kernel does not speak the LUO uAPI luod was built for.
+    #[error("{op} failed with {errno}: the kernel's live-update uAPI differs from the one luod speaks; use a luod built for this kernel")]
+    Uapi {
+        /// The call.
+        op: String,
+        /// `ENOTTY` or `E2BIG`.
+        errno: nix::errno::Errno,
+    },
 }
 
 /// The live-update interface of a kernel, as luod uses it.
@@ -133,6 +147,8 @@ pub trait Kernel: Send + std::fmt::Debug {
     fn simulates_kexec(&self) -> bool;
     /// Creates a session (LUO `CREATE_SESSION`).
     fn create_session(&mut self, name: &SessionName) -> Result<(), KernelError>;
+    /// Opens a session of the previous kernel (LUO `RETRIEVE_SESSION`).
+    fn retrieve_session(&mut self, name: &SessionName) -> Result<(), KernelError>;
     /// Preserves `fd` under `token` (LUO `PRESERVE_FD`). Takes ownership: the
     /// kernel keeps the file until the reboot or until the session ends.
     fn preserve_fd(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError>;

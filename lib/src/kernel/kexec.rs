@@ -1,0 +1,85 @@
+//! kexec: loading the target kernel with `kexec_file_load(2)` and rebooting
+//! into it with `reboot(LINUX_REBOOT_CMD_KEXEC)`.
+//!
+//! `kexec_file_load` (not the old `kexec_load`) is what KHO and LUO need: the
+//! kernel parses the image itself, so a bad image fails at load time, which
+//! luod does at `prepare`.
+
+use super::KernelError;
+use nix::errno::Errno;
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// `KEXEC_FILE_UNLOAD`.
+const KEXEC_FILE_UNLOAD: libc::c_ulong = 0x1;
+/// `KEXEC_FILE_NO_INITRAMFS`.
+const KEXEC_FILE_NO_INITRAMFS: libc::c_ulong = 0x4;
+
+/// What `kexec_file_load`'s errno means, for a person.
+pub fn explain_load_errno(errno: Errno) -> String {
+    let why = match errno {
+        Errno::ENOEXEC => "the running kernel cannot kexec this image (not a bzImage, or wrong architecture)",
+        Errno::EPERM => "kexec is not permitted (needs CAP_SYS_BOOT; kernel.kexec_load_disabled or lockdown may forbid it)",
+        Errno::EKEYREJECTED | Errno::EBADMSG | Errno::ENOKEY => {
+            "the image's signature was rejected (the kernel enforces signed kexec images)"
+        }
+        Errno::EBUSY => "another kexec load is in progress",
+        Errno::ENOSYS => "the running kernel has no kexec_file_load (CONFIG_KEXEC_FILE is off)",
+        Errno::ENOMEM => "not enough memory to stage the image",
+        Errno::EINVAL => "the kernel refused the arguments (command line too long, or a bad initrd)",
+        Errno::EFBIG | Errno::E2BIG => "the image or initrd is too large",
+        _ => "",
+    };
+    if why.is_empty() { format!("{errno} ({})", errno.desc()) } else { format!("{why} ({errno})") }
+}
+
+/// Loads `kernel` (and `initrd`) with `cmdline` for the next `reboot(KEXEC)`.
+pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<(), KernelError> {
+    let err = |path: &Path, reason: String| KernelError::Load { path: path.display().to_string(), reason };
+    let kfile = std::fs::File::open(kernel).map_err(|e| err(kernel, e.to_string()))?;
+    let ifile = initrd.map(|p| std::fs::File::open(p).map_err(|e| err(p, e.to_string()))).transpose()?;
+    let cmdline = CString::new(cmdline).map_err(|_| err(kernel, "the command line contains a NUL byte".into()))?;
+    let cmdline_len = cmdline.as_bytes_with_nul().len();
+    let (initrd_fd, flags) = match &ifile {
+        Some(f) => (f.as_raw_fd(), 0),
+        None => (-1, KEXEC_FILE_NO_INITRAMFS),
+    };
+    // SAFETY: the fds are open for the duration of the call (owned by `kfile`
+    // and `ifile`, which outlive it); `cmdline` is a NUL-terminated buffer of
+    // `cmdline_len` bytes that outlives the call; the kernel only reads them.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_kexec_file_load, kfile.as_raw_fd(), initrd_fd, cmdline_len, cmdline.as_ptr(), flags)
+    };
+    if rc != 0 {
+        return Err(err(kernel, explain_load_errno(Errno::last())));
+    }
+    Ok(())
+}
+
+/// Unloads a loaded kexec image (`KEXEC_FILE_UNLOAD`).
+pub fn unload() -> Result<(), KernelError> {
+    // SAFETY: with KEXEC_FILE_UNLOAD the kernel ignores the fds and the
+    // command line; no memory is passed.
+    let rc = unsafe { libc::syscall(libc::SYS_kexec_file_load, -1, -1, 0, std::ptr::null::<u8>(), KEXEC_FILE_UNLOAD) };
+    if rc != 0 {
+        return Err(KernelError::Sys { op: "kexec_file_load(KEXEC_FILE_UNLOAD)".into(), errno: Errno::last() });
+    }
+    Ok(())
+}
+
+/// True when a kexec image is loaded (`/sys/kernel/kexec_loaded`).
+pub fn loaded() -> bool {
+    std::fs::read_to_string("/sys/kernel/kexec_loaded").is_ok_and(|s| s.trim() == "1")
+}
+
+/// Syncs filesystems and kexecs into the loaded image. Returns only on failure.
+pub fn reboot_into_loaded() -> KernelError {
+    nix::unistd::sync();
+    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC) {
+        Ok(never) => match never {},
+        Err(Errno::EINVAL) => KernelError::Reboot("no kexec image is loaded (EINVAL)".into()),
+        Err(Errno::EPERM) => KernelError::Reboot("reboot(LINUX_REBOOT_CMD_KEXEC) needs CAP_SYS_BOOT (EPERM)".into()),
+        Err(e) => KernelError::Reboot(format!("reboot(LINUX_REBOOT_CMD_KEXEC): {e} ({})", e.desc())),
+    }
+}

@@ -1,0 +1,379 @@
+//! The real Live Update Orchestrator: `/dev/liveupdate` (Linux 6.19+).
+//!
+//! Client sessions are real kernel sessions; luod keeps their fds open until
+//! the reboot (closing one unpreserves its files) and parks duplicates in the
+//! fd holder so a crash of luod loses nothing. `/dev/liveupdate` is exclusive,
+//! so luod opens it only for the two calls that need it (create and retrieve
+//! a session), retries `EBUSY` for a while, and then says who to look for.
+//!
+//! luod's own record lives in a memfd preserved in a session of its own,
+//! named [`RECORD_SESSION`], so a LUO host needs nothing else: see
+//! [`Luo::start`].
+
+use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome, kexec, memfd, uapi};
+use crate::holder::FdPark;
+use crate::names::SessionName;
+use crate::region::Region;
+use nix::errno::Errno;
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Name of luod's own session (clients cannot use it).
+pub const RECORD_SESSION: &str = "luod";
+/// Token of the record memfd in luod's session.
+const RECORD_TOKEN: u64 = 0;
+/// Park keys of luod's own session and record.
+const PARK_RECORD_SESSION: &str = "luod-session";
+const PARK_RECORD: &str = "luod-record";
+/// How long luod retries `EBUSY` on `/dev/liveupdate`.
+const BUSY_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+struct Outgoing {
+    fd: OwnedFd,
+    files: BTreeMap<u64, (OwnedFd, (u64, u64))>,
+}
+
+/// How [`Luo::start`] found the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LuoStart {
+    /// No luod session anywhere: a fresh record memfd was created.
+    Cold,
+    /// luod restarted in the same kernel: its session came back from the holder.
+    Restarted,
+    /// The previous kernel handed over luod's session: a live update happened.
+    Incoming,
+}
+
+/// The LUO kernel interface.
+#[derive(Debug)]
+pub struct Luo {
+    dev: PathBuf,
+    outgoing: BTreeMap<SessionName, Outgoing>,
+    incoming: BTreeMap<SessionName, OwnedFd>,
+    park: Box<dyn FdPark>,
+    recovered: Vec<(SessionName, u64)>,
+    record_session: Option<OwnedFd>,
+}
+
+fn park_session_key(name: &SessionName) -> String {
+    format!("S\0{name}")
+}
+
+fn park_file_key(name: &SessionName, token: u64) -> String {
+    format!("F\0{token}\0{name}")
+}
+
+fn sys(op: &str, errno: Errno) -> KernelError {
+    match errno {
+        Errno::ENOTTY | Errno::E2BIG => KernelError::Uapi { op: op.to_string(), errno },
+        Errno::EOPNOTSUPP if op == "open /dev/liveupdate" => KernelError::NotEnabled,
+        _ => KernelError::Sys { op: op.to_string(), errno },
+    }
+}
+
+fn park_err(e: std::io::Error) -> KernelError {
+    KernelError::Reboot(format!("cannot park a session with the fd holder: {e}"))
+}
+
+impl Luo {
+    /// Opens `/dev/liveupdate` (exclusive), retrying `EBUSY` for a while.
+    fn open_device(&self) -> Result<OwnedFd, KernelError> {
+        let deadline = Instant::now() + BUSY_RETRY;
+        loop {
+            match nix::fcntl::open(&self.dev, nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()) {
+                Ok(fd) => return Ok(fd),
+                Err(Errno::EBUSY) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(Errno::EBUSY) => {
+                    return Err(KernelError::Busy {
+                        what: format!(
+                            "{} (held by another process for over {} s; systemd opens it before a kexec — find the holder with `fuser {}`)",
+                            self.dev.display(),
+                            BUSY_RETRY.as_secs(),
+                            self.dev.display()
+                        ),
+                    });
+                }
+                Err(Errno::ENOENT) => return Err(KernelError::NotEnabled),
+                Err(e) => return Err(sys("open /dev/liveupdate", e)),
+            }
+        }
+    }
+
+    /// Starts on the device at `dev`, parking in `park`, and returns luod's
+    /// record memfd (`record_len` bytes when created here) and how the host
+    /// was found.
+    ///
+    /// - luod's session is in the holder: luod restarted; every parked
+    ///   session and file comes back.
+    /// - The previous kernel handed luod's session over: its record memfd is
+    ///   copied into a new one preserved in a new outgoing session (the
+    ///   incoming one is finished), so the next cycle has its own.
+    /// - Neither: a new session with a new, zeroed record memfd.
+    pub fn start(dev: &Path, mut park: Box<dyn FdPark>, record_len: u64) -> Result<(Luo, OwnedFd, LuoStart), KernelError> {
+        let parked = park.fetch_all().map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+        let mut luo = Luo {
+            dev: dev.to_path_buf(),
+            outgoing: BTreeMap::new(),
+            incoming: BTreeMap::new(),
+            park,
+            recovered: Vec::new(),
+            record_session: None,
+        };
+        let mut parked: BTreeMap<String, OwnedFd> = parked.into_iter().collect();
+        if let (Some(session), Some(record)) = (parked.remove(PARK_RECORD_SESSION), parked.remove(PARK_RECORD)) {
+            luo.record_session = Some(session);
+            luo.adopt_parked(parked);
+            return Ok((luo, record, LuoStart::Restarted));
+        }
+        let dev_fd = luo.open_device()?;
+        match uapi::retrieve_session(dev_fd.as_fd(), RECORD_SESSION) {
+            Ok(old_session) => {
+                let old = uapi::retrieve_fd(old_session.as_fd(), RECORD_TOKEN).map_err(|e| sys("RETRIEVE_FD (luod record)", e))?;
+                let len = memfd::size(old.as_fd()).map_err(|e| KernelError::Reboot(e.to_string()))?;
+                let record = copy_memfd(old.as_fd(), len)?;
+                luo.new_record_session(dev_fd.as_fd(), record.as_fd())?;
+                if let Err(e) = uapi::finish(old_session.as_fd()) {
+                    tracing::warn!("finishing the incoming luod session failed: {e}");
+                }
+                Ok((luo, record, LuoStart::Incoming))
+            }
+            Err(Errno::ENOENT) => {
+                let record = memfd::create("luod-record").map_err(|e| KernelError::Reboot(e.to_string()))?;
+                std::fs::File::from(record.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?)
+                    .set_len(record_len)
+                    .map_err(|e| KernelError::Reboot(e.to_string()))?;
+                luo.new_record_session(dev_fd.as_fd(), record.as_fd())?;
+                Ok((luo, record, LuoStart::Cold))
+            }
+            Err(e) => Err(sys("RETRIEVE_SESSION luod", e)),
+        }
+    }
+
+    fn new_record_session(&mut self, dev: BorrowedFd<'_>, record: BorrowedFd<'_>) -> Result<(), KernelError> {
+        let session = uapi::create_session(dev, RECORD_SESSION).map_err(|e| sys("CREATE_SESSION luod", e))?;
+        uapi::preserve_fd(session.as_fd(), record, RECORD_TOKEN).map_err(|e| sys("PRESERVE_FD (luod record)", e))?;
+        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|e| KernelError::Reboot(e.to_string()));
+        self.park.put(PARK_RECORD_SESSION, dup(session.as_fd())?).map_err(park_err)?;
+        self.park.put(PARK_RECORD, dup(record)?).map_err(park_err)?;
+        self.record_session = Some(session);
+        Ok(())
+    }
+
+    fn adopt_parked(&mut self, parked: BTreeMap<String, OwnedFd>) {
+        let mut files = Vec::new();
+        for (key, fd) in parked {
+            let mut parts = key.split('\0');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("S"), Some(name), None) => {
+                    if let Ok(name) = SessionName::new(name) {
+                        self.outgoing.insert(name, Outgoing { fd, files: BTreeMap::new() });
+                    }
+                }
+                (Some("F"), Some(token), Some(name)) => {
+                    if let (Ok(token), Ok(name)) = (token.parse::<u64>(), SessionName::new(name)) {
+                        files.push((name, token, fd));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (name, token, fd) in files {
+            if let Some(s) = self.outgoing.get_mut(&name) {
+                let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
+                s.files.insert(token, (fd, identity));
+                self.recovered.push((name, token));
+            }
+        }
+    }
+
+    fn unpark(&mut self, key: &str) {
+        if let Err(e) = self.park.remove(key) {
+            tracing::warn!("fd holder did not drop {key:?}: {e}");
+        }
+    }
+}
+
+fn copy_memfd(src: BorrowedFd<'_>, len: u64) -> Result<OwnedFd, KernelError> {
+    let err = |e: std::io::Error| KernelError::Reboot(format!("cannot copy luod's incoming record: {e}"));
+    let dst = memfd::create("luod-record").map_err(err)?;
+    let dst_file = std::fs::File::from(dst.try_clone().map_err(err)?);
+    dst_file.set_len(len).map_err(err)?;
+    let src_file = std::fs::File::from(src.try_clone_to_owned().map_err(err)?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        std::os::unix::fs::FileExt::read_exact_at(&src_file, &mut buf[..n], off).map_err(err)?;
+        std::os::unix::fs::FileExt::write_all_at(&dst_file, &buf[..n], off).map_err(err)?;
+        off += n as u64;
+    }
+    Ok(dst)
+}
+
+impl Kernel for Luo {
+    fn name(&self) -> &'static str {
+        "luo"
+    }
+
+    fn handoff(&self) -> Handoff {
+        Handoff::Kernel
+    }
+
+    fn simulates_kexec(&self) -> bool {
+        false
+    }
+
+    fn create_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
+        if name.as_str() == RECORD_SESSION || self.outgoing.contains_key(name) {
+            return Err(KernelError::SessionExists(name.to_string()));
+        }
+        let dev = self.open_device()?;
+        let fd = uapi::create_session(dev.as_fd(), name.as_str()).map_err(|e| match e {
+            Errno::EEXIST => KernelError::SessionExists(name.to_string()),
+            e => sys("CREATE_SESSION", e),
+        })?;
+        drop(dev);
+        self.park.put(&park_session_key(name), fd.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?).map_err(park_err)?;
+        self.outgoing.insert(name.clone(), Outgoing { fd, files: BTreeMap::new() });
+        Ok(())
+    }
+
+    fn retrieve_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
+        let dev = self.open_device()?;
+        let fd = uapi::retrieve_session(dev.as_fd(), name.as_str()).map_err(|e| match e {
+            Errno::ENOENT => KernelError::NoSuchSession(name.to_string()),
+            e => sys("RETRIEVE_SESSION", e),
+        })?;
+        self.incoming.insert(name.clone(), fd);
+        Ok(())
+    }
+
+    fn preserve_fd(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
+        let identity = memfd::identity(fd.as_fd()).map_err(|e| KernelError::Reboot(e.to_string()))?;
+        for (name, s) in &self.outgoing {
+            if let Some((t, _)) = s.files.iter().find(|(_, (_, id))| *id == identity) {
+                return Err(KernelError::AlreadyPreserved { session: name.to_string(), token: *t });
+            }
+        }
+        let s = self.outgoing.get(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        uapi::preserve_fd(s.fd.as_fd(), fd.as_fd(), token).map_err(|e| match e {
+            Errno::EEXIST => KernelError::TokenExists { session: session.to_string(), token },
+            Errno::ENOENT => KernelError::Unsupported { what: memfd::describe(fd.as_fd()) },
+            Errno::EOPNOTSUPP => KernelError::Unsupported { what: format!("{} (its seals)", memfd::describe(fd.as_fd())) },
+            e => sys("PRESERVE_FD", e),
+        })?;
+        self.park
+            .put(&park_file_key(session, token), fd.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?)
+            .map_err(park_err)?;
+        self.outgoing.get_mut(session).expect("checked above").files.insert(token, (fd, identity));
+        Ok(())
+    }
+
+    fn retrieve_fd(&mut self, session: &SessionName, token: u64) -> Result<OwnedFd, KernelError> {
+        if let Some(s) = self.outgoing.get_mut(session) {
+            // Same-kernel retrieval (dropping a file luod preserved but never
+            // recorded): hand back luod's copy; the kernel keeps its own
+            // until the session closes.
+            let (fd, _) = s.files.remove(&token).ok_or_else(|| KernelError::NoSuchToken { session: session.to_string(), token })?;
+            self.unpark(&park_file_key(session, token));
+            return Ok(fd);
+        }
+        let s = self.incoming.get(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        uapi::retrieve_fd(s.as_fd(), token).map_err(|e| match e {
+            Errno::ENOENT => KernelError::NoSuchToken { session: session.to_string(), token },
+            e => sys("RETRIEVE_FD", e),
+        })
+    }
+
+    fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError> {
+        if let Some(fd) = self.incoming.remove(session) {
+            return uapi::finish(fd.as_fd()).map_err(|e| sys("FINISH", e));
+        }
+        let s = self.outgoing.remove(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        for token in s.files.keys() {
+            self.unpark(&park_file_key(session, *token));
+        }
+        self.unpark(&park_session_key(session));
+        Ok(())
+    }
+
+    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)> {
+        let mut out = Vec::new();
+        for (name, s) in &self.outgoing {
+            for (token, (fd, _)) in &s.files {
+                out.push((name.clone(), *token, fd.as_fd()));
+            }
+        }
+        out
+    }
+
+    fn adopt_incoming(&mut self, session: &SessionName, _token: u64, _fd: OwnedFd) -> Result<(), KernelError> {
+        Err(KernelError::Reboot(format!("session {session}: the LUO backend does not adopt copied files")))
+    }
+
+    fn recover(&mut self) -> Result<Vec<(SessionName, u64)>, KernelError> {
+        Ok(std::mem::take(&mut self.recovered))
+    }
+
+    fn discard_all(&mut self) -> Result<(), KernelError> {
+        for name in self.outgoing.keys().cloned().collect::<Vec<_>>() {
+            self.finish_session(&name)?;
+        }
+        self.incoming.clear();
+        Ok(())
+    }
+
+    fn load_kernel(&mut self, load: &KernelLoad) -> Result<(), KernelError> {
+        kexec::load(&load.kernel, load.initrd.as_deref(), &load.cmdline)
+    }
+
+    fn unload_kernel(&mut self) -> Result<(), KernelError> {
+        kexec::unload()
+    }
+
+    fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
+        if self.record_session.is_none() {
+            return Err(KernelError::Reboot("luod's own session is not open; its record would be lost".into()));
+        }
+        Err(kexec::reboot_into_loaded())
+    }
+}
+
+/// A region over luod's record memfd, mapped shared.
+#[derive(Debug)]
+pub struct MemfdRegion {
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+impl MemfdRegion {
+    /// Maps the whole memfd.
+    pub fn new(fd: OwnedFd) -> std::io::Result<Self> {
+        let file = std::fs::File::from(fd);
+        let len = file.metadata()?.len() as usize;
+        // SAFETY: the memfd is private to luod (created here, or retrieved
+        // from the kernel and copied into a new one); no other process maps
+        // or truncates it, and its size is frozen by the kernel once
+        // preserved, so the mapping stays valid for its lifetime.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file)? };
+        Ok(MemfdRegion { map, len })
+    }
+}
+
+impl Region for MemfdRegion {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+    fn describe(&self) -> String {
+        format!("memfd in LUO session {RECORD_SESSION} ({} KiB)", self.len >> 10)
+    }
+}
