@@ -12,6 +12,7 @@
 //! `docs/state-format.md`; this module is its implementation.
 
 mod codec;
+mod copy;
 mod model;
 mod store;
 
@@ -19,7 +20,7 @@ pub use model::*;
 pub use store::RecordStore;
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 /// Format version of the record (independent of the crate version).
 pub const FORMAT_VERSION: u32 = 1;
@@ -113,9 +114,7 @@ pub enum RecordError {
     },
     /// The payload passed its checksum but is not a valid record of this
     /// format version (a writer bug, or a version mix-up).
-    #[error(
-        "record payload passed its checksum but does not decode as a format {FORMAT_VERSION} record"
-    )]
+    #[error("record payload passed its checksum but does not decode as a format {FORMAT_VERSION} record")]
     Decode(#[source] postcard::Error),
     /// The payload decoded but left bytes over.
     #[error("record payload has {count} bytes after the end of the record")]
@@ -128,9 +127,7 @@ pub enum RecordError {
     Encode(#[source] postcard::Error),
     /// The region cannot hold two slots, or a slot cannot hold the record and
     /// its data.
-    #[error(
-        "the region must be at least {need} bytes for this, but it is {have} bytes: give luod a larger region"
-    )]
+    #[error("the region must be at least {need} bytes for this, but it is {have} bytes: give luod a larger region")]
     RegionTooSmall {
         /// Smallest region size that would do.
         need: u64,
@@ -192,21 +189,38 @@ pub enum RecordError {
         source: std::io::Error,
     },
     /// The generation counter reached its maximum.
-    #[error(
-        "the newest record has generation {0}, the last one possible: the region must be reinitialised"
-    )]
+    #[error("the newest record has generation {0}, the last one possible: the region must be reinitialised")]
     GenerationOverflow(u64),
 }
 
 /// Where bytes of a preserved file come from when they are copied into the region.
 ///
-/// [`RecordStore::write`] hands [`read_into`](DataSource::read_into) the
-/// region's own bytes, so the data is copied once, straight into place.
-pub trait DataSource {
+/// [`RecordStore::write`] hands the source the region's own bytes, so the data
+/// is copied once, straight into place. A source that can also read at an
+/// offset ([`can_read_at`](DataSource::can_read_at)) is copied in
+/// cache-sized chunks, each checksummed while it is still in the CPU cache,
+/// and large data is spread over several threads; so sources are `Sync`.
+pub trait DataSource: Sync {
     /// Number of bytes.
     fn data_len(&self) -> u64;
     /// Fills `dst` (exactly `data_len()` bytes) with the contents.
     fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()>;
+    /// True when [`read_at`](DataSource::read_at) works. The default is
+    /// false: the store then calls [`read_into`](DataSource::read_into) once
+    /// and checksums the bytes afterwards, a second pass over memory.
+    fn can_read_at(&self) -> bool {
+        false
+    }
+    /// Fills `dst` with the bytes at `offset..offset + dst.len()` (within
+    /// `data_len()`). Only called when [`can_read_at`](DataSource::can_read_at)
+    /// is true.
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+        let _ = (offset, dst);
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this data source cannot read at an offset",
+        ))
+    }
 }
 
 impl DataSource for [u8] {
@@ -220,6 +234,26 @@ impl DataSource for [u8] {
         dst.copy_from_slice(self);
         Ok(())
     }
+    fn can_read_at(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|start| self.get(start..)?.get(..dst.len()))
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{} bytes at offset {offset} are past the end of a {}-byte source",
+                        dst.len(),
+                        self.len()
+                    ),
+                )
+            })?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
 }
 
 impl DataSource for Vec<u8> {
@@ -228,6 +262,12 @@ impl DataSource for Vec<u8> {
     }
     fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
         self.as_slice().read_into(dst)
+    }
+    fn can_read_at(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+        self.as_slice().read_at(offset, dst)
     }
 }
 
@@ -238,24 +278,90 @@ impl<T: DataSource + ?Sized> DataSource for &T {
     fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
         (**self).read_into(dst)
     }
+    fn can_read_at(&self) -> bool {
+        (**self).can_read_at()
+    }
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+        (**self).read_at(offset, dst)
+    }
 }
 
-/// A file (typically a memfd holding guest RAM), read with `pread` from
-/// offset 0 straight into the region.
+/// A file (typically a memfd holding guest RAM), read with `pread` straight
+/// into the region.
 ///
 /// `data_len` is the file size at the time of the call (0 if `fstat` fails);
 /// `read_into` checks the size again and fails if the file changed size in
-/// between, so a file is never recorded short.
+/// between, and `read_at` fails if the file shrank, so a file is never
+/// recorded short.
 impl DataSource for File {
     fn data_len(&self) -> u64 {
-        self.metadata().map(|m| m.len()).unwrap_or(0)
+        self.as_fd().data_len()
     }
     fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
-        let len = self.metadata()?.len();
+        self.as_fd().read_into(dst)
+    }
+    fn can_read_at(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+        self.as_fd().read_at(offset, dst)
+    }
+}
+
+/// A file descriptor of a regular file or memfd; see the [`File`] impl.
+impl DataSource for BorrowedFd<'_> {
+    fn data_len(&self) -> u64 {
+        nix::sys::stat::fstat(self).map_or(0, |stat| stat.st_size as u64)
+    }
+    fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
+        let len = nix::sys::stat::fstat(self)?.st_size as u64;
         if len != dst.len() as u64 {
             return Err(size_changed(len, dst.len()));
         }
-        self.read_exact_at(dst, 0)
+        self.read_at(0, dst)
+    }
+    fn can_read_at(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, mut dst: &mut [u8]) -> std::io::Result<()> {
+        let mut at = offset;
+        while !dst.is_empty() {
+            let pos = i64::try_from(at).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+            match nix::sys::uio::pread(self, dst, pos) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file ends before offset {}: it shrank during the write",
+                            at + dst.len() as u64
+                        ),
+                    ));
+                }
+                Ok(n) => {
+                    dst = &mut dst[n..];
+                    at += n as u64;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(errno) => return Err(errno.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An owned file descriptor; see the [`File`] impl.
+impl DataSource for OwnedFd {
+    fn data_len(&self) -> u64 {
+        self.as_fd().data_len()
+    }
+    fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
+        self.as_fd().read_into(dst)
+    }
+    fn can_read_at(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+        self.as_fd().read_at(offset, dst)
     }
 }
 

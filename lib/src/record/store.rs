@@ -2,9 +2,10 @@
 //! order in which they are written.
 
 use super::codec::{self, Header};
+use super::copy;
 use super::{
-    DataSource, Extent, HEADER_LEN, HandoverRecord, LAYOUT_ALIGN, LoadReport, MAX_RECORD_LEN,
-    RecordError, SlotStatus, WriteReport, error_chain,
+    DataSource, Extent, HEADER_LEN, HandoverRecord, LAYOUT_ALIGN, LoadReport, MAX_RECORD_LEN, RecordError, SlotStatus,
+    WriteReport, error_chain,
 };
 use crate::region::Region;
 use std::ops::Range;
@@ -73,10 +74,7 @@ impl<R: Region> RecordStore<R> {
                     *status = SlotStatus::Valid {
                         generation: found.generation,
                     };
-                    if latest
-                        .as_ref()
-                        .is_none_or(|(_, l)| found.generation > l.generation)
-                    {
+                    if latest.as_ref().is_none_or(|(_, l)| found.generation > l.generation) {
                         latest = Some((slot, found));
                     }
                 }
@@ -115,11 +113,7 @@ impl<R: Region> RecordStore<R> {
     /// Data that does not fit is refused with [`RecordError::RegionTooSmall`]
     /// before the region is touched. When a data source fails, the slot
     /// being written is left empty and `record.extents` is unchanged.
-    pub fn write(
-        &mut self,
-        record: &mut HandoverRecord,
-        data: &[&dyn DataSource],
-    ) -> Result<WriteReport, RecordError> {
+    pub fn write(&mut self, record: &mut HandoverRecord, data: &[&dyn DataSource]) -> Result<WriteReport, RecordError> {
         let slot = self.newest.map_or(0, |newest| 1 - newest.slot);
         let generation = match self.newest {
             None => 1,
@@ -162,18 +156,25 @@ impl<R: Region> RecordStore<R> {
         // 1. Invalidate the slot: from now on it reads as empty.
         let header_range = range(slot_start, HEADER_LEN as u64);
         bytes[header_range.clone()].fill(0);
-        self.journal
-            .record(header_range.start, &bytes[header_range.clone()]);
+        self.journal.record(header_range.start, &bytes[header_range.clone()]);
         fence(Ordering::Release);
 
         // 2. Data, straight from each source into place.
-        for (index, (source, extent)) in data.iter().zip(extents.iter_mut()).enumerate() {
-            let dst = &mut bytes[range(extent.offset, extent.len)];
-            source
-                .read_into(dst)
-                .map_err(|source| RecordError::DataSource { index, source })?;
-            extent.crc32c = crc32c::crc32c(dst);
-            self.journal.record(range(extent.offset, 0).start, dst);
+        let mut dsts = Vec::with_capacity(extents.len());
+        let mut rest: &mut [u8] = &mut bytes[range(slot_start, self.slot_len)];
+        let mut rest_start = slot_start;
+        for extent in &extents {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((extent.offset - rest_start) as usize);
+            let (dst, tail) = tail.split_at_mut(extent.len as usize);
+            dsts.push(dst);
+            rest = tail;
+            rest_start = extent.offset + extent.len;
+        }
+        let crcs = copy::copy_sources(data, dsts)?;
+        for (extent, crc) in extents.iter_mut().zip(crcs) {
+            extent.crc32c = crc;
+            let written = range(extent.offset, extent.len);
+            self.journal.record(written.start, &bytes[written]);
         }
         fence(Ordering::Release);
 
@@ -200,8 +201,7 @@ impl<R: Region> RecordStore<R> {
             payload_crc32c,
         };
         bytes[header_range.clone()].copy_from_slice(&header.to_bytes());
-        self.journal
-            .record(header_range.start, &bytes[header_range]);
+        self.journal.record(header_range.start, &bytes[header_range]);
 
         let record_len = HEADER_LEN as u64 + payload_len;
         self.newest = Some(Newest {
@@ -285,12 +285,7 @@ impl<R: Region> RecordStore<R> {
     /// Extents for data of `lens` bytes in the slot at `slot_start`, after
     /// `record_len` bytes of header and payload, each on a [`LAYOUT_ALIGN`]
     /// boundary; refused when they do not fit in the slot.
-    fn place_extents(
-        &self,
-        slot_start: u64,
-        record_len: u64,
-        lens: &[u64],
-    ) -> Result<Vec<Extent>, RecordError> {
+    fn place_extents(&self, slot_start: u64, record_len: u64, lens: &[u64]) -> Result<Vec<Extent>, RecordError> {
         let too_small = |need: Option<u64>| RecordError::RegionTooSmall {
             need: need
                 .and_then(align_up)
@@ -339,11 +334,7 @@ fn check_fd_extents(record: &HandoverRecord, extents: usize) -> Result<(), Recor
 
 /// Checks that `extent` lies within `area` (start, end).
 fn check_bounds(extent: &Extent, (start, end): (u64, u64)) -> Result<(), RecordError> {
-    let inside = extent.offset >= start
-        && extent
-            .offset
-            .checked_add(extent.len)
-            .is_some_and(|e| e <= end);
+    let inside = extent.offset >= start && extent.offset.checked_add(extent.len).is_some_and(|e| e <= end);
     if inside {
         Ok(())
     } else {
@@ -390,9 +381,7 @@ impl Journal {
 pub(crate) mod tests {
     use super::*;
     use crate::names::SessionName;
-    use crate::record::{
-        Cycle, FdRecord, Handover, KernelImage, Outcome, Section, SessionRecord, Timestamps, Update,
-    };
+    use crate::record::{Cycle, FdRecord, Handover, KernelImage, Outcome, Section, SessionRecord, Timestamps, Update};
     use crate::region::{FileRegion, MemRegion};
     use crate::state::State;
 
@@ -490,13 +479,7 @@ pub(crate) mod tests {
     #[test]
     fn region_smaller_than_two_slots_is_refused() {
         let err = RecordStore::new(MemRegion::zeroed(8191)).unwrap_err();
-        assert!(matches!(
-            err,
-            RecordError::RegionTooSmall {
-                need: 8192,
-                have: 8191
-            }
-        ));
+        assert!(matches!(err, RecordError::RegionTooSmall { need: 8192, have: 8191 }));
         assert_eq!(
             err.to_string(),
             "the region must be at least 8192 bytes for this, but it is 8191 bytes: give luod a larger region"
@@ -526,20 +509,14 @@ pub(crate) mod tests {
         let mut store = store(16 << 10);
         let mut record = HandoverRecord::new("file");
         let report = store.write(&mut record, &[]).unwrap();
-        assert_eq!(
-            (report.generation, report.slot, report.data_bytes),
-            (1, 0, 0)
-        );
+        assert_eq!((report.generation, report.slot, report.data_bytes), (1, 0, 0));
         assert_eq!(
             report.record_bytes,
             HEADER_LEN as u64 + postcard::to_stdvec(&record).unwrap().len() as u64
         );
         let loaded = store.load().unwrap();
         assert_eq!(loaded.latest, Some((1, record)));
-        assert_eq!(
-            loaded.slots,
-            [SlotStatus::Valid { generation: 1 }, SlotStatus::Empty]
-        );
+        assert_eq!(loaded.slots, [SlotStatus::Valid { generation: 1 }, SlotStatus::Empty]);
     }
 
     #[test]
@@ -548,9 +525,7 @@ pub(crate) mod tests {
         let mut record = rich_record();
         let first = pattern(5000, 1);
         let second = pattern(3000, 2);
-        let report = store
-            .write(&mut record, &[&first, &second.as_slice()])
-            .unwrap();
+        let report = store.write(&mut record, &[&first, &second.as_slice()]).unwrap();
         assert_eq!(report.data_bytes, 8000);
         assert_eq!(record.extents.len(), 2);
         // Data starts on the first boundary after the record, each extent on its own.
@@ -703,10 +678,7 @@ pub(crate) mod tests {
             matches!(&err, RecordError::DanglingExtent { session, token: 2, index: 1, extents: 1 } if session == "vm-1"),
             "{err:?}"
         );
-        assert_eq!(
-            store.load().unwrap().slots,
-            [SlotStatus::Empty, SlotStatus::Empty]
-        );
+        assert_eq!(store.load().unwrap().slots, [SlotStatus::Empty, SlotStatus::Empty]);
     }
 
     #[test]
@@ -730,10 +702,7 @@ pub(crate) mod tests {
         assert!(second.extents.is_empty());
         let loaded = store.load().unwrap();
         assert_eq!(loaded.latest, Some((1, first)));
-        assert_eq!(
-            loaded.slots,
-            [SlotStatus::Valid { generation: 1 }, SlotStatus::Empty]
-        );
+        assert_eq!(loaded.slots, [SlotStatus::Valid { generation: 1 }, SlotStatus::Empty]);
     }
 
     #[test]
@@ -748,10 +717,7 @@ pub(crate) mod tests {
 
         // In the header or payload, past the slot, wrapping around.
         for bad in [
-            Extent {
-                offset: 0,
-                ..extent
-            },
+            Extent { offset: 0, ..extent },
             Extent {
                 offset: slot_end - 10,
                 len: 11,
@@ -795,10 +761,7 @@ pub(crate) mod tests {
         image.0[4096 + 100] ^= 0x40;
         let mut store = RecordStore::new(image).unwrap();
         // The record itself is intact: the slot stays valid...
-        assert_eq!(
-            store.load().unwrap().slots[0],
-            SlotStatus::Valid { generation: 1 }
-        );
+        assert_eq!(store.load().unwrap().slots[0], SlotStatus::Valid { generation: 1 });
         // ...and reading the damaged extent says so.
         let err = store.data(&record.extents[0]).unwrap_err();
         assert!(matches!(
@@ -824,12 +787,7 @@ pub(crate) mod tests {
 
     /// Flips, one at a time, each byte of header and payload of the record in
     /// slot `slot` of `image`, and checks the outcome with `check`.
-    fn for_each_flip(
-        image: &[u8],
-        slot: usize,
-        record_len: usize,
-        check: impl Fn(usize, RecordStore<MemRegion>),
-    ) {
+    fn for_each_flip(image: &[u8], slot: usize, record_len: usize, check: impl Fn(usize, RecordStore<MemRegion>)) {
         let start = slot * image.len() / 2;
         for index in 0..record_len {
             for mask in [0x01u8, 0x80, 0xff] {
@@ -837,10 +795,7 @@ pub(crate) mod tests {
                 damaged[start + index] ^= mask;
                 let store = RecordStore::new(MemRegion(damaged)).unwrap();
                 let err = store.check_slot(slot).unwrap_err();
-                assert!(
-                    expected_kind(index, &err),
-                    "byte {index} ^ {mask:#x}: {err:?}"
-                );
+                assert!(expected_kind(index, &err), "byte {index} ^ {mask:#x}: {err:?}");
                 check(index, store);
             }
         }
@@ -853,25 +808,20 @@ pub(crate) mod tests {
         record.sessions.clear();
         let report = store.write(&mut record, &[]).unwrap();
         let image = store.into_region().0;
-        for_each_flip(
-            &image,
-            0,
-            report.record_bytes as usize,
-            |index, mut store| {
-                let err = store.check_slot(0).unwrap_err();
-                let loaded = store.load().unwrap();
-                assert_eq!(loaded.latest, None, "byte {index}");
-                assert_eq!(
-                    loaded.slots,
-                    [
-                        SlotStatus::Invalid {
-                            reason: error_chain(&err)
-                        },
-                        SlotStatus::Empty
-                    ]
-                );
-            },
-        );
+        for_each_flip(&image, 0, report.record_bytes as usize, |index, mut store| {
+            let err = store.check_slot(0).unwrap_err();
+            let loaded = store.load().unwrap();
+            assert_eq!(loaded.latest, None, "byte {index}");
+            assert_eq!(
+                loaded.slots,
+                [
+                    SlotStatus::Invalid {
+                        reason: error_chain(&err)
+                    },
+                    SlotStatus::Empty
+                ]
+            );
+        });
     }
 
     #[test]
@@ -885,18 +835,13 @@ pub(crate) mod tests {
         let report = store.write(&mut newer, &[&b, &a]).unwrap();
         assert_eq!(report.slot, 1);
         let image = store.into_region().0;
-        for_each_flip(
-            &image,
-            1,
-            report.record_bytes as usize,
-            |index, mut store| {
-                let loaded = store.load().unwrap();
-                assert_eq!(loaded.latest, Some((1, older.clone())), "byte {index}");
-                assert_eq!(loaded.slots[0], SlotStatus::Valid { generation: 1 });
-                assert!(matches!(loaded.slots[1], SlotStatus::Invalid { .. }));
-                assert_eq!(store.data(&older.extents[0]).unwrap(), a.as_slice());
-            },
-        );
+        for_each_flip(&image, 1, report.record_bytes as usize, |index, mut store| {
+            let loaded = store.load().unwrap();
+            assert_eq!(loaded.latest, Some((1, older.clone())), "byte {index}");
+            assert_eq!(loaded.slots[0], SlotStatus::Valid { generation: 1 });
+            assert!(matches!(loaded.slots[1], SlotStatus::Invalid { .. }));
+            assert_eq!(store.data(&older.extents[0]).unwrap(), a.as_slice());
+        });
     }
 
     /// Puts a slot image with a valid header around `record` in `slot`.
@@ -939,9 +884,7 @@ pub(crate) mod tests {
         let mut image = vec![0u8; 16 << 10];
         forge(&mut image, 1, u64::MAX, &HandoverRecord::new("file"));
         let mut store = RecordStore::new(MemRegion(image)).unwrap();
-        let err = store
-            .write(&mut HandoverRecord::new("file"), &[])
-            .unwrap_err();
+        let err = store.write(&mut HandoverRecord::new("file"), &[]).unwrap_err();
         assert!(matches!(err, RecordError::GenerationOverflow(u64::MAX)));
     }
 
@@ -1038,11 +981,7 @@ pub(crate) mod tests {
                 assert_eq!(store.data(&next.extents[0]).unwrap(), c.as_slice());
                 assert_eq!(store.data(&next.extents[1]).unwrap(), d.as_slice());
             } else {
-                assert_eq!(
-                    loaded.latest,
-                    Some((2, previous.clone())),
-                    "cut at {cut} of {total}"
-                );
+                assert_eq!(loaded.latest, Some((2, previous.clone())), "cut at {cut} of {total}");
                 assert_eq!(store.data(&previous.extents[0]).unwrap(), b.as_slice());
                 assert_eq!(store.data(&previous.extents[1]).unwrap(), a.as_slice());
             }
