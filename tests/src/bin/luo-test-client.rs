@@ -1,0 +1,54 @@
+//! A minimal luod client for tests that need a client running as another
+//! user (tests/ownership.rs spawns it with another uid and gid).
+//!
+//! Usage: `luo-test-client SOCKET REQUEST_JSON...`. Each argument is a
+//! `liveupdate::protocol::Request` in serde_json form; a `SessionPreserve` is
+//! sent with a fresh 4096-byte memfd. Prints one JSON array on stdout: for
+//! each request `{"Ok": RESPONSE}` or `{"Err": ERROR_REPLY}`. Exits 2 when it
+//! cannot connect or a request is not valid JSON, 3 when the connection breaks.
+
+use liveupdate::protocol::client::{Client, ClientError};
+use liveupdate::protocol::{ErrorReply, Request, Response};
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(socket) = args.next() else {
+        eprintln!("usage: luo-test-client SOCKET REQUEST_JSON...");
+        return ExitCode::from(2);
+    };
+    let mut client = match Client::connect(socket.as_ref(), "luo-test-client") {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("luo-test-client: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut results: Vec<Result<Response, ErrorReply>> = Vec::new();
+    for arg in args {
+        let req: Request = match serde_json::from_str(&arg) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("luo-test-client: {arg}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let reply = if matches!(req, Request::SessionPreserve { .. }) {
+            let fd = liveupdate::kernel::memfd::from_bytes("luo-test-client", &[0u8; 4096]).expect("memfd");
+            client.call_fds(&req, &[fd.as_fd()]).map(|(r, _)| r)
+        } else {
+            client.call(&req)
+        };
+        match reply {
+            Ok(r) => results.push(Ok(r)),
+            Err(ClientError::Server(e)) => results.push(Err(e)),
+            Err(e) => {
+                eprintln!("luo-test-client: {}: {e}", req.kind());
+                return ExitCode::from(3);
+            }
+        }
+    }
+    println!("{}", serde_json::to_string(&results).expect("results are serializable"));
+    ExitCode::SUCCESS
+}
