@@ -1,0 +1,278 @@
+//! Records written by released format versions must stay readable.
+//!
+//! `tests/fixtures/record-v1.bin` (at the workspace root) is a 64 KiB region
+//! image written by format version 1: slot A holds generation 1 (a host in
+//! `prepared`), slot B generation 2 (the outgoing image at `reboot`, with two
+//! data extents). It is the contract: every later luod must load it and find
+//! exactly the content below. Never regenerate it; a new format version adds
+//! `record-v2.bin` beside it (see `docs/state-format.md`, "Compatibility").
+//!
+//! The fixture was made once with the ignored test
+//! `generate_record_v1_fixture` below, which refuses to overwrite an existing
+//! file; CI does not need it.
+
+use liveupdate::names::SessionName;
+use liveupdate::record::{
+    Cycle, FORMAT_VERSION, FdRecord, Handover, HandoverRecord, KernelImage, MAGIC, Outcome, RecordStore, Section,
+    SessionRecord, SlotStatus, Timestamps, Update,
+};
+use liveupdate::region::{FileRegion, MemRegion};
+use liveupdate::state::State;
+use std::path::PathBuf;
+
+const REGION_LEN: usize = 64 << 10;
+
+fn fixture_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/record-v1.bin")
+}
+
+fn name(name: &str) -> SessionName {
+    SessionName::new(name).expect("valid session name")
+}
+
+/// 2026-01-15T10:00:00Z in nanoseconds, and offsets from it.
+const T0: u64 = 1_768_471_200_000_000_000;
+const SECOND: u64 = 1_000_000_000;
+
+fn target_kernel() -> KernelImage {
+    KernelImage {
+        kernel: "/boot/vmlinuz-7.3.0-1-amd64".into(),
+        kernel_sha256: *b"\x4f\x1a\x02\xc3\x99\x10\xee\x07\x5b\x6d\x81\x3c\x20\xfa\x44\x9e\x0b\x77\xd2\x61\x13\xa8\x5e\xc0\x3f\x92\x6a\x18\xbd\x05\xe4\x71",
+        initrd: Some("/boot/initrd.img-7.3.0-1-amd64".into()),
+        initrd_sha256: Some([0x5a; 32]),
+        cmdline: "console=ttyS0 liveupdate=on kho=on root=/dev/vda ro".into(),
+    }
+}
+
+fn history() -> Vec<Cycle> {
+    vec![
+        Cycle {
+            id: 1,
+            outcome: Outcome::Finished,
+            target: Some(KernelImage {
+                kernel: "/boot/vmlinuz-7.2.0-2-amd64".into(),
+                kernel_sha256: [0x11; 32],
+                initrd: None,
+                initrd_sha256: None,
+                cmdline: "console=ttyS0 liveupdate=on".into(),
+            }),
+            from_release: "7.2.0-1-amd64".into(),
+            to_release: "7.2.0-2-amd64".into(),
+            timestamps: Timestamps {
+                prepared: Some(T0 - 86_400 * SECOND),
+                freeze_started: Some(T0 - 86_400 * SECOND + 5 * SECOND),
+                frozen: Some(T0 - 86_400 * SECOND + 5 * SECOND + 20_000_000),
+                reboot: Some(T0 - 86_400 * SECOND + 5 * SECOND + 30_000_000),
+                luod_started: Some(T0 - 86_400 * SECOND + 7 * SECOND),
+                updated: Some(T0 - 86_400 * SECOND + 7 * SECOND + 400_000_000),
+                finished: Some(T0 - 86_400 * SECOND + 60 * SECOND),
+                cancelled: None,
+            },
+            sessions: 2,
+            files: 3,
+            bytes: 3 << 30,
+        },
+        Cycle {
+            id: 2,
+            outcome: Outcome::Cancelled,
+            target: None,
+            from_release: "7.2.0-2-amd64".into(),
+            to_release: String::new(),
+            timestamps: Timestamps {
+                prepared: Some(T0 - 3600 * SECOND),
+                cancelled: Some(T0 - 3500 * SECOND),
+                ..Timestamps::default()
+            },
+            sessions: 0,
+            files: 0,
+            bytes: 0,
+        },
+    ]
+}
+
+/// Generation 1, in slot A: host prepared, files preserved but not copied.
+fn prepared_record() -> HandoverRecord {
+    HandoverRecord {
+        state: State::Prepared,
+        backend: "file".into(),
+        handover: None,
+        update: Some(Update {
+            id: 3,
+            from_release: "7.2.0-2-amd64".into(),
+            target: Some(target_kernel()),
+            timestamps: Timestamps {
+                prepared: Some(T0),
+                ..Timestamps::default()
+            },
+        }),
+        sessions: vec![
+            SessionRecord {
+                name: name("vm-web-01"),
+                owner_uid: 64055,
+                fds: vec![
+                    FdRecord {
+                        token: 0x1000,
+                        size: 3000,
+                        data: None,
+                        retrieved: false,
+                    },
+                    FdRecord {
+                        token: 0x1001,
+                        size: 100,
+                        data: None,
+                        retrieved: false,
+                    },
+                ],
+                incoming: false,
+            },
+            SessionRecord {
+                name: name("vm-db.02"),
+                owner_uid: 64056,
+                fds: Vec::new(),
+                incoming: false,
+            },
+        ],
+        subsystems: vec![
+            Section {
+                name: "vmm".into(),
+                version: 2,
+                blob: b"{\"vms\":[\"web-01\",\"db-02\"]}".to_vec(),
+            },
+            Section {
+                name: "vfio".into(),
+                version: 1,
+                blob: vec![0, 1, 2, 3, 255],
+            },
+        ],
+        extents: Vec::new(),
+        history: history(),
+        live_updates: 1,
+        next_cycle_id: 4,
+    }
+}
+
+/// Generation 2, in slot B: the outgoing image written at `reboot`, with the
+/// two files copied into the region. `extents` is what the store set.
+fn reboot_record() -> HandoverRecord {
+    let mut record = prepared_record();
+    record.state = State::Frozen;
+    record.handover = Some(Handover {
+        boot_id: "2f6d3b1e-8c4a-4e9b-a1f0-5d7c9e3b2a18".into(),
+        simulated: true,
+        kernel_release: "7.2.0-2-amd64".into(),
+    });
+    if let Some(update) = record.update.as_mut() {
+        update.timestamps.freeze_started = Some(T0 + 30 * SECOND);
+        update.timestamps.frozen = Some(T0 + 30 * SECOND + 15_000_000);
+        update.timestamps.reboot = Some(T0 + 30 * SECOND + 25_000_000);
+    }
+    record.sessions[0].fds[0].data = Some(0);
+    record.sessions[0].fds[1].data = Some(1);
+    record.subsystems[0].blob = b"{\"vms\":[\"web-01\",\"db-02\"],\"paused\":true}".to_vec();
+    record
+}
+
+/// Contents of the two preserved files.
+fn guest_ram() -> Vec<u8> {
+    (0..3000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect()
+}
+
+fn device_state() -> Vec<u8> {
+    (0..100u8).map(|i| i ^ 0xa5).collect()
+}
+
+/// The extents as written into slot B of the fixture: slot B starts at
+/// 32768, the record fits in its first 4096 bytes, each extent starts on a
+/// 4096-byte boundary.
+fn expected_extents() -> [(u64, u64, u32); 2] {
+    [
+        (32768 + 4096, 3000, crc32c::crc32c(&guest_ram())),
+        (32768 + 8192, 100, crc32c::crc32c(&device_state())),
+    ]
+}
+
+fn load_fixture() -> Vec<u8> {
+    std::fs::read(fixture_path()).expect("tests/fixtures/record-v1.bin is in the repository")
+}
+
+#[test]
+fn record_v1_fixture_loads_with_its_exact_content_and_data() {
+    let image = load_fixture();
+    assert_eq!(image.len(), REGION_LEN);
+    let mut store = RecordStore::new(MemRegion(image)).unwrap();
+    let report = store.load().unwrap();
+    assert_eq!(
+        report.slots,
+        [SlotStatus::Valid { generation: 1 }, SlotStatus::Valid { generation: 2 }]
+    );
+    let (generation, record) = report.latest.expect("the fixture holds a record");
+    assert_eq!(generation, 2);
+
+    let mut expected = reboot_record();
+    let extents: Vec<(u64, u64, u32)> = record.extents.iter().map(|e| (e.offset, e.len, e.crc32c)).collect();
+    assert_eq!(extents, expected_extents());
+    expected.extents = record.extents.clone();
+    assert_eq!(record, expected);
+
+    assert_eq!(store.data(&record.extents[0]).unwrap(), guest_ram().as_slice());
+    assert_eq!(store.data(&record.extents[1]).unwrap(), device_state().as_slice());
+}
+
+#[test]
+fn record_v1_fixture_slot_a_holds_the_older_generation() {
+    let mut image = load_fixture();
+    // Damage slot B's header: the store falls back to slot A.
+    image[REGION_LEN / 2 + 20] ^= 0xff;
+    let mut store = RecordStore::new(MemRegion(image)).unwrap();
+    let report = store.load().unwrap();
+    assert_eq!(report.latest, Some((1, prepared_record())));
+    assert!(
+        matches!(&report.slots[1], SlotStatus::Invalid { reason } if reason.starts_with("record header checksum mismatch"))
+    );
+}
+
+#[test]
+fn record_v1_fixture_headers_start_with_magic_and_version() {
+    let image = load_fixture();
+    for start in [0, REGION_LEN / 2] {
+        assert_eq!(image[start..start + 8], MAGIC);
+        assert_eq!(image[start + 8..start + 12], 1u32.to_le_bytes());
+    }
+    // This fixture is format 1; FORMAT_VERSION may only grow.
+    assert!(FORMAT_VERSION >= 1);
+}
+
+#[test]
+fn record_v1_fixture_loads_from_a_file_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("region");
+    std::fs::copy(fixture_path(), &path).unwrap();
+    let mut store = RecordStore::new(FileRegion::open_existing(&path).unwrap()).unwrap();
+    let (generation, record) = store.load().unwrap().latest.unwrap();
+    assert_eq!(generation, 2);
+    assert_eq!(store.data(&record.extents[1]).unwrap(), device_state().as_slice());
+}
+
+/// Writes `tests/fixtures/record-v1.bin`. Run once, by hand, when format
+/// version 1 was released:
+/// `cargo test -p liveupdate --test record_compat -- --ignored generate_record_v1_fixture`.
+/// It refuses to overwrite the file: a released fixture never changes.
+#[test]
+#[ignore = "writes the fixture; run by hand only, never needed by CI"]
+fn generate_record_v1_fixture() {
+    let path = fixture_path();
+    assert!(
+        !path.exists(),
+        "{} exists: released fixtures never change",
+        path.display()
+    );
+    assert_eq!(FORMAT_VERSION, 1, "this generator writes format 1 only");
+    let mut store = RecordStore::new(MemRegion::zeroed(REGION_LEN)).unwrap();
+    store.write(&mut prepared_record(), &[]).unwrap();
+    let mut record = reboot_record();
+    store.write(&mut record, &[&guest_ram(), &device_state()]).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &store.region().0).unwrap();
+}
