@@ -1,0 +1,119 @@
+//! `luoctl check`: preflight. Changes nothing; exits 3 when `prepare` would
+//! be refused.
+
+use super::prepare::KernelArgs;
+use super::{Ctx, Failed, unexpected};
+use crate::error::Failure;
+use crate::exit::ExitCode;
+use crate::output::{self, Text};
+use liveupdate::protocol::{CheckReport, Request, Response};
+use serde_json::{Map, Value};
+
+/// `check`'s options: the same target kernel `prepare` would get.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The target kernel to check.
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+}
+
+/// Asks luod what `prepare` would find and prints every item.
+pub fn run(args: &CheckArgs, ctx: &Ctx) -> Result<(), Failed> {
+    let req = Request::Check(args.kernel.to_protocol("check")?);
+    let report = match ctx.call("check", &req)? {
+        Response::Check(r) => r,
+        other => return Err(unexpected("check", &req, &other).into()),
+    };
+    if report.ok {
+        if ctx.json() {
+            output::json_success(&report);
+        } else {
+            let mut t = render(&report);
+            t.line("check: prepare would be allowed");
+            t.print();
+        }
+        return Ok(());
+    }
+    if !ctx.json() {
+        render(&report).print();
+    }
+    let mut details = Map::new();
+    details.insert(
+        "items".into(),
+        serde_json::to_value(&report.items).unwrap_or(Value::Null),
+    );
+    Err(Failed {
+        failure: failure(&report),
+        details: Some(details),
+    })
+}
+
+/// One line per item: `ok` or `FAIL`, name, detail.
+fn render(r: &CheckReport) -> Text {
+    let rows: Vec<Vec<String>> = r
+        .items
+        .iter()
+        .map(|i| {
+            vec![
+                if i.ok { "ok" } else { "FAIL" }.to_string(),
+                i.name.clone(),
+                i.detail.clone(),
+            ]
+        })
+        .collect();
+    let mut t = Text::new();
+    t.table("", &["RESULT", "CHECK", "DETAIL"], &rows);
+    t
+}
+
+/// The failure of a check that found problems: each failed item, named.
+fn failure(r: &CheckReport) -> Failure {
+    let failed: Vec<String> = r
+        .items
+        .iter()
+        .filter(|i| !i.ok)
+        .map(|i| format!("{}: {}", i.name, i.detail))
+        .collect();
+    let message = match failed.len() {
+        0 => "prepare would be refused".to_string(),
+        n => format!(
+            "prepare would be refused ({} of {} checks failed): {}",
+            n,
+            r.items.len(),
+            failed.join("; ")
+        ),
+    };
+    Failure::new("check", ExitCode::CheckFailed, message).with_hint("fix what failed, then check again")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use liveupdate::protocol::CheckItem;
+
+    #[test]
+    fn a_failed_check_names_each_failed_item() {
+        let r = CheckReport {
+            ok: false,
+            items: vec![
+                CheckItem {
+                    name: "state".into(),
+                    ok: true,
+                    detail: "normal: prepare is allowed".into(),
+                },
+                CheckItem {
+                    name: "privilege".into(),
+                    ok: false,
+                    detail: "transitions need root or CAP_SYS_BOOT".into(),
+                },
+            ],
+        };
+        let f = failure(&r);
+        assert_eq!(f.code, ExitCode::CheckFailed);
+        assert_eq!(
+            f.line(),
+            "luoctl: check: prepare would be refused (1 of 2 checks failed): privilege: transitions need root or \
+             CAP_SYS_BOOT; fix what failed, then check again"
+        );
+    }
+}

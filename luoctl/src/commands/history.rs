@@ -1,0 +1,183 @@
+//! `luoctl history`: past cycles, oldest first.
+
+use super::{Ctx, Failed, unexpected};
+use crate::output::{self, Text};
+use liveupdate::engine::{blackout, hex};
+use liveupdate::protocol::{Request, Response};
+use liveupdate::record::{Cycle, Outcome, Timestamps};
+use serde::Serialize;
+
+/// `history` takes no arguments.
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {}
+
+/// A past cycle as `history --json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CycleJson {
+    /// Cycle id.
+    pub id: u64,
+    /// `finished` or `cancelled`.
+    pub outcome: &'static str,
+    /// The target kernel, or `null`.
+    pub target: Option<TargetJson>,
+    /// Kernel release before the update.
+    pub from_release: String,
+    /// Kernel release after it (empty when cancelled).
+    pub to_release: String,
+    /// Transition timestamps, nanoseconds since the epoch, `null` when not reached.
+    pub timestamps: Timestamps,
+    /// Blackout (freeze start to `updated`) in nanoseconds, or `null`.
+    pub blackout_ns: Option<u64>,
+    /// Sessions carried.
+    pub sessions: u32,
+    /// Files carried.
+    pub files: u32,
+    /// Bytes carried.
+    pub bytes: u64,
+}
+
+/// A target kernel, digests in hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TargetJson {
+    /// Kernel image path.
+    pub kernel: String,
+    /// Its SHA-256, hex.
+    pub kernel_sha256: String,
+    /// Initrd path, or `null`.
+    pub initrd: Option<String>,
+    /// Its SHA-256, hex, or `null`.
+    pub initrd_sha256: Option<String>,
+    /// Command line.
+    pub cmdline: String,
+}
+
+fn outcome(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Finished => "finished",
+        Outcome::Cancelled => "cancelled",
+    }
+}
+
+impl From<&Cycle> for CycleJson {
+    fn from(c: &Cycle) -> CycleJson {
+        CycleJson {
+            id: c.id,
+            outcome: outcome(c.outcome),
+            target: c.target.as_ref().map(|t| TargetJson {
+                kernel: t.kernel.clone(),
+                kernel_sha256: hex(&t.kernel_sha256),
+                initrd: t.initrd.clone(),
+                initrd_sha256: t.initrd_sha256.as_ref().map(|d| hex(d)),
+                cmdline: t.cmdline.clone(),
+            }),
+            from_release: c.from_release.clone(),
+            to_release: c.to_release.clone(),
+            timestamps: c.timestamps.clone(),
+            blackout_ns: blackout(&c.timestamps),
+            sessions: c.sessions,
+            files: c.files,
+            bytes: c.bytes,
+        }
+    }
+}
+
+/// `history --json`: `{"ok": true, "cycles": [...]}`.
+#[derive(Debug, Serialize)]
+struct HistoryJson {
+    cycles: Vec<CycleJson>,
+}
+
+/// Asks luod for the history and prints it.
+pub fn run(_args: &HistoryArgs, ctx: &Ctx) -> Result<(), Failed> {
+    let req = Request::History;
+    let cycles = match ctx.call("history", &req)? {
+        Response::History(c) => c,
+        other => return Err(unexpected("history", &req, &other).into()),
+    };
+    if ctx.json() {
+        output::json_success(HistoryJson {
+            cycles: cycles.iter().map(CycleJson::from).collect(),
+        });
+    } else {
+        render(&cycles).print();
+    }
+    Ok(())
+}
+
+/// One row per cycle.
+fn render(cycles: &[Cycle]) -> Text {
+    let mut t = Text::new();
+    if cycles.is_empty() {
+        t.line("no cycles yet");
+        return t;
+    }
+    let dash = || "-".to_string();
+    let rows: Vec<Vec<String>> = cycles
+        .iter()
+        .map(|c| {
+            let ts = &c.timestamps;
+            let ended = ts.finished.or(ts.cancelled);
+            let kernel = match (&c.target, c.to_release.is_empty()) {
+                (_, false) => format!("{} -> {}", c.from_release, c.to_release),
+                (Some(t), true) => t.kernel.clone(),
+                (None, true) => c.from_release.clone(),
+            };
+            vec![
+                c.id.to_string(),
+                outcome(c.outcome).to_string(),
+                ts.prepared.map(output::timestamp).unwrap_or_else(dash),
+                ended.map(output::timestamp).unwrap_or_else(dash),
+                blackout(ts).map(output::duration).unwrap_or_else(dash),
+                c.files.to_string(),
+                output::bytes(c.bytes),
+                kernel,
+            ]
+        })
+        .collect();
+    t.table(
+        "",
+        &[
+            "ID", "OUTCOME", "PREPARED", "ENDED", "BLACKOUT", "FILES", "SIZE", "KERNEL",
+        ],
+        &rows,
+    );
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use liveupdate::record::KernelImage;
+
+    #[test]
+    fn history_json_has_hex_digests_and_the_blackout() {
+        let c = Cycle {
+            id: 4,
+            outcome: Outcome::Finished,
+            target: Some(KernelImage {
+                kernel: "/boot/vmlinuz".into(),
+                kernel_sha256: [0xab; 32],
+                initrd: None,
+                initrd_sha256: None,
+                cmdline: "quiet".into(),
+            }),
+            from_release: "6.19.0".into(),
+            to_release: "6.19.1".into(),
+            timestamps: Timestamps {
+                freeze_started: Some(1_000),
+                updated: Some(5_001_000),
+                ..Default::default()
+            },
+            sessions: 1,
+            files: 2,
+            bytes: 4096,
+        };
+        let v = serde_json::to_value(CycleJson::from(&c)).unwrap();
+        assert_eq!(v["outcome"], "finished");
+        assert_eq!(v["blackout_ns"], 5_000_000);
+        assert_eq!(v["target"]["kernel_sha256"], "ab".repeat(32));
+        assert_eq!(v["target"]["initrd_sha256"], serde_json::Value::Null);
+        assert_eq!(v["timestamps"]["updated"], 5_001_000);
+        assert_eq!(v["timestamps"]["finished"], serde_json::Value::Null);
+    }
+}
