@@ -6,6 +6,18 @@ use std::path::PathBuf;
 /// Where preserved state goes across the kexec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
+    /// `luo` when /dev/liveupdate exists, else `reserved-memory` when the
+    /// kernel command line reserves a range with memmap=, else `file` when
+    /// --region names a file.
+    Auto,
+    /// The kernel's Live Update Orchestrator (/dev/liveupdate, Linux 6.19+):
+    /// the kernel carries the preserved memfds; luod's record lives in a
+    /// memfd of its own session. Real kexec.
+    Luo,
+    /// A physical range reserved with memmap=SIZE$ADDR (or SIZE!ADDR) on both
+    /// kernels' command lines: luod copies the preserved memfds and its
+    /// record there at freeze. Real kexec.
+    ReservedMemory,
     /// A file-backed region and a simulated kexec: luod writes the record and
     /// the preserved files into the region at `reboot` and exits with status
     /// 75; a luod started again on the same region comes up in `updated`.
@@ -30,13 +42,23 @@ pub struct Args {
     pub state_dir: PathBuf,
 
     /// Backend.
-    #[arg(long, value_enum, default_value = "file")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
 
-    /// Region file (file backend): holds the handover record and the
-    /// preserved files' contents across the (simulated) kexec.
-    #[arg(long, required_unless_present = "holder")]
-    pub region: Option<PathBuf>,
+    /// The region. File backend: a file that holds the handover record and
+    /// the preserved files across the simulated kexec. Reserved-memory
+    /// backend: the range as SIZE$ADDR or SIZE!ADDR (default: the memmap= of
+    /// /proc/cmdline), or a pmem device path.
+    #[arg(long)]
+    pub region: Option<String>,
+
+    /// The LUO device (luo backend).
+    #[arg(long, default_value = "/dev/liveupdate")]
+    pub liveupdate_dev: PathBuf,
+
+    /// Size of luod's record memfd (luo backend), e.g. 4M.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub record_size: u64,
 
     /// Size of the region when luod creates it, e.g. 256M or 1G. An existing
     /// region keeps its size (its layout depends on it).

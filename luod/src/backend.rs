@@ -4,11 +4,13 @@ use crate::args::{Args, Backend};
 use liveupdate::engine::{Engine, HostInfo, RegionCapacity};
 use liveupdate::holder::HolderClient;
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
+use liveupdate::kernel::luo::{Luo, MemfdRegion};
+use liveupdate::kernel::reserved::{self, RangeKind, ReservedRegion};
 use liveupdate::record::RecordStore;
-use liveupdate::region::FileRegion;
+use liveupdate::region::{FileRegion, Region};
 use liveupdate::subsystem::Registry;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Why luod could not start.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +32,18 @@ pub enum StartError {
     /// Another luod serves the socket.
     #[error("another luod already serves {0}; stop it first, or pass another --socket")]
     SocketInUse(String),
+    /// No backend could be chosen.
+    #[error("{0}")]
+    Backend(String),
     /// The region could not be opened.
     #[error(transparent)]
     Region(#[from] liveupdate::region::RegionError),
+    /// The reserved range could not be used.
+    #[error(transparent)]
+    Reserved(#[from] reserved::ReservedError),
+    /// The kernel interface did not start.
+    #[error(transparent)]
+    Kernel(#[from] liveupdate::kernel::KernelError),
     /// The record could not be read.
     #[error(transparent)]
     Record(#[from] liveupdate::record::RecordError),
@@ -42,11 +53,11 @@ pub enum StartError {
 }
 
 /// The engine and what must stay open while it runs.
-pub struct Started {
+pub struct Started<R: Region> {
     /// The engine.
-    pub engine: Engine<FileRegion>,
-    /// Held for luod's lifetime: the region's lock.
-    pub _lock: File,
+    pub engine: Engine<R>,
+    /// Held for luod's lifetime (the region file's lock).
+    pub _lock: Option<File>,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError + use<> {
@@ -54,43 +65,103 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartEr
     move |source| StartError::Io { what, path, source }
 }
 
-/// Opens the backend named in `args`.
-pub fn start(args: &Args) -> Result<Started, StartError> {
-    match args.backend {
-        Backend::File => start_file(args),
+/// The backend `args` ask for, resolving `auto`.
+pub fn choose(args: &Args) -> Result<Backend, StartError> {
+    if args.backend != Backend::Auto {
+        return Ok(args.backend);
     }
+    if args.liveupdate_dev.exists() {
+        return Ok(Backend::Luo);
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if !reserved::ranges_in_cmdline(&cmdline).unwrap_or_default().is_empty() {
+        return Ok(Backend::ReservedMemory);
+    }
+    if args.region.is_some() {
+        return Ok(Backend::File);
+    }
+    Err(StartError::Backend(format!(
+        "no backend available: {} does not exist (the kernel needs CONFIG_LIVEUPDATE and liveupdate=on), \
+         the command line reserves no memory (memmap=SIZE$ADDR), and no --region file was given; \
+         pass --backend file --region PATH to try luod without a live-update kernel",
+        args.liveupdate_dev.display()
+    )))
 }
 
-fn start_file(args: &Args) -> Result<Started, StartError> {
-    let path = args.region.as_deref().expect("clap requires --region without --holder");
+fn holder(args: &Args) -> Result<HolderClient, StartError> {
+    std::fs::create_dir_all(&args.state_dir).map_err(io("cannot create state directory", &args.state_dir))?;
+    let path = args.state_dir.join("holder.sock");
+    HolderClient::connect_or_spawn(&path, || spawn_holder(&path)).map_err(io("cannot start the fd holder at", &path))
+}
+
+fn open_engine<R: Region>(
+    kernel: Box<dyn liveupdate::kernel::Kernel>,
+    store: RecordStore<R>,
+    copying: bool,
+    needs: Vec<String>,
+) -> Result<Engine<R>, StartError> {
+    let mut registry = Registry::new();
+    if copying {
+        registry.register(Box::new(RegionCapacity::new(store.data_capacity()))).expect("first registration cannot clash");
+    }
+    let mut engine = Engine::open(kernel, registry, store, HostInfo::current())?;
+    engine.set_cmdline_needs(needs);
+    Ok(engine)
+}
+
+/// The file backend: a region file and a simulated kexec.
+pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
+    let path = PathBuf::from(args.region.as_deref().ok_or_else(|| {
+        StartError::Backend("the file backend needs --region PATH (a file luod creates if missing)".into())
+    })?);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io("cannot create the directory of region", path))?;
+        std::fs::create_dir_all(dir).map_err(io("cannot create the directory of region", &path))?;
     }
     let lock = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)
-        .map_err(io("cannot open region", path))?;
+        .open(&path)
+        .map_err(io("cannot open region", &path))?;
     if lock.try_lock().is_err() {
         return Err(StartError::RegionLocked(path.display().to_string()));
     }
-    let existing = lock.metadata().map_err(io("cannot stat region", path))?.len();
+    let existing = lock.metadata().map_err(io("cannot stat region", &path))?.len();
     let size = if existing > 0 { existing } else { args.region_size };
-    let region = FileRegion::open(path, size)?;
+    let store = RecordStore::new(FileRegion::open(&path, size)?)?;
+    let kernel = Emulated::new("file", KexecMode::Simulated, Some(Box::new(holder(args)?)));
+    let engine = open_engine(Box::new(kernel), store, true, Vec::new())?;
+    Ok(Started { engine, _lock: Some(lock) })
+}
+
+/// The LUO backend: real sessions, luod's record in its own session.
+pub fn luo(args: &Args) -> Result<Started<MemfdRegion>, StartError> {
+    let (kernel, record, how) = Luo::start(&args.liveupdate_dev, Box::new(holder(args)?), args.record_size)?;
+    tracing::info!("LUO backend: {how:?} start");
+    let region = MemfdRegion::new(record).map_err(io("cannot map luod's record memfd from", &args.liveupdate_dev))?;
     let store = RecordStore::new(region)?;
-    std::fs::create_dir_all(&args.state_dir).map_err(io("cannot create state directory", &args.state_dir))?;
-    let holder_path = args.state_dir.join("holder.sock");
-    let holder = HolderClient::connect_or_spawn(&holder_path, || spawn_holder(&holder_path))
-        .map_err(io("cannot start the fd holder at", &holder_path))?;
-    let kernel = Emulated::new("file", KexecMode::Simulated, Some(Box::new(holder)));
-    let mut registry = Registry::new();
-    registry
-        .register(Box::new(RegionCapacity::new(store.data_capacity())))
-        .expect("first registration cannot clash");
-    let engine = Engine::open(Box::new(kernel), registry, store, HostInfo::current())?;
-    Ok(Started { engine, _lock: lock })
+    let engine = open_engine(Box::new(kernel), store, false, vec!["liveupdate=on".into()])?;
+    Ok(Started { engine, _lock: None })
+}
+
+/// The reserved-memory backend: a memmap= range, copies at freeze, real kexec.
+pub fn reserved_memory(args: &Args) -> Result<Started<ReservedRegion>, StartError> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (range, pmem) = match args.region.as_deref() {
+        Some(dev) if dev.starts_with('/') => {
+            let ranges = reserved::ranges_in_cmdline(&cmdline)?;
+            let range = ranges.into_iter().find(|r| r.kind == RangeKind::Pmem).ok_or(reserved::ReservedError::NoReservation)?;
+            (range, Some(PathBuf::from(dev)))
+        }
+        Some(spec) => (reserved::parse_memmap(spec)?, None),
+        None => (reserved::ranges_in_cmdline(&cmdline)?.into_iter().next().ok_or(reserved::ReservedError::NoReservation)?, None),
+    };
+    let region = ReservedRegion::open(range, pmem.as_deref())?;
+    let store = RecordStore::new(region)?;
+    let kernel = Emulated::new("reserved-memory", KexecMode::Real, Some(Box::new(holder(args)?)));
+    let engine = open_engine(Box::new(kernel), store, true, vec![range.memmap_param()])?;
+    Ok(Started { engine, _lock: None })
 }
 
 /// Starts `luod --holder PATH` in its own process group, reaped by a thread.

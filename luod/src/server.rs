@@ -1,13 +1,13 @@
 //! The socket server: accepts clients, checks who they are, and hands their
 //! requests to the engine one at a time.
 
-use crate::args::Args;
+use crate::args::{Args, Backend};
 use crate::backend::{self, StartError};
 use crate::peer;
 use liveupdate::engine::{Caller, Engine, EngineError, Rebooted, SIMULATED_KEXEC_EXIT};
 use liveupdate::protocol::frame::{self, FrameError};
 use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response};
-use liveupdate::region::FileRegion;
+use liveupdate::region::Region;
 use nix::sys::signal::{SigSet, Signal};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-type Shared = Arc<Mutex<Engine<FileRegion>>>;
+type Shared<R> = Arc<Mutex<Engine<R>>>;
 
 /// Exit status requested by a thread (-1: keep running).
 static EXIT: AtomicI32 = AtomicI32::new(-1);
@@ -29,20 +29,29 @@ pub fn run(args: &Args) -> Result<u8, StartError> {
     stop.add(Signal::SIGINT);
     stop.thread_block().map_err(|e| StartError::Io { what: "cannot block signals for", path: "luod".into(), source: e.into() })?;
 
+    let backend = backend::choose(args)?;
     let listener = bind(&args.socket, args.socket_group.as_deref())?;
-    let started = backend::start(args)?;
-    let engine = started.engine;
+    match backend {
+        Backend::Luo => serve_engine(args, listener, stop, backend::luo(args)?),
+        Backend::ReservedMemory => serve_engine(args, listener, stop, backend::reserved_memory(args)?),
+        Backend::File | Backend::Auto => serve_engine(args, listener, stop, backend::file(args)?),
+    }
+}
+
+fn serve_engine<R: Region + 'static>(args: &Args, listener: UnixListener, stop: SigSet, started: backend::Started<R>) -> Result<u8, StartError> {
+    let backend::Started { engine, _lock } = started;
     for note in engine.notes() {
         tracing::warn!("{note}");
     }
     tracing::info!(
-        "luod {} serving {} (backend file, state {}, record generation {})",
+        "luod {} serving {} (backend {}, state {}, record generation {})",
         env!("CARGO_PKG_VERSION"),
         args.socket.display(),
+        engine.status(&Caller { uid: 0, pid: 0, privileged: true }).backend,
         engine.state(),
         engine.generation()
     );
-    let engine: Shared = Arc::new(Mutex::new(engine));
+    let engine: Shared<R> = Arc::new(Mutex::new(engine));
 
     let socket = args.socket.clone();
     std::thread::spawn(move || {
@@ -120,7 +129,7 @@ fn protocol_error(message: String) -> Response {
 }
 
 /// Serves one connection until it closes or breaks the protocol.
-fn serve(conn: UnixStream, engine: &Shared, timeout: Duration) {
+fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
     let caller = match peer::caller(&conn) {
         Ok(c) => c,
         Err(e) => {
@@ -189,7 +198,7 @@ fn serve(conn: UnixStream, engine: &Shared, timeout: Duration) {
 
 /// Runs one request. Returns the response, a file to send with it, and an
 /// exit status when luod must stop after answering.
-fn dispatch(engine: &mut Engine<FileRegion>, caller: &Caller, req: Request, mut fds: Vec<OwnedFd>) -> (Response, Option<OwnedFd>, Option<i32>) {
+fn dispatch<R: Region>(engine: &mut Engine<R>, caller: &Caller, req: Request, mut fds: Vec<OwnedFd>) -> (Response, Option<OwnedFd>, Option<i32>) {
     let err = |e: EngineError| (Response::Error(e.to_reply()), None, None);
     let wants_fd = matches!(req, Request::SessionPreserve { .. });
     if !wants_fd && !fds.is_empty() {

@@ -101,10 +101,20 @@ impl<R: Region> Engine<R> {
         self.cmdline_needs = needs;
     }
 
-    /// Parameters of `cmdline` luod needs but does not find there.
+    /// Parameters of `cmdline` luod needs but does not find there. A
+    /// `memmap=` need is met by any spelling of the same range.
     pub fn missing_in_cmdline(&self, cmdline: &str) -> Vec<String> {
+        use crate::kernel::reserved::{parse_memmap, ranges_in_cmdline};
         let words: Vec<&str> = cmdline.split_whitespace().collect();
-        self.cmdline_needs.iter().filter(|n| !words.contains(&n.as_str())).cloned().collect()
+        let ranges = ranges_in_cmdline(cmdline).unwrap_or_default();
+        self.cmdline_needs
+            .iter()
+            .filter(|need| match need.strip_prefix("memmap=").map(parse_memmap) {
+                Some(Ok(range)) => !ranges.contains(&range),
+                _ => !words.contains(&need.as_str()),
+            })
+            .cloned()
+            .collect()
     }
 
     /// Stops the engine and returns its record store (the region outlives

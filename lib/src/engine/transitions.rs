@@ -113,6 +113,12 @@ impl<R: Region> Engine<R> {
         let from = self.record.state;
         let to = transition(from, Event::Prepare)?;
         let target = self.target_image(args)?;
+        if target.is_none() && !self.kernel.simulates_kexec() && !crate::kernel::kexec::loaded() {
+            return Err(EngineError::InvalidArgument(format!(
+                "the {} backend reboots by kexec: give the target with --kernel K (--cmdline S | --reuse-cmdline)",
+                self.kernel.name()
+            )));
+        }
         if let Some(t) = &target {
             let load = KernelLoad {
                 kernel: t.kernel.clone().into(),

@@ -16,6 +16,7 @@ pub mod fake;
 pub mod kexec;
 pub mod luo;
 pub mod memfd;
+pub mod reserved;
 pub mod uapi;
 
 use crate::names::SessionName;
