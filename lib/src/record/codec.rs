@@ -216,6 +216,12 @@ mod tests {
     }
 
     #[test]
+    fn checksum_is_crc32c_castagnoli() {
+        // The check value quoted in docs/state-format.md.
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
     fn all_zero_header_is_an_empty_slot() {
         assert_eq!(Header::parse(&[0; 100]).unwrap(), None);
     }
