@@ -137,28 +137,39 @@ impl From<&Failure> for ErrorJson {
     }
 }
 
+/// A failure's JSON: `{"ok": false, ...details, "error": {...}}`, in that order.
+#[derive(Debug, Serialize)]
+struct FailureJson {
+    ok: bool,
+    #[serde(flatten)]
+    details: Map<String, Value>,
+    error: ErrorJson,
+}
+
 /// The whole JSON object of a failure: `{"ok": false, ...details, "error": {...}}`.
 /// `details` carries what a failed command still reports (the items of a
-/// failed `check`).
-pub fn failure_json(f: &Failure, details: Option<&Map<String, Value>>) -> Value {
-    let mut obj = Map::new();
-    obj.insert("ok".into(), Value::Bool(false));
-    if let Some(d) = details {
-        for (k, v) in d {
-            if k != "ok" && k != "error" {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
+/// failed `check`); it cannot override `ok` or `error`.
+fn failure_object(f: &Failure, details: Option<&Map<String, Value>>) -> FailureJson {
+    let mut details = details.cloned().unwrap_or_default();
+    details.remove("ok");
+    details.remove("error");
+    FailureJson {
+        ok: false,
+        details,
+        error: ErrorJson::from(f),
     }
-    let error = serde_json::to_value(ErrorJson::from(f)).unwrap_or(Value::Null);
-    obj.insert("error".into(), error);
-    Value::Object(obj)
+}
+
+/// [`failure_object`] as a JSON value.
+#[cfg(test)]
+pub fn failure_json(f: &Failure, details: Option<&Map<String, Value>>) -> Value {
+    serde_json::to_value(failure_object(f, details)).unwrap_or(Value::Null)
 }
 
 /// Reports a failure: as JSON on stdout, or as one line on stderr.
 pub fn report_failure(mode: Mode, f: &Failure, details: Option<&Map<String, Value>>) {
     match mode {
-        Mode::Json => print_json(&failure_json(f, details)),
+        Mode::Json => print_json(&failure_object(f, details)),
         Mode::Human => {
             let _ = writeln!(std::io::stderr().lock(), "{}", f.line());
         }

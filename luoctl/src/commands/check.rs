@@ -6,7 +6,8 @@ use super::{Ctx, Failed, unexpected};
 use crate::error::Failure;
 use crate::exit::ExitCode;
 use crate::output::{self, Text};
-use liveupdate::protocol::{CheckReport, Request, Response};
+use liveupdate::protocol::{CheckItem, CheckReport, Request, Response};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 /// `check`'s options: the same target kernel `prepare` would get.
@@ -15,6 +16,12 @@ pub struct CheckArgs {
     /// The target kernel to check.
     #[command(flatten)]
     pub kernel: KernelArgs,
+}
+
+/// `check --json`: `{"ok": ..., "items": [...]}`.
+#[derive(Debug, Serialize)]
+struct ItemsJson<'a> {
+    items: &'a [CheckItem],
 }
 
 /// Asks luod what `prepare` would find and prints every item.
@@ -26,7 +33,8 @@ pub fn run(args: &CheckArgs, ctx: &Ctx) -> Result<(), Failed> {
     };
     if report.ok {
         if ctx.json() {
-            output::json_success(&report);
+            // CheckReport's own `ok` is the top-level `ok`.
+            output::json_success(ItemsJson { items: &report.items });
         } else {
             let mut t = render(&report);
             t.line("check: prepare would be allowed");
@@ -89,7 +97,6 @@ fn failure(r: &CheckReport) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use liveupdate::protocol::CheckItem;
 
     #[test]
     fn a_failed_check_names_each_failed_item() {
