@@ -16,3 +16,4 @@ pub mod record;
 pub mod region;
 pub mod state;
 pub mod subsystem;
+pub mod systemd;

@@ -24,6 +24,17 @@ pub enum Backend {
     File,
 }
 
+/// Where luod parks file descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FdStore {
+    /// `systemd` under systemd, else `holder`.
+    Auto,
+    /// systemd's fd store (`FDSTORE=1`).
+    Systemd,
+    /// A holder process luod forks (`luod --holder`).
+    Holder,
+}
+
 /// The live-update daemon.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
@@ -64,6 +75,13 @@ pub struct Args {
     /// region keeps its size (its layout depends on it).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub region_size: u64,
+
+    /// Where preserved files and sessions are parked so that a crash of luod
+    /// loses nothing: systemd's fd store (under systemd, with
+    /// FileDescriptorStoreMax= set, as in luod.service), or a holder process
+    /// luod forks. `auto`: systemd when NOTIFY_SOCKET is set.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub fd_store: FdStore,
 
     /// Seconds a client may take to send the rest of a frame it started.
     #[arg(long, default_value_t = 10)]

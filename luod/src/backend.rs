@@ -1,8 +1,9 @@
 //! Building the engine for the chosen backend.
 
-use crate::args::{Args, Backend};
+use crate::args::{Args, Backend, FdStore};
 use liveupdate::engine::{Engine, HostInfo, RegionCapacity};
-use liveupdate::holder::HolderClient;
+use liveupdate::holder::{FdPark, HolderClient};
+use liveupdate::systemd::{Notifier, SystemdFdStore, take_listen_fds};
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
 use liveupdate::kernel::luo::{Luo, MemfdRegion};
 use liveupdate::kernel::reserved::{self, RangeKind, ReservedRegion};
@@ -88,10 +89,24 @@ pub fn choose(args: &Args) -> Result<Backend, StartError> {
     )))
 }
 
-fn holder(args: &Args) -> Result<HolderClient, StartError> {
+/// Where preserved files are parked: systemd's fd store or the holder.
+fn holder(args: &Args) -> Result<Box<dyn FdPark>, StartError> {
+    let systemd = match args.fd_store {
+        FdStore::Systemd => Some(Notifier::from_env().unwrap_or_else(|| {
+            Err(std::io::Error::new(std::io::ErrorKind::NotFound, "NOTIFY_SOCKET is not set: luod is not running under systemd"))
+        })),
+        FdStore::Auto => Notifier::from_env(),
+        FdStore::Holder => None,
+    };
+    if let Some(notifier) = systemd {
+        let notifier = notifier.map_err(io("cannot use systemd's notification socket", Path::new("$NOTIFY_SOCKET")))?;
+        tracing::info!("parking preserved files in systemd's fd store");
+        return Ok(Box::new(SystemdFdStore::new(notifier, take_listen_fds())));
+    }
     std::fs::create_dir_all(&args.state_dir).map_err(io("cannot create state directory", &args.state_dir))?;
     let path = args.state_dir.join("holder.sock");
-    HolderClient::connect_or_spawn(&path, || spawn_holder(&path)).map_err(io("cannot start the fd holder at", &path))
+    let client = HolderClient::connect_or_spawn(&path, || spawn_holder(&path)).map_err(io("cannot start the fd holder at", &path))?;
+    Ok(Box::new(client))
 }
 
 fn open_engine<R: Region>(
@@ -130,14 +145,14 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
     let existing = lock.metadata().map_err(io("cannot stat region", &path))?.len();
     let size = if existing > 0 { existing } else { args.region_size };
     let store = RecordStore::new(FileRegion::open(&path, size)?)?;
-    let kernel = Emulated::new("file", KexecMode::Simulated, Some(Box::new(holder(args)?)));
+    let kernel = Emulated::new("file", KexecMode::Simulated, Some(holder(args)?));
     let engine = open_engine(Box::new(kernel), store, true, Vec::new())?;
     Ok(Started { engine, _lock: Some(lock) })
 }
 
 /// The LUO backend: real sessions, luod's record in its own session.
 pub fn luo(args: &Args) -> Result<Started<MemfdRegion>, StartError> {
-    let (kernel, record, how) = Luo::start(&args.liveupdate_dev, Box::new(holder(args)?), args.record_size)?;
+    let (kernel, record, how) = Luo::start(&args.liveupdate_dev, holder(args)?, args.record_size)?;
     tracing::info!("LUO backend: {how:?} start");
     let region = MemfdRegion::new(record).map_err(io("cannot map luod's record memfd from", &args.liveupdate_dev))?;
     let store = RecordStore::new(region)?;
@@ -159,7 +174,7 @@ pub fn reserved_memory(args: &Args) -> Result<Started<ReservedRegion>, StartErro
     };
     let region = ReservedRegion::open(range, pmem.as_deref())?;
     let store = RecordStore::new(region)?;
-    let kernel = Emulated::new("reserved-memory", KexecMode::Real, Some(Box::new(holder(args)?)));
+    let kernel = Emulated::new("reserved-memory", KexecMode::Real, Some(holder(args)?));
     let engine = open_engine(Box::new(kernel), store, true, vec![range.memmap_param()])?;
     Ok(Started { engine, _lock: None })
 }
