@@ -4,9 +4,11 @@
 # errnos, then kexec into the same kernel N times while a counter kept in a
 # memfd is preserved through LUO (CREATE_SESSION + PRESERVE_FD before,
 # RETRIEVE_SESSION + RETRIEVE_FD + FINISH after each kexec).
+# --stock: the same with Debian's stock kernel (no LUO) and the counter kept
+# in a memmap=1M$0x30000000 reserved range accessed through /dev/mem.
 #
 # Usage: qemu-tests/boot-smoke.sh [--kexecs N] [--kernel BZIMAGE] [--no-errnos]
-#                                  [--timeout SECONDS] [--keep]
+#            [--mode luo|devmem] [--stock] [--timeout SECONDS] [--keep]
 # Environment: LUO_CACHE, LUO_QEMU_MEM (1024), LUO_SMOKE_APPEND (extra cmdline).
 # Exit 0 when every check passed; the serial log is kept in
 # $LUO_CACHE/logs/boot-smoke-<timestamp>.log.
@@ -14,19 +16,23 @@ set -euo pipefail
 LOG_TAG=boot-smoke
 . "$(dirname "$0")/lib/common.sh"
 
-kexecs=2 kernel="" errnos=1 tmo=300 keep=0
+kexecs=2 kernel="" errnos=1 tmo=300 keep=0 mode=luo stock=0
+DEVMEM_ADDR=0x30000000
 while [ $# -gt 0 ]; do
   case "$1" in
     --kexecs) kexecs="$2"; shift 2 ;;
     --kernel) kernel="$2"; shift 2 ;;
     --no-errnos) errnos=0; shift ;;
+    --mode) mode="$2"; shift 2 ;;
+    --stock) stock=1 mode=devmem; shift ;;
     --timeout) tmo="$2"; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
 case "$kexecs" in ''|*[!0-9]*) die "--kexecs needs a number" ;; esac
+case "$mode" in luo|devmem) ;; *) die "--mode must be luo or devmem" ;; esac
 
 for t in qemu-system-x86_64 cpio gzip gcc timeout; do need "$t"; done
 BUSYBOX=/bin/busybox
@@ -35,7 +41,12 @@ dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok in
   || die "busybox-static is not installed (a dynamic busybox does not work in the initramfs); run qemu-tests/setup.sh"
 
 t_all=$(now_ms)
-if [ -z "$kernel" ]; then
+if [ -z "$kernel" ] && [ "$stock" = 1 ]; then
+  ts=$(now_ms)
+  kernel="$("$QEMU_TESTS_DIR/fetch-stock-kernel.sh" 2>/dev/null)" \
+    || kernel="$("$QEMU_TESTS_DIR/fetch-stock-kernel.sh")"
+  log "kernel: $kernel (fetch-stock-kernel.sh took $(secs_since "$ts") s)"
+elif [ -z "$kernel" ]; then
   ts=$(now_ms)
   kernel="$("$QEMU_TESTS_DIR/build-kernel.sh")"
   log "kernel: $kernel (build-kernel.sh took $(secs_since "$ts") s)"
@@ -61,7 +72,12 @@ log "initramfs $(stat -c %s "$work/initrd.gz") bytes built in $(secs_since "$ts"
 # --- boot ----------------------------------------------------------------------
 mkdir -p "$LUO_CACHE/logs"
 serial="$LUO_CACHE/logs/boot-smoke-$(date +%Y%m%d-%H%M%S).log"
-append="console=ttyS0 liveupdate=on kho=on panic=-1 luo_boot=1 luo_kexecs=$kexecs luo_errnos=$errnos ${LUO_SMOKE_APPEND:-}"
+if [ "$mode" = luo ]; then
+  append="console=ttyS0 liveupdate=on kho=on panic=-1 luo_boot=1 luo_kexecs=$kexecs luo_errnos=$errnos"
+else
+  append="console=ttyS0 panic=-1 memmap=1M\$$DEVMEM_ADDR luo_mode=devmem luo_devmem=$DEVMEM_ADDR luo_boot=1 luo_kexecs=$kexecs"
+fi
+append="$append ${LUO_SMOKE_APPEND:-}"
 qemu=(qemu-system-x86_64 -accel tcg -cpu max -m "${LUO_QEMU_MEM:-1024}" -nographic -no-reboot
       -kernel "$kernel" -initrd "$work/initrd.gz" -append "$append")
 log "running: timeout $tmo ${qemu[*]}"
@@ -90,14 +106,20 @@ check() { # check DESCRIPTION REGEX
   if grep -qE "$2" "$serial"; then echo "  PASS  $1" >&2; else echo "  FAIL  $1" >&2; fails=$((fails + 1)); fi
 }
 stamp() { grep -m1 -E "$1" "$serial" | sed -E 's/^\[ *([0-9.]+)\].*/\1/'; }
-echo "boot-smoke checks:" >&2
+echo "boot-smoke checks (mode $mode):" >&2
 check "guest booted (/init ran)"                 'SMOKE: init start boot=1 '
-check "/dev/liveupdate exists in the guest"      'SMOKE: exists /dev/liveupdate'
-check "/dev/kvm exists and KVM_CREATE_VM works"  'SMOKE: /dev/kvm present, api=12, create_vm=ok'
-[ "$errnos" = 1 ] && check "LUO errnos as in the kernel source" 'SMOKE: errnos done, 0 mismatch'
+if [ "$mode" = luo ]; then
+  check "/dev/liveupdate exists in the guest"      'SMOKE: exists /dev/liveupdate'
+  check "/dev/kvm exists and KVM_CREATE_VM works"  'SMOKE: /dev/kvm present, api=12, create_vm=ok'
+  if [ "$errnos" = 1 ]; then check "LUO errnos as in the kernel source" 'SMOKE: errnos done, 0 mismatch'; fi
+  what="counter memfd (LUO)"
+else
+  check "/dev/mem exists in the guest"             'SMOKE: exists /dev/mem'
+  what="counter in memmap reserved range (/dev/mem)"
+fi
 for ((i = 2; i <= kexecs + 1; i++)); do
-  check "kexec #$((i - 1)): kernel $i booted"           "SMOKE: init start boot=$i "
-  check "kexec #$((i - 1)): counter memfd survived ($i)" "SMOKE: retrieved counter=$((i - 1)) "
+  check "kexec #$((i - 1)): kernel $i booted"                "SMOKE: init start boot=$i "
+  check "kexec #$((i - 1)): $what survived" "SMOKE: retrieved counter=$((i - 1)) "
 done
 check "final kernel finished cleanly"           "SMOKE: done boot=$((kexecs + 1)) "
 if grep -qE 'SMOKE: FAIL|MISMATCH|Kernel panic' "$serial"; then
@@ -106,7 +128,7 @@ fi
 [ "$rc" = 0 ] || { echo "  FAIL  QEMU exit status $rc" >&2; fails=$((fails + 1)); }
 
 # --- timings -------------------------------------------------------------------
-echo "timings (host seconds since QEMU start; TCG, -cpu max, -m ${LUO_QEMU_MEM:-1024}):" >&2
+echo "timings (host seconds since QEMU start; TCG, -cpu max, -m ${LUO_QEMU_MEM:-1024}; $(basename "$kernel")):" >&2
 b1=$(stamp 'SMOKE: init start boot=1 ')
 [ -n "$b1" ] && echo "  boot to /init (kernel 1):      $b1 s (guest uptime at /init: $(grep -m1 -oE 'init start boot=1 uptime=[0-9.]+' "$serial" | sed 's/.*=//') s)" >&2
 for ((i = 1; i <= kexecs; i++)); do

@@ -12,6 +12,9 @@
  *        finish that session, increment; with arguments: preserve the counter
  *        in a new session, kexec_file_load(KERNEL, INITRD, CMDLINE) and
  *        reboot(LINUX_REBOOT_CMD_KEXEC) while the session is still open.
+ *   luo-smoke kexec KERNEL INITRD CMDLINE
+ *        plain kexec_file_load + reboot(LINUX_REBOOT_CMD_KEXEC), no LUO
+ *        (for kernels without LUO: the reserved-memory scenario).
  *
  * Output lines start with "SMOKE:" so the host can grep the serial log.
  * The uapi structs are copied from include/uapi/linux/liveupdate.h (Linux
@@ -352,6 +355,30 @@ static int cmd_errnos(void)
 	return failures ? 1 : 0;
 }
 
+/* kexec_file_load + reboot(LINUX_REBOOT_CMD_KEXEC); returns only on failure. */
+static int do_kexec(const char *kernel, const char *initrd, const char *cmdline)
+{
+	int kfd = open(kernel, O_RDONLY), ifd = open(initrd, O_RDONLY);
+	double t;
+
+	if (kfd < 0 || ifd < 0) {
+		printf("SMOKE: open %s / %s: %s\n", kernel, initrd, strerror(errno));
+		return 1;
+	}
+	t = now_ms();
+	/* flags 0; the cmdline length includes the terminating NUL */
+	if (syscall(SYS_kexec_file_load, kfd, ifd, strlen(cmdline) + 1, cmdline, 0UL) < 0) {
+		printf("SMOKE: kexec_file_load: %s\n", strerror(errno));
+		return 1;
+	}
+	printf("SMOKE: kexec_file_load ok in %.1f ms; cmdline: %s\n", now_ms() - t, cmdline);
+	printf("SMOKE: kexec now (uptime %.3f s)\n", uptime_s());
+	fflush(stdout);
+	reboot(RB_KEXEC);
+	printf("SMOKE: reboot(LINUX_REBOOT_CMD_KEXEC) returned: %s\n", strerror(errno));
+	return 1;
+}
+
 static int cmd_cycle(int argc, char **argv)
 {
 	int err, luo, s, mfd = -1;
@@ -429,23 +456,8 @@ static int cmd_cycle(int argc, char **argv)
 	printf("SMOKE: preserved counter=%llu in %.1f ms\n", (unsigned long long)counter,
 	       now_ms() - t);
 
-	int kfd = open(argv[0], O_RDONLY), ifd = open(argv[1], O_RDONLY);
-	if (kfd < 0 || ifd < 0) {
-		printf("SMOKE: open %s / %s: %s\n", argv[0], argv[1], strerror(errno));
-		return 1;
-	}
-	t = now_ms();
-	if (syscall(SYS_kexec_file_load, kfd, ifd, strlen(argv[2]) + 1, argv[2], 0UL) < 0) {
-		printf("SMOKE: kexec_file_load: %s\n", strerror(errno));
-		return 1;
-	}
-	printf("SMOKE: kexec_file_load ok in %.1f ms; cmdline: %s\n", now_ms() - t, argv[2]);
-	printf("SMOKE: kexec now (uptime %.3f s)\n", uptime_s());
-	fflush(stdout);
-	/* Sessions (s, luo) stay open: the kernel serializes them now. */
-	reboot(RB_KEXEC);
-	printf("SMOKE: reboot(LINUX_REBOOT_CMD_KEXEC) returned: %s\n", strerror(errno));
-	return 1;
+	/* Sessions (s, luo) stay open: the kernel serializes them at reboot(). */
+	return do_kexec(argv[0], argv[1], argv[2]);
 }
 
 int main(int argc, char **argv)
@@ -457,6 +469,9 @@ int main(int argc, char **argv)
 		return cmd_errnos();
 	if (argc >= 2 && !strcmp(argv[1], "cycle"))
 		return cmd_cycle(argc - 2, argv + 2);
-	fprintf(stderr, "usage: luo-smoke devices | errnos | cycle [KERNEL INITRD CMDLINE]\n");
+	if (argc == 5 && !strcmp(argv[1], "kexec"))
+		return do_kexec(argv[2], argv[3], argv[4]);
+	fprintf(stderr, "usage: luo-smoke devices | errnos | cycle [KERNEL INITRD CMDLINE]"
+		" | kexec KERNEL INITRD CMDLINE\n");
 	return 2;
 }
