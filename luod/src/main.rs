@@ -12,8 +12,20 @@ mod server;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// Raises the soft open-file limit to the hard one: luod and its holder keep
+/// a descriptor per preserved file and session (thousands on a busy host).
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = args::Args::parse();
+    raise_nofile_limit();
     if let Some(path) = &args.holder {
         // The fd holder: a separate process so that preserved files outlive
         // a crash of luod (see liveupdate::holder).
