@@ -166,6 +166,7 @@ impl Luod {
             .open(self.log_path())
             .expect("log file");
         let child = Command::new(binary("luod"))
+            .args(["--backend", "file"])
             .arg("--socket")
             .arg(self.socket())
             .arg("--state-dir")
