@@ -158,13 +158,12 @@ impl FileRegion {
         // SIGBUS and luod stops, rather than reading or writing wrong bytes;
         // a concurrent writer could corrupt a record, which the record's
         // checksums then detect at load.
-        let map = unsafe { MmapOptions::new().len(map_len).populate().map_mut(file) }.map_err(
-            |source| RegionError::Map {
+        let map =
+            unsafe { MmapOptions::new().len(map_len).populate().map_mut(file) }.map_err(|source| RegionError::Map {
                 path: path.display().to_string(),
                 len,
                 source,
-            },
-        )?;
+            })?;
         // MAP_POPULATE only faults pages in for reading on a shared mapping;
         // MADV_POPULATE_WRITE (Linux 5.14+) also takes the write faults now,
         // so the record write later runs without any. Older kernels refuse
@@ -188,10 +187,7 @@ fn io_error(path: &Path, source: std::io::Error) -> RegionError {
 }
 
 fn file_len(path: &Path, file: &File) -> Result<u64, RegionError> {
-    Ok(file
-        .metadata()
-        .map_err(|source| io_error(path, source))?
-        .len())
+    Ok(file.metadata().map_err(|source| io_error(path, source))?.len())
 }
 
 impl Region for FileRegion {
@@ -205,11 +201,7 @@ impl Region for FileRegion {
         &mut self.map
     }
     fn describe(&self) -> String {
-        format!(
-            "file {} ({})",
-            self.path.display(),
-            human_size(self.map.len())
-        )
+        format!("file {} ({})", self.path.display(), human_size(self.map.len()))
     }
 }
 
@@ -297,10 +289,7 @@ mod tests {
         assert_eq!(region.len(), 5000);
         assert!(region.bytes().iter().all(|&b| b == 9));
         assert_eq!(region.path(), path);
-        assert_eq!(
-            region.describe(),
-            format!("file {} (5000 bytes)", path.display())
-        );
+        assert_eq!(region.describe(), format!("file {} (5000 bytes)", path.display()));
     }
 
     #[test]
@@ -308,9 +297,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing");
         let err = FileRegion::open_existing(&path).unwrap_err();
-        assert!(
-            matches!(&err, RegionError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
-        );
+        assert!(matches!(&err, RegionError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound));
         assert!(err.to_string().contains(&*path.display().to_string()));
     }
 

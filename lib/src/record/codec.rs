@@ -57,13 +57,13 @@ impl Header {
     /// all zero (an empty slot). Checks, in this order: length, magic,
     /// version, header checksum.
     pub fn parse(slot: &[u8]) -> Result<Option<Header>, RecordError> {
-        let h: &[u8; HEADER_LEN] = slot
-            .get(..HEADER_LEN)
-            .and_then(|bytes| bytes.try_into().ok())
-            .ok_or(RecordError::Truncated {
-                need: HEADER_LEN as u64,
-                have: slot.len() as u64,
-            })?;
+        let h: &[u8; HEADER_LEN] =
+            slot.get(..HEADER_LEN)
+                .and_then(|bytes| bytes.try_into().ok())
+                .ok_or(RecordError::Truncated {
+                    need: HEADER_LEN as u64,
+                    have: slot.len() as u64,
+                })?;
         if h.iter().all(|&b| b == 0) {
             return Ok(None);
         }
@@ -171,12 +171,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// A slot image: header for `record`, payload, `extra` bytes of zeros.
-    fn slot_image(
-        record: &HandoverRecord,
-        generation: u64,
-        region_len: u64,
-        extra: usize,
-    ) -> Vec<u8> {
+    fn slot_image(record: &HandoverRecord, generation: u64, region_len: u64, extra: usize) -> Vec<u8> {
         let payload = postcard::to_stdvec(record).unwrap();
         let header = Header {
             generation,
@@ -241,11 +236,7 @@ mod tests {
         let total = image.len() as u64;
         for cut in 0..image.len() {
             let err = decode_slot(&image[..cut], 4096).unwrap_err();
-            let expected_need = if cut < HEADER_LEN {
-                HEADER_LEN as u64
-            } else {
-                total
-            };
+            let expected_need = if cut < HEADER_LEN { HEADER_LEN as u64 } else { total };
             assert!(
                 matches!(err, RecordError::Truncated { need, have } if need == expected_need && have == cut as u64),
                 "cut at {cut}: {err:?}"
@@ -260,10 +251,7 @@ mod tests {
         let err = decode_slot(&image, 4096).unwrap_err();
         assert!(matches!(
             err,
-            RecordError::UnsupportedVersion {
-                found: 2,
-                supported: 1
-            }
+            RecordError::UnsupportedVersion { found: 2, supported: 1 }
         ));
         assert_eq!(
             err.to_string(),
@@ -303,10 +291,7 @@ mod tests {
             matches!(err, RecordError::TooLarge { len, max } if len == MAX_RECORD_LEN + 1 && max == MAX_RECORD_LEN)
         );
         let header = header_with_payload_len(u64::MAX);
-        assert!(matches!(
-            decode_slot(&header, 4096),
-            Err(RecordError::TooLarge { .. })
-        ));
+        assert!(matches!(decode_slot(&header, 4096), Err(RecordError::TooLarge { .. })));
     }
 
     #[test]
@@ -315,13 +300,7 @@ mod tests {
         let mut slot = header.to_vec();
         slot.resize(4096, 0);
         let err = decode_slot(&slot, 4096).unwrap_err();
-        assert!(matches!(
-            err,
-            RecordError::Truncated {
-                need: 5064,
-                have: 4096
-            }
-        ));
+        assert!(matches!(err, RecordError::Truncated { need: 5064, have: 4096 }));
     }
 
     #[test]
@@ -335,10 +314,7 @@ mod tests {
         };
         let mut slot = header.to_bytes().to_vec();
         slot.extend_from_slice(&payload);
-        assert!(matches!(
-            decode_slot(&slot, 4096),
-            Err(RecordError::Decode(_))
-        ));
+        assert!(matches!(decode_slot(&slot, 4096), Err(RecordError::Decode(_))));
     }
 
     #[test]
