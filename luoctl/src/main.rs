@@ -25,7 +25,7 @@ fn main() -> std::process::ExitCode {
     match cli.command.run(&ctx) {
         Ok(()) => ExitCode::Success.into(),
         Err(failed) => {
-            output::report_failure(ctx.mode, &failed.failure, failed.details.as_ref());
+            output::report_failure(ctx.mode, &failed.failure, &failed.details);
             failed.failure.code.into()
         }
     }
@@ -50,7 +50,7 @@ fn usage(e: &clap::Error) -> ExitCode {
                 .take_while(|a| a != "--")
                 .any(|a| a == "--json");
             let mode = if json { Mode::Json } else { Mode::Human };
-            output::report_failure(mode, &usage_failure(e), None);
+            output::report_failure(mode, &usage_failure(e), &output::Details::default());
             ExitCode::Usage
         }
     }

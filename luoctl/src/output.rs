@@ -7,10 +7,12 @@
 //! `{"ok": false, "error": {...}}`, see [`ErrorJson`].
 
 use crate::error::Failure;
+use liveupdate::protocol::CheckItem;
 use liveupdate::record::UnixNanos;
 use liveupdate::subsystem::{StepError, SubsystemError};
 use serde::Serialize;
-use serde_json::{Map, Value};
+#[cfg(test)]
+use serde_json::Value;
 use std::io::Write;
 
 /// Human or JSON output, chosen by the global `--json`.
@@ -137,22 +139,25 @@ impl From<&Failure> for ErrorJson {
     }
 }
 
+/// What a failed command still reports beside its error.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Details {
+    /// The items of a failed `check`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<CheckItem>>,
+}
+
 /// A failure's JSON: `{"ok": false, ...details, "error": {...}}`, in that order.
 #[derive(Debug, Serialize)]
-struct FailureJson {
+struct FailureJson<'a> {
     ok: bool,
     #[serde(flatten)]
-    details: Map<String, Value>,
+    details: &'a Details,
     error: ErrorJson,
 }
 
-/// The whole JSON object of a failure: `{"ok": false, ...details, "error": {...}}`.
-/// `details` carries what a failed command still reports (the items of a
-/// failed `check`); it cannot override `ok` or `error`.
-fn failure_object(f: &Failure, details: Option<&Map<String, Value>>) -> FailureJson {
-    let mut details = details.cloned().unwrap_or_default();
-    details.remove("ok");
-    details.remove("error");
+/// The whole JSON object of a failure.
+fn failure_object<'a>(f: &Failure, details: &'a Details) -> FailureJson<'a> {
     FailureJson {
         ok: false,
         details,
@@ -162,12 +167,12 @@ fn failure_object(f: &Failure, details: Option<&Map<String, Value>>) -> FailureJ
 
 /// [`failure_object`] as a JSON value.
 #[cfg(test)]
-pub fn failure_json(f: &Failure, details: Option<&Map<String, Value>>) -> Value {
+pub fn failure_json(f: &Failure, details: &Details) -> Value {
     serde_json::to_value(failure_object(f, details)).unwrap_or(Value::Null)
 }
 
 /// Reports a failure: as JSON on stdout, or as one line on stderr.
-pub fn report_failure(mode: Mode, f: &Failure, details: Option<&Map<String, Value>>) {
+pub fn report_failure(mode: Mode, f: &Failure, details: &Details) {
     match mode {
         Mode::Json => print_json(&failure_object(f, details)),
         Mode::Human => {
@@ -352,7 +357,7 @@ mod tests {
         };
         let f = Failure::client("freeze", ClientError::Server(reply));
         assert_eq!(
-            failure_json(&f, None),
+            failure_json(&f, &Details::default()),
             json!({
                 "ok": false,
                 "error": {
@@ -385,7 +390,10 @@ mod tests {
             hint: String::new(),
             step: Some(step),
         };
-        let v = failure_json(&Failure::client("prepare", ClientError::Server(reply)), None);
+        let v = failure_json(
+            &Failure::client("prepare", ClientError::Server(reply)),
+            &Details::default(),
+        );
         assert_eq!(v["error"]["kind"], "vetoed");
         assert_eq!(v["error"]["code"], 13);
         assert_eq!(v["error"]["hint"], Value::Null);
@@ -414,22 +422,25 @@ mod tests {
             "cannot open /nope: No such file",
         )
         .with_hint("check --file");
-        let v = failure_json(&f, None);
+        let v = failure_json(&f, &Details::default());
         assert_eq!(v["error"]["kind"], "local-io");
         assert_eq!(v["error"]["code"], 7);
         assert_eq!(v["error"]["hint"], "check --file");
     }
 
     #[test]
-    fn details_of_a_failure_sit_beside_the_error_and_cannot_override_it() {
+    fn details_of_a_failure_sit_between_ok_and_the_error() {
         let f = Failure::new("check", ExitCode::CheckFailed, "prepare would be refused");
-        let mut details = Map::new();
-        details.insert("items".into(), json!([]));
-        details.insert("ok".into(), json!(true));
-        let v = failure_json(&f, Some(&details));
-        assert_eq!(v["ok"], false);
-        assert_eq!(v["items"], json!([]));
-        assert_eq!(v["error"]["kind"], "check-failed");
+        let item = CheckItem {
+            name: "state".into(),
+            ok: false,
+            detail: "state is frozen".into(),
+        };
+        let details = Details {
+            items: Some(vec![item]),
+        };
+        let text = serde_json::to_string(&failure_object(&f, &details)).unwrap();
+        assert!(text.starts_with(r#"{"ok":false,"items":[{"name":"state","ok":false,"detail":"state is frozen"}],"error":{"kind":"check-failed","code":3,"#), "{text}");
     }
 
     #[test]

@@ -5,10 +5,9 @@ use super::prepare::KernelArgs;
 use super::{Ctx, Failed, unexpected};
 use crate::error::Failure;
 use crate::exit::ExitCode;
-use crate::output::{self, Text};
+use crate::output::{self, Details, Text};
 use liveupdate::protocol::{CheckItem, CheckReport, Request, Response};
 use serde::Serialize;
-use serde_json::{Map, Value};
 
 /// `check`'s options: the same target kernel `prepare` would get.
 #[derive(Debug, clap::Args)]
@@ -45,14 +44,11 @@ pub fn run(args: &CheckArgs, ctx: &Ctx) -> Result<(), Failed> {
     if !ctx.json() {
         render(&report).print();
     }
-    let mut details = Map::new();
-    details.insert(
-        "items".into(),
-        serde_json::to_value(&report.items).unwrap_or(Value::Null),
-    );
     Err(Failed {
         failure: failure(&report),
-        details: Some(details),
+        details: Details {
+            items: Some(report.items),
+        },
     })
 }
 

@@ -3,6 +3,8 @@
 
 pub mod cancel;
 pub mod check;
+#[cfg(test)]
+mod fake;
 pub mod finish;
 pub mod freeze;
 pub mod history;
@@ -13,11 +15,10 @@ pub mod status;
 
 use crate::error::Failure;
 use crate::exit::ExitCode;
-use crate::output::{self, Mode, Text};
+use crate::output::{self, Details, Mode, Text};
 use clap::{Args, Parser, Subcommand};
 use liveupdate::protocol::client::Client;
 use liveupdate::protocol::{DEFAULT_SOCKET, Request, Response, TransitionReport};
-use serde_json::{Map, Value};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
@@ -97,12 +98,15 @@ pub struct Failed {
     /// The failure.
     pub failure: Failure,
     /// Extra top-level JSON fields.
-    pub details: Option<Map<String, Value>>,
+    pub details: Details,
 }
 
 impl From<Failure> for Failed {
     fn from(failure: Failure) -> Failed {
-        Failed { failure, details: None }
+        Failed {
+            failure,
+            details: Details::default(),
+        }
     }
 }
 
@@ -215,5 +219,5 @@ pub fn usage_failure(err: &clap::Error) -> Failure {
         Some(usage) => format!("usage: {}", usage.trim()),
         None => "see `luoctl --help`".to_string(),
     };
-    Failure::new("usage", ExitCode::Usage, message).with_hint(hint)
+    Failure::new("command line", ExitCode::Usage, message).with_hint(hint)
 }

@@ -94,6 +94,36 @@ pub fn run(args: &PreserveArgs, ctx: &Ctx) -> Result<(), Failed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::commands::fake::FakeLuod;
+
+    #[test]
+    fn the_file_travels_to_luod_as_a_memfd_with_its_contents() {
+        let luod = FakeLuod::start(|req, fds| {
+            assert_eq!(
+                req,
+                &Request::SessionPreserve {
+                    name: "vm0".into(),
+                    token: 7
+                }
+            );
+            assert_eq!(fds.len(), 1);
+            assert!(memfd::is_memfd(fds[0].as_fd()));
+            let file = File::from(fds.into_iter().next().unwrap());
+            let mut all = vec![0u8; memfd::size(file.as_fd()).unwrap() as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut all, 0).unwrap();
+            assert_eq!(all, b"device state");
+            (Response::Done, vec![])
+        });
+        let src = luod.dir.path().join("state");
+        std::fs::write(&src, b"device state").unwrap();
+        let args = PreserveArgs {
+            name: "vm0".into(),
+            token: 7,
+            file: src,
+        };
+        run(&args, &luod.ctx()).unwrap();
+        assert_eq!(luod.thread.join().unwrap().len(), 1);
+    }
 
     #[test]
     fn a_missing_file_is_refused_before_asking_luod() {

@@ -166,7 +166,72 @@ pub fn run(args: &RetrieveArgs, ctx: &Ctx) -> Result<(), Failed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::commands::fake::FakeLuod;
+    use liveupdate::kernel::memfd;
+    use liveupdate::protocol::{ErrorKind, ErrorReply};
     use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_retrieved_contents_land_at_the_output_path() {
+        let luod = FakeLuod::start(|req, _| {
+            assert_eq!(
+                req,
+                &Request::SessionRetrieve {
+                    name: "vm0".into(),
+                    token: 0x10
+                }
+            );
+            let fd = memfd::from_bytes("t", b"guest ram").unwrap();
+            // The fd's offset is shared: start from somewhere else.
+            let mut f = File::from(fd);
+            f.seek(SeekFrom::Start(5)).unwrap();
+            (Response::Fd { size: 9 }, vec![f.into()])
+        });
+        let out = luod.dir.path().join("ram");
+        let args = RetrieveArgs {
+            name: "vm0".into(),
+            token: 0x10,
+            output: out.clone(),
+        };
+        run(&args, &luod.ctx()).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"guest ram");
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(luod.thread.join().unwrap());
+        let names: Vec<_> = std::fs::read_dir(luod.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "socket and output, no temporary file: {names:?}");
+    }
+
+    #[test]
+    fn a_refused_retrieve_leaves_nothing_behind() {
+        let luod = FakeLuod::start(|_, _| {
+            let reply = ErrorReply {
+                kind: ErrorKind::WrongState,
+                message: "retrieving a file is not allowed in state normal".into(),
+                hint: String::new(),
+                step: None,
+            };
+            (Response::Error(reply), vec![])
+        });
+        let out = luod.dir.path().join("ram");
+        let args = RetrieveArgs {
+            name: "vm0".into(),
+            token: 1,
+            output: out.clone(),
+        };
+        let failed = run(&args, &luod.ctx()).unwrap_err();
+        assert_eq!(failed.failure.code, ExitCode::WrongState);
+        drop(luod.thread.join().unwrap());
+        let names: Vec<_> = std::fs::read_dir(luod.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("s")]);
+    }
 
     #[test]
     fn output_lands_only_when_persisted() {
