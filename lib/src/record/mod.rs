@@ -462,6 +462,37 @@ mod tests {
     }
 
     #[test]
+    fn file_source_reads_at_an_offset_and_reports_a_shrunk_file() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"0123456789").unwrap();
+        assert!(file.can_read_at());
+        let mut dst = [0u8; 4];
+        file.read_at(3, &mut dst).unwrap();
+        assert_eq!(&dst, b"3456");
+        let mut dst = [0u8; 8];
+        let err = file.read_at(5, &mut dst).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            err.to_string(),
+            "the file ends before offset 13: it shrank during the write"
+        );
+    }
+
+    #[test]
+    fn slice_source_refuses_to_read_past_its_end() {
+        let src = vec![1u8, 2, 3];
+        let mut dst = [0u8; 2];
+        src.read_at(1, &mut dst).unwrap();
+        assert_eq!(dst, [2, 3]);
+        let err = src.read_at(2, &mut dst).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "2 bytes at offset 2 are past the end of a 3-byte source"
+        );
+        assert!(src.read_at(u64::MAX, &mut dst).is_err());
+    }
+
+    #[test]
     fn error_chain_lists_causes_once() {
         let err = RecordError::DataSource {
             index: 2,
