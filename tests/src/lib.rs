@@ -88,6 +88,12 @@ impl Luod {
         luod
     }
 
+    /// Starts this luod (after [`arg`](Self::arg)) and returns it.
+    pub fn launched(mut self) -> Luod {
+        self.start();
+        self
+    }
+
     /// Adds arguments to luod's command line (for every later start).
     pub fn arg(mut self, arg: impl Into<OsString>) -> Luod {
         self.extra.push(arg.into());
