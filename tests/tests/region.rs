@@ -1,0 +1,206 @@
+//! luod started on a damaged region never crashes: a damaged newest record
+//! falls back to the previous generation; a region with no valid record at
+//! all (truncated, random bytes) starts in `normal` with nothing preserved,
+//! and `status` notes say why.
+//!
+//! The region holds two slots (A at offset 0, B at half the region, rounded
+//! down to 4096), each `[64-byte header | postcard payload | data]`; the
+//! header's `payload_len` is the little-endian u64 at offset 32. See
+//! `docs/state-format.md`.
+
+use liveupdate::record::{HEADER_LEN, RecordStore, SlotStatus};
+use liveupdate::region::MemRegion;
+use liveupdate::state::State;
+use liveupdate_tests::*;
+use std::os::fd::AsFd;
+use std::process::ExitStatus;
+
+const REGION: &str = "1M";
+
+/// A region image whose newest record is generation 4 (`frozen`, sessions
+/// `first` and `second`) and whose other slot holds generation 3
+/// (`prepared`, the same sessions). luod is stopped.
+fn region_at_generation_4() -> Vec<u8> {
+    let mut luod = Luod::started(REGION);
+    let mut c = luod.client();
+    c.create("first").expect("create first"); // generation 1
+    c.create("second").expect("create second"); // 2
+    c.prepare().expect("prepare"); // 3
+    c.freeze().expect("freeze"); // 4
+    assert_eq!(c.status().generation, 4);
+    drop(c);
+    assert!(luod.stop().success());
+    std::fs::read(luod.region()).expect("read the region")
+}
+
+/// Where the newest record's slot starts, and its payload length.
+fn newest_slot(image: &[u8]) -> (usize, usize) {
+    let mut store = RecordStore::new(MemRegion(image.to_vec())).expect("a region image");
+    let report = store.load().expect("load");
+    let generation = |s: &SlotStatus| match s {
+        SlotStatus::Valid { generation } => *generation,
+        other => panic!("both slots should be valid: {other:?}"),
+    };
+    let newest = if generation(&report.slots[0]) > generation(&report.slots[1]) {
+        0
+    } else {
+        1
+    };
+    let start = newest * store.slot_len() as usize;
+    let payload_len = u64::from_le_bytes(image[start + 32..start + 40].try_into().unwrap());
+    (start, payload_len as usize)
+}
+
+/// A stopped luod whose region file is `image`.
+fn luod_on(image: &[u8]) -> Luod {
+    let luod = Luod::new(REGION);
+    std::fs::write(luod.region(), image).expect("write the region");
+    luod
+}
+
+/// Stops luod and checks that it exits cleanly (it did not crash meanwhile).
+#[track_caller]
+fn assert_clean_stop(luod: &mut Luod) {
+    assert!(luod.is_running(), "luod still runs");
+    let status: ExitStatus = luod.stop();
+    assert!(status.success(), "luod exit: {status}");
+}
+
+#[test]
+fn a_newest_record_with_any_byte_flipped_falls_back_to_the_previous_generation() {
+    let image = region_at_generation_4();
+    let (slot, payload_len) = newest_slot(&image);
+    let header = [
+        ("magic", 0),
+        ("format version", 8),
+        ("flags", 12),
+        ("generation", 16),
+        ("region length", 24),
+        ("payload length", 32),
+        ("payload checksum", 40),
+        ("reserved", 44),
+        ("header checksum", 60),
+        ("last header byte", HEADER_LEN - 1),
+    ];
+    let payload = [
+        ("first payload byte", HEADER_LEN),
+        ("middle of the payload", HEADER_LEN + payload_len / 2),
+        ("last payload byte", HEADER_LEN + payload_len - 1),
+    ];
+    for (what, offset) in header.into_iter().chain(payload) {
+        let mut damaged = image.clone();
+        damaged[slot + offset] ^= 0x01;
+        let mut luod = luod_on(&damaged);
+        luod.start();
+        let status = luod.status();
+        assert_eq!(
+            (status.state, status.generation),
+            (State::Prepared, 3),
+            "{what} (byte {offset} of the newest slot) flipped: state and generation"
+        );
+        let names: Vec<_> = status.sessions.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["first", "second"], "{what} flipped: sessions");
+        // The host can go on from there.
+        let mut c = luod.client();
+        c.freeze()
+            .unwrap_or_else(|e| panic!("{what} flipped: freeze from generation 3: {e}"));
+        assert_eq!(
+            c.status().generation,
+            4,
+            "{what} flipped: the next write is generation 4"
+        );
+        drop(c);
+        assert_clean_stop(&mut luod);
+    }
+}
+
+/// luod started on `image` is in `normal` with nothing, and says why.
+#[track_caller]
+fn assert_starts_empty_with_a_note(image: &[u8]) {
+    let mut luod = luod_on(image);
+    luod.start();
+    let status = luod.status();
+    assert_eq!(status.state, State::Normal);
+    assert_eq!(status.generation, 0);
+    assert!(status.sessions.is_empty(), "nothing preserved: {:?}", status.sessions);
+    assert_eq!(status.last_cycle, None);
+    assert_eq!(status.notes.len(), 1, "one note: {:?}", status.notes);
+    let note = &status.notes[0];
+    assert!(note.starts_with("the region held no valid record ("), "note: {note}");
+    assert!(
+        note.ends_with("); starting in normal with nothing preserved"),
+        "note: {note}"
+    );
+    assert!(
+        note.contains("slot A: ") && note.contains("slot B: "),
+        "the note tells each slot's fate: {note}"
+    );
+    // The region is usable from there.
+    let mut c = luod.client();
+    c.create("fresh").expect("a session on the fresh region");
+    c.preserve("fresh", 1, memfd_with("fresh", b"fresh").as_fd())
+        .expect("preserve");
+    assert_eq!(c.status().generation, 2);
+    drop(c);
+    assert_clean_stop(&mut luod);
+}
+
+#[test]
+fn a_region_full_of_random_bytes_starts_in_normal_and_says_why() {
+    assert_starts_empty_with_a_note(&pattern(99, 1 << 20));
+}
+
+#[test]
+fn a_region_truncated_to_half_starts_in_normal_and_says_why() {
+    let image = region_at_generation_4();
+    assert_starts_empty_with_a_note(&image[..image.len() / 2]);
+}
+
+#[test]
+fn a_region_truncated_below_two_slots_starts_in_normal_and_says_why() {
+    // Too short to hold any record: there is nothing to lose in it.
+    let image = region_at_generation_4();
+    assert_starts_empty_with_a_note(&image[..4096]);
+}
+
+#[test]
+fn a_preserved_file_damaged_in_the_region_is_reported_lost_and_the_others_come_back() {
+    let mut luod = Luod::started("8M");
+    let mut c = luod.client();
+    let set = preserve_set(&mut c, &["vm0"], &[4096, 8192]);
+    c.prepare().expect("prepare");
+    c.reboot().expect("reboot");
+    drop(c);
+    luod.expect_kexec_exit();
+
+    // Damage the first byte of vm0/2's contents in the region (extents
+    // start on 4096-byte boundaries).
+    let mut image = std::fs::read(luod.region()).expect("read the region");
+    let wanted = &set[1].bytes;
+    let at = (0..image.len())
+        .step_by(4096)
+        .find(|&offset| image[offset..].starts_with(wanted))
+        .expect("vm0/2's bytes are in the region, on a 4096-byte boundary");
+    image[at] ^= 0xff;
+    std::fs::write(luod.region(), &image).expect("write the region");
+
+    luod.start();
+    let mut c = luod.client();
+    let status = c.status();
+    assert_eq!(status.state, State::Updated);
+    assert_eq!(
+        sessions_seen(&status.sessions),
+        [("vm0".to_string(), vec![(1, 4096)])],
+        "vm0/2 is gone"
+    );
+    assert!(
+        status
+            .notes
+            .iter()
+            .any(|n| n.starts_with("preserved file lost in the handover: session vm0 token 2: ")),
+        "a note names the lost file: {:?}",
+        status.notes
+    );
+    retrieve_and_compare(&mut c, &set[..1]);
+    c.finish().expect("finish");
+}
