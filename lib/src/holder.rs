@@ -28,7 +28,8 @@ pub trait FdPark: Send + std::fmt::Debug {
     fn remove(&mut self, key: &str) -> io::Result<()>;
     /// Duplicates of every parked file; the park keeps its own.
     fn fetch_all(&mut self) -> io::Result<Vec<(String, OwnedFd)>>;
-    /// Drops every file and, for a holder process, ends it (the kexec).
+    /// Drops every file (what a kexec does to them). A holder process then
+    /// ends once luod disconnects, as it holds nothing.
     fn clear(&mut self) -> io::Result<()>;
 }
 
@@ -40,7 +41,7 @@ enum HolderRequest {
     Put { key: String },
     Remove { key: String },
     FetchAll,
-    Shutdown,
+    Clear,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,7 +127,7 @@ impl FdPark for HolderClient {
     }
 
     fn clear(&mut self) -> io::Result<()> {
-        self.call(&HolderRequest::Shutdown, &[]).map(drop)
+        self.call(&HolderRequest::Clear, &[]).map(drop)
     }
 }
 
@@ -200,13 +201,9 @@ pub fn run_holder(path: &Path) -> io::Result<()> {
                     parked.remove(&key);
                     HolderReply::Ok
                 }
-                HolderRequest::Shutdown => {
+                HolderRequest::Clear => {
                     parked.clear();
-                    let _ = frame::send(&conn, &HolderReply::Ok, &[]);
-                    if still_ours() {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    return Ok(());
+                    HolderReply::Ok
                 }
                 HolderRequest::FetchAll => {
                     let entries: Vec<(&String, &OwnedFd)> = parked.iter().collect();
@@ -246,12 +243,23 @@ mod tests {
     use super::*;
     use crate::kernel::memfd;
 
+    /// Runs a holder on a thread and waits until it listens (without
+    /// connecting: a holder with nothing parked ends when a client leaves).
+    fn serve(path: &Path) -> std::thread::JoinHandle<io::Result<()>> {
+        let p = path.to_path_buf();
+        let server = std::thread::spawn(move || run_holder(&p));
+        while !path.exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        server
+    }
+
     #[test]
     fn files_parked_by_one_client_are_fetched_by_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("holder.sock");
-        let p = path.clone();
-        let server = std::thread::spawn(move || run_holder(&p));
+        let server = serve(&path);
         let mut c = HolderClient::connect_or_spawn(&path, || Ok(())).unwrap();
         for i in 0..10 {
             c.put(&format!("k{i}"), memfd::from_bytes("t", &[i as u8; 3]).unwrap()).unwrap();
@@ -263,16 +271,17 @@ mod tests {
         assert_eq!(all.len(), 9);
         assert!(all.iter().all(|(k, _)| k != "k3"));
         c.clear().unwrap();
+        assert!(c.fetch_all().unwrap().is_empty(), "cleared, and still serving");
+        drop(c);
         server.join().unwrap().unwrap();
-        assert!(!path.exists());
+        assert!(!path.exists(), "ends once luod disconnects and nothing is parked");
     }
 
     #[test]
     fn holder_exits_when_its_socket_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("holder.sock");
-        let p = path.clone();
-        let server = std::thread::spawn(move || run_holder(&p));
+        let server = serve(&path);
         let mut c = HolderClient::connect_or_spawn(&path, || Ok(())).unwrap();
         c.put("k", memfd::from_bytes("t", b"x").unwrap()).unwrap();
         std::fs::remove_file(&path).unwrap();

@@ -182,8 +182,9 @@ pub fn reserved_memory(args: &Args) -> Result<Started<ReservedRegion>, StartErro
 /// Starts `luod --holder PATH` in its own process group, reaped by a thread.
 fn spawn_holder(path: &Path) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe()?;
-    let mut child = std::process::Command::new(exe)
+    // /proc/self/exe re-executes this very binary even where its path
+    // cannot be read back (an initramfs, a deleted file after an upgrade).
+    let mut child = std::process::Command::new("/proc/self/exe")
         .arg("--holder")
         .arg(path)
         .stdin(std::process::Stdio::null())

@@ -9,7 +9,7 @@ use liveupdate::protocol::frame::{self, FrameError};
 use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response};
 use liveupdate::region::Region;
 use nix::sys::signal::{SigSet, Signal};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -142,9 +142,18 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
             return;
         }
     };
-    let _ = conn.set_read_timeout(Some(timeout));
     let mut greeted = false;
     loop {
+        // An idle client may wait as long as it likes (a VMM keeps its
+        // connection); once a frame starts, the rest must come within
+        // `timeout`, so a client stalled mid-frame cannot pin a thread.
+        let _ = conn.set_read_timeout(None);
+        let mut first = [0u8; 1];
+        match nix::sys::socket::recv(conn.as_raw_fd(), &mut first, nix::sys::socket::MsgFlags::MSG_PEEK) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let _ = conn.set_read_timeout(Some(timeout));
         let (req, fds): (Request, Vec<OwnedFd>) = match frame::recv(&conn) {
             Ok(m) => m,
             Err(FrameError::Closed) => return,
