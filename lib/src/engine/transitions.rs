@@ -261,8 +261,11 @@ impl<R: Region> Engine<R> {
             simulated: self.kernel.simulates_kexec(),
             kernel_release: self.host.kernel_release.clone(),
         });
-        if let Some(u) = next.update.as_mut() {
-            if self.kernel.simulates_kexec() {
+        if !self.copies_at_freeze() {
+            // Written at the reboot itself: the reboot call is now. (A
+            // copying backend with a real kexec writes at freeze, and its
+            // record cannot change after that without copying again.)
+            if let Some(u) = next.update.as_mut() {
                 u.timestamps.reboot = Some(now());
             }
         }
