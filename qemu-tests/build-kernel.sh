@@ -7,7 +7,7 @@
 #
 # Environment:
 #   LUO_CACHE              cache root (default /var/cache/liveupdate-qemu)
-#   LUO_KERNEL_SERIES      pin a series, e.g. 7.2 (default: newest >= 6.19)
+#   LUO_KERNEL_SERIES      pin a series >= 6.19, e.g. 7.2 (default: the newest)
 #   LUO_KERNEL_FRAGMENT    Kconfig fragment (default qemu-tests/kernel/luo.config)
 #   LUO_JOBS               make -j (default: nproc)
 #   LUO_APT_MAX_AGE        seconds before the private apt lists are refreshed (21600)
@@ -72,10 +72,9 @@ log "linux-source packages served: ${pkgs[*]:-none}"
 best_pkg="" best_ver=""
 for p in "${pkgs[@]}"; do
   series="${p#linux-source-}"
+  version_ge "$series" "$MIN_SERIES" || continue
   if [ -n "${LUO_KERNEL_SERIES:-}" ]; then
     [ "$series" = "$LUO_KERNEL_SERIES" ] || continue
-  else
-    version_ge "$series" "$MIN_SERIES" || continue
   fi
   v="$(apt-cache "${APT_PRIV[@]}" policy "$p" | awk '/Candidate:/ {print $2}')"
   [ -n "$v" ] && [ "$v" != "(none)" ] || continue

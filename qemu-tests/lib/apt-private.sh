@@ -17,7 +17,7 @@ apt_private_init() {
   mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/archives/partial" \
            "$APT_DIR/sources.list.d" "$APT_DIR/preferences.d"
   local kr=/usr/share/keyrings/debian-archive-keyring.gpg
-  cat > "$APT_DIR/sources.list.new" <<SRC
+  cat > "$APT_DIR/sources.list.new.$$" <<SRC
 deb [signed-by=$kr] $LUO_DEBIAN_MIRROR $LUO_STOCK_RELEASE main
 deb [signed-by=$kr] $LUO_DEBIAN_MIRROR $LUO_STOCK_RELEASE-updates main
 deb [signed-by=$kr] $LUO_DEBIAN_SECURITY_MIRROR $LUO_STOCK_RELEASE-security main
@@ -25,11 +25,11 @@ deb [signed-by=$kr] $LUO_DEBIAN_MIRROR sid main
 deb [signed-by=$kr] $LUO_DEBIAN_MIRROR experimental main
 SRC
   # A changed sources.list invalidates the "recently updated" stamp.
-  if ! cmp -s "$APT_DIR/sources.list.new" "$APT_DIR/sources.list"; then
-    mv "$APT_DIR/sources.list.new" "$APT_DIR/sources.list"
+  if ! cmp -s "$APT_DIR/sources.list.new.$$" "$APT_DIR/sources.list"; then
+    mv "$APT_DIR/sources.list.new.$$" "$APT_DIR/sources.list"
     rm -f "$APT_DIR/last-update"
   else
-    rm -f "$APT_DIR/sources.list.new"
+    rm -f "$APT_DIR/sources.list.new.$$"
   fi
   APT_PRIV=(
     -o "Dir::State=$APT_DIR"
@@ -51,13 +51,20 @@ SRC
 }
 
 # Refresh the private lists at most every $1 seconds (default 6 h).
+# Serialized with a lock so that concurrent scripts do not race.
 apt_private_update() {
-  local max_age="${1:-21600}" stamp="$APT_DIR/last-update"
+  local max_age="${1:-21600}" stamp="$APT_DIR/last-update" rc=0
+  mkdir -p "$APT_DIR"
+  exec 8>"$APT_DIR/.lock"
+  flock 8
   apt_private_init
   if [ -f "$stamp" ] && [ $(( $(date +%s) - $(stat -c %Y "$stamp") )) -lt "$max_age" ]; then
+    flock -u 8
     return 0
   fi
   echo "apt-private: apt-get ${APT_PRIV[*]} update" >&2
-  apt-get "${APT_PRIV[@]}" -q update >&2 </dev/null
-  touch "$stamp"
+  apt-get "${APT_PRIV[@]}" -q update >&2 </dev/null || rc=$?
+  [ "$rc" -ne 0 ] || touch "$stamp"
+  flock -u 8
+  return "$rc"
 }
