@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== cargo build --workspace --bins (the integration tests drive luod and luoctl)"
+cargo build --workspace --bins --locked 2>&1
 echo "== cargo test --workspace"
 cargo test --workspace --locked 2>&1
 
