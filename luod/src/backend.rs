@@ -7,7 +7,7 @@ use liveupdate::systemd::{Notifier, SystemdFdStore, take_listen_fds};
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
 use liveupdate::kernel::luo::{Luo, MemfdRegion};
 use liveupdate::kernel::reserved::{self, RangeKind, ReservedRegion};
-use liveupdate::record::RecordStore;
+use liveupdate::record::{RecordError, RecordStore};
 use liveupdate::region::{FileRegion, Region};
 use liveupdate::subsystem::Registry;
 use std::fs::File;
@@ -144,9 +144,26 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
     }
     let existing = lock.metadata().map_err(io("cannot stat region", &path))?.len();
     let size = if existing > 0 { existing } else { args.region_size };
-    let store = RecordStore::new(FileRegion::open(&path, size)?)?;
+    let mut note = None;
+    let store = match RecordStore::new(FileRegion::open(&path, size)?) {
+        Err(RecordError::RegionTooSmall { need, have }) if existing > 0 => {
+            // Too short for two slots (truncated, or not a region): nothing
+            // in it can be a whole record. Growing keeps its bytes.
+            let grown = need.max(args.region_size);
+            note = Some(format!(
+                "region {} was only {have} bytes, too small for two record slots (truncated?); grown to {grown} bytes",
+                path.display()
+            ));
+            RecordStore::new(FileRegion::open(&path, grown)?)?
+        }
+        other => other?,
+    };
     let kernel = Emulated::new("file", KexecMode::Simulated, Some(holder(args)?));
-    let engine = open_engine(Box::new(kernel), store, true, Vec::new())?;
+    let mut engine = open_engine(Box::new(kernel), store, true, Vec::new())?;
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+        engine.add_note(note);
+    }
     Ok(Started { engine, _lock: Some(lock) })
 }
 

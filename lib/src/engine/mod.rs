@@ -117,6 +117,12 @@ impl<R: Region> Engine<R> {
             .collect()
     }
 
+    /// Adds a note for `status` (something the operator should know about
+    /// how luod started).
+    pub fn add_note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
     /// Stops the engine and returns its record store (the region outlives
     /// luod, as it outlives a kexec).
     pub fn into_store(self) -> RecordStore<R> {
