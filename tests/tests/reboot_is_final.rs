@@ -29,19 +29,11 @@ fn greeted(luod: &Luod) -> UnixStream {
     sock
 }
 
-/// What became of a `cancel` sent while a `reboot` was on its way.
-enum Race {
-    /// The cancel waited (more than 5 ms) for the engine the reboot held,
-    /// then got this.
-    Queued(Result<Response, FrameError>),
-    /// The cancel was answered at once: it ran before the reboot, and the
-    /// run says nothing.
-    Before,
-}
-
 /// A frozen luod with one file: sends `reboot`, and `cancel` on a second
-/// connection right after it.
-fn cancel_during_reboot(luod: &mut Luod, bytes: &[u8]) -> Race {
+/// connection right after it. Returns what the cancel got when it waited
+/// (more than 5 ms) for the engine the reboot held; `None` when it was
+/// answered at once, as it ran before the reboot (the run says nothing).
+fn cancel_during_reboot(luod: &mut Luod, bytes: &[u8]) -> Option<Result<Response, FrameError>> {
     let mut c = luod.client();
     c.create("vm0").expect("create");
     c.preserve("vm0", 1, memfd_with("ram", bytes).as_fd())
@@ -49,19 +41,19 @@ fn cancel_during_reboot(luod: &mut Luod, bytes: &[u8]) -> Race {
     c.prepare().expect("prepare");
     c.freeze().expect("freeze");
     let other = greeted(luod);
-    let reboot = std::thread::spawn(move || c.reboot());
+    let reboot = std::thread::spawn(move || c.reboot().map(drop).map_err(|e| e.to_string()));
     std::thread::sleep(Duration::from_millis(2));
     frame::send(&other, &Request::Cancel, &[]).expect("send cancel");
     other.set_read_timeout(Some(Duration::from_millis(5))).expect("timeout");
     let race = match frame::recv::<Response>(&other) {
         Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
             other.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-            Race::Queued(frame::recv::<Response>(&other).map(|(r, _)| r))
+            Some(frame::recv::<Response>(&other).map(|(r, _)| r))
         }
-        _ => Race::Before,
+        _ => None,
     };
     let rebooted = reboot.join().expect("reboot thread");
-    if let Race::Queued(_) = race {
+    if race.is_some() {
         rebooted.expect("the reboot that held the engine succeeds");
     }
     race
@@ -79,9 +71,8 @@ fn a_cancel_that_waited_behind_a_successful_reboot_is_refused_and_the_update_goe
     let mut queued = 0;
     for _attempt in 0..20 {
         let mut luod = Luod::started("128M");
-        let cancel = match cancel_during_reboot(&mut luod, &bytes) {
-            Race::Before => continue,
-            Race::Queued(cancel) => cancel,
+        let Some(cancel) = cancel_during_reboot(&mut luod, &bytes) else {
+            continue;
         };
         assert!(
             !matches!(cancel, Ok(Response::Transition(_))),
