@@ -98,3 +98,42 @@ fn luod_killed_after_prepare_can_cancel_and_keeps_the_sessions() {
     luod.client().prepare().expect("prepare again");
     complete_the_cycle(&mut luod, &set);
 }
+
+#[test]
+fn luod_killed_in_updated_keeps_the_files_not_yet_retrieved() {
+    let (mut luod, set) = luod_with_files();
+    let mut c = luod.client();
+    c.prepare().expect("prepare");
+    c.reboot().expect("reboot");
+    drop(c);
+    luod.expect_kexec_exit();
+    luod.start();
+    // One file is taken back before the crash, the others after it.
+    let mut c = luod.client();
+    retrieve_and_compare(&mut c, &set[..1]);
+    drop(c);
+
+    luod.kill();
+    luod.start();
+    let mut c = luod.client();
+    let status = c.status();
+    assert_eq!(status.state, State::Updated);
+    assert_eq!(
+        sessions_seen(&status.sessions),
+        sessions_of(&set),
+        "every file is still listed"
+    );
+    let retrieved: Vec<bool> = status
+        .sessions
+        .iter()
+        .flat_map(|s| s.files.iter().map(|f| f.retrieved))
+        .collect();
+    assert_eq!(
+        retrieved,
+        [true, false, false, false],
+        "the first file was retrieved before the crash"
+    );
+    retrieve_and_compare(&mut c, &set[1..]);
+    c.finish().expect("finish");
+    assert_eq!(c.status().live_updates, 1);
+}
