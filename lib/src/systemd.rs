@@ -92,12 +92,10 @@ pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
     let pid_ok = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
     let n: usize = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-    // SAFETY: called once at startup, before luod starts threads, so no
-    // other thread reads the environment concurrently.
-    unsafe {
-        std::env::remove_var("LISTEN_PID");
-        std::env::remove_var("LISTEN_FDS");
-        std::env::remove_var("LISTEN_FDNAMES");
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // SAFETY: called once at startup, before luod starts threads, so no
+        // other thread reads the environment concurrently.
+        unsafe { std::env::remove_var(var) };
     }
     if !pid_ok {
         return Vec::new();

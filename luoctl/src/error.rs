@@ -114,7 +114,7 @@ mod tests {
 
     #[test]
     fn a_veto_keeps_its_reason_hint_and_step() {
-        let f = Failure::client("prepare", ClientError::Server(veto()));
+        let f = Failure::client("prepare", ClientError::Server(Box::new(veto())));
         assert_eq!(f.code, ExitCode::Vetoed);
         assert_eq!(
             f.line(),
@@ -132,7 +132,7 @@ mod tests {
             hint: String::new(),
             step: None,
         };
-        let f = Failure::client("session finish vm0", ClientError::Server(reply));
+        let f = Failure::client("session finish vm0", ClientError::Server(Box::new(reply)));
         assert_eq!(f.hint, None);
         assert_eq!(f.line(), "luoctl: session finish vm0: no session named vm0");
         assert_eq!(f.code, ExitCode::NotFound);
@@ -172,7 +172,7 @@ mod tests {
             hint: String::new(),
             step: None,
         };
-        let f = Failure::client("status", ClientError::Server(reply));
+        let f = Failure::client("status", ClientError::Server(Box::new(reply)));
         assert_eq!(f.code, ExitCode::Protocol);
     }
 

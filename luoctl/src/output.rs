@@ -355,7 +355,7 @@ mod tests {
             hint: "run `luoctl prepare` first".into(),
             step: None,
         };
-        let f = Failure::client("freeze", ClientError::Server(reply));
+        let f = Failure::client("freeze", ClientError::Server(Box::new(reply)));
         assert_eq!(
             failure_json(&f, &Details::default()),
             json!({
@@ -391,7 +391,7 @@ mod tests {
             step: Some(step),
         };
         let v = failure_json(
-            &Failure::client("prepare", ClientError::Server(reply)),
+            &Failure::client("prepare", ClientError::Server(Box::new(reply))),
             &Details::default(),
         );
         assert_eq!(v["error"]["kind"], "vetoed");

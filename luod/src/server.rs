@@ -52,10 +52,10 @@ fn serve_engine<R: Region + 'static>(args: &Args, listener: UnixListener, stop: 
         engine.generation()
     );
     let engine: Shared<R> = Arc::new(Mutex::new(engine));
-    if let Some(Ok(n)) = liveupdate::systemd::Notifier::from_env() {
-        if let Err(e) = n.notify("READY=1", &[]) {
-            tracing::warn!("cannot notify systemd: {e}");
-        }
+    if let Some(Ok(n)) = liveupdate::systemd::Notifier::from_env()
+        && let Err(e) = n.notify("READY=1", &[])
+    {
+        tracing::warn!("cannot notify systemd: {e}");
     }
 
     let socket = args.socket.clone();

@@ -313,7 +313,7 @@ impl Conn {
     pub fn call_fds(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Reply<(Response, Vec<OwnedFd>)> {
         match self.client.call_fds(req, fds) {
             Ok(r) => Ok(r),
-            Err(ClientError::Server(e)) => Err(e),
+            Err(ClientError::Server(e)) => Err(*e),
             Err(e) => panic!("{} request failed: {e}", req.kind()),
         }
     }

@@ -185,10 +185,10 @@ impl<R: Region> Engine<R> {
         let recovered = self.kernel.recover()?;
         let mut changed = false;
         for s in &mut next.sessions {
-            if let Err(e) = self.kernel.create_session(&s.name) {
-                if !matches!(e, crate::kernel::KernelError::SessionExists(_)) {
-                    return Err(e.into());
-                }
+            if let Err(e) = self.kernel.create_session(&s.name)
+                && !matches!(e, crate::kernel::KernelError::SessionExists(_))
+            {
+                return Err(e.into());
             }
             let before = s.fds.len();
             let name = s.name.clone();

@@ -165,10 +165,8 @@ impl<R: Region> Engine<R> {
     }
 
     fn unload_quietly(&mut self, loaded: bool) {
-        if loaded {
-            if let Err(e) = self.kernel.unload_kernel() {
-                tracing::warn!("unloading the target kernel failed: {e}");
-            }
+        if loaded && let Err(e) = self.kernel.unload_kernel() {
+            tracing::warn!("unloading the target kernel failed: {e}");
         }
     }
 
@@ -233,10 +231,10 @@ impl<R: Region> Engine<R> {
             self.freeze(caller)?;
         }
         transition(self.record.state, Event::Reboot)?;
-        if self.record.handover.is_none() {
-            if let Err(e) = self.write_handover() {
-                return Err(self.unfreeze_after(e.to_string()));
-            }
+        if self.record.handover.is_none()
+            && let Err(e) = self.write_handover()
+        {
+            return Err(self.unfreeze_after(e.to_string()));
         }
         match self.kernel.reboot() {
             Ok(RebootOutcome::Simulated) => {

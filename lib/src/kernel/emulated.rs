@@ -90,10 +90,10 @@ impl Emulated {
     }
 
     fn unpark(&mut self, session: &SessionName, token: u64) {
-        if let Some(park) = self.park.as_mut() {
-            if let Err(e) = park.remove(&park_key(session, token)) {
-                tracing::warn!("fd holder did not drop {session}/{token}: {e}");
-            }
+        if let Some(park) = self.park.as_mut()
+            && let Err(e) = park.remove(&park_key(session, token))
+        {
+            tracing::warn!("fd holder did not drop {session}/{token}: {e}");
         }
     }
 }

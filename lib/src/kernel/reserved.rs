@@ -44,7 +44,7 @@ impl Range {
 
 fn human(n: u64) -> String {
     for (shift, suffix) in [(30, 'G'), (20, 'M'), (10, 'K')] {
-        if n != 0 && n % (1 << shift) == 0 {
+        if n != 0 && n.is_multiple_of(1 << shift) {
             return format!("{}{suffix}", n >> shift);
         }
     }

@@ -23,7 +23,7 @@ pub enum ClientError {
     Frame(#[from] FrameError),
     /// luod refused the request.
     #[error("{0}")]
-    Server(ErrorReply),
+    Server(Box<ErrorReply>),
     /// luod answered something that does not fit the request.
     #[error("luod answered {got} to a {request} request")]
     Unexpected {
@@ -89,7 +89,7 @@ impl Client {
         frame::send(&self.sock, req, fds)?;
         let (resp, fds): (Response, Vec<OwnedFd>) = frame::recv(&self.sock)?;
         match resp {
-            Response::Error(e) => Err(ClientError::Server(e)),
+            Response::Error(e) => Err(ClientError::Server(Box::new(e))),
             other => Ok((other, fds)),
         }
     }

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         };
         match reply {
             Ok(r) => results.push(Ok(r)),
-            Err(ClientError::Server(e)) => results.push(Err(e)),
+            Err(ClientError::Server(e)) => results.push(Err(*e)),
             Err(e) => {
                 eprintln!("luo-test-client: {}: {e}", req.kind());
                 return ExitCode::from(3);
