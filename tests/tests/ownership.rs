@@ -173,3 +173,80 @@ fn another_users_own_session_is_in_roots_status_but_not_in_roots_list() {
     let files: Vec<_> = status.sessions[1].files.iter().map(|f| (f.token, f.size)).collect();
     assert_eq!(files, [(1, 4096)], "nobody's preserved file");
 }
+
+#[test]
+fn another_users_session_comes_through_the_update_still_theirs() {
+    let mut luod = luod_shared_with_nobody();
+    let replies = as_nobody(
+        &luod,
+        &[
+            Request::SessionCreate {
+                name: "nobody-vm".into(),
+            },
+            Request::SessionPreserve {
+                name: "nobody-vm".into(),
+                token: 1,
+            },
+        ],
+    );
+    assert!(replies.iter().all(|r| matches!(r, Ok(Response::Done))), "{replies:?}");
+    let mut c = luod.client();
+    c.prepare().expect("prepare");
+    c.reboot().expect("reboot");
+    drop(c);
+    luod.expect_kexec_exit();
+    luod.start();
+
+    let mut c = luod.client();
+    let owners: Vec<_> = c
+        .status()
+        .sessions
+        .iter()
+        .map(|s| (s.name.clone(), s.owner_uid, s.incoming))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            ("root-vm".to_string(), 0, true),
+            ("nobody-vm".to_string(), NOBODY, true)
+        ]
+    );
+    assert_refused(
+        c.retrieve("nobody-vm", 1),
+        ErrorKind::NotFound,
+        "no session named nobody-vm",
+    );
+
+    let replies = as_nobody(
+        &luod,
+        &[
+            Request::SessionList,
+            Request::SessionRetrieve {
+                name: "root-vm".into(),
+                token: 1,
+            },
+            Request::SessionRetrieve {
+                name: "nobody-vm".into(),
+                token: 1,
+            },
+        ],
+    );
+    let listed: Vec<_> = sessions(&replies[0])
+        .iter()
+        .map(|s| (s.name.clone(), s.incoming))
+        .collect();
+    assert_eq!(
+        listed,
+        [("nobody-vm".to_string(), true)],
+        "nobody's list after the update"
+    );
+    assert_refused_reply(&replies[1], ErrorKind::NotFound, "no session named root-vm");
+    assert!(
+        matches!(replies[2], Ok(Response::Fd { size: 4096 })),
+        "nobody takes its file back: {:?}",
+        replies[2]
+    );
+
+    c.retrieve("root-vm", 1).expect("root takes its file back");
+    c.finish().expect("finish once both owners took their files back");
+}
