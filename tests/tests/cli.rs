@@ -10,6 +10,8 @@ use std::process::Output;
 /// Exit codes of luoctl (CLI.md, "Exit codes").
 const EXIT_UNREACHABLE: i32 = 4;
 const EXIT_USAGE: i32 = 2;
+const EXIT_CHECK_FAILED: i32 = 3;
+const EXIT_LOCAL_IO: i32 = 7;
 const EXIT_WRONG_STATE: i32 = 11;
 const EXIT_VETOED: i32 = 13;
 const EXIT_NOT_FOUND: i32 = 15;
@@ -342,4 +344,65 @@ fn with_json_an_error_is_one_json_object_on_stdout() {
     );
 
     assert_unchanged(&before, &luod.status());
+}
+
+#[test]
+fn a_bad_output_path_fails_before_the_file_is_taken_back() {
+    let mut luod = Luod::new("8M").launched();
+    let bytes = pattern(9, 10_000);
+    cycle_to_updated(&mut luod, &bytes);
+
+    let missing = luod.dir().join("no-such-dir").join("out");
+    let (code, stdout, stderr) = run(
+        &luod,
+        &["session", "retrieve", "vm0", "--token", "1", "--output", path(&missing)],
+    );
+    assert_eq!((code, stdout.as_str()), (EXIT_LOCAL_IO, ""), "stderr: {stderr}");
+    one_line(&stderr);
+    let status = luod.status();
+    assert!(!status.sessions[0].files[0].retrieved, "the file is still retrievable");
+
+    let out = luod.dir().join("out");
+    ok(
+        &luod,
+        &["session", "retrieve", "vm0", "--token", "1", "--output", path(&out)],
+    );
+    assert_same_bytes(
+        "the retrieved file",
+        &std::fs::read(&out).expect("read the output"),
+        &bytes,
+    );
+}
+
+#[test]
+fn check_exits_3_and_names_the_failing_item_when_prepare_would_be_refused() {
+    let luod = Luod::started("4M");
+    let big = luod.dir().join("big");
+    std::fs::write(&big, pattern(5, 3 << 20)).expect("write a 3 MiB file");
+    ok(&luod, &["session", "create", "vm0"]);
+    ok(
+        &luod,
+        &["session", "preserve", "vm0", "--token", "1", "--file", path(&big)],
+    );
+
+    let (code, v) = json(&luod, &["check"]);
+    assert_eq!(code, EXIT_CHECK_FAILED, "{v}");
+    assert_eq!(v["ok"], false);
+    let items: Vec<(&str, bool)> = v["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| (i["name"].as_str().expect("name"), i["ok"].as_bool().expect("ok")))
+        .collect();
+    assert_eq!(
+        items,
+        [
+            ("state", true),
+            ("privilege", true),
+            ("target kernel", true),
+            ("region capacity", false)
+        ]
+    );
+    assert_eq!(v["error"]["kind"], "check-failed");
+    assert_eq!(luod.status().state, State::Normal, "check changes nothing");
 }
