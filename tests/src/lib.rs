@@ -72,6 +72,11 @@ impl Luod {
     /// A luod that is not started yet, whose region is created with
     /// `region_size` bytes (`8M`, `128M`, ...).
     pub fn new(region_size: &str) -> Luod {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the end-to-end tests run as root, as CI does: transitions need root or CAP_SYS_BOOT, \
+             and the tests check that sessions belong to uid 0"
+        );
         let dir = tempfile::Builder::new()
             .prefix("luod-test-")
             .tempdir()
