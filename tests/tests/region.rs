@@ -124,8 +124,11 @@ fn assert_starts_empty_with_a_note(image: &[u8]) {
     assert_eq!(status.generation, 0);
     assert!(status.sessions.is_empty(), "nothing preserved: {:?}", status.sessions);
     assert_eq!(status.last_cycle, None);
-    assert_eq!(status.notes.len(), 1, "one note: {:?}", status.notes);
-    let note = &status.notes[0];
+    let note = status
+        .notes
+        .iter()
+        .find(|n| n.starts_with("the region held no valid record"))
+        .unwrap_or_else(|| panic!("a note says the region held no valid record: {:?}", status.notes));
     assert!(note.starts_with("the region held no valid record ("), "note: {note}");
     assert!(
         note.ends_with("); starting in normal with nothing preserved"),
@@ -156,9 +159,32 @@ fn a_region_truncated_to_half_starts_in_normal_and_says_why() {
     assert_starts_empty_with_a_note(&image[..image.len() / 2]);
 }
 
+/// A region file too short for two slots is grown back; it says so.
+#[track_caller]
+fn assert_grown_with_a_note(luod_status: &liveupdate::protocol::StatusReport, was: usize) {
+    assert!(
+        luod_status
+            .notes
+            .iter()
+            .any(|n| n.contains(&format!("was only {was} bytes, too small for two record slots"))),
+        "a note says the region was too small and grown: {:?}",
+        luod_status.notes
+    );
+}
+
+#[test]
+fn a_region_truncated_inside_its_first_header_starts_in_normal_and_says_why() {
+    let image = region_at_generation_4();
+    assert_starts_empty_with_a_note(&image[..40]);
+    let mut luod = luod_on(&image[..40]);
+    luod.start();
+    assert_grown_with_a_note(&luod.status(), 40);
+}
+
 #[test]
 fn a_region_truncated_below_two_slots_starts_in_normal_and_says_why() {
-    // Too short to hold any record: there is nothing to lose in it.
+    // Only slot A's first page is left: the newest record (slot B) is gone,
+    // and the region no longer has the layout its records were written for.
     let image = region_at_generation_4();
     assert_starts_empty_with_a_note(&image[..4096]);
 }
