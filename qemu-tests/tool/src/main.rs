@@ -1,0 +1,537 @@
+//! `luo-qemu-tool`: the guest-side helper of the QEMU scenarios
+//! (`qemu-tests/scenarios.py`). It runs inside the test guest, statically
+//! linked, next to `luod` and `luoctl`.
+//!
+//! - `fill`: creates many sessions with many memfds in one process through
+//!   luod's socket ([`Client`]), with deterministic contents, and writes a
+//!   manifest (`session token size sha256` per file). Used where one
+//!   `luoctl` process per file would be too slow under TCG (500 sessions,
+//!   1,000 files).
+//! - `check`: after the kexec, retrieves every file of a manifest, hashes it
+//!   and compares size and SHA-256 with the manifest.
+//! - `gen`: writes a file of deterministic pseudo-random bytes and prints its
+//!   SHA-256 (faster than `/dev/urandom` under TCG).
+//! - `probe`: asks `/dev/liveupdate` for sessions of the previous kernel by
+//!   name (`RETRIEVE_SESSION`) and reports what the kernel says.
+//! - `kexec`: a bare `kexec_file_load` + `reboot(LINUX_REBOOT_CMD_KEXEC)`,
+//!   without luod (the baseline of the blackout benchmark, and the "kexec
+//!   anyway" of the cancel scenario).
+//! - `bench-copy`: the reserved-memory copy benchmark: `RecordStore::write`
+//!   of a memfd into the mapped `memmap=` range against a plain copy of the
+//!   same number of bytes.
+//!
+//! Markers for the host (`@@LUO ...`) are printed on stdout, which the
+//! scenario's `/init` sends to the serial console.
+
+use liveupdate::kernel::{kexec, memfd, uapi};
+use liveupdate::protocol::client::Client;
+use liveupdate::protocol::{Request, Response};
+use liveupdate::record::{DataSource, FdRecord, HandoverRecord, RecordStore, SessionRecord};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+type Result<T> = std::result::Result<T, String>;
+
+const USAGE: &str = "usage: luo-qemu-tool COMMAND [OPTIONS]
+  fill  --prefix P --sessions N --files F [--sizes 0,4096,...] [--seed S] --manifest PATH
+        [--socket PATH] [--marker PHASE] [--print-each]
+  check --manifest PATH [--socket PATH] [--marker PHASE] [--print-each] [--finish-sessions]
+  gen   --size SIZE --out PATH [--seed S]
+  probe [--dev /dev/liveupdate] [--expect absent|present] NAME...
+  kexec --kernel K [--initrd I] --cmdline C [--mark NAME]
+  bench-copy --region SIZE$ADDR [--size 64M] [--reps 3]";
+
+/// Parsed `--key value` options and bare words.
+#[derive(Debug, Default)]
+struct Opts {
+    kv: BTreeMap<String, String>,
+    flags: Vec<String>,
+    words: Vec<String>,
+}
+
+const FLAGS: &[&str] = &["print-each", "finish-sessions"];
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Opts> {
+        let mut o = Opts::default();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(key) = a.strip_prefix("--") {
+                if FLAGS.contains(&key) {
+                    o.flags.push(key.to_string());
+                } else {
+                    let v = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+                    o.kv.insert(key.to_string(), v.clone());
+                }
+            } else {
+                o.words.push(a.clone());
+            }
+        }
+        Ok(o)
+    }
+    fn get(&self, key: &str) -> Option<&str> {
+        self.kv.get(key).map(String::as_str)
+    }
+    fn req(&self, key: &str) -> Result<&str> {
+        self.get(key).ok_or_else(|| format!("--{key} is required"))
+    }
+    fn num(&self, key: &str, default: u64) -> Result<u64> {
+        self.get(key).map_or(Ok(default), parse_size)
+    }
+    fn flag(&self, key: &str) -> bool {
+        self.flags.iter().any(|f| f == key)
+    }
+    fn socket(&self) -> PathBuf {
+        PathBuf::from(self.get("socket").unwrap_or(liveupdate::protocol::DEFAULT_SOCKET))
+    }
+}
+
+/// `4096`, `64K`, `3M`, `1G`, or hex `0x...`.
+fn parse_size(s: &str) -> Result<u64> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n = match num.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => num.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a size"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{s} is too large"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    liveupdate::engine::hex(bytes)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), seeded per file.
+fn fill_bytes(seed: u64, buf: &mut [u8]) {
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    if x == 0 {
+        x = 1;
+    }
+    let mut chunks = buf.chunks_exact_mut(8);
+    for c in &mut chunks {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        c.copy_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    let rest = chunks.into_remainder();
+    let tail = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+    let n = rest.len();
+    rest.copy_from_slice(&tail[..n]);
+}
+
+fn file_seed(seed: u64, session: u64, token: u64) -> u64 {
+    seed.wrapping_mul(0x100_0000_01B3) ^ session.wrapping_mul(0xA24B_AED4_963E_E407) ^ token.wrapping_mul(0x9FB2_1C65_1E98_DF25)
+}
+
+/// SHA-256 of a file descriptor's contents, read with pread in 1 MiB chunks.
+fn sha256_fd(fd: BorrowedFd<'_>) -> Result<(u64, String)> {
+    let file = File::from(fd.try_clone_to_owned().map_err(|e| e.to_string())?);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = FileExt::read_at(&file, &mut buf, off).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok((off, hex(&h.finalize())))
+}
+
+fn marker(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "@@LUO {line}");
+    let _ = out.flush();
+}
+
+/// One preserved file of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    session: String,
+    token: u64,
+    size: u64,
+    sha256: String,
+}
+
+impl Entry {
+    fn line(&self) -> String {
+        format!("{} {} {} {}", self.session, self.token, self.size, self.sha256)
+    }
+}
+
+/// SHA-256 of the manifest text: one digest for every file's size and hash.
+fn manifest_digest(entries: &[Entry]) -> String {
+    let mut h = Sha256::new();
+    for e in entries {
+        h.update(e.line().as_bytes());
+        h.update(b"\n");
+    }
+    hex(&h.finalize())
+}
+
+fn connect(o: &Opts) -> Result<Client> {
+    Client::connect(&o.socket(), "luo-qemu-tool").map_err(|e| e.to_string())
+}
+
+fn cmd_fill(o: &Opts) -> Result<()> {
+    let prefix = o.req("prefix")?;
+    let sessions = o.num("sessions", 1)?;
+    let files = o.num("files", 1)?;
+    let seed = o.num("seed", 1)?;
+    let sizes: Vec<u64> =
+        o.get("sizes").unwrap_or("4096").split(',').map(parse_size).collect::<Result<_>>()?;
+    if sizes.is_empty() {
+        return Err("--sizes is empty".into());
+    }
+    let manifest = PathBuf::from(o.req("manifest")?);
+    let mut client = connect(o)?;
+    let started = Instant::now();
+    let mut entries = Vec::new();
+    let mut bytes = 0u64;
+    let mut buf = Vec::new();
+    for s in 0..sessions {
+        let name = format!("{prefix}{s:04}");
+        client.call(&Request::SessionCreate { name: name.clone() }).map_err(|e| format!("session create {name}: {e}"))?;
+        for f in 0..files {
+            // Tokens are spread over the u64 range, not just 1..n.
+            let token = match f {
+                0 => 1,
+                1 => u64::MAX,
+                _ => f.wrapping_mul(0x0001_0000_0001) + 7,
+            };
+            let size = sizes[((s * files + f) % sizes.len() as u64) as usize];
+            buf.resize(size as usize, 0);
+            fill_bytes(file_seed(seed, s, token), &mut buf);
+            let fd = memfd::from_bytes(&format!("{name}/{token}"), &buf).map_err(|e| format!("memfd: {e}"))?;
+            let (len, sha256) = sha256_fd(fd.as_fd())?;
+            client
+                .call_fds(&Request::SessionPreserve { name: name.clone(), token }, &[fd.as_fd()])
+                .map_err(|e| format!("session preserve {name} token {token}: {e}"))?;
+            drop(fd);
+            bytes += len;
+            entries.push(Entry { session: name.clone(), token, size: len, sha256 });
+        }
+    }
+    let mut text = String::new();
+    for e in &entries {
+        text.push_str(&e.line());
+        text.push('\n');
+    }
+    std::fs::write(&manifest, text).map_err(|e| format!("{}: {e}", manifest.display()))?;
+    let digest = manifest_digest(&entries);
+    println!(
+        "fill: {sessions} session(s), {} file(s), {bytes} bytes preserved in {:.2} s; manifest {} sha256 {digest}",
+        entries.len(),
+        started.elapsed().as_secs_f64(),
+        manifest.display()
+    );
+    if let Some(phase) = o.get("marker") {
+        if o.flag("print-each") {
+            for e in &entries {
+                marker(&format!("hash {phase} {}/{} {} {}", e.session, e.token, e.sha256, e.size));
+            }
+        }
+        marker(&format!("hash {phase} manifest:{prefix} {digest} {}", entries.len()));
+    }
+    Ok(())
+}
+
+fn read_manifest(path: &Path) -> Result<Vec<Entry>> {
+    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if w.len() != 4 {
+            return Err(format!("bad manifest line {line:?}"));
+        }
+        out.push(Entry {
+            session: w[0].to_string(),
+            token: w[1].parse().map_err(|_| format!("bad token in {line:?}"))?,
+            size: w[2].parse().map_err(|_| format!("bad size in {line:?}"))?,
+            sha256: w[3].to_string(),
+        });
+    }
+    Ok(out)
+}
+
+fn cmd_check(o: &Opts) -> Result<()> {
+    let path = PathBuf::from(o.req("manifest")?);
+    let expected = read_manifest(&path)?;
+    let prefix = expected.first().map(|e| e.session.trim_end_matches(|c: char| c.is_ascii_digit()).to_string());
+    let mut client = connect(o)?;
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut bad = 0;
+    let mut bytes = 0;
+    for e in &expected {
+        let req = Request::SessionRetrieve { name: e.session.clone(), token: e.token };
+        let (resp, fds) = client.call_fds(&req, &[]).map_err(|err| format!("session retrieve {} token {}: {err}", e.session, e.token))?;
+        let Response::Fd { size } = resp else {
+            return Err(format!("session retrieve {} token {}: unexpected answer {resp:?}", e.session, e.token));
+        };
+        let fd = fds.into_iter().next().ok_or_else(|| format!("session retrieve {} token {}: no fd came back", e.session, e.token))?;
+        let (len, sha256) = sha256_fd(fd.as_fd())?;
+        if len != size || len != e.size || sha256 != e.sha256 {
+            bad += 1;
+            println!(
+                "MISMATCH {}/{}: expected {} bytes sha256 {}, got {len} bytes (luod said {size}) sha256 {sha256}",
+                e.session, e.token, e.size, e.sha256
+            );
+        }
+        bytes += len;
+        got.push(Entry { session: e.session.clone(), token: e.token, size: len, sha256 });
+    }
+    if o.flag("finish-sessions") {
+        let mut names: Vec<&str> = expected.iter().map(|e| e.session.as_str()).collect();
+        names.dedup();
+        for name in names {
+            client
+                .call(&Request::SessionFinish { name: name.to_string() })
+                .map_err(|e| format!("session finish {name}: {e}"))?;
+        }
+    }
+    let digest = manifest_digest(&got);
+    println!(
+        "check: {} file(s), {bytes} bytes retrieved in {:.2} s: {} identical, {bad} different; sha256 of the retrieved manifest {digest}",
+        got.len(),
+        started.elapsed().as_secs_f64(),
+        got.len() - bad
+    );
+    if let Some(phase) = o.get("marker") {
+        if o.flag("print-each") {
+            for e in &got {
+                marker(&format!("hash {phase} {}/{} {} {}", e.session, e.token, e.sha256, e.size));
+            }
+        }
+        marker(&format!("hash {phase} manifest:{} {digest} {}", prefix.unwrap_or_default(), got.len()));
+    }
+    if bad > 0 {
+        return Err(format!("{bad} of {} file(s) differ from the manifest", got.len()));
+    }
+    Ok(())
+}
+
+fn cmd_gen(o: &Opts) -> Result<()> {
+    let size = o.num("size", 0)?;
+    let seed = o.num("seed", 1)?;
+    let out = o.req("out")?;
+    let file = File::create(out).map_err(|e| format!("{out}: {e}"))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    let mut chunk = 0u64;
+    while off < size {
+        let n = (size - off).min(buf.len() as u64) as usize;
+        fill_bytes(file_seed(seed, chunk, 0), &mut buf[..n]);
+        file.write_all_at(&buf[..n], off).map_err(|e| format!("{out}: {e}"))?;
+        h.update(&buf[..n]);
+        off += n as u64;
+        chunk += 1;
+    }
+    println!("{}  {out}", hex(&h.finalize()));
+    Ok(())
+}
+
+fn cmd_probe(o: &Opts) -> Result<()> {
+    let dev = o.get("dev").unwrap_or("/dev/liveupdate");
+    let expect = o.get("expect");
+    let fd = nix::fcntl::open(dev, nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+        .map_err(|e| format!("open {dev}: {e}"))?;
+    let mut wrong = 0;
+    for name in &o.words {
+        let found = match uapi::retrieve_session(fd.as_fd(), name) {
+            Ok(session) => {
+                let files: Vec<String> = (0..8u64)
+                    .chain([u64::MAX])
+                    .filter(|t| uapi::retrieve_fd(session.as_fd(), *t).is_ok())
+                    .map(|t| t.to_string())
+                    .collect();
+                println!("probe: RETRIEVE_SESSION {name}: present (tokens found among 0..7,MAX: {files:?})");
+                "present"
+            }
+            Err(e) => {
+                println!("probe: RETRIEVE_SESSION {name}: {e} ({})", e.desc());
+                if e == nix::errno::Errno::ENOENT { "absent" } else { "error" }
+            }
+        };
+        if expect.is_some_and(|x| x != found) {
+            wrong += 1;
+        }
+    }
+    if wrong > 0 {
+        return Err(format!("{wrong} session(s) not {}", expect.unwrap_or_default()));
+    }
+    Ok(())
+}
+
+fn cmd_kexec(o: &Opts) -> Result<()> {
+    let kernel = PathBuf::from(o.req("kernel")?);
+    let initrd = o.get("initrd").map(PathBuf::from);
+    let started = Instant::now();
+    kexec::load(&kernel, initrd.as_deref(), o.req("cmdline")?).map_err(|e| e.to_string())?;
+    println!("kexec: kexec_file_load took {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    if let Some(name) = o.get("mark") {
+        marker(&format!("mark {name}"));
+    }
+    // Wait until the console has sent every byte: the marker must leave the
+    // guest before the kexec does.
+    // SAFETY: tcdrain only waits on the descriptor, which stays open.
+    let _ = unsafe { libc::tcdrain(1) };
+    Err(kexec::reboot_into_loaded().to_string())
+}
+
+/// Runs `f` and returns its duration in seconds with its value.
+fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
+    let t = Instant::now();
+    let v = f()?;
+    Ok((t.elapsed().as_secs_f64(), v))
+}
+
+fn cmd_bench_copy(o: &Opts) -> Result<()> {
+    use liveupdate::kernel::reserved::{ReservedRegion, parse_memmap};
+    let spec = o.req("region")?;
+    let range = parse_memmap(spec.trim_start_matches("memmap=")).map_err(|e| e.to_string())?;
+    let size = o.num("size", 64 << 20)?;
+    let reps = o.num("reps", 3)?.max(1);
+    let region = ReservedRegion::open(range, None).map_err(|e| e.to_string())?;
+    let mut store = RecordStore::new(region).map_err(|e| e.to_string())?;
+    if store.data_capacity() < size {
+        return Err(format!("the region holds {} bytes of data, less than {size}", store.data_capacity()));
+    }
+    // The memfd a client would have preserved, filled with pseudo-random bytes.
+    let fd = memfd::create("bench").map_err(|e| e.to_string())?;
+    {
+        let f = File::from(fd.try_clone().map_err(|e| e.to_string())?);
+        f.set_len(size).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(buf.len() as u64) as usize;
+            fill_bytes(off, &mut buf[..n]);
+            f.write_all_at(&buf[..n], off).map_err(|e| e.to_string())?;
+            off += n as u64;
+        }
+    }
+    let src_map = {
+        let f = File::from(fd.try_clone().map_err(|e| e.to_string())?);
+        // SAFETY: the memfd was created above and is private to this
+        // process; nothing truncates it while the mapping lives.
+        unsafe { memmap2::Mmap::map(&f) }.map_err(|e| e.to_string())?
+    };
+    let name = liveupdate::names::SessionName::new("bench").map_err(|e| e.to_string())?;
+    let mut record = HandoverRecord::new("reserved-memory");
+    record.sessions.push(SessionRecord {
+        name,
+        owner_uid: 0,
+        fds: vec![FdRecord { token: 1, size, data: Some(0), retrieved: false }],
+        incoming: false,
+    });
+    let mut ram_dst = vec![0u8; size as usize];
+    ram_dst.iter_mut().step_by(4096).for_each(|b| *b = 1);
+    let mib = size as f64 / (1 << 20) as f64;
+    let mut best = [f64::MAX; 4];
+    for rep in 0..reps {
+        // 1. memcpy RAM -> RAM (the baseline of the issue).
+        let (t_memcpy, ()) = time(|| {
+            ram_dst.copy_from_slice(&src_map);
+            Ok(())
+        })?;
+        std::hint::black_box(&ram_dst);
+        // 2. luod's copy: RecordStore::write of the memfd into the region.
+        let src = memfd::FdSource::new(fd.as_fd()).map_err(|e| e.to_string())?;
+        let (t_record, report) = time(|| store.write(&mut record, &[&src as &dyn DataSource]).map_err(|e| e.to_string()))?;
+        // 3. memcpy memfd mapping -> the region mapping (same destination).
+        let region_bytes = {
+            let r = store.region();
+            let p = liveupdate::region::Region::bytes(r).as_ptr();
+            (p, liveupdate::region::Region::len(r))
+        };
+        let (t_region, ()) = time(|| {
+            let off = region_bytes.1 / 2;
+            let n = size as usize;
+            if off + n > region_bytes.1 {
+                return Err("region too small for the plain copy".into());
+            }
+            // SAFETY: the destination is inside the region's mapping (checked
+            // above), which `store` keeps alive and nothing else uses during
+            // this copy; source and destination do not overlap (the source is
+            // the memfd's own mapping).
+            unsafe { std::ptr::copy_nonoverlapping(src_map.as_ptr(), region_bytes.0.cast_mut().add(off), n) };
+            Ok(())
+        })?;
+        // 4. Read the memfd with pread into RAM (what FdSource does).
+        let (t_pread, ()) = time(|| {
+            src.read_into(&mut ram_dst).map_err(|e| e.to_string())?;
+            Ok(())
+        })?;
+        println!(
+            "bench-copy rep {}: memcpy RAM->RAM {:.1} ms ({:.0} MiB/s); RecordStore::write gen {} {:.1} ms ({:.0} MiB/s); memcpy memfd->region {:.1} ms ({:.0} MiB/s); pread memfd->RAM {:.1} ms ({:.0} MiB/s)",
+            rep + 1,
+            t_memcpy * 1e3,
+            mib / t_memcpy,
+            report.generation,
+            t_record * 1e3,
+            mib / t_record,
+            t_region * 1e3,
+            mib / t_region,
+            t_pread * 1e3,
+            mib / t_pread,
+        );
+        for (b, t) in best.iter_mut().zip([t_memcpy, t_record, t_region, t_pread]) {
+            *b = b.min(t);
+        }
+    }
+    let [memcpy, record_t, region_t, pread] = best;
+    marker(&format!("bench copy_bytes {size}"));
+    marker(&format!("bench memcpy_ram_ms {:.3}", memcpy * 1e3));
+    marker(&format!("bench record_write_ms {:.3}", record_t * 1e3));
+    marker(&format!("bench memcpy_region_ms {:.3}", region_t * 1e3));
+    marker(&format!("bench pread_ms {:.3}", pread * 1e3));
+    marker(&format!("bench copy_ratio {:.3}", memcpy / record_t));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let run = || -> Result<()> {
+        let o = Opts::parse(rest)?;
+        match cmd.as_str() {
+            "fill" => cmd_fill(&o),
+            "check" => cmd_check(&o),
+            "gen" => cmd_gen(&o),
+            "probe" => cmd_probe(&o),
+            "kexec" => cmd_kexec(&o),
+            "bench-copy" => cmd_bench_copy(&o),
+            _ => Err(format!("unknown command {cmd:?}\n{USAGE}")),
+        }
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luo-qemu-tool {cmd}: {e}");
+            let _ = std::io::stderr().flush();
+            let _ = std::io::stdout().flush();
+            ExitCode::FAILURE
+        }
+    }
+}
