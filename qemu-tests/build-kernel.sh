@@ -44,7 +44,7 @@ check_config() {
   if [ "${#missing[@]}" -gt 0 ]; then
     log "the built .config ($cfg) lacks: ${missing[*]}"
     for sym in "${missing[@]}"; do
-      log "  $(grep -E "^(# )?$sym[= ]" "$cfg" || echo "$sym: absent from .config (dependency not met?)")"
+      log "  $(grep -E "^(# )?${sym}[= ]" "$cfg" || echo "$sym: absent from .config (dependency not met?)")"
     done
     return 1
   fi
@@ -145,7 +145,7 @@ while IFS= read -r line; do
   case "$line" in CONFIG_*=*) ;; *) continue ;; esac
   sym="${line%%=*}"
   if ! grep -qx "$line" "$obj/.config"; then
-    got="$(grep -E "^(# )?$sym[= ]" "$obj/.config" || echo 'absent')"
+    got="$(grep -E "^(# )?${sym}[= ]" "$obj/.config" || echo 'absent')"
     log "note: fragment asks $line, .config has: $got"
     dropped=$((dropped + 1))
   fi

@@ -93,7 +93,7 @@ config="$(ls "$out"/root/boot/config-* | head -n1)"
   missing=0
   for n in "${NEEDS[@]}"; do
     want="${n%%|*}" why="${n#*|}" sym="${want%%=*}"
-    got="$(grep -E "^(# )?$sym[= ]" "$config" || echo "$sym absent")"
+    got="$(grep -E "^(# )?${sym}[= ]" "$config" || echo "$sym absent")"
     if [ "$got" = "$want" ]; then
       echo "  ok       $got  ($why)"
     else
@@ -103,7 +103,7 @@ config="$(ls "$out"/root/boot/config-* | head -n1)"
   done
   echo "  ok       memmap= (x86 core boot parameter, always built in)"
   for sym in "${INFO[@]}"; do
-    echo "  info     $(grep -E "^(# )?$sym[= ]" "$config" || echo "$sym absent")"
+    echo "  info     $(grep -E "^(# )?${sym}[= ]" "$config" || echo "$sym absent")"
   done
   echo "built-in requirements missing: $missing"
 } | tee "$out/report.txt" >&2
