@@ -87,7 +87,7 @@ log "serial log: $serial"
 t_q=$(now_ms)
 start_us=${EPOCHREALTIME/./}
 set +e
-timeout "$tmo" "${qemu[@]}" </dev/null 2>&1 | while IFS= read -r line; do
+timeout "$tmo" "${qemu[@]}" </dev/null 2>&1 | while IFS= read -r line || [ -n "$line" ]; do
   now_us=${EPOCHREALTIME/./}
   line=${line%$'\r'}
   d=$(( (now_us - start_us) / 1000 ))
