@@ -1,0 +1,459 @@
+#!/usr/bin/env python3
+"""Run the real-kernel QEMU scenarios (called by qemu-tests/run.sh).
+
+Each scenario boots a kernel under QEMU (TCG) with a busybox initramfs that
+holds luod, luoctl, luo-qemu-tool, the kernel itself (/kernel, the kexec
+target), qemu-tests/guest/scenario-init as /init and
+qemu-tests/scenarios/NAME.sh as /scenario.sh. The guest prints "@@LUO ..."
+markers on the serial console (see scenario-init); this runner follows the
+console, stamps every line with the host's monotonic clock, enforces a
+timeout per step (the guest announces each step with its timeout) and one
+per scenario, and checks on the host side that every file hashed before
+the kexec has the same SHA-256 after it.
+
+Output: one line per scenario, "PASS name 12.3 s" or "FAIL name 12.3 s:
+why" (details indented below it; on failure the failed step and the last
+40 console lines), then exactly "N passed, N failed". Exit status 1 if any
+failed.
+"""
+
+import argparse
+import collections
+import os
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LUO_CMDLINE = "console=ttyS0 liveupdate=on panic=-1 luo_boot=1"
+STOCK_CMDLINE = "console=ttyS0 panic=-1 luo_boot=1"
+
+
+class Scenario:
+    def __init__(self, name, kernel, boots, hashes, cmdline_extra="", mem=1024, timeout=300,
+                 boot_timeout=None, bench=False):
+        self.name = name
+        self.kernel = kernel  # "luo" or "stock"
+        self.boots = boots  # kernels the chain must reach
+        self.hashes = hashes  # files hashed before the kexec must match after it
+        self.cmdline_extra = cmdline_extra
+        self.mem = mem
+        self.timeout = timeout
+        self.boot_timeout = boot_timeout or (90 if kernel == "luo" else 180)
+        self.bench = bench
+
+    @property
+    def script(self):
+        return os.path.join(HERE, "scenarios", self.name + ".sh")
+
+
+SCENARIOS = [
+    Scenario("kexec_simple", "luo", 2, True),
+    Scenario("multi_session", "luo", 2, True),
+    Scenario("stress_sessions", "luo", 2, True, timeout=900),
+    Scenario("stress_files", "luo", 2, True, timeout=900),
+    Scenario("cancel_before_reboot", "luo", 2, False),
+    Scenario("luod_restart_mid_cycle", "luo", 2, True),
+    Scenario("two_updates_in_a_row", "luo", 3, True),
+    Scenario("target_without_liveupdate", "luo", 1, False),
+    Scenario("kexec_simple_64mib", "stock", 2, True, "memmap=160M$0x30000000", timeout=600),
+    Scenario("garbage_region_at_boot", "stock", 1, False, "memmap=16M$0x30000000"),
+    Scenario("region_too_small", "stock", 1, False, "memmap=1M$0x30000000"),
+    Scenario("bench_blackout", "luo", 7, True, timeout=600, bench=True),
+    Scenario("bench_copy", "stock", 1, False, "memmap=160M$0x30000000", timeout=600, bench=True),
+]
+BY_NAME = {s.name: s for s in SCENARIOS}
+GROUPS = {
+    "all": [s.name for s in SCENARIOS],
+    "luo": [s.name for s in SCENARIOS if s.kernel == "luo" and not s.bench],
+    "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
+    "bench": [s.name for s in SCENARIOS if s.bench],
+    "tests": [s.name for s in SCENARIOS if not s.bench],
+}
+
+MARKER = re.compile(r"@@LUO (\S+)\s?(.*)$")
+print_lock = threading.Lock()
+
+
+def out(line=""):
+    with print_lock:
+        print(line, flush=True)
+
+
+def cpio_gz(root, dest):
+    """Packs directory `root` as a gzip -1 newc cpio archive owned by root."""
+    find = subprocess.Popen(["find", "."], cwd=root, stdout=subprocess.PIPE)
+    with open(dest, "wb") as f:
+        cpio = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root,
+                                stdin=find.stdout, stdout=subprocess.PIPE)
+        gz = subprocess.Popen(["gzip", "-1", "-n"], stdin=cpio.stdout, stdout=f)
+        find.stdout.close()
+        cpio.stdout.close()
+        rc = (gz.wait(), cpio.wait(), find.wait())
+    if any(rc):
+        raise RuntimeError(f"packing {root} failed: {rc}")
+
+
+class Fixtures:
+    """The initramfs parts: one base archive per kernel, one small one per scenario."""
+
+    def __init__(self, work, bindir, busybox, kernels):
+        self.work = work
+        self.bindir = bindir
+        self.busybox = busybox
+        self.kernels = kernels
+        self.base = {}
+        self.lock = threading.Lock()
+
+    def base_for(self, kind):
+        with self.lock:
+            if kind in self.base:
+                return self.base[kind]
+            root = os.path.join(self.work, f"base-{kind}")
+            for d in ("bin", "dev", "proc", "sys", "run", "tmp"):
+                os.makedirs(os.path.join(root, d), exist_ok=True)
+            shutil.copy(self.busybox, os.path.join(root, "bin", "busybox"))
+            for b in ("luod", "luoctl", "luo-qemu-tool"):
+                dst = os.path.join(root, b)
+                shutil.copy(os.path.join(self.bindir, b), dst)
+                subprocess.run(["strip", "--strip-all", dst], check=True)
+            shutil.copy(self.kernels[kind], os.path.join(root, "kernel"))
+            shutil.copy(os.path.join(HERE, "guest", "scenario-init"), os.path.join(root, "init"))
+            os.chmod(os.path.join(root, "init"), 0o755)
+            dest = os.path.join(self.work, f"base-{kind}.cpio.gz")
+            cpio_gz(root, dest)
+            self.base[kind] = dest
+            return dest
+
+    def initrd_for(self, sc):
+        base = self.base_for(sc.kernel)
+        root = os.path.join(self.work, f"scn-{sc.name}")
+        os.makedirs(root, exist_ok=True)
+        shutil.copy(sc.script, os.path.join(root, "scenario.sh"))
+        with open(os.path.join(root, "scenario.name"), "w") as f:
+            f.write(sc.name + "\n")
+        small = os.path.join(self.work, f"scn-{sc.name}.cpio.gz")
+        cpio_gz(root, small)
+        # The kernel unpacks concatenated archives in order.
+        dest = os.path.join(self.work, f"initrd-{sc.name}.gz")
+        with open(dest, "wb") as f:
+            for part in (base, small):
+                with open(part, "rb") as p:
+                    shutil.copyfileobj(p, f)
+        return dest
+
+
+class Result:
+    def __init__(self, name):
+        self.name = name
+        self.ok = False
+        self.why = ""
+        self.secs = 0.0
+        self.step = "boot"
+        self.details = []
+        self.tail = collections.deque(maxlen=40)
+        self.log = ""
+        self.marks = []  # (name, host seconds since QEMU start, boot index)
+        self.hashes = {}  # phase -> {key: (sha, size)}
+        self.bench = {}
+        self.boots = []
+
+
+def run_scenario(sc, fixtures, kernels, log_dir, verbose):
+    res = Result(sc.name)
+    t_start = time.monotonic()
+    if sc.kernel not in kernels or not kernels[sc.kernel]:
+        res.why = f"no {sc.kernel} kernel (see the build/fetch step above)"
+        return res
+    try:
+        initrd = fixtures.initrd_for(sc)
+    except Exception as e:  # noqa: BLE001 - reported as the scenario's failure
+        res.why = f"building the initramfs failed: {e}"
+        return res
+    cmdline = (LUO_CMDLINE if sc.kernel == "luo" else STOCK_CMDLINE) + (" " + sc.cmdline_extra if sc.cmdline_extra else "")
+    qemu = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", str(sc.mem), "-smp", "1",
+            "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
+            "-kernel", kernels[sc.kernel], "-initrd", initrd, "-append", cmdline]
+    res.log = os.path.join(log_dir, f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    log = open(res.log, "w", buffering=1)
+    log.write("# " + " ".join(qemu) + "\n")
+    proc = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    overall = t0 + sc.timeout
+    step_deadline = t0 + sc.boot_timeout
+    step_timeout = sc.boot_timeout
+    verdict = None  # ("pass", "") or ("fail", why)
+    ended_at = None
+    buf = b""
+    boot = 0
+
+    def handle(line, now):
+        nonlocal verdict, step_deadline, step_timeout, boot, ended_at
+        rel = now - t0
+        log.write(f"[{rel:8.3f}] {line}\n")
+        res.tail.append(f"[{rel:8.3f}] {line}")
+        if verbose:
+            out(f"  {sc.name} [{rel:8.3f}] {line}")
+        if "Kernel panic" in line and verdict is None:
+            verdict = ("fail", f"kernel panic: {line.strip()}")
+            ended_at = now
+        m = MARKER.search(line)
+        if not m:
+            return
+        kind, rest = m.group(1), m.group(2).strip()
+        if kind == "step":
+            parts = rest.split()
+            res.step = parts[0] if parts else "?"
+            step_timeout = float(parts[1]) if len(parts) > 1 else 60.0
+            step_deadline = now + step_timeout
+        elif kind == "boot":
+            boot = int(rest.split()[0])
+            res.boots.append((boot, rel))
+            res.step = f"boot {boot}"
+        elif kind == "mark":
+            res.marks.append((rest.split()[0], rel, boot))
+        elif kind == "hash":
+            p = rest.split()
+            if len(p) >= 3:
+                res.hashes.setdefault(p[0], {})[p[1]] = (p[2], p[3] if len(p) > 3 else "?")
+        elif kind == "info":
+            res.details.append(rest)
+        elif kind == "bench":
+            p = rest.split()
+            if len(p) == 2:
+                res.bench[p[0]] = float(p[1])
+        elif kind == "pass" and verdict is None:
+            verdict = ("pass", "")
+            ended_at = now
+        elif kind == "fail" and verdict is None:
+            verdict = ("fail", rest)
+            ended_at = now
+
+    while True:
+        now = time.monotonic()
+        if verdict is not None and now - ended_at > 20:
+            break  # the guest did not power off; it has said what it had to
+        if verdict is None and now > step_deadline:
+            verdict = ("fail", f"step {res.step!r} timed out after {step_timeout:.0f} s")
+            break
+        if verdict is None and now > overall:
+            verdict = ("fail", f"scenario timed out after {sc.timeout} s (step {res.step!r})")
+            break
+        wait = max(0.05, min(step_deadline, overall) - now) if verdict is None else 1.0
+        r, _, _ = select.select([proc.stdout], [], [], min(wait, 1.0))
+        if r:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+            now = time.monotonic()
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                handle(raw.decode("utf-8", "replace").rstrip("\r"), now)
+        elif proc.poll() is not None:
+            break
+    if buf:
+        handle(buf.decode("utf-8", "replace").rstrip("\r"), time.monotonic())
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    rc = proc.wait()
+    log.close()
+    res.secs = time.monotonic() - t_start
+    if verdict is None:
+        verdict = ("fail", f"QEMU exited with status {rc} during step {res.step!r} without a verdict")
+    res.ok = verdict[0] == "pass"
+    res.why = verdict[1]
+    if res.ok:
+        host_checks(sc, res)
+    return res
+
+
+def host_checks(sc, res):
+    """What the host verifies itself, from the markers."""
+    seen = len(res.boots)
+    if seen != sc.boots:
+        res.ok = False
+        res.why = f"{seen} kernel(s) reached /init, expected {sc.boots}"
+        return
+    if sc.hashes:
+        before = res.hashes.get("before", {})
+        after = res.hashes.get("after", {})
+        if not before:
+            res.ok, res.why = False, "no file was hashed before the kexec"
+            return
+        if set(before) != set(after):
+            res.ok = False
+            res.why = f"hashed before but not after: {sorted(set(before) - set(after))}; after only: {sorted(set(after) - set(before))}"
+            return
+        bad = [k for k in before if before[k][0] != after[k][0] or before[k][1] != after[k][1]]
+        if bad:
+            res.ok = False
+            res.why = "SHA-256 differ after the kexec: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in bad)
+            return
+        many = sum(int(v[1]) for k, v in before.items() if k.startswith("manifest:") and v[1].isdigit())
+        single = [k for k in before if not k.startswith("manifest:")]
+        what = []
+        if single:
+            what.append(f"{len(single)} file(s)")
+        if many:
+            what.append(f"{many} file(s) through a manifest digest")
+        res.details.insert(0, f"host: SHA-256 identical before and after the kexec for {', '.join(what)}")
+    for line in blackout_lines(res):
+        res.details.append(line)
+
+
+def pairs(marks, start, end):
+    """(t_start, t_end, marks in between) for each `start` mark followed by an `end` mark."""
+    found = []
+    for i, (name, t, _) in enumerate(marks):
+        if name != start:
+            continue
+        for j in range(i + 1, len(marks)):
+            if marks[j][0] == end:
+                found.append((t, marks[j][1], {m[0]: m[1] for m in marks[i + 1:j]}))
+                break
+            if marks[j][0] == start:
+                break
+    return found
+
+
+def blackout_lines(res):
+    lines = []
+    for t0, t1, mid in pairs(res.marks, "freeze-start", "updated"):
+        parts = []
+        if "frozen" in mid:
+            parts.append(f"freeze {mid['frozen'] - t0:.3f}")
+        if "reboot-call" in mid and "init-start" in mid:
+            parts.append(f"reboot call -> new /init {mid['init-start'] - mid['reboot-call']:.3f}")
+        if "init-start" in mid:
+            parts.append(f"new /init -> luod updated {t1 - mid['init-start']:.3f}")
+        lines.append(f"host-measured blackout {t1 - t0:.3f} s ({', '.join(parts)})")
+    return lines
+
+
+def bench_report(name, res):
+    lines = []
+    if name == "bench_blackout":
+        bare = [t1 - t0 for t0, t1, _ in pairs(res.marks, "bare-kexec", "init-start")]
+        luod = pairs(res.marks, "freeze-start", "updated")
+        total = [t1 - t0 for t0, t1, _ in luod]
+        if bare and total:
+            med_b, med_l = statistics.median(bare), statistics.median(total)
+            lines.append(f"bare kexec (reboot(KEXEC) -> next /init), s: {' '.join(f'{x:.3f}' for x in bare)}; median {med_b:.3f}")
+            lines.append(f"luod cycle (before luoctl freeze -> luoctl status says updated), s: {' '.join(f'{x:.3f}' for x in total)}; median {med_l:.3f}")
+            def med(key):
+                vals = []
+                for t0, t1, mid in luod:
+                    v = {"freeze": mid.get("frozen", t0) - t0,
+                         "frozen->reboot call": mid.get("reboot-call", t0) - mid.get("frozen", t0),
+                         "reboot call->/init": mid.get("init-start", t1) - mid.get("reboot-call", t0),
+                         "/init->updated": t1 - mid.get("init-start", t1)}[key]
+                    vals.append(v)
+                return statistics.median(vals)
+            lines.append("luod parts (medians, s): " + ", ".join(
+                f"{k} {med(k):.3f}" for k in ("freeze", "frozen->reboot call", "reboot call->/init", "/init->updated")))
+            lines.append(f"RATIO blackout luod/bare = {med_l / med_b:.3f} (target <= 1.10)")
+        else:
+            lines.append("not enough markers for the blackout benchmark")
+    elif name == "bench_copy":
+        b = res.bench
+        if "record_write_ms" in b and "memcpy_ram_ms" in b:
+            mib = b.get("copy_bytes", 64 << 20) / (1 << 20)
+            for key, what in (("memcpy_ram_ms", "memcpy RAM->RAM"), ("record_write_ms", "RecordStore::write memfd->region"),
+                              ("memcpy_region_ms", "memcpy memfd mapping->region"), ("pread_ms", "pread memfd->RAM")):
+                if key in b:
+                    lines.append(f"{what}: {b[key]:.1f} ms ({mib / (b[key] / 1e3):.0f} MiB/s), best of 3, {mib:.0f} MiB")
+            lines.append(f"RATIO copy bandwidth record/memcpy = {b['memcpy_ram_ms'] / b['record_write_ms']:.3f} (target >= 0.5)")
+        else:
+            lines.append("the copy benchmark printed no numbers")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="scenarios or groups (all, tests, luo, stock, bench); default all")
+    ap.add_argument("--luo-kernel", default="")
+    ap.add_argument("--stock-kernel", default="")
+    ap.add_argument("--bindir", required=True, help="directory with static luod, luoctl, luo-qemu-tool")
+    ap.add_argument("--busybox", default="/bin/busybox")
+    ap.add_argument("--log-dir", default=os.path.join(os.environ.get("LUO_CACHE", "/var/cache/liveupdate-qemu"), "logs"))
+    ap.add_argument("--jobs", "-j", type=int, default=int(os.environ.get("LUO_QEMU_JOBS", "1")))
+    ap.add_argument("--verbose", "-v", action="store_true", help="echo the console")
+    ap.add_argument("--list", action="store_true")
+    a = ap.parse_args()
+    if a.list:
+        for s in SCENARIOS:
+            out(f"{s.name:28} {s.kernel:6} {'bench' if s.bench else 'test'}")
+        return 0
+    names = []
+    for n in a.names or ["all"]:
+        for m in GROUPS.get(n, [n]):
+            if m not in BY_NAME:
+                out(f"unknown scenario {m!r}; known: {', '.join(BY_NAME)} (groups: {', '.join(GROUPS)})")
+                return 2
+            if m not in names:
+                names.append(m)
+    os.makedirs(a.log_dir, exist_ok=True)
+    kernels = {"luo": a.luo_kernel, "stock": a.stock_kernel}
+    work = tempfile.mkdtemp(prefix="luo-scenarios.")
+    fixtures = Fixtures(work, a.bindir, a.busybox, {k: v for k, v in kernels.items() if v})
+    results = {}
+    # Benchmarks run alone, after the tests, so that nothing else loads the host.
+    tests = [n for n in names if not BY_NAME[n].bench]
+    benches = [n for n in names if BY_NAME[n].bench]
+
+    def report(res):
+        with print_lock:
+            print(f"{'PASS' if res.ok else 'FAIL'} {res.name} {res.secs:.1f} s" + ("" if res.ok else f": {res.why}"))
+            for d in res.details:
+                print(f"  {d}")
+            if BY_NAME[res.name].bench:
+                for d in bench_report(res.name, res):
+                    print(f"  {d}")
+            if not res.ok:
+                print(f"  failed step: {res.step}; console log: {res.log or '(none)'}")
+                if res.tail:
+                    print("  last console lines:")
+                    for t in res.tail:
+                        print(f"  | {t}")
+            sys.stdout.flush()
+
+    def worker(queue):
+        while True:
+            with print_lock:
+                if not queue:
+                    return
+                n = queue.pop(0)
+            res = run_scenario(BY_NAME[n], fixtures, kernels, a.log_dir, a.verbose)
+            results[n] = res
+            report(res)
+
+    try:
+        queue = list(tests)
+        threads = [threading.Thread(target=worker, args=(queue,)) for _ in range(max(1, min(a.jobs, len(queue))))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        worker(list(benches))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    passed = sum(1 for r in results.values() if r.ok)
+    failed = len(names) - passed
+    print(f"{passed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
