@@ -7,8 +7,12 @@
 # --stock: the same with Debian's stock kernel (no LUO) and the counter kept
 # in a memmap=1M$0x30000000 reserved range accessed through /dev/mem.
 #
+# --mode selftest --selftest NAME --extra DIR: run the kernel's own LUO
+# selftest DIR/NAME (see selftests.sh), through a kexec unless NAME=liveupdate.
+#
 # Usage: qemu-tests/boot-smoke.sh [--kexecs N] [--kernel BZIMAGE] [--no-errnos]
-#            [--mode luo|devmem] [--stock] [--timeout SECONDS] [--keep]
+#            [--mode luo|devmem|selftest] [--stock] [--selftest NAME --extra DIR]
+#            [--timeout SECONDS] [--keep]
 # Environment: LUO_CACHE, LUO_QEMU_MEM (1024), LUO_SMOKE_APPEND (extra cmdline).
 # Exit 0 when every check passed; the serial log is kept in
 # $LUO_CACHE/logs/boot-smoke-<timestamp>.log.
@@ -16,7 +20,7 @@ set -euo pipefail
 LOG_TAG=boot-smoke
 . "$(dirname "$0")/lib/common.sh"
 
-kexecs=2 kernel="" errnos=1 tmo=300 keep=0 mode=luo stock=0
+kexecs=2 kernel="" errnos=1 tmo=300 keep=0 mode=luo stock=0 selftest="" extra=""
 DEVMEM_ADDR=0x30000000
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -25,14 +29,20 @@ while [ $# -gt 0 ]; do
     --no-errnos) errnos=0; shift ;;
     --mode) mode="$2"; shift 2 ;;
     --stock) stock=1 mode=devmem; shift ;;
+    --selftest) selftest="$2"; shift 2 ;;
+    --extra) extra="$2"; shift 2 ;;
     --timeout) tmo="$2"; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
 case "$kexecs" in ''|*[!0-9]*) die "--kexecs needs a number" ;; esac
-case "$mode" in luo|devmem) ;; *) die "--mode must be luo or devmem" ;; esac
+case "$mode" in luo|devmem|selftest) ;; *) die "--mode must be luo, devmem or selftest" ;; esac
+if [ "$mode" = selftest ]; then
+  [ -n "$selftest" ] && [ -x "$extra/$selftest" ] || die "--mode selftest needs --selftest NAME and --extra DIR with DIR/NAME"
+  if [ "$selftest" = liveupdate ]; then kexecs=0; else kexecs=1; fi
+fi
 
 for t in qemu-system-x86_64 cpio gzip gcc timeout; do need "$t"; done
 BUSYBOX=/bin/busybox
@@ -66,6 +76,7 @@ cp "$QEMU_TESTS_DIR/guest/init" "$root/init"
 chmod 755 "$root/init"
 gcc -static -O2 -Wall -Wextra -Werror -o "$root/luo-smoke" "$QEMU_TESTS_DIR/guest/luo-smoke.c"
 cp "$kernel" "$root/kernel"
+if [ -n "$extra" ]; then cp -r "$extra" "$root/selftests"; fi
 (cd "$root" && find . | cpio -o -H newc --quiet -R 0:0 | gzip -1) > "$work/initrd.gz"
 log "initramfs $(stat -c %s "$work/initrd.gz") bytes built in $(secs_since "$ts") s"
 
@@ -74,6 +85,8 @@ mkdir -p "$LUO_CACHE/logs"
 serial="$LUO_CACHE/logs/boot-smoke-$(date +%Y%m%d-%H%M%S).log"
 if [ "$mode" = luo ]; then
   append="console=ttyS0 liveupdate=on kho=on panic=-1 luo_boot=1 luo_kexecs=$kexecs luo_errnos=$errnos"
+elif [ "$mode" = selftest ]; then
+  append="console=ttyS0 liveupdate=on kho=on panic=-1 luo_mode=selftest luo_selftest=$selftest luo_boot=1 luo_kexecs=$kexecs"
 else
   append="console=ttyS0 panic=-1 memmap=1M\$$DEVMEM_ADDR luo_mode=devmem luo_devmem=$DEVMEM_ADDR luo_boot=1 luo_kexecs=$kexecs"
 fi
@@ -99,7 +112,7 @@ qemu_s=$(secs_since "$t_q")
 [ "$rc" = 124 ] && log "QEMU timed out after $tmo s"
 
 # --- verdict -------------------------------------------------------------------
-grep -E 'SMOKE:|Kernel panic|BUG:|WARNING:|Oops' "$serial" | sed 's/^/  /' >&2 || true
+grep -E 'SMOKE:|Kernel panic|BUG:|WARNING:|Oops|^\[ *[0-9.]+\] (ok|not ok|# (Totals|PASSED|FAILED)|# \[STAGE|# ---)' "$serial" | sed 's/^/  /' >&2 || true
 
 fails=0
 check() { # check DESCRIPTION REGEX
@@ -113,14 +126,23 @@ if [ "$mode" = luo ]; then
   check "/dev/kvm exists and KVM_CREATE_VM works"  'SMOKE: /dev/kvm present, api=12, create_vm=ok'
   if [ "$errnos" = 1 ]; then check "LUO errnos as in the kernel source" 'SMOKE: errnos done, 0 mismatch'; fi
   what="counter memfd (LUO)"
-else
+elif [ "$mode" = devmem ]; then
   check "/dev/mem exists in the guest"             'SMOKE: exists /dev/mem'
   what="counter in memmap reserved range (/dev/mem)"
 fi
-for ((i = 2; i <= kexecs + 1; i++)); do
-  check "kexec #$((i - 1)): kernel $i booted"                "SMOKE: init start boot=$i "
-  check "kexec #$((i - 1)): $what survived" "SMOKE: retrieved counter=$((i - 1)) "
-done
+if [ "$mode" = selftest ]; then
+  check "/dev/liveupdate exists in the guest"      'SMOKE: exists /dev/liveupdate'
+  check "selftest $selftest stage 1 passed"        "SMOKE: selftest $selftest stage 1 exit=0"
+  if [ "$kexecs" = 1 ]; then
+    check "kexec: kernel 2 booted"                 "SMOKE: init start boot=2 "
+    check "selftest $selftest stage 2 passed"      "SMOKE: selftest $selftest stage 2 exit=0"
+  fi
+else
+  for ((i = 2; i <= kexecs + 1; i++)); do
+    check "kexec #$((i - 1)): kernel $i booted"                "SMOKE: init start boot=$i "
+    check "kexec #$((i - 1)): $what survived" "SMOKE: retrieved counter=$((i - 1)) "
+  done
+fi
 check "final kernel finished cleanly"           "SMOKE: done boot=$((kexecs + 1)) "
 if grep -qE 'SMOKE: FAIL|MISMATCH|Kernel panic' "$serial"; then
   echo "  FAIL  no FAIL/MISMATCH/panic lines" >&2; fails=$((fails + 1))

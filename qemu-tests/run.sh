@@ -4,7 +4,8 @@
 #   2. build-kernel.sh     LUO kernel from Debian's newest linux-source >= 6.19 (cached)
 #   3. fetch-stock-kernel.sh  Debian's stock kernel + built-in feature report (cached)
 #   4. boot-smoke.sh       LUO kernel: /dev/liveupdate, /dev/kvm, errnos, 2 kexecs with a preserved memfd
-#   5. boot-smoke.sh --stock  stock kernel: 2 kexecs with a counter in a memmap= range via /dev/mem
+#   5. selftests.sh        the kernel's own LUO selftests (5 programs, 4 through a kexec)
+#   6. boot-smoke.sh --stock  stock kernel: 2 kexecs with a counter in a memmap= range via /dev/mem
 # Ends with "qemu-tests: N passed, N failed"; exit status 0 only if all passed.
 set -euo pipefail
 LOG_TAG=qemu-tests
@@ -28,8 +29,9 @@ step() { # step NAME COMMAND...
 step setup "$D/setup.sh" || { log "setup failed; nothing else can run"; echo "qemu-tests: 0 passed, 1 failed"; exit 1; }
 if step build-kernel "$D/build-kernel.sh"; then
   step boot-smoke-luo "$D/boot-smoke.sh" || true
+  step kernel-selftests "$D/selftests.sh" || true
 else
-  failed=$((failed + 1)); names+=("FAIL boot-smoke-luo (no kernel)")
+  failed=$((failed + 2)); names+=("FAIL boot-smoke-luo (no kernel)" "FAIL kernel-selftests (no kernel)")
 fi
 if step fetch-stock-kernel "$D/fetch-stock-kernel.sh"; then
   step boot-smoke-stock "$D/boot-smoke.sh" --stock || true
