@@ -7,9 +7,8 @@
 //! exactly the content below. Never regenerate it; a new format version adds
 //! `record-v2.bin` beside it (see `docs/state-format.md`, "Compatibility").
 //!
-//! The fixture was made once with the ignored test
-//! `generate_record_v1_fixture` below, which refuses to overwrite an existing
-//! file; CI does not need it.
+//! The fixture was made once by `v1_image` below (see
+//! `luod_still_writes_the_v1_fixture_byte_for_byte`).
 
 use liveupdate::names::SessionName;
 use liveupdate::record::{
@@ -255,24 +254,29 @@ fn record_v1_fixture_loads_from_a_file_region() {
     assert_eq!(store.data(&record.extents[1]).unwrap(), device_state().as_slice());
 }
 
-/// Writes `tests/fixtures/record-v1.bin`. Run once, by hand, when format
-/// version 1 was released:
-/// `cargo test -p liveupdate --test record_compat -- --ignored generate_record_v1_fixture`.
-/// It refuses to overwrite the file: a released fixture never changes.
-#[test]
-#[ignore = "writes the fixture; run by hand only, never needed by CI"]
-fn generate_record_v1_fixture() {
-    let path = fixture_path();
-    assert!(
-        !path.exists(),
-        "{} exists: released fixtures never change",
-        path.display()
-    );
-    assert_eq!(FORMAT_VERSION, 1, "this generator writes format 1 only");
+/// The image this version of luod writes for the fixture's records.
+fn v1_image() -> Vec<u8> {
     let mut store = RecordStore::new(MemRegion::zeroed(REGION_LEN)).unwrap();
     store.write(&mut prepared_record(), &[]).unwrap();
     let mut record = reboot_record();
     store.write(&mut record, &[&guest_ram(), &device_state()]).unwrap();
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(&path, &store.region().0).unwrap();
+    store.into_region().0
+}
+
+/// While the format is version 1, luod still writes the fixture byte for
+/// byte: an encoding change that forgot to bump `FORMAT_VERSION` fails here.
+/// The fixture was made by this same function, once, with
+/// `LUO_WRITE_FIXTURE=1 cargo test -p liveupdate --test record_compat`
+/// (it refuses to overwrite an existing file: a released fixture never changes).
+#[test]
+fn luod_still_writes_the_v1_fixture_byte_for_byte() {
+    let path = fixture_path();
+    if !path.exists() && std::env::var_os("LUO_WRITE_FIXTURE").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, v1_image()).unwrap();
+    }
+    let committed = std::fs::read(&path).expect("tests/fixtures/record-v1.bin is committed");
+    if FORMAT_VERSION == 1 {
+        assert!(committed == v1_image(), "format 1 encoding changed without a FORMAT_VERSION bump");
+    }
 }

@@ -147,14 +147,20 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
     let mut note = None;
     let store = match RecordStore::new(FileRegion::open(&path, size)?) {
         Err(RecordError::RegionTooSmall { need, have }) if existing > 0 => {
-            // Too short for two slots (truncated, or not a region): nothing
-            // in it can be a whole record. Growing keeps its bytes.
-            let grown = need.max(args.region_size);
+            // Too short for two slots: truncated, or not a region. An older
+            // record could still sit in what is left, but reviving it would
+            // roll the host back silently; keep the bytes aside for a person
+            // to look at and start on a fresh region.
+            let aside = path.with_extension("truncated");
+            std::fs::copy(&path, &aside).map_err(io("cannot keep the truncated region as", &aside))?;
+            lock.set_len(0).map_err(io("cannot reset region", &path))?;
+            let size = need.max(args.region_size);
             note = Some(format!(
-                "region {} was only {have} bytes, too small for two record slots (truncated?); grown to {grown} bytes",
-                path.display()
+                "region {} was only {have} bytes, too small for two record slots (truncated?); its bytes are kept in {} and luod started on a fresh {size}-byte region",
+                path.display(),
+                aside.display()
             ));
-            RecordStore::new(FileRegion::open(&path, grown)?)?
+            RecordStore::new(FileRegion::open(&path, size)?)?
         }
         other => other?,
     };

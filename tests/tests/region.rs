@@ -159,34 +159,40 @@ fn a_region_truncated_to_half_starts_in_normal_and_says_why() {
     assert_starts_empty_with_a_note(&image[..image.len() / 2]);
 }
 
-/// A region file too short for two slots is grown back; it says so.
+/// A region file too short for two slots: luod keeps its bytes aside in
+/// `region.truncated`, starts on a fresh region in `normal`, and says so.
 #[track_caller]
-fn assert_grown_with_a_note(luod_status: &liveupdate::protocol::StatusReport, was: usize) {
+fn assert_truncated_is_kept_aside_and_luod_starts_fresh(image: &[u8]) {
+    let mut luod = luod_on(image);
+    luod.start();
+    let status = luod.status();
+    assert_eq!(status.state, State::Normal);
+    assert!(status.sessions.is_empty(), "nothing preserved: {:?}", status.sessions);
+    assert_eq!(status.last_cycle, None);
+    let was = image.len();
     assert!(
-        luod_status
-            .notes
-            .iter()
-            .any(|n| n.contains(&format!("was only {was} bytes, too small for two record slots"))),
-        "a note says the region was too small and grown: {:?}",
-        luod_status.notes
+        status.notes.iter().any(|n| n.contains(&format!("was only {was} bytes, too small for two record slots"))
+            && n.contains("region.truncated")),
+        "a note says the region was too small and where its bytes are: {:?}",
+        status.notes
     );
+    let aside = std::fs::read(luod.region().with_extension("truncated")).expect("the truncated bytes are kept");
+    assert_eq!(aside, image, "kept byte for byte");
 }
 
 #[test]
 fn a_region_truncated_inside_its_first_header_starts_in_normal_and_says_why() {
     let image = region_at_generation_4();
-    assert_starts_empty_with_a_note(&image[..40]);
-    let mut luod = luod_on(&image[..40]);
-    luod.start();
-    assert_grown_with_a_note(&luod.status(), 40);
+    assert_truncated_is_kept_aside_and_luod_starts_fresh(&image[..40]);
 }
 
 #[test]
 fn a_region_truncated_below_two_slots_starts_in_normal_and_says_why() {
-    // Only slot A's first page is left: the newest record (slot B) is gone,
-    // and the region no longer has the layout its records were written for.
+    // Only slot A's first page is left: the newest record (slot B) is gone.
+    // An older record may survive in it, but reviving it would roll the
+    // host back without anyone deciding to.
     let image = region_at_generation_4();
-    assert_starts_empty_with_a_note(&image[..4096]);
+    assert_truncated_is_kept_aside_and_luod_starts_fresh(&image[..4096]);
 }
 
 #[test]

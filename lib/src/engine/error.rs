@@ -79,6 +79,16 @@ pub enum EngineError {
     /// The reboot failed; the engine unfroze and is back in `prepared`.
     #[error("reboot failed, unfroze back to prepared: {0}")]
     RebootFailed(String),
+    /// The kexec is under way: the handover record is final.
+    #[error("luod has handed over to the next kernel and is exiting; nothing can change now")]
+    HandedOver,
+    /// The region holds a record of a newer format than this luod reads.
+    #[error(
+        "the region holds a handover record of format version {0}, newer than this luod reads (version {v}); \
+         run the luod that wrote it, or a newer one: starting would overwrite it",
+        v = crate::record::FORMAT_VERSION
+    )]
+    NewerRecord(u32),
     /// An I/O error while reading a file the request named.
     #[error("{0}")]
     Io(String),
@@ -89,7 +99,7 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         use EngineError as E;
         match self {
-            E::Illegal(_) | E::SessionsLocked { .. } => ErrorKind::WrongState,
+            E::Illegal(_) | E::SessionsLocked { .. } | E::HandedOver => ErrorKind::WrongState,
             E::NotPrivileged(_) => ErrorKind::PermissionDenied,
             E::Name(_) | E::InvalidArgument(_) | E::MissingFd(_) | E::Io(_) => ErrorKind::InvalidArgument,
             E::NoSuchSession(_) | E::NoSuchToken { .. } => ErrorKind::NotFound,
@@ -103,7 +113,7 @@ impl EngineError {
             }
             E::Kernel(KernelError::Unsupported { .. } | KernelError::Load { .. }) => ErrorKind::InvalidArgument,
             E::Kernel(_) | E::RebootFailed(_) => ErrorKind::Kernel,
-            E::Record(_) => ErrorKind::Record,
+            E::Record(_) | E::NewerRecord(_) => ErrorKind::Record,
         }
     }
 

@@ -60,6 +60,7 @@ pub struct Engine<R: Region> {
     host: HostInfo,
     notes: Vec<String>,
     cmdline_needs: Vec<String>,
+    handed_over: bool,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -141,6 +142,17 @@ impl<R: Region> Engine<R> {
         self.record = next;
         self.generation = report.generation;
         Ok(report.generation)
+    }
+
+    /// True once `reboot` handed over (a simulated kexec): luod is exiting.
+    pub fn handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// Refuses every change once the handover is written and the kexec
+    /// (real or simulated) is under way: the record in the region is final.
+    fn require_live(&self) -> Result<(), EngineError> {
+        if self.handed_over { Err(EngineError::HandedOver) } else { Ok(()) }
     }
 
     fn require_privileged(caller: &Caller, what: &'static str) -> Result<(), EngineError> {

@@ -25,6 +25,7 @@ impl<R: Region> Engine<R> {
 
     /// Creates a session owned by the caller. Only in `normal`.
     pub fn session_create(&mut self, caller: &Caller, name: &str) -> Result<(), EngineError> {
+        self.require_live()?;
         let name = SessionName::new(name)?;
         if name.as_str() == crate::kernel::luo::RECORD_SESSION {
             return Err(EngineError::InvalidArgument(format!(
@@ -50,6 +51,7 @@ impl<R: Region> Engine<R> {
     /// Preserves `fd` under `token` in the caller's session. Only in `normal`:
     /// once `prepare` has checked what the cycle carries, nothing is added.
     pub fn session_preserve(&mut self, caller: &Caller, name: &str, token: u64, fd: OwnedFd) -> Result<u64, EngineError> {
+        self.require_live()?;
         let i = self.own_session(caller, name)?;
         if self.record.state != State::Normal {
             return Err(EngineError::SessionsLocked { what: "preserving a file", state: self.record.state });
@@ -76,6 +78,7 @@ impl<R: Region> Engine<R> {
 
     /// Takes back a preserved file after an update. Only in `updated`.
     pub fn session_retrieve(&mut self, caller: &Caller, name: &str, token: u64) -> Result<(OwnedFd, u64), EngineError> {
+        self.require_live()?;
         let i = self.own_session(caller, name)?;
         if self.record.state != State::Updated {
             return Err(EngineError::SessionsLocked { what: "retrieving a file", state: self.record.state });
@@ -102,6 +105,7 @@ impl<R: Region> Engine<R> {
     /// `updated` files not retrieved are discarded. Refused while a cycle is
     /// in flight (`prepared`, `frozen`).
     pub fn session_finish(&mut self, caller: &Caller, name: &str) -> Result<(), EngineError> {
+        self.require_live()?;
         let i = self.own_session(caller, name)?;
         if matches!(self.record.state, State::Prepared | State::Frozen) {
             return Err(EngineError::SessionsLocked { what: "finishing a session", state: self.record.state });

@@ -42,6 +42,7 @@ fn slot_note(slots: &[SlotStatus; 2]) -> String {
         SlotStatus::Empty => "empty".to_string(),
         SlotStatus::Valid { generation } => format!("generation {generation}"),
         SlotStatus::Invalid { reason } => reason.clone(),
+        SlotStatus::Newer { version } => format!("format version {version}"),
     };
     format!("slot A: {}; slot B: {}", one(0), one(1))
 }
@@ -64,6 +65,12 @@ impl<R: Region> Engine<R> {
         host: HostInfo,
     ) -> Result<Self, EngineError> {
         let report = store.load()?;
+        if let Some(version) = report.slots.iter().find_map(|s| match s {
+            SlotStatus::Newer { version } => Some(*version),
+            _ => None,
+        }) {
+            return Err(EngineError::NewerRecord(version));
+        }
         let mut notes = Vec::new();
         let (generation, record) = match report.latest {
             None => {
@@ -79,7 +86,12 @@ impl<R: Region> Engine<R> {
             }
             Some((generation, record)) => {
                 if report.slots.iter().any(|s| matches!(s, SlotStatus::Invalid { .. })) {
-                    tracing::info!("using record generation {generation} ({})", slot_note(&report.slots));
+                    let note = format!(
+                        "a record slot is damaged; using record generation {generation} ({}): if the damaged slot was the newer one, the state rolled back to that generation",
+                        slot_note(&report.slots)
+                    );
+                    tracing::warn!("{note}");
+                    notes.push(note);
                 }
                 (generation, record)
             }
@@ -88,7 +100,7 @@ impl<R: Region> Engine<R> {
             .handover
             .as_ref()
             .is_some_and(|h| h.simulated || h.boot_id != host.boot_id);
-        let mut engine = Engine { kernel, registry, store, record, generation, host, notes, cmdline_needs: Vec::new() };
+        let mut engine = Engine { kernel, registry, store, record, generation, host, notes, cmdline_needs: Vec::new(), handed_over: false };
         if incoming {
             engine.take_incoming()?;
         } else {

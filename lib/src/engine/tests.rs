@@ -318,3 +318,35 @@ fn a_region_too_small_for_the_data_fails_the_reboot_not_the_host() {
     assert!(err.to_string().starts_with("reboot failed, unfroze back to prepared: "), "{err}");
     assert_eq!(e.state(), State::Prepared);
 }
+
+#[test]
+fn a_record_of_a_newer_format_is_refused_and_never_overwritten() {
+    let mut store = RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap();
+    store.write(&mut crate::record::HandoverRecord::new("fake"), &[]).unwrap();
+    let mut bytes = store.into_region().0;
+    // A format-2 header: version at offset 8, header CRC-32C at 60 over 0..60.
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    let (kernel, _) = FakeKernel::new();
+    let store = RecordStore::new(MemRegion(bytes)).unwrap();
+    let err = Engine::open(Box::new(kernel), Registry::new(), store, host()).unwrap_err();
+    assert!(matches!(err, EngineError::NewerRecord(2)), "{err}");
+    assert!(err.to_string().contains("starting would overwrite it"), "{err}");
+}
+
+#[test]
+fn nothing_changes_once_the_handover_is_written() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    e.session_create(&Caller::ROOT, "s").unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.reboot(&Caller::ROOT).unwrap();
+    assert!(e.handed_over());
+    let generation = e.generation();
+    let err = e.cancel(&Caller::ROOT).unwrap_err();
+    assert_eq!(err.to_string(), "luod has handed over to the next kernel and is exiting; nothing can change now");
+    assert!(e.session_create(&Caller::ROOT, "t").is_err());
+    assert!(e.session_finish(&Caller::ROOT, "s").is_err());
+    assert_eq!(e.generation(), generation);
+}

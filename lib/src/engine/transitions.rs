@@ -110,6 +110,7 @@ impl<R: Region> Engine<R> {
     pub fn prepare(&mut self, caller: &Caller, args: &PrepareArgs) -> Result<TransitionReport, EngineError> {
         let started = Instant::now();
         Self::require_privileged(caller, "prepare")?;
+        self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Prepare)?;
         let target = self.target_image(args)?;
@@ -174,6 +175,7 @@ impl<R: Region> Engine<R> {
     pub fn freeze(&mut self, caller: &Caller) -> Result<TransitionReport, EngineError> {
         let started = Instant::now();
         Self::require_privileged(caller, "freeze")?;
+        self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Freeze)?;
         let freeze_started = now();
@@ -226,6 +228,7 @@ impl<R: Region> Engine<R> {
     pub fn reboot(&mut self, caller: &Caller) -> Result<Rebooted, EngineError> {
         let started = Instant::now();
         Self::require_privileged(caller, "reboot")?;
+        self.require_live()?;
         let from = self.record.state;
         if from == State::Prepared {
             self.freeze(caller)?;
@@ -238,6 +241,7 @@ impl<R: Region> Engine<R> {
         }
         match self.kernel.reboot() {
             Ok(RebootOutcome::Simulated) => {
+                self.handed_over = true;
                 let mut report = self.report(from, started, Vec::new());
                 report.to = State::Updated;
                 report.notes.push(format!(
@@ -311,6 +315,7 @@ impl<R: Region> Engine<R> {
     pub fn finish(&mut self, caller: &Caller) -> Result<TransitionReport, EngineError> {
         let started = Instant::now();
         Self::require_privileged(caller, "finish")?;
+        self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Finish)?;
         let pending: Vec<String> = self
@@ -360,6 +365,7 @@ impl<R: Region> Engine<R> {
     pub fn cancel(&mut self, caller: &Caller) -> Result<TransitionReport, EngineError> {
         let started = Instant::now();
         Self::require_privileged(caller, "cancel")?;
+        self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Cancel)?;
         let mut notes = Vec::new();
@@ -375,6 +381,7 @@ impl<R: Region> Engine<R> {
         let loaded = next.update.as_ref().is_some_and(|u| u.target.is_some());
         self.unload_quietly(loaded);
         next.state = to;
+        next.handover = None;
         next.subsystems.clear();
         if let Some(mut u) = next.update.take() {
             u.timestamps.cancelled = Some(now());

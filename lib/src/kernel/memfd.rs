@@ -2,7 +2,7 @@
 
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 /// Creates a memfd named `name` (close-on-exec, sealing allowed).
 pub fn create(name: &str) -> std::io::Result<OwnedFd> {
@@ -61,14 +61,20 @@ impl crate::record::DataSource for FdSource<'_> {
         self.len
     }
     fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
-        let file = File::from(self.fd.as_fd().try_clone_to_owned()?);
-        std::os::unix::fs::FileExt::read_exact_at(&file, dst, 0)
+        self.fd.read_into(dst)
+    }
+    fn can_read_at(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+        self.fd.read_at(offset, dst)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn memfds_are_recognised_and_files_are_not() {

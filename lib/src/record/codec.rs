@@ -55,7 +55,7 @@ impl Header {
 
     /// Parses the header at the start of `slot`: `None` when its bytes are
     /// all zero (an empty slot). Checks, in this order: length, magic,
-    /// version, header checksum.
+    /// header checksum, version.
     pub fn parse(slot: &[u8]) -> Result<Option<Header>, RecordError> {
         let h: &[u8; HEADER_LEN] =
             slot.get(..HEADER_LEN)
@@ -71,6 +71,14 @@ impl Header {
         if magic != MAGIC {
             return Err(RecordError::BadMagic { found: magic });
         }
+        // The checksum before the version: a damaged version field is
+        // damage, not a record of another format. Magic, version and header
+        // checksum keep their places in every format version.
+        let stored = u32::from_le_bytes(array(h, OFF_HEADER_CRC));
+        let computed = crc32c::crc32c(&h[..OFF_HEADER_CRC]);
+        if stored != computed {
+            return Err(RecordError::HeaderChecksum { stored, computed });
+        }
         let version = u32::from_le_bytes(array(h, OFF_VERSION));
         if version != FORMAT_VERSION {
             // A reader of format N+1 dispatches here on `version` and
@@ -79,11 +87,6 @@ impl Header {
                 found: version,
                 supported: FORMAT_VERSION,
             });
-        }
-        let stored = u32::from_le_bytes(array(h, OFF_HEADER_CRC));
-        let computed = crc32c::crc32c(&h[..OFF_HEADER_CRC]);
-        if stored != computed {
-            return Err(RecordError::HeaderChecksum { stored, computed });
         }
         Ok(Some(Header {
             generation: u64::from_le_bytes(array(h, OFF_GENERATION)),
@@ -248,6 +251,8 @@ mod tests {
     fn future_version_is_refused_by_number() {
         let mut image = slot_image(&sample(), 1, 4096, 0);
         image[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32c::crc32c(&image[..OFF_HEADER_CRC]);
+        image[OFF_HEADER_CRC..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
         let err = decode_slot(&image, 4096).unwrap_err();
         assert!(matches!(
             err,

@@ -382,6 +382,12 @@ pub enum SlotStatus {
         /// Its generation.
         generation: u64,
     },
+    /// A record of a newer format version than this luod reads (a luod was
+    /// downgraded): it must not be overwritten.
+    Newer {
+        /// Its format version.
+        version: u32,
+    },
     /// Something is there but it is not a valid record.
     Invalid {
         /// Why (the [`RecordError`] message and its causes).

@@ -4,6 +4,7 @@
 use super::codec::{self, Header};
 use super::copy;
 use super::{
+    FORMAT_VERSION,
     DataSource, Extent, HEADER_LEN, HandoverRecord, LAYOUT_ALIGN, LoadReport, MAX_RECORD_LEN, RecordError, SlotStatus,
     WriteReport, error_chain,
 };
@@ -77,6 +78,9 @@ impl<R: Region> RecordStore<R> {
                     if latest.as_ref().is_none_or(|(_, l)| found.generation > l.generation) {
                         latest = Some((slot, found));
                     }
+                }
+                Err(RecordError::UnsupportedVersion { found, .. }) if found > FORMAT_VERSION => {
+                    *status = SlotStatus::Newer { version: found }
                 }
                 Err(error) => {
                     *status = SlotStatus::Invalid {
@@ -779,8 +783,9 @@ pub(crate) mod tests {
     fn expected_kind(index: usize, err: &RecordError) -> bool {
         match index {
             0..8 => matches!(err, RecordError::BadMagic { .. }),
-            8..12 => matches!(err, RecordError::UnsupportedVersion { supported: 1, .. }),
-            12..HEADER_LEN => matches!(err, RecordError::HeaderChecksum { .. }),
+            // A damaged version is damage, not another format: the header
+            // checksum is checked before the version.
+            8..HEADER_LEN => matches!(err, RecordError::HeaderChecksum { .. }),
             _ => matches!(err, RecordError::PayloadChecksum { .. }),
         }
     }
