@@ -2,9 +2,9 @@
 # Run every QEMU end-to-end check, non-interactively (CI entry point):
 #   1. setup.sh            install what is missing (root) or say what to run
 #   2. build-kernel.sh     LUO kernel from Debian's newest linux-source >= 6.19 (cached)
-#   3. fetch-stock-kernel.sh  Debian's stock kernel + built-in feature report (cached)
-#   4. boot-smoke.sh       LUO kernel: /dev/liveupdate, /dev/kvm, errnos, 2 kexecs with a preserved memfd
-#   5. selftests.sh        the kernel's own LUO selftests (5 programs, 4 through a kexec)
+#   3. boot-smoke.sh       LUO kernel: /dev/liveupdate, /dev/kvm, errnos, 2 kexecs with a preserved memfd
+#   4. selftests.sh        the kernel's own LUO selftests (5 programs, 4 through a kexec)
+#   5. fetch-stock-kernel.sh  Debian's stock kernel + built-in feature report (cached)
 #   6. boot-smoke.sh --stock  stock kernel: 2 kexecs with a counter in a memmap= range via /dev/mem
 # Ends with "qemu-tests: N passed, N failed"; exit status 0 only if all passed.
 set -euo pipefail

@@ -29,7 +29,7 @@ boot1() {
 	kill -KILL "$LUOD_PID"
 	wait "$LUOD_PID" 2>/dev/null
 	if luoctl status >/dev/null 2>&1; then fail "luod still answers after SIGKILL"; fi
-	ps | grep -v grep | grep 'luod --holder' || fail "the fd holder did not survive luod"
+	ps | grep -v grep | grep -e '--holder' || fail "the fd holder did not survive luod"
 	step restart-luod 60
 	start_luod
 	expect_state prepared

@@ -7,7 +7,7 @@ boot1() {
 	step start-luod 60
 	start_luod
 	step fill 600
-	run luo-qemu-tool fill --prefix f --sessions 4 --files 256 --sizes 0,1,4095,4096,4097,65536,12345 --seed 5 --manifest /manifest --marker before
+	run luo-qemu-tool fill --prefix f --sessions 4 --files 256 --sizes 0,1,4095,4096,4097,65536,12345 --seed 5 --manifest /manifest --marker before --print-each
 	c=$(luoctl --json session list | grep -c '"token"')
 	[ "$c" = 1024 ] || fail "session list shows $c files, expected 1024"
 	luo_cycle
@@ -21,7 +21,7 @@ boot2() {
 	c=$(luoctl --json session list | grep -c '"token"')
 	[ "$c" = 1024 ] || fail "session list shows $c incoming files, expected 1024"
 	step retrieve 600
-	run luo-qemu-tool check --manifest /manifest --marker after
+	run luo-qemu-tool check --manifest /manifest --marker after --print-each
 	step finish 300
 	run luoctl finish
 	expect_state normal

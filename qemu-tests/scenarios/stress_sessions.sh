@@ -8,7 +8,7 @@ boot1() {
 	step start-luod 60
 	start_luod
 	step fill 600
-	run luo-qemu-tool fill --prefix s --sessions $N --files 1 --sizes 0,1,100,4096,8192,12345 --seed 3 --manifest /manifest --marker before
+	run luo-qemu-tool fill --prefix s --sessions $N --files 1 --sizes 0,1,100,4096,8192,12345 --seed 3 --manifest /manifest --marker before --print-each
 	expect_json '"name": "s0511"'
 	c=$(grep -c '"owner_uid"' /run/status.json)
 	[ "$c" = $N ] || fail "status shows $c sessions, expected $N"
@@ -24,7 +24,7 @@ boot2() {
 	[ "$c" = $N ] || fail "status shows $c incoming sessions, expected $N"
 	info "$c incoming sessions"
 	step retrieve 600
-	run luo-qemu-tool check --manifest /manifest --marker after
+	run luo-qemu-tool check --manifest /manifest --marker after --print-each
 	step finish 300
 	run luoctl finish
 	expect_state normal
