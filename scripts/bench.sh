@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the benchmarks. Each prints its figures as ratios against a baseline
+# measured in the same run (memcpy, bare kexec); none fails on a ratio.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== record write vs memcpy (64 MiB, file-backed region)"
+cargo bench --locked -p liveupdate --bench record_write 2>&1
+if [ -x qemu-tests/bench.sh ]; then
+    echo "== QEMU: blackout vs bare kexec, reserved-memory copy vs memcpy"
+    qemu-tests/bench.sh
+fi
