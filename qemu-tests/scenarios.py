@@ -305,9 +305,9 @@ def host_checks(sc, res):
         single = [k for k in before if not k.startswith("manifest:")]
         what = []
         if single:
-            what.append(f"{len(single)} file(s)")
+            what.append(f"{len(single)} file(s) one by one")
         if many:
-            what.append(f"{many} file(s) through a manifest digest")
+            what.append(f"the manifest digest of {many} file(s)")
         res.details.insert(0, f"host: SHA-256 identical before and after the kexec for {', '.join(what)}")
     for line in blackout_lines(res):
         res.details.append(line)
