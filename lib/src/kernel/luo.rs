@@ -66,12 +66,36 @@ fn park_file_key(name: &SessionName, token: u64) -> String {
     format!("F\0{token}\0{name}")
 }
 
+/// What an errno from a LUO call means, in a sentence a person can act on
+/// (errnos as `kernel/liveupdate/` and `mm/memfd_luo.c` return them, checked
+/// on 7.2 and 7.3). Per-call meanings (`EEXIST` on a name or token, `ENOENT`
+/// on a session, token or file type) are mapped at the call site first.
 fn sys(op: &str, errno: Errno) -> KernelError {
-    match errno {
-        Errno::ENOTTY | Errno::E2BIG => KernelError::Uapi { op: op.to_string(), errno },
-        Errno::EOPNOTSUPP if op == "open /dev/liveupdate" => KernelError::NotEnabled,
-        _ => KernelError::Sys { op: op.to_string(), errno },
-    }
+    let why = match errno {
+        // Kernel and luod disagree on the uAPI itself.
+        Errno::ENOTTY | Errno::E2BIG => return KernelError::Uapi { op: op.to_string(), errno },
+        Errno::EINVAL => match op {
+            "RETRIEVE_SESSION" => "the session was already retrieved in this kernel",
+            "PRESERVE_FD" => "the session is not an outgoing one (it came from the previous kernel)",
+            "RETRIEVE_FD" | "FINISH" => "the session is not one of the previous kernel's",
+            _ => "the kernel refused an argument (an unknown ioctl number also gives EINVAL)",
+        },
+        Errno::EBUSY => match op {
+            "PRESERVE_FD" => "this file is already preserved (by luod or another agent)",
+            "FINISH" => "a preserved file cannot finish yet; retry, or see dmesg",
+            _ => "the device is busy",
+        },
+        Errno::EOPNOTSUPP => "the kernel does not support a value luod sent (e.g. memfd seals this kernel cannot carry)",
+        Errno::ENOSPC => "the kernel's table of sessions or files is full; preserve fewer",
+        Errno::EFBIG => "the file is too large to preserve",
+        Errno::EBADF => "the file descriptor is not open",
+        Errno::ENOMEM => "the kernel is out of memory",
+        Errno::EIO => "the previous kernel's live-update data could not be read; see dmesg (the handover is lost)",
+        Errno::ENOENT => "no such session, token or handler",
+        Errno::EMFILE | Errno::ENFILE => "too many open files (raise luod's RLIMIT_NOFILE)",
+        _ => "",
+    };
+    KernelError::Luo { op: op.to_string(), errno, why: why.to_string() }
 }
 
 fn park_err(e: std::io::Error) -> KernelError {
@@ -375,5 +399,31 @@ impl Region for MemfdRegion {
     }
     fn describe(&self) -> String {
         format!("memfd in LUO session {RECORD_SESSION} ({} KiB)", self.len >> 10)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_luo_errno_gets_a_sentence() {
+        let cases = [
+            ("RETRIEVE_SESSION", Errno::EINVAL, "already retrieved"),
+            ("PRESERVE_FD", Errno::EINVAL, "not an outgoing one"),
+            ("PRESERVE_FD", Errno::EBUSY, "already preserved"),
+            ("PRESERVE_FD", Errno::EOPNOTSUPP, "seals"),
+            ("PRESERVE_FD", Errno::ENOSPC, "full"),
+            ("PRESERVE_FD", Errno::EFBIG, "too large"),
+            ("open /dev/liveupdate", Errno::EIO, "handover is lost"),
+        ];
+        for (op, errno, want) in cases {
+            let msg = sys(op, errno).to_string();
+            assert!(msg.starts_with(&format!("{op} failed with {errno}: ")) && msg.contains(want), "{msg}");
+        }
+        for errno in [Errno::ENOTTY, Errno::E2BIG] {
+            assert!(matches!(sys("CREATE_SESSION", errno), KernelError::Uapi { .. }));
+            assert!(sys("CREATE_SESSION", errno).to_string().contains("uAPI differs"));
+        }
     }
 }

@@ -126,6 +126,16 @@ pub enum KernelError {
     /// The kernel has no live update, or it is off.
     #[error("live update is not available: no /dev/liveupdate (the kernel needs CONFIG_LIVEUPDATE and `liveupdate=on` on its command line)")]
     NotEnabled,
+    /// A LUO call failed; `why` says what the errno means for this call.
+    #[error("{op} failed with {errno}: {}", if .why.is_empty() { .errno.desc() } else { .why.as_str() })]
+    Luo {
+        /// The call.
+        op: String,
+        /// The errno.
+        errno: nix::errno::Errno,
+        /// What it means here.
+        why: String,
+    },
     /// The kernel does not speak the LUO uAPI luod was built for.
     #[error("{op} failed with {errno}: the kernel's live-update uAPI differs from the one luod speaks; use a luod built for this kernel")]
     Uapi {

@@ -14,8 +14,12 @@
 //! preserved already, `EBADF` bad fd, `ENOSPC` too many files, `EOPNOTSUPP`
 //! memfd seals this kernel cannot carry, `EINVAL` not an outgoing session;
 //! `RETRIEVE_FD`: `ENOENT` unknown token, `EINVAL` not an incoming session;
-//! any: `ENOTTY` unknown ioctl. Opening `/dev/liveupdate`: `EBUSY` another
-//! process holds it (it is exclusive).
+//! any: `EINVAL` for an ioctl number outside the kernel's table (not
+//! `ENOTTY`), `ENOTTY` for a known number with other type or size bits,
+//! `E2BIG` for a larger struct with a non-zero tail. Opening
+//! `/dev/liveupdate`: `EBUSY` another process holds it (it is exclusive),
+//! `EIO` the previous kernel's data could not be deserialized. (Observed in
+//! QEMU on 7.2.13 and 7.3-rc7: see `qemu-tests/README.md`.)
 
 use nix::errno::Errno;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
