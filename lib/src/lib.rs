@@ -16,4 +16,5 @@ pub mod record;
 pub mod region;
 pub mod state;
 pub mod subsystem;
+pub mod subsystems;
 pub mod systemd;

@@ -1,0 +1,1 @@
+//! IOMMU groups (in progress).
