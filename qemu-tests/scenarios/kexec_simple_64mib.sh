@@ -40,9 +40,7 @@ boot2() {
 	step start-luod 300
 	check_iomem
 	grep -q 'memmap=160M\$0x30000000' /proc/cmdline || fail "the target command line lost memmap=$RANGE"
-	start_luod --backend reserved-memory
-	expect_state updated
-	mark updated
+	wait_updated --backend reserved-memory
 	run luoctl status
 	step retrieve 300
 	run luoctl session retrieve vm0 --token 1 --output /run/data.after

@@ -14,10 +14,8 @@ boot1() {
 }
 
 boot2() {
-	step start-luod 300
-	start_luod
-	expect_state updated
-	mark updated
+	wait_updated
+	status_json
 	c=$(luoctl --json session list | grep -c '"token"')
 	[ "$c" = 1024 ] || fail "session list shows $c incoming files, expected 1024"
 	step retrieve 600

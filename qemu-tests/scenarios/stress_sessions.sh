@@ -16,10 +16,8 @@ boot1() {
 }
 
 boot2() {
-	step start-luod 300
-	start_luod
-	expect_state updated
-	mark updated
+	wait_updated
+	status_json
 	c=$(grep -c '"incoming": true' /run/status.json)
 	[ "$c" = $N ] || fail "status shows $c incoming sessions, expected $N"
 	info "$c incoming sessions"

@@ -46,7 +46,9 @@ const USAGE: &str = "usage: luo-qemu-tool COMMAND [OPTIONS]
   gen   --size SIZE --out PATH [--seed S]
   probe [--dev /dev/liveupdate] [--expect absent|present] NAME...
   kexec --kernel K [--initrd I] --cmdline C [--mark NAME]
-  bench-copy --region SIZE$ADDR [--size 64M] [--reps 3]";
+  now   (CLOCK_REALTIME in ns)
+  luod-times --exec-ns NS --log PATH   (luod's log lines, in ms after NS)
+  bench-copy (--region SIZE$ADDR | --file PATH [--file-size SIZE]) [--size 64M] [--reps 3]";
 
 /// Parsed `--key value` options and bare words.
 #[derive(Debug, Default)]
@@ -454,6 +456,51 @@ fn cmd_kexec(o: &Opts) -> Result<()> {
     Err(kexec::reboot_into_loaded().to_string())
 }
 
+/// Nanoseconds since the epoch of a log timestamp `2026-11-22T04:42:32.417609Z`.
+fn parse_rfc3339(ts: &str) -> Option<u64> {
+    let (date, time) = ts.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|x| x.parse::<i64>());
+    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    let mut frac = frac.to_string();
+    frac.truncate(9);
+    while frac.len() < 9 {
+        frac.push('0');
+    }
+    Some(secs as u64 * 1_000_000_000 + frac.parse::<u64>().ok()?)
+}
+
+/// luod's log lines with their time after `--exec-ns` (the moment the
+/// guest's shell started luod), to split luod's startup into its parts.
+fn cmd_luod_times(o: &Opts) -> Result<()> {
+    let exec: u64 = o
+        .req("exec-ns")?
+        .parse()
+        .map_err(|_| "--exec-ns is not a number".to_string())?;
+    let log = std::fs::read_to_string(o.req("log")?).map_err(|e| e.to_string())?;
+    for line in log.lines() {
+        let Some(ts) = line.split_whitespace().next().and_then(parse_rfc3339) else {
+            continue;
+        };
+        if ts < exec {
+            continue;
+        }
+        let msg = line.split_once(": ").map_or(line, |(_, m)| m);
+        println!("luod +{:.1} ms after exec: {msg}", (ts - exec) as f64 / 1e6);
+    }
+    Ok(())
+}
+
 /// Runs `f` and returns its duration in seconds with its value.
 fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
     let t = Instant::now();
@@ -463,12 +510,26 @@ fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
 
 fn cmd_bench_copy(o: &Opts) -> Result<()> {
     use liveupdate::kernel::reserved::{ReservedRegion, parse_memmap};
-    let spec = o.req("region")?;
-    let range = parse_memmap(spec.trim_start_matches("memmap=")).map_err(|e| e.to_string())?;
     let size = o.num("size", 64 << 20)?;
     let reps = o.num("reps", 3)?.max(1);
+    if let Some(path) = o.get("file") {
+        // A file region (tmpfs on the host: the same code without /dev/mem),
+        // for a native reference next to the guest's figures.
+        let region_size = o.num("file-size", 2 * size + (16 << 20))?;
+        let region = liveupdate::region::FileRegion::open(Path::new(path), region_size).map_err(|e| e.to_string())?;
+        let store = RecordStore::new(region).map_err(|e| e.to_string())?;
+        let r = bench_copy(store, size, reps);
+        let _ = std::fs::remove_file(path);
+        return r;
+    }
+    let spec = o.req("region")?;
+    let range = parse_memmap(spec.trim_start_matches("memmap=")).map_err(|e| e.to_string())?;
     let region = ReservedRegion::open(range, None).map_err(|e| e.to_string())?;
-    let mut store = RecordStore::new(region).map_err(|e| e.to_string())?;
+    let store = RecordStore::new(region).map_err(|e| e.to_string())?;
+    bench_copy(store, size, reps)
+}
+
+fn bench_copy<R: liveupdate::region::Region>(mut store: RecordStore<R>, size: u64, reps: u64) -> Result<()> {
     if store.data_capacity() < size {
         return Err(format!(
             "the region holds {} bytes of data, less than {size}",
@@ -511,7 +572,7 @@ fn cmd_bench_copy(o: &Opts) -> Result<()> {
     let mut ram_dst = vec![0u8; size as usize];
     ram_dst.iter_mut().step_by(4096).for_each(|b| *b = 1);
     let mib = size as f64 / (1 << 20) as f64;
-    let mut best = [f64::MAX; 4];
+    let mut best = [f64::MAX; 5];
     for rep in 0..reps {
         // 1. memcpy RAM -> RAM (the baseline of the issue).
         let (t_memcpy, ()) = time(|| {
@@ -528,8 +589,11 @@ fn cmd_bench_copy(o: &Opts) -> Result<()> {
         })?;
         // 3. Read the memfd with pread into RAM (what FdSource does).
         let (t_pread, ()) = time(|| src.read_into(&mut ram_dst).map_err(|e| e.to_string()))?;
+        // 4. CRC-32C of 64 MiB in RAM (the checksum the record store adds).
+        let (t_crc, crc) = time(|| Ok(crc32c::crc32c(&ram_dst)))?;
+        std::hint::black_box(crc);
         println!(
-            "bench-copy rep {}: memcpy RAM->RAM {:.1} ms ({:.0} MiB/s); RecordStore::write gen {} {:.1} ms ({:.0} MiB/s); pread memfd->RAM {:.1} ms ({:.0} MiB/s)",
+            "bench-copy rep {}: memcpy RAM->RAM {:.1} ms ({:.0} MiB/s); RecordStore::write gen {} {:.1} ms ({:.0} MiB/s); pread memfd->RAM {:.1} ms ({:.0} MiB/s); crc32c {:.1} ms ({:.0} MiB/s)",
             rep + 1,
             t_memcpy * 1e3,
             mib / t_memcpy,
@@ -538,10 +602,13 @@ fn cmd_bench_copy(o: &Opts) -> Result<()> {
             mib / t_record,
             t_pread * 1e3,
             mib / t_pread,
+            t_crc * 1e3,
+            mib / t_crc,
         );
         best[0] = best[0].min(t_memcpy);
         best[1] = best[1].min(t_record);
         best[3] = best[3].min(t_pread);
+        best[4] = best[4].min(t_crc);
     }
     // 4. memcpy from the memfd's mapping into the region mapping (the same
     // destination as the record store, without checksums or layout).
@@ -564,12 +631,13 @@ fn cmd_bench_copy(o: &Opts) -> Result<()> {
         );
         best[2] = best[2].min(t_region);
     }
-    let [memcpy, record_t, region_t, pread] = best;
+    let [memcpy, record_t, region_t, pread, crc] = best;
     marker(&format!("bench copy_bytes {size}"));
     marker(&format!("bench memcpy_ram_ms {:.3}", memcpy * 1e3));
     marker(&format!("bench record_write_ms {:.3}", record_t * 1e3));
     marker(&format!("bench memcpy_region_ms {:.3}", region_t * 1e3));
     marker(&format!("bench pread_ms {:.3}", pread * 1e3));
+    marker(&format!("bench crc32c_ms {:.3}", crc * 1e3));
     marker(&format!("bench copy_ratio {:.3}", memcpy / record_t));
     Ok(())
 }
@@ -589,6 +657,11 @@ fn main() -> ExitCode {
             "probe" => cmd_probe(&o),
             "kexec" => cmd_kexec(&o),
             "bench-copy" => cmd_bench_copy(&o),
+            "now" => {
+                println!("{}", liveupdate::engine::now());
+                Ok(())
+            }
+            "luod-times" => cmd_luod_times(&o),
             _ => Err(format!("unknown command {cmd:?}\n{USAGE}")),
         }
     };
