@@ -87,6 +87,11 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     pub client_timeout: u64,
 
+    /// Seconds a VMM may take to answer each call (prepare, freeze,
+    /// unfreeze, cancel); one that does not answer fails the step.
+    #[arg(long, default_value_t = 5.0)]
+    pub vm_timeout: f64,
+
     /// Internal: run as the fd holder serving this socket.
     #[arg(long, hide = true)]
     pub holder: Option<PathBuf>,

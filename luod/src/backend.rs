@@ -1,7 +1,7 @@
 //! Building the engine for the chosen backend.
 
 use crate::args::{Args, Backend, FdStore};
-use liveupdate::engine::{Engine, HostInfo, RegionCapacity};
+use liveupdate::engine::{Engine, HostInfo, Kvm, RegionCapacity, SharedVms};
 use liveupdate::holder::{FdPark, HolderClient};
 use liveupdate::systemd::{Notifier, SystemdFdStore, take_listen_fds};
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
@@ -114,14 +114,22 @@ fn open_engine<R: Region>(
     store: RecordStore<R>,
     copying: bool,
     needs: Vec<String>,
+    vm_timeout: std::time::Duration,
 ) -> Result<Engine<R>, StartError> {
     let mut registry = Registry::new();
     if copying {
         registry.register(Box::new(RegionCapacity::new(store.data_capacity()))).expect("first registration cannot clash");
     }
+    let vms = SharedVms::default();
+    registry.register(Box::new(Kvm::new(vms.clone(), vm_timeout))).expect("kvm is registered once");
     let mut engine = Engine::open(kernel, registry, store, HostInfo::current())?;
     engine.set_cmdline_needs(needs);
+    engine.set_vms(vms);
     Ok(engine)
+}
+
+fn vm_timeout(args: &Args) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(args.vm_timeout.max(0.1))
 }
 
 /// The file backend: a region file and a simulated kexec.
@@ -165,7 +173,7 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
         other => other?,
     };
     let kernel = Emulated::new("file", KexecMode::Simulated, Some(holder(args)?));
-    let mut engine = open_engine(Box::new(kernel), store, true, Vec::new())?;
+    let mut engine = open_engine(Box::new(kernel), store, true, Vec::new(), vm_timeout(args))?;
     if let Some(note) = note {
         tracing::warn!("{note}");
         engine.add_note(note);
@@ -179,7 +187,7 @@ pub fn luo(args: &Args) -> Result<Started<MemfdRegion>, StartError> {
     tracing::info!("LUO backend: {how:?} start");
     let region = MemfdRegion::new(record).map_err(io("cannot map luod's record memfd from", &args.liveupdate_dev))?;
     let store = RecordStore::new(region)?;
-    let engine = open_engine(Box::new(kernel), store, false, vec!["liveupdate=on".into()])?;
+    let engine = open_engine(Box::new(kernel), store, false, vec!["liveupdate=on".into()], vm_timeout(args))?;
     Ok(Started { engine, _lock: None })
 }
 
@@ -198,7 +206,7 @@ pub fn reserved_memory(args: &Args) -> Result<Started<ReservedRegion>, StartErro
     let region = ReservedRegion::open(range, pmem.as_deref())?;
     let store = RecordStore::new(region)?;
     let kernel = Emulated::new("reserved-memory", KexecMode::Real, Some(holder(args)?));
-    let engine = open_engine(Box::new(kernel), store, true, vec![range.memmap_param()])?;
+    let engine = open_engine(Box::new(kernel), store, true, vec![range.memmap_param()], vm_timeout(args))?;
     Ok(Started { engine, _lock: None })
 }
 

@@ -187,9 +187,9 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
             }
         }
         let kind = req.kind();
-        let (resp, fd, exit) = {
+        let Outcome { resp, fds: out_fds, exit, keep_conn } = {
             let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
-            dispatch(&mut engine, &caller, req, fds)
+            dispatch(&mut engine, &caller, req, fds, &conn)
         };
         match &resp {
             Response::Error(e) => tracing::info!("{kind} from uid {} refused: {}", caller.uid, e.message),
@@ -198,23 +198,41 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
             }
             _ => {}
         }
-        let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+        let fds: Vec<_> = out_fds.iter().map(|f| f.as_fd()).collect();
         let sent = frame::send(&conn, &resp, &fds);
         if let Some(code) = exit {
             EXIT.store(code, Ordering::SeqCst);
             return;
         }
-        if sent.is_err() {
+        if sent.is_err() || keep_conn {
+            // A registered VMM's connection now belongs to the kvm
+            // subsystem, which sends it calls; this thread stops reading.
             return;
         }
     }
 }
 
-/// Runs one request. Returns the response, a file to send with it, and an
-/// exit status when luod must stop after answering.
-fn dispatch<R: Region>(engine: &mut Engine<R>, caller: &Caller, req: Request, mut fds: Vec<OwnedFd>) -> (Response, Option<OwnedFd>, Option<i32>) {
-    let err = |e: EngineError| (Response::Error(e.to_reply()), None, None);
-    let wants_fd = matches!(req, Request::SessionPreserve { .. });
+/// What one request produced.
+struct Outcome {
+    resp: Response,
+    /// Files to send with the response.
+    fds: Vec<OwnedFd>,
+    /// Exit status when luod must stop after answering.
+    exit: Option<i32>,
+    /// The connection was handed to the engine (a registered VMM).
+    keep_conn: bool,
+}
+
+impl From<Response> for Outcome {
+    fn from(resp: Response) -> Self {
+        Outcome { resp, fds: Vec::new(), exit: None, keep_conn: false }
+    }
+}
+
+/// Runs one request.
+fn dispatch<R: Region>(engine: &mut Engine<R>, caller: &Caller, req: Request, mut fds: Vec<OwnedFd>, conn: &UnixStream) -> Outcome {
+    let err = |e: EngineError| Outcome::from(Response::Error(e.to_reply()));
+    let wants_fd = matches!(req, Request::SessionPreserve { .. } | Request::VmRegister { .. });
     if !wants_fd && !fds.is_empty() {
         return err(EngineError::InvalidArgument(format!("{} takes no file descriptor but {} came with it", req.kind(), fds.len())));
     }
@@ -229,7 +247,9 @@ fn dispatch<R: Region>(engine: &mut Engine<R>, caller: &Caller, req: Request, mu
         Request::Cancel => engine.cancel(caller).map(Response::Transition),
         Request::Reboot => {
             return match engine.reboot(caller) {
-                Ok(Rebooted::Simulated(report)) => (Response::Transition(report), None, Some(SIMULATED_KEXEC_EXIT)),
+                Ok(Rebooted::Simulated(report)) => {
+                    Outcome { exit: Some(SIMULATED_KEXEC_EXIT), ..Outcome::from(Response::Transition(report)) }
+                }
                 Err(e) => err(e),
             };
         }
@@ -244,14 +264,33 @@ fn dispatch<R: Region>(engine: &mut Engine<R>, caller: &Caller, req: Request, mu
         }
         Request::SessionRetrieve { name, token } => {
             return match engine.session_retrieve(caller, &name, token) {
-                Ok((fd, size)) => (Response::Fd { size }, Some(fd), None),
+                Ok((fd, size)) => Outcome { fds: vec![fd], ..Outcome::from(Response::Fd { size }) },
                 Err(e) => err(e),
             };
         }
         Request::SessionFinish { name } => engine.session_finish(caller, &name).map(|()| Response::Done),
+        Request::VmRegister { name, tokens } => {
+            let conn = match conn.try_clone() {
+                Ok(c) => c,
+                Err(e) => return err(EngineError::Io(format!("cannot keep the VMM's connection: {e}"))),
+            };
+            return match engine.vm_register(caller, &name, &tokens, fds, conn) {
+                Ok(()) => Outcome { keep_conn: true, ..Outcome::from(Response::Done) },
+                Err(e) => err(e),
+            };
+        }
+        Request::VmAnswer(_) => Err(EngineError::InvalidArgument("vm-answer is only sent in reply to a vm call".into())),
+        Request::VmClaim { name } => {
+            return match engine.vm_claim(caller, &name) {
+                Ok(c) => Outcome { fds: c.fds, ..Outcome::from(Response::VmClaimed { tokens: c.tokens, state: c.state }) },
+                Err(e) => err(e),
+            };
+        }
+        Request::VmAbandon { name } => engine.vm_abandon(caller, &name).map(|()| Response::Done),
+        Request::VmList => Ok(Response::Vms(engine.vm_list(caller))),
     };
     match r {
-        Ok(resp) => (resp, None, None),
+        Ok(resp) => Outcome::from(resp),
         Err(e) => err(e),
     }
 }

@@ -61,6 +61,9 @@ pub enum EngineError {
         /// Token.
         token: u64,
     },
+    /// `finish` with VMs no VMM claimed.
+    #[error("{} VM(s) of the update were not restored: {}", .0.len(), .0.join(", "))]
+    VmsNotRestored(Vec<String>),
     /// `finish` with files nobody took back.
     #[error("{0} preserved file(s) were not retrieved: {1}")]
     NotRetrieved(usize, String),
@@ -104,7 +107,7 @@ impl EngineError {
             E::Name(_) | E::InvalidArgument(_) | E::MissingFd(_) | E::Io(_) => ErrorKind::InvalidArgument,
             E::NoSuchSession(_) | E::NoSuchToken { .. } => ErrorKind::NotFound,
             E::SessionExists(_) | E::TokenExists { .. } => ErrorKind::AlreadyExists,
-            E::AlreadyRetrieved { .. } | E::NotRetrieved(..) => ErrorKind::WrongState,
+            E::AlreadyRetrieved { .. } | E::NotRetrieved(..) | E::VmsNotRestored(_) => ErrorKind::WrongState,
             E::Step(s) if s.is_veto() => ErrorKind::Vetoed,
             E::Step(_) => ErrorKind::SubsystemFailed,
             E::Kernel(KernelError::NoSuchSession(_) | KernelError::NoSuchToken { .. }) => ErrorKind::NotFound,
@@ -137,6 +140,7 @@ impl EngineError {
             E::TokenExists { .. } => "choose another token".into(),
             E::SessionExists(_) => "choose another name, or finish the existing session".into(),
             E::NotRetrieved(..) => "retrieve them, or discard a session with `luoctl session finish NAME`".into(),
+            E::VmsNotRestored(_) => "start their VMMs to claim them, or give one up with `luoctl vm abandon NAME`".into(),
             E::Step(s) if s.is_veto() => format!("resolve what subsystem {} reports, then prepare again", s.subsystem),
             E::Step(s) => format!("see luod's log for subsystem {}; the transition was undone", s.subsystem),
             E::Kernel(KernelError::Unsupported { .. }) => "hand over a memfd (memfd_create(2))".into(),

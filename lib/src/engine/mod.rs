@@ -10,11 +10,13 @@ mod error;
 mod sessions;
 mod startup;
 mod transitions;
+mod vms;
 
 pub use capacity::RegionCapacity;
 pub use error::EngineError;
 pub use startup::HostInfo;
 pub use transitions::Rebooted;
+pub use vms::{Claimed, KVM, Kvm, SharedVms, VmSaved, VmTable, vm_session};
 
 /// Exit status of luod after a simulated kexec (documented in the README).
 pub const SIMULATED_KEXEC_EXIT: i32 = 75;
@@ -61,6 +63,7 @@ pub struct Engine<R: Region> {
     notes: Vec<String>,
     cmdline_needs: Vec<String>,
     handed_over: bool,
+    vms: Option<SharedVms>,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -277,3 +280,5 @@ pub fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vm_tests;

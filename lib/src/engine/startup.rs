@@ -100,7 +100,7 @@ impl<R: Region> Engine<R> {
             .handover
             .as_ref()
             .is_some_and(|h| h.simulated || h.boot_id != host.boot_id);
-        let mut engine = Engine { kernel, registry, store, record, generation, host, notes, cmdline_needs: Vec::new(), handed_over: false };
+        let mut engine = Engine { kernel, registry, store, record, generation, host, notes, cmdline_needs: Vec::new(), handed_over: false, vms: None };
         if incoming {
             engine.take_incoming()?;
         } else {

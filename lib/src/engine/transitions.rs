@@ -318,6 +318,10 @@ impl<R: Region> Engine<R> {
         self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Finish)?;
+        let unclaimed = self.unclaimed_vms();
+        if !unclaimed.is_empty() {
+            return Err(EngineError::VmsNotRestored(unclaimed));
+        }
         let pending: Vec<String> = self
             .record
             .sessions

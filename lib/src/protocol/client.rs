@@ -1,7 +1,7 @@
 //! A blocking client of luod, used by luoctl and by VMMs written in Rust.
 
 use super::frame::{self, FrameError};
-use super::{ErrorReply, PROTOCOL_VERSION, Request, Response};
+use super::{ErrorReply, PROTOCOL_VERSION, Request, Response, VmAnswer, VmCall};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -100,4 +100,81 @@ pub fn unexpected(req: &Request, got: &Response) -> ClientError {
     let got = format!("{got:?}");
     let got = got.split(['(', ' ', '{']).next().unwrap_or_default().to_string();
     ClientError::Unexpected { request: req.kind(), got }
+}
+
+/// A VM taken over in the new kernel.
+#[derive(Debug)]
+pub struct ClaimedVm {
+    /// Its guest-RAM memfds, with their tokens.
+    pub ram: Vec<(u64, OwnedFd)>,
+    /// The state its previous VMM saved at `freeze`.
+    pub state: Vec<u8>,
+}
+
+/// A VMM's registered connection: luod sends it [`VmCall`]s, it answers.
+#[derive(Debug)]
+pub struct VmConnection {
+    sock: UnixStream,
+    name: String,
+}
+
+impl Client {
+    /// Registers VM `name` with its guest-RAM memfds (token, fd), at most
+    /// [`frame::MAX_FDS_PER_FRAME`]; the connection then carries luod's calls.
+    pub fn register_vm(mut self, name: &str, ram: &[(u64, BorrowedFd<'_>)]) -> Result<VmConnection, ClientError> {
+        let req = Request::VmRegister { name: name.to_string(), tokens: ram.iter().map(|(t, _)| *t).collect() };
+        let fds: Vec<BorrowedFd<'_>> = ram.iter().map(|(_, fd)| *fd).collect();
+        match self.call_fds(&req, &fds)? {
+            (Response::Done, _) => Ok(VmConnection { sock: self.sock, name: name.to_string() }),
+            (other, _) => Err(unexpected(&req, &other)),
+        }
+    }
+
+    /// Attaches again to VM `name` after luod restarted (same tokens, no fds).
+    pub fn reattach_vm(mut self, name: &str, tokens: &[u64]) -> Result<VmConnection, ClientError> {
+        let req = Request::VmRegister { name: name.to_string(), tokens: tokens.to_vec() };
+        match self.call(&req)? {
+            Response::Done => Ok(VmConnection { sock: self.sock, name: name.to_string() }),
+            other => Err(unexpected(&req, &other)),
+        }
+    }
+
+    /// In the new kernel: takes VM `name` over. Returns its memfds (token,
+    /// fd) and the state its previous VMM saved at `freeze`.
+    pub fn claim_vm(&mut self, name: &str) -> Result<ClaimedVm, ClientError> {
+        let req = Request::VmClaim { name: name.to_string() };
+        match self.call_fds(&req, &[])? {
+            (Response::VmClaimed { tokens, state }, fds) if fds.len() == tokens.len() => {
+                Ok(ClaimedVm { ram: tokens.into_iter().zip(fds).collect(), state })
+            }
+            (other, _) => Err(unexpected(&req, &other)),
+        }
+    }
+}
+
+impl VmConnection {
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits for luod's next call (blocks; `None` when luod closed the connection).
+    pub fn next_call(&mut self) -> Result<Option<VmCall>, ClientError> {
+        match frame::recv::<Response>(&self.sock) {
+            Ok((Response::VmCall(call), _)) => Ok(Some(call)),
+            Ok((other, _)) => Err(ClientError::Unexpected { request: "vm-register", got: format!("{other:?}") }),
+            Err(FrameError::Closed) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Answers the call just received.
+    pub fn answer(&mut self, answer: VmAnswer) -> Result<(), ClientError> {
+        frame::send(&self.sock, &Request::VmAnswer(answer), &[]).map_err(Into::into)
+    }
+
+    /// The socket, e.g. to poll it alongside the VMM's own work.
+    pub fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
 }

@@ -89,6 +89,35 @@ pub enum Request {
         /// Session name.
         name: String,
     },
+    /// A VMM registers a VM: its guest-RAM memfds travel with the frame,
+    /// one per token, in order. luod preserves them in the VM's session
+    /// (`vm-NAME`) and from then on sends [`Response::VmCall`] on this
+    /// connection; the VMM answers each with [`Request::VmAnswer`]. A VMM
+    /// that reconnects (after a restart of luod) registers again with the
+    /// same name and tokens and no fds, and is attached again.
+    VmRegister {
+        /// VM name (1 to 60 bytes, same rules as session names).
+        name: String,
+        /// Tokens of the memfds sent with the frame.
+        tokens: Vec<u64>,
+    },
+    /// The VMM's answer to a [`Response::VmCall`].
+    VmAnswer(VmAnswer),
+    /// In the new kernel: a VMM takes a VM over. The response
+    /// ([`Response::VmClaimed`]) carries its memfds and the state saved at
+    /// `freeze`.
+    VmClaim {
+        /// VM name.
+        name: String,
+    },
+    /// Give up on a VM: its preserved memory is released, and `finish` no
+    /// longer waits for it.
+    VmAbandon {
+        /// VM name.
+        name: String,
+    },
+    /// The VMs luod knows.
+    VmList,
 }
 
 impl Request {
@@ -109,6 +138,11 @@ impl Request {
             Request::SessionPreserve { .. } => "session-preserve",
             Request::SessionRetrieve { .. } => "session-retrieve",
             Request::SessionFinish { .. } => "session-finish",
+            Request::VmRegister { .. } => "vm-register",
+            Request::VmAnswer(_) => "vm-answer",
+            Request::VmClaim { .. } => "vm-claim",
+            Request::VmAbandon { .. } => "vm-abandon",
+            Request::VmList => "vm-list",
         }
     }
 }
@@ -142,6 +176,70 @@ pub enum Response {
     },
     /// The request failed; nothing was changed.
     Error(ErrorReply),
+    /// luod asks a registered VMM to act (sent on its connection).
+    VmCall(VmCall),
+    /// Answer to `VmClaim`: the memfds travel with the frame, one per token.
+    VmClaimed {
+        /// Tokens, in the order of the fds.
+        tokens: Vec<u64>,
+        /// The VM state the VMM returned at `freeze`.
+        state: Vec<u8>,
+    },
+    /// Answer to `VmList`.
+    Vms(Vec<VmInfo>),
+}
+
+/// What luod asks of a VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmCall {
+    /// A live update is being prepared: veto now if the VM cannot go through it.
+    Prepare,
+    /// Pause the vCPUs and return the VM state (registers, devices).
+    Freeze,
+    /// The update did not happen after `freeze`: resume.
+    Unfreeze,
+    /// The cycle was abandoned after `prepare`: nothing to keep.
+    Cancel,
+}
+
+impl VmCall {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmCall::Prepare => "prepare",
+            VmCall::Freeze => "freeze",
+            VmCall::Unfreeze => "unfreeze",
+            VmCall::Cancel => "cancel",
+        }
+    }
+}
+
+/// A VMM's answer to a [`VmCall`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmAnswer {
+    /// Done; `freeze` returns the VM state here.
+    Ok {
+        /// VM state (from `freeze`).
+        state: Option<Vec<u8>>,
+    },
+    /// `prepare` refused, with the reason for the operator.
+    Veto(String),
+    /// The call failed.
+    Failed(String),
+}
+
+/// A VM as `luoctl vm list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// VM name.
+    pub name: String,
+    /// Uid of the VMM that registered it.
+    pub owner_uid: u32,
+    /// Tokens of its guest-RAM memfds.
+    pub tokens: Vec<u64>,
+    /// `registered`, `disconnected`, `awaiting-claim`, `claimed`.
+    pub phase: String,
 }
 
 /// Classes of failure; luoctl maps each to an exit code.

@@ -12,6 +12,7 @@ pub mod prepare;
 pub mod reboot;
 pub mod session;
 pub mod status;
+pub mod vm;
 
 use crate::error::Failure;
 use crate::exit::ExitCode;
@@ -72,6 +73,9 @@ pub enum Command {
     /// Create sessions and preserve, retrieve or finish their files.
     #[command(subcommand)]
     Session(session::SessionCommand),
+    /// VMs registered by VMMs.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
 }
 
 impl Command {
@@ -87,6 +91,7 @@ impl Command {
             Command::Cancel(a) => cancel::run(a, ctx),
             Command::History(a) => history::run(a, ctx),
             Command::Session(c) => c.run(ctx),
+            Command::Vm(c) => c.run(ctx),
         }
     }
 }

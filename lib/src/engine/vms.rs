@@ -1,0 +1,362 @@
+//! VMs: VMMs register their VMs with luod, luod drives them through the
+//! cycle with the `kvm` subsystem, and in the new kernel a new VMM claims
+//! each VM back.
+//!
+//! A VM is a session named `vm-NAME` holding its guest-RAM memfds, plus a
+//! live connection to its VMM. At `prepare` and `freeze` luod sends the VMM a
+//! [`VmCall`] and waits for its [`VmAnswer`] for at most the call timeout; a
+//! VMM that vetoes, fails, hangs or disconnects fails the step, and the VMs
+//! already called are undone in reverse (`cancel`, `unfreeze`), so the other
+//! VMs resume. The state each VMM returns at `freeze` goes into the record
+//! (the `kvm` section); in the new kernel `VmClaim` hands it back with the
+//! memfds.
+
+use super::{Caller, Engine, EngineError};
+use crate::names::SessionName;
+use crate::protocol::frame::{self, FrameError};
+use crate::protocol::{Request, Response, VmAnswer, VmCall, VmInfo};
+use crate::region::Region;
+use crate::state::State;
+use crate::subsystem::{Blob, PrepareContext, Subsystem, SubsystemError};
+use serde::{Deserialize, Serialize};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Name of the subsystem (and of its section in the record).
+pub const KVM: &str = "kvm";
+/// Version of the `kvm` section's blob.
+const KVM_BLOB_VERSION: u32 = 1;
+
+/// The session that holds a VM's memory.
+pub fn vm_session(name: &str) -> String {
+    format!("vm-{name}")
+}
+
+/// A VM as the record keeps it (the `kvm` section, version 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSaved {
+    /// VM name.
+    pub name: String,
+    /// Uid of its VMM.
+    pub owner_uid: u32,
+    /// Tokens of its memfds in session `vm-NAME`.
+    pub tokens: Vec<u64>,
+    /// The state its VMM returned at `freeze`.
+    pub state: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Vm {
+    name: String,
+    owner_uid: u32,
+    tokens: Vec<u64>,
+    conn: Option<UnixStream>,
+    state: Option<Vec<u8>>,
+}
+
+/// The registered VMs, shared by the engine (registration) and the `kvm`
+/// subsystem (calls). Lock order: the engine, then this table.
+#[derive(Debug, Default)]
+pub struct VmTable {
+    vms: Vec<Vm>,
+}
+
+impl VmTable {
+    /// True when no VM is registered.
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty()
+    }
+}
+
+/// What a new VMM gets when it claims a VM.
+#[derive(Debug)]
+pub struct Claimed {
+    /// Tokens of the memfds, in order.
+    pub tokens: Vec<u64>,
+    /// The state the previous VMM saved at `freeze`.
+    pub state: Vec<u8>,
+    /// The memfds.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// A [`VmTable`] shared between the engine and the `kvm` subsystem.
+pub type SharedVms = Arc<Mutex<VmTable>>;
+
+fn lock(vms: &SharedVms) -> std::sync::MutexGuard<'_, VmTable> {
+    vms.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The `kvm` subsystem: drives every registered VM's VMM.
+#[derive(Debug)]
+pub struct Kvm {
+    vms: SharedVms,
+    timeout: Duration,
+}
+
+impl Kvm {
+    /// The subsystem over `vms`, waiting at most `timeout` for each answer.
+    pub fn new(vms: SharedVms, timeout: Duration) -> Self {
+        Kvm { vms, timeout }
+    }
+}
+
+/// Sends `call` to `vm`'s VMM and waits for its answer. A VMM that does not
+/// answer in time, or answers out of turn, is disconnected: its stream could
+/// no longer be trusted to pair answers with calls.
+fn call(vm: &mut Vm, call: VmCall, timeout: Duration) -> Result<Option<Vec<u8>>, SubsystemError> {
+    let name = vm.name.clone();
+    let what = call.as_str();
+    let Some(conn) = vm.conn.as_ref() else {
+        return Err(SubsystemError::Failed(format!(
+            "VM {name}: its VMM is not connected (it exited, or luod restarted and it has not registered again)"
+        )));
+    };
+    let _ = conn.set_read_timeout(Some(timeout));
+    let _ = conn.set_write_timeout(Some(timeout));
+    let result = frame::send(conn, &Response::VmCall(call), &[]).and_then(|()| frame::recv::<Request>(conn));
+    let fail = |why: String| SubsystemError::Failed(format!("VM {name}: {why}"));
+    let outcome = match result {
+        Ok((Request::VmAnswer(VmAnswer::Ok { state }), _)) => return Ok(state),
+        Ok((Request::VmAnswer(VmAnswer::Veto(reason)), _)) => return Err(SubsystemError::Veto(format!("VM {name}: {reason}"))),
+        Ok((Request::VmAnswer(VmAnswer::Failed(reason)), _)) => return Err(fail(format!("{what} failed: {reason}"))),
+        Ok((other, _)) => fail(format!("its VMM answered {} to {what}", other.kind())),
+        Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            fail(format!("its VMM did not answer {what} within {} s", timeout.as_secs_f32()))
+        }
+        Err(FrameError::Closed | FrameError::Truncated { .. }) => fail(format!("its VMM disconnected during {what}")),
+        Err(e) => fail(format!("{what}: {e}")),
+    };
+    vm.conn = None;
+    Err(outcome)
+}
+
+impl Kvm {
+    /// Calls `step` on every VM in order; on a failure at `k`, calls `undo`
+    /// on `k-1..0` (errors of the undo are logged: the failure is what counts).
+    fn forward(&self, step: VmCall, undo: VmCall) -> Result<Vec<VmSaved>, SubsystemError> {
+        let mut table = lock(&self.vms);
+        let mut saved = Vec::new();
+        for k in 0..table.vms.len() {
+            match call(&mut table.vms[k], step, self.timeout) {
+                Ok(state) => {
+                    let vm = &mut table.vms[k];
+                    vm.state = state.clone();
+                    saved.push(VmSaved {
+                        name: vm.name.clone(),
+                        owner_uid: vm.owner_uid,
+                        tokens: vm.tokens.clone(),
+                        state: state.unwrap_or_default(),
+                    });
+                }
+                Err(e) => {
+                    for vm in table.vms[..k].iter_mut().rev() {
+                        if let Err(u) = call(vm, undo, self.timeout) {
+                            tracing::error!("while undoing {}: {u}", step.as_str());
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(saved)
+    }
+
+    fn undo_all(&self, undo: VmCall) -> Result<(), SubsystemError> {
+        let mut table = lock(&self.vms);
+        let failures: Vec<String> =
+            table.vms.iter_mut().rev().filter_map(|vm| call(vm, undo, self.timeout).err()).map(|e| e.to_string()).collect();
+        if failures.is_empty() { Ok(()) } else { Err(SubsystemError::Failed(failures.join("; "))) }
+    }
+}
+
+impl Subsystem for Kvm {
+    fn name(&self) -> &str {
+        KVM
+    }
+    fn prepare(&mut self, _ctx: &PrepareContext) -> Result<Option<Blob>, SubsystemError> {
+        self.forward(VmCall::Prepare, VmCall::Cancel).map(|_| None)
+    }
+    fn freeze(&mut self) -> Result<Option<Blob>, SubsystemError> {
+        let saved = self.forward(VmCall::Freeze, VmCall::Unfreeze)?;
+        let data = postcard::to_allocvec(&saved).map_err(|e| SubsystemError::Failed(format!("cannot encode VM states: {e}")))?;
+        Ok(Some(Blob { version: KVM_BLOB_VERSION, data }))
+    }
+    fn cancel(&mut self) -> Result<(), SubsystemError> {
+        self.undo_all(VmCall::Cancel)
+    }
+    fn unfreeze(&mut self) -> Result<(), SubsystemError> {
+        self.undo_all(VmCall::Unfreeze)
+    }
+    fn restore(&mut self, _blob: Option<&Blob>) -> Result<(), SubsystemError> {
+        // The VMs wait in the record's kvm section until their VMMs claim them.
+        Ok(())
+    }
+    fn finish(&mut self) -> Result<(), SubsystemError> {
+        Ok(())
+    }
+}
+
+impl<R: Region> Engine<R> {
+    /// Connects the engine to the VM table the `kvm` subsystem drives.
+    pub fn set_vms(&mut self, vms: SharedVms) {
+        self.vms = Some(vms);
+    }
+
+    fn vms(&self) -> Result<&SharedVms, EngineError> {
+        self.vms.as_ref().ok_or_else(|| EngineError::InvalidArgument("this luod does not manage VMs".into()))
+    }
+
+    /// The VMs carried by the update in flight (the record's `kvm` section).
+    pub fn saved_vms(&self) -> Vec<VmSaved> {
+        self.record
+            .subsystems
+            .iter()
+            .find(|s| s.name == KVM && s.version == KVM_BLOB_VERSION)
+            .and_then(|s| postcard::from_bytes(&s.blob).ok())
+            .unwrap_or_default()
+    }
+
+    /// Registers a VM (its memfds, one per token) or, with no fds and the
+    /// same tokens, attaches a reconnecting VMM to its VM.
+    pub fn vm_register(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        tokens: &[u64],
+        fds: Vec<OwnedFd>,
+        conn: UnixStream,
+    ) -> Result<(), EngineError> {
+        self.require_live()?;
+        let session = SessionName::new(vm_session(name))?;
+        let vms = self.vms()?.clone();
+        let mut table = lock(&vms);
+        if let Some(vm) = table.vms.iter_mut().find(|v| v.name == name) {
+            if vm.owner_uid != caller.uid || !fds.is_empty() || vm.tokens != tokens {
+                return Err(EngineError::InvalidArgument(format!(
+                    "VM {name} is registered already; a reconnecting VMM registers with the same tokens and no fds"
+                )));
+            }
+            vm.conn = Some(conn);
+            return Ok(());
+        }
+        let existing = self.record.sessions.iter().find(|s| s.name == session);
+        if let Some(s) = existing {
+            // luod restarted: the VM's session is in the record, its VMM reconnects.
+            let same = s.owner_uid == caller.uid && fds.is_empty() && s.fds.iter().map(|f| f.token).eq(tokens.iter().copied());
+            if !same || self.record.state == State::Updated {
+                return Err(EngineError::SessionExists(session.to_string()));
+            }
+            table.vms.push(Vm { name: name.into(), owner_uid: caller.uid, tokens: tokens.to_vec(), conn: Some(conn), state: None });
+            return Ok(());
+        }
+        if fds.is_empty() || fds.len() != tokens.len() {
+            return Err(EngineError::MissingFd("vm-register needs one memfd per token (guest RAM), sent with SCM_RIGHTS"));
+        }
+        if self.record.state != State::Normal {
+            return Err(EngineError::SessionsLocked { what: "registering a VM", state: self.record.state });
+        }
+        self.session_create(caller, session.as_str())?;
+        for (token, fd) in tokens.iter().zip(fds) {
+            if let Err(e) = self.session_preserve(caller, session.as_str(), *token, fd) {
+                if let Err(undo) = self.session_finish(caller, session.as_str()) {
+                    tracing::error!("cannot drop session {session} after a failed registration: {undo}");
+                }
+                return Err(e);
+            }
+        }
+        table.vms.push(Vm { name: name.into(), owner_uid: caller.uid, tokens: tokens.to_vec(), conn: Some(conn), state: None });
+        Ok(())
+    }
+
+    /// In the new kernel: hands a VM's memfds and saved state to its new VMM.
+    pub fn vm_claim(&mut self, caller: &Caller, name: &str) -> Result<Claimed, EngineError> {
+        self.require_live()?;
+        if self.record.state != State::Updated {
+            return Err(EngineError::SessionsLocked { what: "claiming a VM", state: self.record.state });
+        }
+        let vm = self
+            .saved_vms()
+            .into_iter()
+            .find(|v| v.name == name && v.owner_uid == caller.uid)
+            .ok_or_else(|| EngineError::NoSuchSession(vm_session(name)))?;
+        let session = vm_session(name);
+        let mut fds = Vec::new();
+        for token in &vm.tokens {
+            fds.push(self.session_retrieve(caller, &session, *token)?.0);
+        }
+        Ok(Claimed { tokens: vm.tokens, state: vm.state, fds })
+    }
+
+    /// Gives up on a VM: its session ends (its memory is released), and
+    /// `finish` no longer waits for it. Its owner or an operator may do it,
+    /// in `normal` or `updated`.
+    pub fn vm_abandon(&mut self, caller: &Caller, name: &str) -> Result<(), EngineError> {
+        self.require_live()?;
+        let session = vm_session(name);
+        let owner = self
+            .record
+            .sessions
+            .iter()
+            .find(|s| s.name.as_str() == session)
+            .map(|s| s.owner_uid)
+            .ok_or_else(|| EngineError::NoSuchSession(session.clone()))?;
+        if owner != caller.uid && !caller.privileged {
+            return Err(EngineError::NoSuchSession(session));
+        }
+        let as_owner = Caller { uid: owner, ..*caller };
+        self.session_finish(&as_owner, &session)?;
+        if let Some(vms) = &self.vms {
+            lock(vms).vms.retain(|v| v.name != name);
+        }
+        Ok(())
+    }
+
+    /// The VMs: registered ones and, in `updated`, those awaiting a claim.
+    pub fn vm_list(&self, caller: &Caller) -> Vec<VmInfo> {
+        let visible = |uid: u32| caller.privileged || uid == caller.uid;
+        if self.record.state == State::Updated {
+            return self
+                .saved_vms()
+                .into_iter()
+                .filter(|v| visible(v.owner_uid))
+                .map(|v| {
+                    let session = self.record.sessions.iter().find(|s| s.name.as_str() == vm_session(&v.name));
+                    let phase = match session {
+                        None => "abandoned",
+                        Some(s) if s.fds.iter().all(|f| f.retrieved) => "claimed",
+                        Some(_) => "awaiting-claim",
+                    };
+                    VmInfo { name: v.name, owner_uid: v.owner_uid, tokens: v.tokens, phase: phase.into() }
+                })
+                .collect();
+        }
+        let Some(vms) = &self.vms else { return Vec::new() };
+        lock(vms)
+            .vms
+            .iter()
+            .filter(|v| visible(v.owner_uid))
+            .map(|v| VmInfo {
+                name: v.name.clone(),
+                owner_uid: v.owner_uid,
+                tokens: v.tokens.clone(),
+                phase: if v.conn.is_some() { "registered" } else { "disconnected" }.into(),
+            })
+            .collect()
+    }
+
+    /// VMs of the update that no VMM claimed yet (for `finish`).
+    pub(super) fn unclaimed_vms(&self) -> Vec<String> {
+        self.saved_vms()
+            .into_iter()
+            .filter(|v| {
+                self.record
+                    .sessions
+                    .iter()
+                    .any(|s| s.name.as_str() == vm_session(&v.name) && s.fds.iter().any(|f| !f.retrieved))
+            })
+            .map(|v| v.name)
+            .collect()
+    }
+}
