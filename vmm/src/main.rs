@@ -340,8 +340,15 @@ fn cmd_restore_run(
             "VMM: restored counter={} generation={} ram_sha256={} ram_match={} verify_ms={}",
             vm.counter(),
             vm.generation(),
-            hex(&vm.ram_checksum()),
-            v.as_ref().map_or_else(|e| format!("no ({e})"), |_| "yes".into()),
+            match &v {
+                Ok(Some(d)) => hex(d),
+                _ => "none".into(),
+            },
+            match &v {
+                Ok(Some(_)) => "yes".into(),
+                Ok(None) => "unknown".into(),
+                Err(e) => format!("no ({e})"),
+            },
             ms(t.elapsed())
         );
         ok &= v.is_ok();
