@@ -1,44 +1,79 @@
 #!/usr/bin/env bash
-# Run every QEMU end-to-end check, non-interactively (CI entry point):
-#   1. setup.sh            install what is missing (root) or say what to run
-#   2. build-kernel.sh     LUO kernel from Debian's newest linux-source >= 6.19 (cached)
-#   3. boot-smoke.sh       LUO kernel: /dev/liveupdate, /dev/kvm, errnos, 2 kexecs with a preserved memfd
-#   4. selftests.sh        the kernel's own LUO selftests (5 programs, 4 through a kexec)
-#   5. fetch-stock-kernel.sh  Debian's stock kernel + built-in feature report (cached)
-#   6. boot-smoke.sh --stock  stock kernel: 2 kexecs with a counter in a memmap= range via /dev/mem
-# Ends with "qemu-tests: N passed, N failed"; exit status 0 only if all passed.
-set -euo pipefail
+# The real-kernel QEMU checks, non-interactively (CI's entry point, as root on
+# a fresh Debian 12 machine):
+#
+#   qemu-tests/run.sh [SCENARIO|GROUP...]     (no argument: all)
+#
+# Groups: all (every scenario, check and benchmark), tests (every scenario and
+# check, no benchmark: what scripts/test.sh runs), bench (the benchmarks:
+# what qemu-tests/bench.sh and scripts/bench.sh run), luo, stock, smoke.
+# `qemu-tests/scenarios.py --list` lists the names.
+#
+# Steps:
+#   1. setup.sh                install what is missing (root), or print the apt-get line
+#   2. build-kernel.sh         the LUO kernel (cached: $LUO_CACHE/kernel-<version>-<fragment hash>)
+#   3. fetch-stock-kernel.sh   Debian's stock kernel (cached)
+#   4. cargo build             static luod, luoctl, luo-qemu-tool (+crt-static), in
+#                              $LUO_QEMU_TARGET_DIR (default target/qemu-static)
+#   5. scenarios.py            one QEMU run per scenario: per-step and per-scenario
+#                              timeouts, host-side SHA-256 comparison; one line per
+#                              scenario (PASS/FAIL, seconds), then "N passed, N failed"
+# Exit status 0 only if every selected scenario passed (2: unknown name).
+#
+# Environment: LUO_CACHE (/var/cache/liveupdate-qemu), LUO_QEMU_JOBS (scenarios
+# run at once, default 1), LUO_QEMU_TOTAL_TIMEOUT (3600 s: no scenario starts
+# after it), LUO_QEMU_TARGET_DIR, and those of build-kernel.sh and
+# fetch-stock-kernel.sh.
+set -uo pipefail
 LOG_TAG=qemu-tests
 . "$(dirname "$0")/lib/common.sh"
 D="$QEMU_TESTS_DIR"
+REPO="$(cd "$D/.." && pwd)"
 
-passed=0 failed=0 names=()
-step() { # step NAME COMMAND...
-  local name="$1" ts rc=0; shift
+case "${1:-}" in
+  -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+esac
+[ $# -gt 0 ] || set -- all
+exec </dev/null
+
+command -v python3 >/dev/null || { "$D/setup.sh" || true; }
+read -r count kinds < <(python3 "$D/scenarios.py" --needs "$@") || true
+if [ -z "${count:-}" ] || ! [ "$count" -ge 0 ] 2>/dev/null; then
+  python3 "$D/scenarios.py" --needs "$@"
+  exit 2
+fi
+t_all=$(now_ms)
+fail_all() { log "$1"; echo "0 passed, $count failed"; exit 1; }
+
+ts=$(now_ms)
+"$D/setup.sh" || fail_all "setup.sh failed: nothing can run (see above)"
+log "setup: $(secs_since "$ts") s"
+
+luo_kernel="" stock_kernel=""
+if [[ " $kinds " == *" luo "* ]]; then
   ts=$(now_ms)
-  log "=== $name: $*"
-  "$@" </dev/null || rc=$?
-  if [ "$rc" -eq 0 ]; then
-    passed=$((passed + 1)); names+=("PASS $name ($(secs_since "$ts") s)")
-  else
-    failed=$((failed + 1)); names+=("FAIL $name (exit $rc, $(secs_since "$ts") s)")
-  fi
-  return "$rc"
-}
-
-step setup "$D/setup.sh" || { log "setup failed; nothing else can run"; echo "qemu-tests: 0 passed, 1 failed"; exit 1; }
-if step build-kernel "$D/build-kernel.sh"; then
-  step boot-smoke-luo "$D/boot-smoke.sh" || true
-  step kernel-selftests "$D/selftests.sh" || true
-else
-  failed=$((failed + 2)); names+=("FAIL boot-smoke-luo (no kernel)" "FAIL kernel-selftests (no kernel)")
+  luo_kernel="$("$D/build-kernel.sh")" || { log "build-kernel.sh failed: the LUO scenarios will fail"; luo_kernel=""; }
+  log "LUO kernel: ${luo_kernel:-none} ($(secs_since "$ts") s)"
 fi
-if step fetch-stock-kernel "$D/fetch-stock-kernel.sh"; then
-  step boot-smoke-stock "$D/boot-smoke.sh" --stock || true
-else
-  failed=$((failed + 1)); names+=("FAIL boot-smoke-stock (no kernel)")
+if [[ " $kinds " == *" stock "* ]]; then
+  ts=$(now_ms)
+  stock_kernel="$("$D/fetch-stock-kernel.sh")" || { log "fetch-stock-kernel.sh failed: the stock-kernel scenarios will fail"; stock_kernel=""; }
+  log "stock kernel: ${stock_kernel:-none} ($(secs_since "$ts") s)"
 fi
 
-printf '  %s\n' "${names[@]}"
-echo "qemu-tests: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+ts=$(now_ms)
+target_dir="${LUO_QEMU_TARGET_DIR:-$REPO/target/qemu-static}"
+triple=x86_64-unknown-linux-gnu
+bindir="$target_dir/$triple/release"
+log "running: RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$target_dir cargo build --release --locked --target $triple -p luod -p luoctl -p luo-qemu-tool"
+if ! (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
+      cargo build --release --locked --target "$triple" -p luod -p luoctl -p luo-qemu-tool 2>&1 | tail -n 3 >&2); then
+  log "cargo build of the static binaries failed: the luod scenarios will fail"
+fi
+log "static binaries: $(secs_since "$ts") s"
+
+log "setup, kernels and binaries took $(secs_since "$t_all") s; running $count scenario(s): $*"
+python3 "$D/scenarios.py" --luo-kernel "$luo_kernel" --stock-kernel "$stock_kernel" --bindir "$bindir" "$@"
+rc=$?
+log "run.sh took $(secs_since "$t_all") s"
+exit $rc

@@ -70,10 +70,31 @@ SCENARIOS = [
     Scenario("bench_blackout", "luo", 11, True, timeout=900, bench=True),
     Scenario("bench_copy", "stock", 1, False, "memmap=160M$0x30000000", timeout=600, bench=True),
 ]
+
+
+class External:
+    """A check of its own (the smoke tests and the kernel's selftests), run as
+    a command; it passes when the command exits 0."""
+
+    def __init__(self, name, kernel, argv, timeout=600):
+        self.name = name
+        self.kernel = kernel
+        self.argv = argv
+        self.timeout = timeout
+        self.bench = False
+
+
+EXTERNAL = [
+    External("boot_smoke", "luo", ["boot-smoke.sh"]),
+    External("kernel_selftests", "luo", ["selftests.sh"], timeout=900),
+    External("boot_smoke_stock", "stock", ["boot-smoke.sh", "--stock"]),
+]
+SCENARIOS += EXTERNAL
 BY_NAME = {s.name: s for s in SCENARIOS}
 GROUPS = {
     "all": [s.name for s in SCENARIOS],
     "luo": [s.name for s in SCENARIOS if s.kernel == "luo" and not s.bench],
+    "smoke": [s.name for s in EXTERNAL],
     "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
     "bench": [s.name for s in SCENARIOS if s.bench],
     "tests": [s.name for s in SCENARIOS if not s.bench],
@@ -176,7 +197,39 @@ class Result:
         self.boot_uptimes = []  # (boot index, host seconds, guest uptime at /init)
 
 
+def run_external(sc, kernels, log_dir):
+    res = Result(sc.name)
+    t0 = time.monotonic()
+    if not kernels.get(sc.kernel):
+        res.why = f"no {sc.kernel} kernel (see the build/fetch step above)"
+        return res
+    argv = [os.path.join(HERE, sc.argv[0])] + sc.argv[1:]
+    if sc.argv[0] == "boot-smoke.sh":
+        argv += ["--kernel", kernels[sc.kernel]]
+    res.log = os.path.join(log_dir, f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    res.step = " ".join(sc.argv)
+    with open(res.log, "w") as log:
+        try:
+            rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=sc.timeout).returncode
+            res.why = "" if rc == 0 else f"{' '.join(sc.argv)} exited with status {rc}"
+        except subprocess.TimeoutExpired:
+            rc = None
+            res.why = f"{' '.join(sc.argv)} timed out after {sc.timeout} s"
+    res.secs = time.monotonic() - t0
+    res.ok = rc == 0
+    with open(res.log, errors="replace") as f:
+        lines = f.read().splitlines()
+    res.tail.extend(lines[-40:])
+    for line in lines:
+        if re.search(r"selftests: \d+ passed|all checks passed|^\s+(PASS|FAIL)\s", line):
+            res.details.append(line.strip())
+    return res
+
+
 def run_scenario(sc, fixtures, kernels, log_dir, verbose):
+    if isinstance(sc, External):
+        return run_external(sc, kernels, log_dir)
     res = Result(sc.name)
     t_start = time.monotonic()
     if sc.kernel not in kernels or not kernels[sc.kernel]:
@@ -414,16 +467,20 @@ def main():
     ap.add_argument("names", nargs="*", help="scenarios or groups (all, tests, luo, stock, bench); default all")
     ap.add_argument("--luo-kernel", default="")
     ap.add_argument("--stock-kernel", default="")
-    ap.add_argument("--bindir", required=True, help="directory with static luod, luoctl, luo-qemu-tool")
+    ap.add_argument("--bindir", default="", help="directory with static luod, luoctl, luo-qemu-tool")
     ap.add_argument("--busybox", default="/bin/busybox")
     ap.add_argument("--log-dir", default=os.path.join(os.environ.get("LUO_CACHE", "/var/cache/liveupdate-qemu"), "logs"))
     ap.add_argument("--jobs", "-j", type=int, default=int(os.environ.get("LUO_QEMU_JOBS", "1")))
     ap.add_argument("--verbose", "-v", action="store_true", help="echo the console")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--needs", action="store_true", help="print the number of scenarios selected and the kernels they need")
+    ap.add_argument("--total-timeout", type=float, default=float(os.environ.get("LUO_QEMU_TOTAL_TIMEOUT", "3600")),
+                    help="no scenario starts after this many seconds (those left FAIL)")
     a = ap.parse_args()
     if a.list:
         for s in SCENARIOS:
-            out(f"{s.name:28} {s.kernel:6} {'bench' if s.bench else 'test'}")
+            kind = "bench" if s.bench else "check" if isinstance(s, External) else "test"
+            out(f"{s.name:28} {s.kernel:6} {kind}")
         return 0
     names = []
     for n in a.names or ["all"]:
@@ -433,6 +490,13 @@ def main():
                 return 2
             if m not in names:
                 names.append(m)
+    if a.needs:
+        kinds = sorted({BY_NAME[n].kernel for n in names})
+        out(f"{len(names)} {' '.join(kinds)}")
+        return 0
+    if not a.bindir:
+        out("--bindir is required")
+        return 2
     os.makedirs(a.log_dir, exist_ok=True)
     kernels = {"luo": a.luo_kernel, "stock": a.stock_kernel}
     work = tempfile.mkdtemp(prefix="luo-scenarios.")
@@ -458,13 +522,19 @@ def main():
                         print(f"  | {t}")
             sys.stdout.flush()
 
+    t_all = time.monotonic()
+
     def worker(queue):
         while True:
             with print_lock:
                 if not queue:
                     return
                 n = queue.pop(0)
-            res = run_scenario(BY_NAME[n], fixtures, kernels, a.log_dir, a.verbose)
+            if time.monotonic() - t_all > a.total_timeout:
+                res = Result(n)
+                res.why = f"not run: the overall timeout of {a.total_timeout:.0f} s has passed"
+            else:
+                res = run_scenario(BY_NAME[n], fixtures, kernels, a.log_dir, a.verbose)
             results[n] = res
             report(res)
 
