@@ -125,13 +125,6 @@ impl<T: Clone> Report<T> {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the IOMMU and device subsystems publish through it; they come next"
-        )
-    )]
     pub(crate) fn set(&self, value: Option<T>) {
         *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = value;
     }
