@@ -48,6 +48,8 @@ const USAGE: &str = "usage: luo-qemu-tool COMMAND [OPTIONS]
   kexec --kernel K [--initrd I] --cmdline C [--mark NAME]
   now   (CLOCK_REALTIME in ns)
   luod-times --exec-ns NS --log PATH   (luod's log lines, in ms after NS)
+  luo-start-cost [--dev /dev/liveupdate]   (times the kernel calls of luod's LUO start,
+        taking luod's incoming record session: run it instead of luod)
   bench-copy (--region SIZE$ADDR | --file PATH [--file-size SIZE]) [--size 64M] [--reps 3]";
 
 /// Parsed `--key value` options and bare words.
@@ -501,6 +503,55 @@ fn cmd_luod_times(o: &Opts) -> Result<()> {
     Ok(())
 }
 
+/// Times, one by one, the kernel calls luod makes when it starts after a
+/// live update (liveupdate::kernel::luo::Luo::start): open /dev/liveupdate,
+/// RETRIEVE_SESSION luod, RETRIEVE_FD of the record, copying it into a new
+/// memfd, CREATE_SESSION + PRESERVE_FD of the copy, FINISH of the old one.
+fn cmd_luo_start_cost(o: &Opts) -> Result<()> {
+    let dev = o.get("dev").unwrap_or("/dev/liveupdate");
+    let mut t = Instant::now();
+    let mut lap = |what: &str| {
+        println!("luo-start-cost: {what}: {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
+        t = Instant::now();
+    };
+    let fd = nix::fcntl::open(
+        dev,
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("open {dev}: {e}"))?;
+    lap("open /dev/liveupdate");
+    let old = uapi::retrieve_session(fd.as_fd(), "luod").map_err(|e| format!("RETRIEVE_SESSION luod: {e}"))?;
+    lap("RETRIEVE_SESSION luod");
+    let rec = uapi::retrieve_fd(old.as_fd(), 0).map_err(|e| format!("RETRIEVE_FD 0: {e}"))?;
+    lap("RETRIEVE_FD (record memfd)");
+    let len = memfd::size(rec.as_fd()).map_err(|e| e.to_string())?;
+    let (_, sha) = sha256_fd(rec.as_fd())?;
+    lap(&format!(
+        "sha256 of the {len}-byte record (reads every page once; not something luod does)"
+    ));
+    let copy = memfd::create("copy").map_err(|e| e.to_string())?;
+    let dst = File::from(copy.try_clone().map_err(|e| e.to_string())?);
+    dst.set_len(len).map_err(|e| e.to_string())?;
+    let src = File::from(rec.try_clone().map_err(|e| e.to_string())?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], off).map_err(|e| e.to_string())?;
+        dst.write_all_at(&buf[..n], off).map_err(|e| e.to_string())?;
+        off += n as u64;
+    }
+    lap(&format!("copy into a new memfd ({len} bytes; record sha256 {sha})"));
+    let session = uapi::create_session(fd.as_fd(), "luod").map_err(|e| format!("CREATE_SESSION luod: {e}"))?;
+    lap("CREATE_SESSION luod");
+    uapi::preserve_fd(session.as_fd(), copy.as_fd(), 0).map_err(|e| format!("PRESERVE_FD: {e}"))?;
+    lap("PRESERVE_FD (the copy)");
+    uapi::finish(old.as_fd()).map_err(|e| format!("FINISH: {e}"))?;
+    lap("FINISH (the incoming luod session)");
+    Ok(())
+}
+
 /// Runs `f` and returns its duration in seconds with its value.
 fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
     let t = Instant::now();
@@ -662,6 +713,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             "luod-times" => cmd_luod_times(&o),
+            "luo-start-cost" => cmd_luo_start_cost(&o),
             _ => Err(format!("unknown command {cmd:?}\n{USAGE}")),
         }
     };
