@@ -79,7 +79,7 @@ fails=0
 check() { if grep -qE "$2" "$serial"; then echo "  PASS  $1" >&2; else echo "  FAIL  $1" >&2; fails=$((fails + 1)); fi; }
 echo "vmm-smoke checks:" >&2
 check "/dev/kvm present in the QEMU guest" 'VMMSMOKE: /dev/kvm present'
-for s in check run cycle pause-save restore-1 restore-2 fd-pause-save fd-restore fast-pause-save fast-restore kick damaged-state; do
+for s in check run cycle pause-save restore-1 restore-2 fd-pause-save fd-restore fast-pause-save fast-restore kick deadline damaged-state; do
   check "step $s" "VMMSMOKE: step $s ok"
 done
 check "counter strictly increasing across a fresh-process restore" 'VMM: resumed .* increasing=yes static_match=yes ring=ok blackout_ms=[0-9]'
@@ -89,6 +89,12 @@ if [ -n "$kick_ms" ] && awk -v v="$kick_ms" 'BEGIN{exit !(v < 1000)}'; then
   echo "  PASS  pause is prompt without progress exits (kick): ${kick_ms} ms" >&2
 else
   echo "  FAIL  pause is prompt without progress exits (kick): '${kick_ms}' ms" >&2; fails=$((fails + 1))
+fi
+took=$(sed -n 's/^VMMSMOKE: deadline run took \([0-9.]*\) s.*/\1/p' "$serial")
+if [ -n "$took" ] && awk -v v="$took" 'BEGIN{exit !(v < 3)}'; then
+  echo "  PASS  run --seconds 1 without progress exits returns in time: ${took} s" >&2
+else
+  echo "  FAIL  run --seconds 1 without progress exits returns in time: '${took}' s" >&2; fails=$((fails + 1))
 fi
 check "all steps finished" 'VMMSMOKE: done fails=0'
 [ "$rc" = 0 ] || { echo "  FAIL  QEMU exit status $rc" >&2; fails=$((fails + 1)); }

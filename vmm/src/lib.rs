@@ -24,7 +24,7 @@
 
 use std::cell::Cell;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -102,6 +102,13 @@ pub fn realtime_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// The TSC now (`rdtsc`).
+pub fn tsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects; every x86-64 CPU has it and Linux
+    // does not set CR4.TSD, so it does not fault in user mode.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// SHA-256 as lowercase hex.
 pub fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
@@ -169,9 +176,31 @@ struct Shared {
     stop: AtomicBool,
     /// The thread inside `run_until`, while it is inside.
     running_thread: Mutex<Option<libc::pthread_t>>,
-    exits: AtomicU64,
-    last_ns: AtomicU64,
-    last_counter: AtomicU64,
+    progress: Mutex<LiveProgress>,
+}
+
+/// Progress of a VM as seen from another thread ([`Pauser::progress`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveProgress {
+    /// Progress exits since boot (all processes together).
+    pub exits: u64,
+    /// First progress of the current (or last) `run_until` call.
+    pub first_this_run: Option<Stamp>,
+    /// Last progress seen.
+    pub last: Option<Stamp>,
+}
+
+impl Shared {
+    /// Kicks the thread inside `run_until` (if any) out of `KVM_RUN`.
+    fn kick(&self) {
+        let guard = self.running_thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = *guard {
+            // SAFETY: t is the pthread_t of a thread that is inside run_until:
+            // it removes itself from running_thread under this mutex before
+            // leaving run_until, so it is alive while we hold the mutex.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
 }
 
 /// Asks a running vCPU to stop; clonable and usable from any thread.
@@ -184,34 +213,19 @@ impl Pauser {
     /// stays pending if no `run_until` is active: the next one returns at once).
     pub fn pause(&self) {
         self.0.stop.store(true, Ordering::SeqCst);
-        let guard = self.0.running_thread.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = *guard {
-            // SAFETY: t is the pthread_t of a thread that is inside run_until:
-            // it removes itself from running_thread under this mutex before
-            // leaving run_until, so it is alive while we hold the mutex.
-            unsafe { libc::pthread_kill(t, kick_signal()) };
-        }
+        self.0.kick();
     }
 
-    /// Live progress: `(progress exits since boot, last progress)`.
-    pub fn progress(&self) -> (u64, Option<Stamp>) {
-        let exits = self.0.exits.load(Ordering::SeqCst);
-        let ns = self.0.last_ns.load(Ordering::SeqCst);
-        let counter = self.0.last_counter.load(Ordering::SeqCst);
-        (
-            exits,
-            (ns != 0).then_some(Stamp {
-                realtime_ns: ns,
-                counter,
-            }),
-        )
+    /// Live progress, updated at every progress exit.
+    pub fn progress(&self) -> LiveProgress {
+        *self.0.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// Why `run_until` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
-    /// The deadline passed (seen at a progress exit).
+    /// The deadline passed.
     Deadline,
     /// [`Pauser::pause`] was called.
     Paused,
@@ -238,6 +252,10 @@ pub struct RunReport {
     pub started_ns: u64,
     /// `CLOCK_REALTIME` ns when the vCPU was out of `KVM_RUN` for good.
     pub stopped_ns: u64,
+    /// TSC when the call started.
+    pub started_tsc: u64,
+    /// TSC when the vCPU was out of `KVM_RUN` for good.
+    pub stopped_tsc: u64,
 }
 
 impl RunReport {
@@ -246,6 +264,22 @@ impl RunReport {
     pub fn blackout(&self) -> Option<Duration> {
         let (a, b) = (self.previous_progress?, self.first_progress?);
         Some(Duration::from_nanos(b.realtime_ns.saturating_sub(a.realtime_ns)))
+    }
+
+    /// TSC ticks per second, measured over this call (None if under 100 ms).
+    pub fn tsc_hz(&self) -> Option<f64> {
+        let ns = self.stopped_ns.checked_sub(self.started_ns)?;
+        let ticks = self.stopped_tsc.checked_sub(self.started_tsc)?;
+        (ns >= 100_000_000).then(|| ticks as f64 / (ns as f64 / 1e9))
+    }
+
+    /// VM blackout measured with the TSC (ticks converted with `tsc_hz`):
+    /// valid across a kexec on the same machine, where `CLOCK_REALTIME`
+    /// restarts from the RTC with one-second resolution.
+    pub fn blackout_tsc(&self, tsc_hz: f64) -> Option<Duration> {
+        let (a, b) = (self.previous_progress?, self.first_progress?);
+        let ticks = b.tsc.checked_sub(a.tsc)?;
+        (tsc_hz > 0.0).then(|| Duration::from_secs_f64(ticks as f64 / tsc_hz))
     }
 
     /// Guest iterations per second during this call.
@@ -374,7 +408,11 @@ impl Vm {
         vm.progress_exits = st.progress_exits;
         vm.generation = st.generation + 1;
         vm.paused_ns = st.paused_realtime_ns;
-        vm.shared.exits.store(st.progress_exits, Ordering::SeqCst);
+        *vm.shared.progress.lock().unwrap_or_else(|e| e.into_inner()) = LiveProgress {
+            exits: st.progress_exits,
+            first_this_run: None,
+            last: st.last_progress,
+        };
         vm.ready = true;
         vm.restored_from = Some(st);
         Ok(vm)
@@ -480,8 +518,8 @@ impl Vm {
         Ok(sum)
     }
 
-    /// Runs the vCPU on the calling thread until `deadline` (checked at
-    /// progress exits) or until [`Pauser::pause`]. On return the vCPU is out
+    /// Runs the vCPU on the calling thread until `deadline` (a helper thread
+    /// kicks the vCPU then) or until [`Pauser::pause`]. On return the vCPU is out
     /// of `KVM_RUN` with any pending I/O completed, so its state is consistent
     /// for [`Vm::save_state`] and the VM can run again.
     pub fn run_until(&mut self, deadline: Option<Instant>) -> Result<RunReport, VmError> {
@@ -497,6 +535,11 @@ impl Vm {
             // SAFETY: pthread_self has no preconditions.
             *t = Some(unsafe { libc::pthread_self() });
         }
+        self.shared
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_this_run = None;
         let mut report = RunReport {
             stopped_by: StopReason::Deadline,
             counter_start: self.counter(),
@@ -507,8 +550,29 @@ impl Vm {
             last_progress: None,
             started_ns: realtime_ns(),
             stopped_ns: 0,
+            started_tsc: tsc(),
+            stopped_tsc: 0,
         };
-        let res = self.run_loop(deadline, &mut report);
+        let res = match deadline {
+            None => self.run_loop(None, &mut report),
+            Some(d) => {
+                // An alarm thread kicks the vCPU at the deadline, so it is met
+                // even when progress exits are rare.
+                let (done, alarm) = std::sync::mpsc::channel::<()>();
+                let shared = self.shared.clone();
+                std::thread::scope(|s| {
+                    s.spawn(move || {
+                        let wait = d.saturating_duration_since(Instant::now());
+                        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = alarm.recv_timeout(wait) {
+                            shared.kick();
+                        }
+                    });
+                    let r = self.run_loop(deadline, &mut report);
+                    drop(done);
+                    r
+                })
+            }
+        };
         // No more kicks: from here the thread may leave run_until.
         *self.shared.running_thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
@@ -529,6 +593,7 @@ impl Vm {
         report.stopped_by = res?;
         fin?;
         report.stopped_ns = realtime_ns();
+        report.stopped_tsc = tsc();
         report.counter_end = self.counter();
         self.paused_ns = report.stopped_ns;
         Ok(report)
@@ -545,6 +610,7 @@ impl Vm {
             match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(guest::PROGRESS_PORT, data)) => {
                     let now = realtime_ns();
+                    let tsc = tsc();
                     let counter = guest::read_counter(self.ram.as_slice());
                     let low = match *data {
                         [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
@@ -557,6 +623,7 @@ impl Vm {
                     }
                     let stamp = Stamp {
                         realtime_ns: now,
+                        tsc,
                         counter,
                     };
                     report.first_progress.get_or_insert(stamp);
@@ -564,9 +631,10 @@ impl Vm {
                     report.progress_exits += 1;
                     self.last_progress = Some(stamp);
                     self.progress_exits += 1;
-                    self.shared.last_counter.store(counter, Ordering::SeqCst);
-                    self.shared.last_ns.store(now, Ordering::SeqCst);
-                    self.shared.exits.store(self.progress_exits, Ordering::SeqCst);
+                    let mut live = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+                    live.exits = self.progress_exits;
+                    live.first_this_run.get_or_insert(stamp);
+                    live.last = Some(stamp);
                 }
                 Ok(VcpuExit::Intr) => self.vcpu.set_kvm_immediate_exit(0),
                 Err(e) if e.errno() == libc::EINTR => self.vcpu.set_kvm_immediate_exit(0),
@@ -606,6 +674,12 @@ impl Vm {
 
     /// Runs the vCPU on a new thread until [`RunningVm::pause`].
     pub fn spawn(self) -> RunningVm {
+        // Cleared here too so a watcher never sees the previous run's value.
+        self.shared
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_this_run = None;
         let pauser = self.pauser();
         let handle = std::thread::Builder::new()
             .name("vcpu0".into())

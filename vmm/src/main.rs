@@ -217,9 +217,24 @@ fn boot(guest: &GuestArgs, ram: OwnedFd) -> Result<Vm, VmError> {
 }
 
 /// Runs on a vCPU thread for `d`, then pauses through the kick signal.
-fn run_then_pause(vm: Vm, d: Duration) -> Result<(Vm, RunReport, Duration), VmError> {
+/// With `watch`, prints a `VMM: first-progress` line as soon as the guest
+/// makes progress (polling every millisecond), so a harness that timestamps
+/// serial lines gets the end of the blackout without waiting for the run.
+fn run_then_pause(vm: Vm, d: Duration, watch: bool) -> Result<(Vm, RunReport, Duration), VmError> {
     let running = vm.spawn();
     let end = Instant::now() + d;
+    if watch {
+        while Instant::now() < end && !running.is_finished() {
+            if let Some(p) = running.pauser().progress().first_this_run {
+                println!(
+                    "VMM: first-progress counter={} realtime_ns={} tsc={}",
+                    p.counter, p.realtime_ns, p.tsc
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     while Instant::now() < end && !running.is_finished() {
         std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
     }
@@ -286,7 +301,7 @@ fn cmd_pause_save(
 ) -> Result<bool, String> {
     let fd = ram_for_boot(ram, g.ram_size)?;
     let vm = boot(g, fd).map_err(|e| e.to_string())?;
-    let (vm, r, latency) = run_then_pause(vm, secs(seconds)?).map_err(|e| e.to_string())?;
+    let (vm, r, latency) = run_then_pause(vm, secs(seconds)?, false).map_err(|e| e.to_string())?;
     print_run("run", &r);
     println!("VMM: pause_latency_ms={}", ms(latency));
     let ring = vm.check_ring();
@@ -330,7 +345,7 @@ fn cmd_restore_run(
             f.into()
         }
     };
-    let mut vm = Vm::restore(fd, &blob).map_err(|e| e.to_string())?;
+    let vm = Vm::restore(fd, &blob).map_err(|e| e.to_string())?;
     let restored_ns = luo_test_vmm::realtime_ns();
     let mut ok = true;
     if !no_verify {
@@ -366,17 +381,8 @@ fn cmd_restore_run(
         "VMM: restore_ms={} (read state and RAM, KVM setup, checks)",
         ms(t0.elapsed())
     );
-    let r = match out {
-        None => vm
-            .run_until(Some(Instant::now() + secs(seconds)?))
-            .map_err(|e| e.to_string())?,
-        Some(_) => {
-            let (v, r, latency) = run_then_pause(vm, secs(seconds)?).map_err(|e| e.to_string())?;
-            vm = v;
-            println!("VMM: pause_latency_ms={}", ms(latency));
-            r
-        }
-    };
+    let (vm, r, latency) = run_then_pause(vm, secs(seconds)?, true).map_err(|e| e.to_string())?;
+    println!("VMM: pause_latency_ms={}", ms(latency));
     print_run("run", &r);
     let before = st.counter;
     let first = r.first_progress.map(|s| s.counter);
@@ -385,14 +391,18 @@ fn cmd_restore_run(
     let static_ok = vm.static_checksum() == vm.boot_static_checksum();
     let ring = vm.check_ring();
     let blackout = r.blackout();
+    let tsc_hz = r.tsc_hz();
     println!(
         "VMM: resumed counter_before={before} first_progress_counter={} counter_after={after} increasing={} \
-         static_match={} ring={} blackout_ms={} pause_to_restore_ms={} restore_to_first_progress_ms={}",
+         static_match={} ring={} blackout_ms={} blackout_tsc_ms={} tsc_hz={} pause_to_restore_ms={} \
+         restore_to_first_progress_ms={}",
         first.map_or("none".into(), |f| f.to_string()),
         yes(increasing),
         yes(static_ok),
         ring.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
         blackout.map_or("none".into(), ms),
+        tsc_hz.and_then(|hz| r.blackout_tsc(hz)).map_or("none".into(), ms),
+        tsc_hz.map_or("none".into(), |hz| format!("{hz:.0}")),
         ms(Duration::from_nanos(restored_ns.saturating_sub(st.paused_realtime_ns))),
         r.first_progress.map_or("none".into(), |s| ms(Duration::from_nanos(
             s.realtime_ns.saturating_sub(restored_ns)
@@ -410,7 +420,7 @@ fn cmd_cycle(seconds: f64, pauses: u32, pause_ms: u64, g: &GuestArgs) -> Result<
     let mut vm = boot(g, ram).map_err(|e| e.to_string())?;
     let mut ok = true;
     for i in 0..=pauses {
-        let (v, r, latency) = run_then_pause(vm, secs(seconds)?).map_err(|e| e.to_string())?;
+        let (v, r, latency) = run_then_pause(vm, secs(seconds)?, false).map_err(|e| e.to_string())?;
         vm = v;
         let increasing = r.first_progress.is_some_and(|f| f.counter > r.counter_start);
         ok &= increasing && vm.check_ring().is_ok();

@@ -128,6 +128,9 @@ pub struct Sregs {
 pub struct Stamp {
     /// `CLOCK_REALTIME` in nanoseconds when the VMM saw the exit.
     pub realtime_ns: u64,
+    /// The host TSC then (keeps counting across a kexec in the same machine,
+    /// unlike `CLOCK_REALTIME` which the new kernel re-reads from the RTC).
+    pub tsc: u64,
     /// The guest counter at that exit.
     pub counter: u64,
 }
@@ -410,6 +413,7 @@ mod tests {
             static_sha256: [9; 32],
             last_progress: Some(Stamp {
                 realtime_ns: 1_700_000_000_000_000_000,
+                tsc: 0x0123_4567_89ab_cdef,
                 counter: 0x1_0000_0000,
             }),
             paused_realtime_ns: 1_700_000_000_100_000_000,
