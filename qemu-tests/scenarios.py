@@ -38,7 +38,7 @@ STOCK_CMDLINE = "console=ttyS0 panic=-1 luo_boot=1"
 
 class Scenario:
     def __init__(self, name, kernel, boots, hashes, cmdline_extra="", mem=1024, timeout=300,
-                 boot_timeout=None, bench=False, smp=1):
+                 boot_timeout=None, bench=False, smp=1, demo=False):
         self.name = name
         self.kernel = kernel  # "luo" or "stock"
         self.boots = boots  # kernels the chain must reach
@@ -49,6 +49,7 @@ class Scenario:
         self.boot_timeout = boot_timeout or (90 if kernel == "luo" else 180)
         self.bench = bench
         self.smp = smp
+        self.demo = demo  # scripts/demo.sh: echo the story, in no group
 
     @property
     def script(self):
@@ -69,6 +70,7 @@ SCENARIOS = [
     Scenario("region_too_small", "stock", 1, False, "memmap=1M$0x30000000"),
     Scenario("bench_blackout", "luo", 11, True, timeout=900, bench=True),
     Scenario("bench_copy", "stock", 1, False, "memmap=160M$0x30000000", timeout=600, bench=True),
+    Scenario("demo", "luo", 2, True, demo=True),
 ]
 
 
@@ -82,6 +84,7 @@ class External:
         self.argv = argv
         self.timeout = timeout
         self.bench = False
+        self.demo = False
 
 
 EXTERNAL = [
@@ -92,12 +95,12 @@ EXTERNAL = [
 SCENARIOS += EXTERNAL
 BY_NAME = {s.name: s for s in SCENARIOS}
 GROUPS = {
-    "all": [s.name for s in SCENARIOS],
+    "all": [s.name for s in SCENARIOS if not s.demo],
     "luo": [s.name for s in SCENARIOS if s.kernel == "luo" and not s.bench],
     "smoke": [s.name for s in EXTERNAL],
     "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
     "bench": [s.name for s in SCENARIOS if s.bench],
-    "tests": [s.name for s in SCENARIOS if not s.bench],
+    "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo],
 }
 
 MARKER = re.compile(r"@@LUO (\S+)\s?(.*)$")
@@ -194,6 +197,7 @@ class Result:
         self.hashes = {}  # phase -> {key: (sha, size)}
         self.bench = {}
         self.boots = []
+        self.summary = []
         self.boot_uptimes = []  # (boot index, host seconds, guest uptime at /init)
 
 
@@ -265,6 +269,10 @@ def run_scenario(sc, fixtures, kernels, log_dir, verbose):
         res.tail.append(f"[{rel:8.3f}] {line}")
         if verbose:
             out(f"  {sc.name} [{rel:8.3f}] {line}")
+        elif sc.demo and "DEMO" in line and "DEMO-SUMMARY" not in line and "@@LUO" not in line:
+            out(f"[{rel:7.3f}] {line[line.index('DEMO') + 5:].lstrip()}")
+        if sc.demo and "DEMO-SUMMARY " in line:
+            res.summary.append(line[line.index("DEMO-SUMMARY ") + 13:])
         if "Kernel panic" in line and verdict is None:
             verdict = ("fail", f"kernel panic: {line.strip()}")
             ended_at = now
@@ -514,6 +522,19 @@ def main():
             if BY_NAME[res.name].bench:
                 for d in bench_report(res.name, res):
                     print(f"  {d}")
+            if BY_NAME[res.name].demo and res.summary:
+                print("summary of the live update:")
+                for d in res.summary:
+                    print(f"  {d}")
+                for t0, t1, mid in pairs(res.marks, "freeze-start", "updated"):
+                    print(f"  blackout (host)  {(t1 - t0) * 1e3:.0f} ms, measured on the host from the serial console markers")
+                    if "frozen" in mid:
+                        print(f"    freeze         {(mid['frozen'] - t0) * 1e3:.0f} ms")
+                    if "reboot-call" in mid and "init-start" in mid:
+                        print(f"    kexec          {(mid['init-start'] - mid['reboot-call']) * 1e3:.0f} ms (luoctl reboot -> the new kernel's /init)")
+                    if "init-start" in mid and "luod-exec" in mid:
+                        print(f"    /init -> luod  {(mid['luod-exec'] - mid['init-start']) * 1e3:.0f} ms (the test /init's own setup)")
+                        print(f"    luod -> updated {(t1 - mid['luod-exec']) * 1e3:.0f} ms (luod start until `luoctl status` says updated)")
             if not res.ok:
                 print(f"  failed step: {res.step}; console log: {res.log or '(none)'}")
                 if res.tail:
