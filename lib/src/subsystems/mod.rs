@@ -130,6 +130,20 @@ impl<T: Clone> Report<T> {
     }
 }
 
+/// Serde for an [`Errno`](nix::errno::Errno), as its number.
+pub(crate) mod errno_serde {
+    use nix::errno::Errno;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(errno: &Errno, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(*errno as i32)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Errno, D::Error> {
+        Ok(Errno::from_raw(i32::deserialize(d)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
