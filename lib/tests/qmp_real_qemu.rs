@@ -251,6 +251,7 @@ fn a_stopped_qemu_times_out_at_the_greeting() {
 fn a_qemu_stopped_mid_session_times_out_at_the_next_command() {
     let qemu = Qemu::start();
     let mut qmp = Qmp::connect(&qemu.qmp, SHORT).unwrap();
+    qmp.cont().unwrap();
     qemu.freeze_process();
     let err = qmp.stop().unwrap_err();
     qemu.thaw_process();
@@ -266,6 +267,9 @@ fn a_qemu_stopped_mid_session_times_out_at_the_next_command() {
         err.to_string().contains("did not send the reply to stop within 500ms"),
         "{err}"
     );
+    // Once QEMU runs again, the late reply to stop is skipped, not taken for
+    // the reply to the next command.
+    assert_eq!(qmp.query_status().unwrap(), status(false, "paused"));
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //! (`STOP`, `RESUME`, ...) may arrive at any time, also between a command and
 //! its reply: they are collected ([`Qmp::take_events`]), never taken for a
 //! reply. Every read and write has a deadline, so a QEMU that hangs gives a
-//! [`QmpError::Timeout`] instead of a hung luod.
+//! [`QmpError::Timeout`] instead of a hung luod; the late reply to a command
+//! that timed out is skipped when it arrives.
 //!
 //! [`QemuVm`] is the subsystem: it pauses the VM at `freeze` (inside the
 //! blackout) and resumes it when the cycle is undone or completed.
@@ -307,7 +308,12 @@ impl Qmp {
                 self.events.push(parse_event(event, &obj));
                 continue;
             }
-            if obj.get("id") != Some(&json!(id)) {
+            let reply_id = obj.get("id").and_then(Value::as_u64);
+            if reply_id.is_some_and(|r| r < id) {
+                // The late reply to a command that timed out earlier.
+                continue;
+            }
+            if reply_id != Some(id) {
                 return Err(self.protocol(format!(
                     "it answered {command} (id {id}) with a message carrying id {}",
                     obj.get("id").map_or("none".to_string(), Value::to_string)
