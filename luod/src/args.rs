@@ -92,9 +92,41 @@ pub struct Args {
     #[arg(long, default_value_t = 5.0)]
     pub vm_timeout: f64,
 
+    /// sysfs mount point (the IOMMU and device subsystems read it).
+    #[arg(long, default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+
+    /// A PCI device (DDDD:BB:DD.F) passed through to a VM that must stay
+    /// bound to vfio-pci across the update; repeat for several. prepare
+    /// requires each to be bound to vfio-pci and in an IOMMU group; the new
+    /// kernel's luod rebinds them before VMMs restore.
+    #[arg(long = "preserve-device", value_name = "ADDR", value_parser = parse_pci)]
+    pub preserve_devices: Vec<liveupdate::subsystems::PciAddress>,
+
+    /// A QEMU VM that is not luod-aware, as NAME=QMP_SOCKET: stopped at
+    /// freeze, continued on unfreeze/cancel and after the update; repeat
+    /// for several.
+    #[arg(long = "qemu-vm", value_name = "NAME=SOCKET", value_parser = parse_qemu_vm)]
+    pub qemu_vms: Vec<(String, PathBuf)>,
+
+    /// Seconds to wait for a QEMU's QMP answer.
+    #[arg(long, default_value_t = 5.0)]
+    pub qmp_timeout: f64,
+
     /// Internal: run as the fd holder serving this socket.
     #[arg(long, hide = true)]
     pub holder: Option<PathBuf>,
+}
+
+fn parse_pci(s: &str) -> Result<liveupdate::subsystems::PciAddress, String> {
+    s.parse().map_err(|e: liveupdate::subsystems::BadPciAddress| e.to_string())
+}
+
+fn parse_qemu_vm(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, socket)) if !name.is_empty() && !socket.is_empty() => Ok((name.to_string(), PathBuf::from(socket))),
+        _ => Err(format!("{s:?} is not NAME=QMP_SOCKET (e.g. vm0=/run/qemu/vm0.qmp)")),
+    }
 }
 
 /// Parses `4096`, `64K`, `256M`, `1G` (powers of 1024).

@@ -2,6 +2,9 @@
 
 use crate::args::{Args, Backend, FdStore};
 use liveupdate::engine::{Engine, HostInfo, Kvm, RegionCapacity, SharedVms};
+use liveupdate::subsystems::devices::Devices;
+use liveupdate::subsystems::iommu::Iommu;
+use liveupdate::subsystems::qmp::QemuVm;
 use liveupdate::holder::{FdPark, HolderClient};
 use liveupdate::systemd::{Notifier, SystemdFdStore, take_listen_fds};
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
@@ -110,21 +113,43 @@ fn holder(args: &Args) -> Result<Box<dyn FdPark>, StartError> {
 }
 
 fn open_engine<R: Region>(
+    args: &Args,
     kernel: Box<dyn liveupdate::kernel::Kernel>,
     store: RecordStore<R>,
     copying: bool,
     needs: Vec<String>,
-    vm_timeout: std::time::Duration,
 ) -> Result<Engine<R>, StartError> {
     let mut registry = Registry::new();
     if copying {
         registry.register(Box::new(RegionCapacity::new(store.data_capacity()))).expect("first registration cannot clash");
     }
+    // Restore runs in this order: IOMMU groups are checked and devices
+    // rebound to vfio-pci before any VM resumes.
+    let iommu = Iommu::new(&args.sysfs_root, args.preserve_devices.clone());
+    let iommu_report = iommu.report();
+    registry.register(Box::new(iommu)).map_err(|e| StartError::Backend(e.to_string()))?;
+    let mut device_report = None;
+    if !args.preserve_devices.is_empty() {
+        let devices = Devices::new(&args.sysfs_root, args.preserve_devices.clone());
+        device_report = Some(devices.report());
+        registry.register(Box::new(devices)).map_err(|e| StartError::Backend(e.to_string()))?;
+    }
+    let qmp_timeout = std::time::Duration::from_secs_f64(args.qmp_timeout.max(0.1));
+    for (name, socket) in &args.qemu_vms {
+        registry.register(Box::new(QemuVm::new(name, socket, qmp_timeout))).map_err(|e| StartError::Backend(e.to_string()))?;
+    }
     let vms = SharedVms::default();
-    registry.register(Box::new(Kvm::new(vms.clone(), vm_timeout))).expect("kvm is registered once");
+    registry.register(Box::new(Kvm::new(vms.clone(), vm_timeout(args)))).map_err(|e| StartError::Backend(e.to_string()))?;
     let mut engine = Engine::open(kernel, registry, store, HostInfo::current())?;
     engine.set_cmdline_needs(needs);
     engine.set_vms(vms);
+    // What restore found in the new kernel, for `status`.
+    if let Some(r) = iommu_report.get() {
+        engine.add_note(r.summary());
+    }
+    for rebound in device_report.and_then(|r| r.get()).unwrap_or_default() {
+        engine.add_note(format!("device {rebound}"));
+    }
     Ok(engine)
 }
 
@@ -173,7 +198,7 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
         other => other?,
     };
     let kernel = Emulated::new("file", KexecMode::Simulated, Some(holder(args)?));
-    let mut engine = open_engine(Box::new(kernel), store, true, Vec::new(), vm_timeout(args))?;
+    let mut engine = open_engine(args, Box::new(kernel), store, true, Vec::new())?;
     if let Some(note) = note {
         tracing::warn!("{note}");
         engine.add_note(note);
@@ -187,7 +212,7 @@ pub fn luo(args: &Args) -> Result<Started<MemfdRegion>, StartError> {
     tracing::info!("LUO backend: {how:?} start");
     let region = MemfdRegion::new(record).map_err(io("cannot map luod's record memfd from", &args.liveupdate_dev))?;
     let store = RecordStore::new(region)?;
-    let engine = open_engine(Box::new(kernel), store, false, vec!["liveupdate=on".into()], vm_timeout(args))?;
+    let engine = open_engine(args, Box::new(kernel), store, false, vec!["liveupdate=on".into()])?;
     Ok(Started { engine, _lock: None })
 }
 
@@ -206,7 +231,7 @@ pub fn reserved_memory(args: &Args) -> Result<Started<ReservedRegion>, StartErro
     let region = ReservedRegion::open(range, pmem.as_deref())?;
     let store = RecordStore::new(region)?;
     let kernel = Emulated::new("reserved-memory", KexecMode::Real, Some(holder(args)?));
-    let engine = open_engine(Box::new(kernel), store, true, vec![range.memmap_param()], vm_timeout(args))?;
+    let engine = open_engine(args, Box::new(kernel), store, true, vec![range.memmap_param()])?;
     Ok(Started { engine, _lock: None })
 }
 

@@ -10,8 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 /// Bytes of the preserved file: copying them into the region at `reboot`
-/// keeps luod's engine busy for tens of milliseconds.
-const SIZE: usize = 48 << 20;
+/// keeps luod's engine busy for well over the 15 ms the cancel waits.
+const SIZE: usize = 160 << 20;
 
 /// A raw connection that has said hello.
 fn greeted(luod: &Luod) -> UnixStream {
@@ -40,9 +40,17 @@ fn cancel_during_reboot(luod: &mut Luod, bytes: &[u8]) -> Option<Result<Response
         .expect("preserve");
     c.prepare().expect("prepare");
     c.freeze().expect("freeze");
+    drop(c);
+    // The reboot goes out first, on its own connection; the cancel follows
+    // once luod has surely taken it (copying the file takes far longer).
+    let rebooter = greeted(luod);
     let other = greeted(luod);
-    let reboot = std::thread::spawn(move || c.reboot().map(drop).map_err(|e| e.to_string()));
-    std::thread::sleep(Duration::from_millis(2));
+    frame::send(&rebooter, &Request::Reboot, &[]).expect("send reboot");
+    let reboot = std::thread::spawn(move || match frame::recv::<Response>(&rebooter) {
+        Ok((Response::Transition(_), _)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    std::thread::sleep(Duration::from_millis(15));
     frame::send(&other, &Request::Cancel, &[]).expect("send cancel");
     other.set_read_timeout(Some(Duration::from_millis(5))).expect("timeout");
     let race = match frame::recv::<Response>(&other) {
@@ -52,7 +60,7 @@ fn cancel_during_reboot(luod: &mut Luod, bytes: &[u8]) -> Option<Result<Response
         }
         _ => None,
     };
-    let rebooted = reboot.join().expect("reboot thread");
+    let rebooted: Result<(), String> = reboot.join().expect("reboot thread");
     if race.is_some() {
         rebooted.expect("the reboot that held the engine succeeds");
     }
@@ -63,14 +71,14 @@ fn cancel_during_reboot(luod: &mut Luod, bytes: &[u8]) -> Option<Result<Response
 /// lose to luod's exit now and then, so the test needs several runs in which
 /// the cancel got behind the reboot, and every one must end in `updated`
 /// with the file intact.
-const QUEUED_RUNS: usize = 4;
+const QUEUED_RUNS: usize = 3;
 
 #[test]
 fn a_cancel_that_waited_behind_a_successful_reboot_is_refused_and_the_update_goes_through() {
     let bytes = pattern(11, SIZE);
     let mut queued = 0;
     for _attempt in 0..20 {
-        let mut luod = Luod::started("128M");
+        let mut luod = Luod::started("512M");
         let Some(cancel) = cancel_during_reboot(&mut luod, &bytes) else {
             continue;
         };
