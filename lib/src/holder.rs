@@ -63,16 +63,27 @@ impl HolderClient {
     /// waits up to 5 s for it to listen.
     pub fn connect_or_spawn(path: &Path, spawn: impl FnOnce() -> io::Result<()>) -> io::Result<Self> {
         if let Ok(sock) = UnixStream::connect(path) {
-            return Ok(HolderClient { sock, path: path.to_path_buf() });
+            return Ok(HolderClient {
+                sock,
+                path: path.to_path_buf(),
+            });
         }
         let _ = std::fs::remove_file(path);
         spawn()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             match UnixStream::connect(path) {
-                Ok(sock) => return Ok(HolderClient { sock, path: path.to_path_buf() }),
+                Ok(sock) => {
+                    return Ok(HolderClient {
+                        sock,
+                        path: path.to_path_buf(),
+                    });
+                }
                 Err(e) if Instant::now() > deadline => {
-                    return Err(io::Error::new(e.kind(), format!("fd holder did not start at {}: {e}", path.display())));
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("fd holder did not start at {}: {e}", path.display()),
+                    ));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
@@ -98,11 +109,13 @@ fn to_io(e: FrameError) -> io::Error {
 
 impl FdPark for HolderClient {
     fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
-        self.call(&HolderRequest::Put { key: key.to_string() }, &[fd.as_fd()]).map(drop)
+        self.call(&HolderRequest::Put { key: key.to_string() }, &[fd.as_fd()])
+            .map(drop)
     }
 
     fn remove(&mut self, key: &str) -> io::Result<()> {
-        self.call(&HolderRequest::Remove { key: key.to_string() }, &[]).map(drop)
+        self.call(&HolderRequest::Remove { key: key.to_string() }, &[])
+            .map(drop)
     }
 
     fn fetch_all(&mut self) -> io::Result<Vec<(String, OwnedFd)>> {
@@ -113,7 +126,9 @@ impl FdPark for HolderClient {
             match reply {
                 HolderReply::Batch { keys, last } => {
                     if keys.len() != fds.len() {
-                        return Err(io::Error::other("fd holder sent a batch whose keys and files do not match"));
+                        return Err(io::Error::other(
+                            "fd holder sent a batch whose keys and files do not match",
+                        ));
                     }
                     out.extend(keys.into_iter().zip(fds));
                     if last {
@@ -262,7 +277,8 @@ mod tests {
         let server = serve(&path);
         let mut c = HolderClient::connect_or_spawn(&path, || Ok(())).unwrap();
         for i in 0..10 {
-            c.put(&format!("k{i}"), memfd::from_bytes("t", &[i as u8; 3]).unwrap()).unwrap();
+            c.put(&format!("k{i}"), memfd::from_bytes("t", &[i as u8; 3]).unwrap())
+                .unwrap();
         }
         c.remove("k3").unwrap();
         drop(c);

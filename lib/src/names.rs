@@ -119,8 +119,14 @@ mod tests {
         assert_eq!(SessionName::new(""), Err(NameError::Empty));
         assert_eq!(SessionName::new("x".repeat(64)), Err(NameError::TooLong { len: 64 }));
         assert_eq!(SessionName::new("ab\0c"), Err(NameError::Nul { offset: 2 }));
-        assert_eq!(SessionName::new("a/b"), Err(NameError::BadChar { found: '/', offset: 1 }));
-        assert_eq!(SessionName::new("a\nb"), Err(NameError::BadChar { found: '\n', offset: 1 }));
+        assert_eq!(
+            SessionName::new("a/b"),
+            Err(NameError::BadChar { found: '/', offset: 1 })
+        );
+        assert_eq!(
+            SessionName::new("a\nb"),
+            Err(NameError::BadChar { found: '\n', offset: 1 })
+        );
     }
 
     #[test]

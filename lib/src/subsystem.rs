@@ -254,7 +254,12 @@ impl Registry {
                 Err(error) => {
                     let subsystem = s.name().to_string();
                     let undo_failures = self.undo(k, undo);
-                    return Err(StepError { step, subsystem, error, undo_failures });
+                    return Err(StepError {
+                        step,
+                        subsystem,
+                        error,
+                        undo_failures,
+                    });
                 }
             }
         }
@@ -271,7 +276,11 @@ impl Registry {
                 _ => unreachable!("only cancel and unfreeze are undo steps"),
             };
             if let Err(error) = r {
-                failures.push(UndoFailure { subsystem: s.name().to_string(), step, error });
+                failures.push(UndoFailure {
+                    subsystem: s.name().to_string(),
+                    step,
+                    error,
+                });
             }
         }
         failures
@@ -312,7 +321,10 @@ mod tests {
         }
         fn prepare(&mut self, _: &PrepareContext) -> Result<Option<Blob>, SubsystemError> {
             self.call(Step::Prepare)?;
-            Ok(Some(Blob { version: 1, data: self.name.as_bytes().to_vec() }))
+            Ok(Some(Blob {
+                version: 1,
+                data: self.name.as_bytes().to_vec(),
+            }))
         }
         fn freeze(&mut self) -> Result<Option<Blob>, SubsystemError> {
             self.call(Step::Freeze)?;
@@ -337,8 +349,13 @@ mod tests {
         let mut r = Registry::new();
         for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
             let fail = fail_at.filter(|(k, _)| *k == i).map(|(_, s)| s);
-            r.register(Box::new(Probe { name: name.into(), log: log.clone(), fail, veto }))
-                .unwrap();
+            r.register(Box::new(Probe {
+                name: name.into(),
+                log: log.clone(),
+                fail,
+                veto,
+            }))
+            .unwrap();
         }
         (r, log)
     }
@@ -386,7 +403,14 @@ mod tests {
             take(&log);
             let err = r.freeze().unwrap_err();
             assert_eq!(take(&log), *want, "failure at step {k}");
-            assert_eq!(err.to_string(), format!("subsystem {} failed freeze: {} broke", ["a", "b", "c"][k], ["a", "b", "c"][k]));
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "subsystem {} failed freeze: {} broke",
+                    ["a", "b", "c"][k],
+                    ["a", "b", "c"][k]
+                )
+            );
         }
     }
 
@@ -403,7 +427,17 @@ mod tests {
         let (mut r, log) = three(None, false);
         assert!(r.unfreeze().is_empty());
         assert!(r.cancel().is_empty());
-        assert_eq!(take(&log), ["c.unfreeze", "b.unfreeze", "a.unfreeze", "c.cancel", "b.cancel", "a.cancel"]);
+        assert_eq!(
+            take(&log),
+            [
+                "c.unfreeze",
+                "b.unfreeze",
+                "a.unfreeze",
+                "c.cancel",
+                "b.cancel",
+                "a.cancel"
+            ]
+        );
     }
 
     #[test]
@@ -427,7 +461,12 @@ mod tests {
     #[test]
     fn duplicate_names_are_refused() {
         let (mut r, log) = three(None, false);
-        let dup = Probe { name: "b".into(), log, fail: None, veto: false };
+        let dup = Probe {
+            name: "b".into(),
+            log,
+            fail: None,
+            veto: false,
+        };
         assert_eq!(r.register(Box::new(dup)).unwrap_err(), DuplicateSubsystem("b".into()));
         assert_eq!(r.len(), 3);
     }

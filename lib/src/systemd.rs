@@ -33,7 +33,10 @@ fn key_of(name: &str) -> Option<String> {
     if hex.len() % 2 != 0 {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect();
     String::from_utf8(bytes?).ok()
 }
 
@@ -51,12 +54,18 @@ impl Notifier {
             Some(abs) => UnixAddr::new_abstract(abs.as_bytes())?,
             None => UnixAddr::new(notify_socket)?,
         };
-        Ok(Notifier { sock: UnixDatagram::unbound()?, addr })
+        Ok(Notifier {
+            sock: UnixDatagram::unbound()?,
+            addr,
+        })
     }
 
     /// From the environment, when luod runs under systemd.
     pub fn from_env() -> Option<io::Result<Self>> {
-        std::env::var("NOTIFY_SOCKET").ok().filter(|s| !s.is_empty()).map(|s| Notifier::new(&s))
+        std::env::var("NOTIFY_SOCKET")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(|s| Notifier::new(&s))
     }
 
     /// Sends `state` (e.g. `READY=1`) with `fds` attached.
@@ -64,7 +73,13 @@ impl Notifier {
         let iov = [io::IoSlice::new(state.as_bytes())];
         let cmsg = [ControlMessage::ScmRights(fds)];
         let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
-        sendmsg(self.sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, Some(&self.addr))?;
+        sendmsg(
+            self.sock.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            Some(&self.addr),
+        )?;
         Ok(())
     }
 }
@@ -81,7 +96,10 @@ impl SystemdFdStore {
     /// The store behind `notifier`, holding the fds systemd passed at start
     /// (`listen_names[i]` names fd `3 + i`; see [`take_listen_fds`]).
     pub fn new(notifier: Notifier, passed: Vec<(String, OwnedFd)>) -> Self {
-        let parked = passed.into_iter().filter_map(|(name, fd)| key_of(&name).map(|k| (k, fd))).collect();
+        let parked = passed
+            .into_iter()
+            .filter_map(|(name, fd)| key_of(&name).map(|k| (k, fd)))
+            .collect();
         SystemdFdStore { notifier, parked }
     }
 }
@@ -90,7 +108,10 @@ impl SystemdFdStore {
 /// `LISTEN_FDNAMES`), once, and unsets the variables.
 pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
     let pid_ok = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
-    let n: usize = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let n: usize = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         // SAFETY: called once at startup, before luod starts threads, so no
@@ -119,20 +140,25 @@ impl FdPark for SystemdFdStore {
         if self.parked.contains_key(key) {
             self.notifier.notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])?;
         }
-        self.notifier.notify(&format!("FDSTORE=1\nFDNAME={name}"), &[fd.as_raw_fd()])?;
+        self.notifier
+            .notify(&format!("FDSTORE=1\nFDNAME={name}"), &[fd.as_raw_fd()])?;
         self.parked.insert(key.to_string(), fd);
         Ok(())
     }
 
     fn remove(&mut self, key: &str) -> io::Result<()> {
         if self.parked.remove(key).is_some() {
-            self.notifier.notify(&format!("FDSTOREREMOVE=1\nFDNAME={}", fd_name(key)), &[])?;
+            self.notifier
+                .notify(&format!("FDSTOREREMOVE=1\nFDNAME={}", fd_name(key)), &[])?;
         }
         Ok(())
     }
 
     fn fetch_all(&mut self) -> io::Result<Vec<(String, OwnedFd)>> {
-        self.parked.iter().map(|(k, fd)| Ok((k.clone(), fd.try_clone()?))).collect()
+        self.parked
+            .iter()
+            .map(|(k, fd)| Ok((k.clone(), fd.try_clone()?)))
+            .collect()
     }
 
     fn clear(&mut self) -> io::Result<()> {
@@ -200,7 +226,13 @@ mod tests {
         let path = dir.path().join("notify");
         let _systemd = UnixDatagram::bind(&path).unwrap();
         let fd = crate::kernel::memfd::from_bytes("x", b"x").unwrap();
-        let passed = vec![(fd_name("S\u{0}vm0"), fd), (String::from("unrelated"), crate::kernel::memfd::from_bytes("y", b"").unwrap())];
+        let passed = vec![
+            (fd_name("S\u{0}vm0"), fd),
+            (
+                String::from("unrelated"),
+                crate::kernel::memfd::from_bytes("y", b"").unwrap(),
+            ),
+        ];
         let mut store = SystemdFdStore::new(Notifier::new(path.to_str().unwrap()).unwrap(), passed);
         let all = store.fetch_all().unwrap();
         assert_eq!(all.len(), 1);

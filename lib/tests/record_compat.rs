@@ -277,6 +277,9 @@ fn luod_still_writes_the_v1_fixture_byte_for_byte() {
     }
     let committed = std::fs::read(&path).expect("tests/fixtures/record-v1.bin is committed");
     if FORMAT_VERSION == 1 {
-        assert!(committed == v1_image(), "format 1 encoding changed without a FORMAT_VERSION bump");
+        assert!(
+            committed == v1_image(),
+            "format 1 encoding changed without a FORMAT_VERSION bump"
+        );
     }
 }

@@ -119,7 +119,8 @@ pub struct Args {
 }
 
 fn parse_pci(s: &str) -> Result<liveupdate::subsystems::PciAddress, String> {
-    s.parse().map_err(|e: liveupdate::subsystems::BadPciAddress| e.to_string())
+    s.parse()
+        .map_err(|e: liveupdate::subsystems::BadPciAddress| e.to_string())
 }
 
 fn parse_qemu_vm(s: &str) -> Result<(String, PathBuf), String> {
@@ -144,7 +145,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size: give bytes, or a number with K, M or G"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: give bytes, or a number with K, M or G"))?;
     n.checked_mul(mult).ok_or_else(|| format!("{s} is too large"))
 }
 

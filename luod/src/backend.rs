@@ -2,17 +2,17 @@
 
 use crate::args::{Args, Backend, FdStore};
 use liveupdate::engine::{Engine, HostInfo, Kvm, RegionCapacity, SharedVms};
-use liveupdate::subsystems::devices::Devices;
-use liveupdate::subsystems::iommu::Iommu;
-use liveupdate::subsystems::qmp::QemuVm;
 use liveupdate::holder::{FdPark, HolderClient};
-use liveupdate::systemd::{Notifier, SystemdFdStore, take_listen_fds};
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
 use liveupdate::kernel::luo::{Luo, MemfdRegion};
 use liveupdate::kernel::reserved::{self, RangeKind, ReservedRegion};
 use liveupdate::record::{RecordError, RecordStore};
 use liveupdate::region::{FileRegion, Region};
 use liveupdate::subsystem::Registry;
+use liveupdate::subsystems::devices::Devices;
+use liveupdate::subsystems::iommu::Iommu;
+use liveupdate::subsystems::qmp::QemuVm;
+use liveupdate::systemd::{Notifier, SystemdFdStore, take_listen_fds};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -96,19 +96,26 @@ pub fn choose(args: &Args) -> Result<Backend, StartError> {
 fn holder(args: &Args) -> Result<Box<dyn FdPark>, StartError> {
     let systemd = match args.fd_store {
         FdStore::Systemd => Some(Notifier::from_env().unwrap_or_else(|| {
-            Err(std::io::Error::new(std::io::ErrorKind::NotFound, "NOTIFY_SOCKET is not set: luod is not running under systemd"))
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "NOTIFY_SOCKET is not set: luod is not running under systemd",
+            ))
         })),
         FdStore::Auto => Notifier::from_env(),
         FdStore::Holder => None,
     };
     if let Some(notifier) = systemd {
-        let notifier = notifier.map_err(io("cannot use systemd's notification socket", Path::new("$NOTIFY_SOCKET")))?;
+        let notifier = notifier.map_err(io(
+            "cannot use systemd's notification socket",
+            Path::new("$NOTIFY_SOCKET"),
+        ))?;
         tracing::info!("parking preserved files in systemd's fd store");
         return Ok(Box::new(SystemdFdStore::new(notifier, take_listen_fds())));
     }
     std::fs::create_dir_all(&args.state_dir).map_err(io("cannot create state directory", &args.state_dir))?;
     let path = args.state_dir.join("holder.sock");
-    let client = HolderClient::connect_or_spawn(&path, || spawn_holder(&path)).map_err(io("cannot start the fd holder at", &path))?;
+    let client = HolderClient::connect_or_spawn(&path, || spawn_holder(&path))
+        .map_err(io("cannot start the fd holder at", &path))?;
     Ok(Box::new(client))
 }
 
@@ -121,25 +128,35 @@ fn open_engine<R: Region>(
 ) -> Result<Engine<R>, StartError> {
     let mut registry = Registry::new();
     if copying {
-        registry.register(Box::new(RegionCapacity::new(store.data_capacity()))).expect("first registration cannot clash");
+        registry
+            .register(Box::new(RegionCapacity::new(store.data_capacity())))
+            .expect("first registration cannot clash");
     }
     // Restore runs in this order: IOMMU groups are checked and devices
     // rebound to vfio-pci before any VM resumes.
     let iommu = Iommu::new(&args.sysfs_root, args.preserve_devices.clone());
     let iommu_report = iommu.report();
-    registry.register(Box::new(iommu)).map_err(|e| StartError::Backend(e.to_string()))?;
+    registry
+        .register(Box::new(iommu))
+        .map_err(|e| StartError::Backend(e.to_string()))?;
     let mut device_report = None;
     if !args.preserve_devices.is_empty() {
         let devices = Devices::new(&args.sysfs_root, args.preserve_devices.clone());
         device_report = Some(devices.report());
-        registry.register(Box::new(devices)).map_err(|e| StartError::Backend(e.to_string()))?;
+        registry
+            .register(Box::new(devices))
+            .map_err(|e| StartError::Backend(e.to_string()))?;
     }
     let qmp_timeout = std::time::Duration::from_secs_f64(args.qmp_timeout.max(0.1));
     for (name, socket) in &args.qemu_vms {
-        registry.register(Box::new(QemuVm::new(name, socket, qmp_timeout))).map_err(|e| StartError::Backend(e.to_string()))?;
+        registry
+            .register(Box::new(QemuVm::new(name, socket, qmp_timeout)))
+            .map_err(|e| StartError::Backend(e.to_string()))?;
     }
     let vms = SharedVms::default();
-    registry.register(Box::new(Kvm::new(vms.clone(), vm_timeout(args)))).map_err(|e| StartError::Backend(e.to_string()))?;
+    registry
+        .register(Box::new(Kvm::new(vms.clone(), vm_timeout(args))))
+        .map_err(|e| StartError::Backend(e.to_string()))?;
     let mut engine = Engine::open(kernel, registry, store, HostInfo::current())?;
     engine.set_cmdline_needs(needs);
     engine.set_vms(vms);
@@ -203,7 +220,10 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
         tracing::warn!("{note}");
         engine.add_note(note);
     }
-    Ok(Started { engine, _lock: Some(lock) })
+    Ok(Started {
+        engine,
+        _lock: Some(lock),
+    })
 }
 
 /// The LUO backend: real sessions, luod's record in its own session.
@@ -222,11 +242,20 @@ pub fn reserved_memory(args: &Args) -> Result<Started<ReservedRegion>, StartErro
     let (range, pmem) = match args.region.as_deref() {
         Some(dev) if dev.starts_with('/') => {
             let ranges = reserved::ranges_in_cmdline(&cmdline)?;
-            let range = ranges.into_iter().find(|r| r.kind == RangeKind::Pmem).ok_or(reserved::ReservedError::NoReservation)?;
+            let range = ranges
+                .into_iter()
+                .find(|r| r.kind == RangeKind::Pmem)
+                .ok_or(reserved::ReservedError::NoReservation)?;
             (range, Some(PathBuf::from(dev)))
         }
         Some(spec) => (reserved::parse_memmap(spec)?, None),
-        None => (reserved::ranges_in_cmdline(&cmdline)?.into_iter().next().ok_or(reserved::ReservedError::NoReservation)?, None),
+        None => (
+            reserved::ranges_in_cmdline(&cmdline)?
+                .into_iter()
+                .next()
+                .ok_or(reserved::ReservedError::NoReservation)?,
+            None,
+        ),
     };
     let region = ReservedRegion::open(range, pmem.as_deref())?;
     let store = RecordStore::new(region)?;

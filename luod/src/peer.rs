@@ -20,7 +20,9 @@ pub fn caller(sock: &UnixStream) -> std::io::Result<Caller> {
 }
 
 fn has_cap_sys_boot(pid: i32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
     status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

@@ -27,7 +27,11 @@ pub fn run(args: &Args) -> Result<u8, StartError> {
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGTERM);
     stop.add(Signal::SIGINT);
-    stop.thread_block().map_err(|e| StartError::Io { what: "cannot block signals for", path: "luod".into(), source: e.into() })?;
+    stop.thread_block().map_err(|e| StartError::Io {
+        what: "cannot block signals for",
+        path: "luod".into(),
+        source: e.into(),
+    })?;
 
     let backend = backend::choose(args)?;
     let listener = bind(&args.socket, args.socket_group.as_deref())?;
@@ -38,7 +42,12 @@ pub fn run(args: &Args) -> Result<u8, StartError> {
     }
 }
 
-fn serve_engine<R: Region + 'static>(args: &Args, listener: UnixListener, stop: SigSet, started: backend::Started<R>) -> Result<u8, StartError> {
+fn serve_engine<R: Region + 'static>(
+    args: &Args,
+    listener: UnixListener,
+    stop: SigSet,
+    started: backend::Started<R>,
+) -> Result<u8, StartError> {
     let backend::Started { engine, _lock } = started;
     for note in engine.notes() {
         tracing::warn!("{note}");
@@ -47,7 +56,13 @@ fn serve_engine<R: Region + 'static>(args: &Args, listener: UnixListener, stop: 
         "luod {} serving {} (backend {}, state {}, record generation {})",
         env!("CARGO_PKG_VERSION"),
         args.socket.display(),
-        engine.status(&Caller { uid: 0, pid: 0, privileged: true }).backend,
+        engine
+            .status(&Caller {
+                uid: 0,
+                pid: 0,
+                privileged: true
+            })
+            .backend,
         engine.state(),
         engine.generation()
     );
@@ -100,7 +115,11 @@ fn serve_engine<R: Region + 'static>(args: &Args, listener: UnixListener, stop: 
 /// Binds the socket (mode 0660), replacing a stale one but never a live one.
 fn bind(path: &std::path::Path, group: Option<&str>) -> Result<UnixListener, StartError> {
     let io = |what: &'static str| {
-        move |source| StartError::Io { what, path: path.display().to_string(), source }
+        move |source| StartError::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        }
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io("cannot create the directory of socket"))?;
@@ -112,7 +131,8 @@ fn bind(path: &std::path::Path, group: Option<&str>) -> Result<UnixListener, Sta
         std::fs::remove_file(path).map_err(io("cannot remove stale socket"))?;
     }
     let listener = UnixListener::bind(path).map_err(io("cannot bind socket"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io("cannot set mode 0660 on socket"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io("cannot set mode 0660 on socket"))?;
     if let Some(group) = group {
         let gid = match group.parse::<u32>() {
             Ok(gid) => nix::unistd::Gid::from_raw(gid),
@@ -130,7 +150,12 @@ fn bind(path: &std::path::Path, group: Option<&str>) -> Result<UnixListener, Sta
 }
 
 fn protocol_error(message: String) -> Response {
-    Response::Error(ErrorReply { kind: ErrorKind::Protocol, message, hint: String::new(), step: None })
+    Response::Error(ErrorReply {
+        kind: ErrorKind::Protocol,
+        message,
+        hint: String::new(),
+        step: None,
+    })
 }
 
 /// Serves one connection until it closes or breaks the protocol.
@@ -158,7 +183,11 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
             Ok(m) => m,
             Err(FrameError::Closed) => return,
             Err(e) => {
-                tracing::info!("client pid {} uid {}: {e}; closing the connection", caller.pid, caller.uid);
+                tracing::info!(
+                    "client pid {} uid {}: {e}; closing the connection",
+                    caller.pid,
+                    caller.uid
+                );
                 let _ = frame::send(&conn, &protocol_error(format!("{e}; closing the connection")), &[]);
                 return;
             }
@@ -168,14 +197,19 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
                 Request::Hello { version, client } if version == PROTOCOL_VERSION => {
                     tracing::debug!("client {client} pid {} uid {} connected", caller.pid, caller.uid);
                     greeted = true;
-                    let hello = Response::Hello { version: PROTOCOL_VERSION, server: format!("luod {}", env!("CARGO_PKG_VERSION")) };
+                    let hello = Response::Hello {
+                        version: PROTOCOL_VERSION,
+                        server: format!("luod {}", env!("CARGO_PKG_VERSION")),
+                    };
                     if frame::send(&conn, &hello, &[]).is_err() {
                         return;
                     }
                     continue;
                 }
                 Request::Hello { version, .. } => {
-                    let msg = format!("luod speaks protocol version {PROTOCOL_VERSION}, the client {version}; use matching luod and client versions");
+                    let msg = format!(
+                        "luod speaks protocol version {PROTOCOL_VERSION}, the client {version}; use matching luod and client versions"
+                    );
                     let _ = frame::send(&conn, &protocol_error(msg), &[]);
                     return;
                 }
@@ -187,7 +221,12 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
             }
         }
         let kind = req.kind();
-        let Outcome { resp, fds: out_fds, exit, keep_conn } = {
+        let Outcome {
+            resp,
+            fds: out_fds,
+            exit,
+            keep_conn,
+        } = {
             let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
             dispatch(&mut engine, &caller, req, fds, &conn)
         };
@@ -225,16 +264,31 @@ struct Outcome {
 
 impl From<Response> for Outcome {
     fn from(resp: Response) -> Self {
-        Outcome { resp, fds: Vec::new(), exit: None, keep_conn: false }
+        Outcome {
+            resp,
+            fds: Vec::new(),
+            exit: None,
+            keep_conn: false,
+        }
     }
 }
 
 /// Runs one request.
-fn dispatch<R: Region>(engine: &mut Engine<R>, caller: &Caller, req: Request, mut fds: Vec<OwnedFd>, conn: &UnixStream) -> Outcome {
+fn dispatch<R: Region>(
+    engine: &mut Engine<R>,
+    caller: &Caller,
+    req: Request,
+    mut fds: Vec<OwnedFd>,
+    conn: &UnixStream,
+) -> Outcome {
     let err = |e: EngineError| Outcome::from(Response::Error(e.to_reply()));
     let wants_fd = matches!(req, Request::SessionPreserve { .. } | Request::VmRegister { .. });
     if !wants_fd && !fds.is_empty() {
-        return err(EngineError::InvalidArgument(format!("{} takes no file descriptor but {} came with it", req.kind(), fds.len())));
+        return err(EngineError::InvalidArgument(format!(
+            "{} takes no file descriptor but {} came with it",
+            req.kind(),
+            fds.len()
+        )));
     }
     let r = match req {
         Request::Hello { .. } => Err(EngineError::InvalidArgument("hello was already exchanged".into())),
@@ -247,9 +301,10 @@ fn dispatch<R: Region>(engine: &mut Engine<R>, caller: &Caller, req: Request, mu
         Request::Cancel => engine.cancel(caller).map(Response::Transition),
         Request::Reboot => {
             return match engine.reboot(caller) {
-                Ok(Rebooted::Simulated(report)) => {
-                    Outcome { exit: Some(SIMULATED_KEXEC_EXIT), ..Outcome::from(Response::Transition(report)) }
-                }
+                Ok(Rebooted::Simulated(report)) => Outcome {
+                    exit: Some(SIMULATED_KEXEC_EXIT),
+                    ..Outcome::from(Response::Transition(report))
+                },
                 Err(e) => err(e),
             };
         }
@@ -257,14 +312,21 @@ fn dispatch<R: Region>(engine: &mut Engine<R>, caller: &Caller, req: Request, mu
         Request::SessionList => Ok(Response::Sessions(engine.session_list(caller))),
         Request::SessionPreserve { name, token } => {
             if fds.len() != 1 {
-                return err(EngineError::MissingFd("session-preserve needs exactly one file descriptor (sent with SCM_RIGHTS)"));
+                return err(EngineError::MissingFd(
+                    "session-preserve needs exactly one file descriptor (sent with SCM_RIGHTS)",
+                ));
             }
             let fd = fds.pop().expect("one fd");
-            engine.session_preserve(caller, &name, token, fd).map(|_| Response::Done)
+            engine
+                .session_preserve(caller, &name, token, fd)
+                .map(|_| Response::Done)
         }
         Request::SessionRetrieve { name, token } => {
             return match engine.session_retrieve(caller, &name, token) {
-                Ok((fd, size)) => Outcome { fds: vec![fd], ..Outcome::from(Response::Fd { size }) },
+                Ok((fd, size)) => Outcome {
+                    fds: vec![fd],
+                    ..Outcome::from(Response::Fd { size })
+                },
                 Err(e) => err(e),
             };
         }
@@ -275,14 +337,25 @@ fn dispatch<R: Region>(engine: &mut Engine<R>, caller: &Caller, req: Request, mu
                 Err(e) => return err(EngineError::Io(format!("cannot keep the VMM's connection: {e}"))),
             };
             return match engine.vm_register(caller, &name, &tokens, fds, conn) {
-                Ok(()) => Outcome { keep_conn: true, ..Outcome::from(Response::Done) },
+                Ok(()) => Outcome {
+                    keep_conn: true,
+                    ..Outcome::from(Response::Done)
+                },
                 Err(e) => err(e),
             };
         }
-        Request::VmAnswer(_) => Err(EngineError::InvalidArgument("vm-answer is only sent in reply to a vm call".into())),
+        Request::VmAnswer(_) => Err(EngineError::InvalidArgument(
+            "vm-answer is only sent in reply to a vm call".into(),
+        )),
         Request::VmClaim { name } => {
             return match engine.vm_claim(caller, &name) {
-                Ok(c) => Outcome { fds: c.fds, ..Outcome::from(Response::VmClaimed { tokens: c.tokens, state: c.state }) },
+                Ok(c) => Outcome {
+                    fds: c.fds,
+                    ..Outcome::from(Response::VmClaimed {
+                        tokens: c.tokens,
+                        state: c.state,
+                    })
+                },
                 Err(e) => err(e),
             };
         }

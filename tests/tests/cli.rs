@@ -131,7 +131,10 @@ fn json_status_shows_state_backend_generation_sessions_and_subsystems() {
     assert_eq!(status["state"], "normal");
     assert_eq!(status["backend"], "file");
     assert_eq!(status["generation"], 2, "one record for the session, one for the file");
-    assert_eq!(status["subsystems"], serde_json::json!(["region-capacity", "iommu", "kvm"]));
+    assert_eq!(
+        status["subsystems"],
+        serde_json::json!(["region-capacity", "iommu", "kvm"])
+    );
     assert_eq!(
         status["sessions"],
         serde_json::json!([{

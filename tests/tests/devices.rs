@@ -20,7 +20,10 @@ fn a_preserved_device_that_is_not_there_vetoes_prepare_with_the_reason() {
     let out = luod.luoctl(&["prepare"]);
     assert_eq!(out.status.code(), Some(13), "the veto exit code");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("vetoed:") && stderr.contains("0000:00:03.0"), "{stderr}");
+    assert!(
+        stderr.contains("vetoed:") && stderr.contains("0000:00:03.0"),
+        "{stderr}"
+    );
     assert_eq!(luod.status().state, State::Normal);
 }
 

@@ -171,8 +171,10 @@ fn assert_truncated_is_kept_aside_and_luod_starts_fresh(image: &[u8]) {
     assert_eq!(status.last_cycle, None);
     let was = image.len();
     assert!(
-        status.notes.iter().any(|n| n.contains(&format!("was only {was} bytes, too small for two record slots"))
-            && n.contains("region.truncated")),
+        status.notes.iter().any(
+            |n| n.contains(&format!("was only {was} bytes, too small for two record slots"))
+                && n.contains("region.truncated")
+        ),
         "a note says the region was too small and where its bytes are: {:?}",
         status.notes
     );

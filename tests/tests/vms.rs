@@ -30,7 +30,9 @@ fn vmm(luod: &Luod, name: &str, fill: u8, answer: fn(VmCall) -> VmAnswer) -> Joi
 }
 
 fn ok(call: VmCall) -> VmAnswer {
-    VmAnswer::Ok { state: (call == VmCall::Freeze).then(|| b"vcpu registers".to_vec()) }
+    VmAnswer::Ok {
+        state: (call == VmCall::Freeze).then(|| b"vcpu registers".to_vec()),
+    }
 }
 
 #[test]
@@ -43,7 +45,10 @@ fn a_vmm_veto_reaches_luoctl_prepare_and_the_host_stays_normal() {
     let out = luod.luoctl(&["prepare"]);
     assert_eq!(out.status.code(), Some(13), "the veto exit code");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("vetoed: VM vm0: live migration in progress"), "{stderr}");
+    assert!(
+        stderr.contains("vetoed: VM vm0: live migration in progress"),
+        "{stderr}"
+    );
     assert_eq!(luod.status().state, State::Normal);
     let list = luod.luoctl(&["vm", "list"]);
     let stdout = String::from_utf8_lossy(&list.stdout);
@@ -67,8 +72,14 @@ fn a_vm_survives_the_simulated_kexec_and_its_new_vmm_claims_it() {
     let out = luod.luoctl(&["finish"]);
     assert_eq!(out.status.code(), Some(11), "finish waits for the VM");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("1 VM(s) of the update were not restored: vm0"), "{stderr}");
-    assert!(stderr.contains("luoctl vm abandon NAME"), "says how to give up on it: {stderr}");
+    assert!(
+        stderr.contains("1 VM(s) of the update were not restored: vm0"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("luoctl vm abandon NAME"),
+        "says how to give up on it: {stderr}"
+    );
 
     let mut new_vmm = Client::connect(&luod.socket(), "new-vmm").expect("connect");
     let liveupdate::protocol::client::ClaimedVm { ram, state } = new_vmm.claim_vm("vm0").expect("claim");

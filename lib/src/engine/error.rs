@@ -111,9 +111,9 @@ impl EngineError {
             E::Step(s) if s.is_veto() => ErrorKind::Vetoed,
             E::Step(_) => ErrorKind::SubsystemFailed,
             E::Kernel(KernelError::NoSuchSession(_) | KernelError::NoSuchToken { .. }) => ErrorKind::NotFound,
-            E::Kernel(KernelError::SessionExists(_) | KernelError::TokenExists { .. } | KernelError::AlreadyPreserved { .. }) => {
-                ErrorKind::AlreadyExists
-            }
+            E::Kernel(
+                KernelError::SessionExists(_) | KernelError::TokenExists { .. } | KernelError::AlreadyPreserved { .. },
+            ) => ErrorKind::AlreadyExists,
             E::Kernel(KernelError::Unsupported { .. } | KernelError::Load { .. }) => ErrorKind::InvalidArgument,
             E::Kernel(_) | E::RebootFailed(_) => ErrorKind::Kernel,
             E::Record(_) | E::NewerRecord(_) => ErrorKind::Record,
@@ -130,9 +130,10 @@ impl EngineError {
                 State::Frozen => "continue with `luoctl reboot`, or `luoctl cancel`".into(),
                 State::Updated => "retrieve your sessions, then `luoctl finish`".into(),
             },
-            E::SessionsLocked { state: State::Prepared | State::Frozen, .. } => {
-                "a cycle is in flight: `luoctl cancel` it first, or wait until it finishes".into()
-            }
+            E::SessionsLocked {
+                state: State::Prepared | State::Frozen,
+                ..
+            } => "a cycle is in flight: `luoctl cancel` it first, or wait until it finishes".into(),
             E::SessionsLocked { .. } => "`luoctl finish` the cycle first".into(),
             E::NotPrivileged(_) => "run as root (or with CAP_SYS_BOOT)".into(),
             E::NoSuchSession(_) => "`luoctl session list` shows your sessions".into(),
@@ -140,9 +141,14 @@ impl EngineError {
             E::TokenExists { .. } => "choose another token".into(),
             E::SessionExists(_) => "choose another name, or finish the existing session".into(),
             E::NotRetrieved(..) => "retrieve them, or discard a session with `luoctl session finish NAME`".into(),
-            E::VmsNotRestored(_) => "start their VMMs to claim them, or give one up with `luoctl vm abandon NAME`".into(),
+            E::VmsNotRestored(_) => {
+                "start their VMMs to claim them, or give one up with `luoctl vm abandon NAME`".into()
+            }
             E::Step(s) if s.is_veto() => format!("resolve what subsystem {} reports, then prepare again", s.subsystem),
-            E::Step(s) => format!("see luod's log for subsystem {}; the transition was undone", s.subsystem),
+            E::Step(s) => format!(
+                "see luod's log for subsystem {}; the transition was undone",
+                s.subsystem
+            ),
             E::Kernel(KernelError::Unsupported { .. }) => "hand over a memfd (memfd_create(2))".into(),
             E::Kernel(KernelError::AlreadyPreserved { .. }) => "each open file can be preserved once".into(),
             E::Kernel(KernelError::Load { .. }) => "check the --kernel/--initrd paths".into(),

@@ -41,7 +41,11 @@ pub struct Caller {
 
 impl Caller {
     /// The engine itself (tests, startup).
-    pub const ROOT: Caller = Caller { uid: 0, pid: 0, privileged: true };
+    pub const ROOT: Caller = Caller {
+        uid: 0,
+        pid: 0,
+        privileged: true,
+    };
 }
 
 /// Nanoseconds since the Unix epoch, now.
@@ -155,18 +159,34 @@ impl<R: Region> Engine<R> {
     /// Refuses every change once the handover is written and the kexec
     /// (real or simulated) is under way: the record in the region is final.
     fn require_live(&self) -> Result<(), EngineError> {
-        if self.handed_over { Err(EngineError::HandedOver) } else { Ok(()) }
+        if self.handed_over {
+            Err(EngineError::HandedOver)
+        } else {
+            Ok(())
+        }
     }
 
     fn require_privileged(caller: &Caller, what: &'static str) -> Result<(), EngineError> {
-        if caller.privileged { Ok(()) } else { Err(EngineError::NotPrivileged(what)) }
+        if caller.privileged {
+            Ok(())
+        } else {
+            Err(EngineError::NotPrivileged(what))
+        }
     }
 
     fn session_info(s: &SessionRecord) -> SessionInfo {
         SessionInfo {
             name: s.name.to_string(),
             owner_uid: s.owner_uid,
-            files: s.fds.iter().map(|f| FileInfo { token: f.token, size: f.size, retrieved: f.retrieved }).collect(),
+            files: s
+                .fds
+                .iter()
+                .map(|f| FileInfo {
+                    token: f.token,
+                    size: f.size,
+                    retrieved: f.retrieved,
+                })
+                .collect(),
             incoming: s.incoming,
         }
     }
@@ -211,24 +231,47 @@ impl<R: Region> Engine<R> {
     /// `check`: what `prepare` with `args` would find. Changes nothing.
     pub fn check(&self, caller: &Caller, args: &PrepareArgs) -> CheckReport {
         let mut items = Vec::new();
-        let mut item = |name: &str, ok: bool, detail: String| items.push(CheckItem { name: name.into(), ok, detail });
+        let mut item = |name: &str, ok: bool, detail: String| {
+            items.push(CheckItem {
+                name: name.into(),
+                ok,
+                detail,
+            })
+        };
         let state_ok = Event::Prepare.allowed_from().contains(&self.record.state);
         item(
             "state",
             state_ok,
-            if state_ok { "normal: prepare is allowed".into() } else { format!("state is {}: prepare needs normal", self.record.state) },
+            if state_ok {
+                "normal: prepare is allowed".into()
+            } else {
+                format!("state is {}: prepare needs normal", self.record.state)
+            },
         );
         item(
             "privilege",
             caller.privileged,
-            if caller.privileged { "caller may drive transitions".into() } else { "transitions need root or CAP_SYS_BOOT".into() },
+            if caller.privileged {
+                "caller may drive transitions".into()
+            } else {
+                "transitions need root or CAP_SYS_BOOT".into()
+            },
         );
         match self.target_image(args) {
-            Ok(None) => item("target kernel", true, "none given: prepare without kexec target (simulated or later load)".into()),
+            Ok(None) => item(
+                "target kernel",
+                true,
+                "none given: prepare without kexec target (simulated or later load)".into(),
+            ),
             Ok(Some(img)) => item(
                 "target kernel",
                 true,
-                format!("{} loads (sha256 {}), cmdline {:?}", img.kernel, hex(&img.kernel_sha256), img.cmdline),
+                format!(
+                    "{} loads (sha256 {}), cmdline {:?}",
+                    img.kernel,
+                    hex(&img.kernel_sha256),
+                    img.cmdline
+                ),
             ),
             Err(e) => item("target kernel", false, e.to_string()),
         }

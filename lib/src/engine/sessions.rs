@@ -33,14 +33,22 @@ impl<R: Region> Engine<R> {
             )));
         }
         if self.record.state != State::Normal {
-            return Err(EngineError::SessionsLocked { what: "creating a session", state: self.record.state });
+            return Err(EngineError::SessionsLocked {
+                what: "creating a session",
+                state: self.record.state,
+            });
         }
         if self.record.sessions.iter().any(|s| s.name == name) {
             return Err(EngineError::SessionExists(name.to_string()));
         }
         self.kernel.create_session(&name)?;
         let mut next = self.record.clone();
-        next.sessions.push(SessionRecord { name: name.clone(), owner_uid: caller.uid, fds: Vec::new(), incoming: false });
+        next.sessions.push(SessionRecord {
+            name: name.clone(),
+            owner_uid: caller.uid,
+            fds: Vec::new(),
+            incoming: false,
+        });
         if let Err(e) = self.commit(next) {
             let _ = self.kernel.finish_session(&name);
             return Err(e);
@@ -50,20 +58,37 @@ impl<R: Region> Engine<R> {
 
     /// Preserves `fd` under `token` in the caller's session. Only in `normal`:
     /// once `prepare` has checked what the cycle carries, nothing is added.
-    pub fn session_preserve(&mut self, caller: &Caller, name: &str, token: u64, fd: OwnedFd) -> Result<u64, EngineError> {
+    pub fn session_preserve(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        token: u64,
+        fd: OwnedFd,
+    ) -> Result<u64, EngineError> {
         self.require_live()?;
         let i = self.own_session(caller, name)?;
         if self.record.state != State::Normal {
-            return Err(EngineError::SessionsLocked { what: "preserving a file", state: self.record.state });
+            return Err(EngineError::SessionsLocked {
+                what: "preserving a file",
+                state: self.record.state,
+            });
         }
         let session = self.record.sessions[i].name.clone();
         if self.record.sessions[i].fds.iter().any(|f| f.token == token) {
-            return Err(EngineError::TokenExists { session: session.to_string(), token });
+            return Err(EngineError::TokenExists {
+                session: session.to_string(),
+                token,
+            });
         }
         let size = memfd::size(fd.as_fd()).map_err(|e| EngineError::Io(format!("cannot stat the file: {e}")))?;
         self.kernel.preserve_fd(&session, token, fd)?;
         let mut next = self.record.clone();
-        next.sessions[i].fds.push(FdRecord { token, size, data: None, retrieved: false });
+        next.sessions[i].fds.push(FdRecord {
+            token,
+            size,
+            data: None,
+            retrieved: false,
+        });
         if let Err(e) = self.commit(next) {
             let _ = self.kernel.retrieve_fd(&session, token);
             return Err(e);
@@ -73,7 +98,12 @@ impl<R: Region> Engine<R> {
 
     /// The caller's sessions.
     pub fn session_list(&self, caller: &Caller) -> Vec<SessionInfo> {
-        self.record.sessions.iter().filter(|s| s.owner_uid == caller.uid).map(Self::session_info).collect()
+        self.record
+            .sessions
+            .iter()
+            .filter(|s| s.owner_uid == caller.uid)
+            .map(Self::session_info)
+            .collect()
     }
 
     /// Takes back a preserved file after an update. Only in `updated`.
@@ -81,14 +111,23 @@ impl<R: Region> Engine<R> {
         self.require_live()?;
         let i = self.own_session(caller, name)?;
         if self.record.state != State::Updated {
-            return Err(EngineError::SessionsLocked { what: "retrieving a file", state: self.record.state });
+            return Err(EngineError::SessionsLocked {
+                what: "retrieving a file",
+                state: self.record.state,
+            });
         }
         let session = self.record.sessions[i].name.clone();
         let Some(j) = self.record.sessions[i].fds.iter().position(|f| f.token == token) else {
-            return Err(EngineError::NoSuchToken { session: session.to_string(), token });
+            return Err(EngineError::NoSuchToken {
+                session: session.to_string(),
+                token,
+            });
         };
         if self.record.sessions[i].fds[j].retrieved {
-            return Err(EngineError::AlreadyRetrieved { session: session.to_string(), token });
+            return Err(EngineError::AlreadyRetrieved {
+                session: session.to_string(),
+                token,
+            });
         }
         let fd = self.kernel.retrieve_fd(&session, token)?;
         let size = memfd::size(fd.as_fd()).unwrap_or(self.record.sessions[i].fds[j].size);
@@ -108,7 +147,10 @@ impl<R: Region> Engine<R> {
         self.require_live()?;
         let i = self.own_session(caller, name)?;
         if matches!(self.record.state, State::Prepared | State::Frozen) {
-            return Err(EngineError::SessionsLocked { what: "finishing a session", state: self.record.state });
+            return Err(EngineError::SessionsLocked {
+                what: "finishing a session",
+                state: self.record.state,
+            });
         }
         let session = self.record.sessions[i].name.clone();
         let mut next = self.record.clone();

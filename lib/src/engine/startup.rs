@@ -25,7 +25,11 @@ pub struct HostInfo {
 impl HostInfo {
     /// Reads the running kernel's facts.
     pub fn current() -> Self {
-        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
         HostInfo {
             boot_id: read("/proc/sys/kernel/random/boot_id"),
             kernel_release: nix::sys::utsname::uname()
@@ -100,7 +104,18 @@ impl<R: Region> Engine<R> {
             .handover
             .as_ref()
             .is_some_and(|h| h.simulated || h.boot_id != host.boot_id);
-        let mut engine = Engine { kernel, registry, store, record, generation, host, notes, cmdline_needs: Vec::new(), handed_over: false, vms: None };
+        let mut engine = Engine {
+            kernel,
+            registry,
+            store,
+            record,
+            generation,
+            host,
+            notes,
+            cmdline_needs: Vec::new(),
+            handed_over: false,
+            vms: None,
+        };
         if incoming {
             engine.take_incoming()?;
         } else {
@@ -119,7 +134,11 @@ impl<R: Region> Engine<R> {
             s.incoming = true;
             if self.kernel.handoff() == Handoff::Kernel {
                 if let Err(e) = self.kernel.retrieve_session(&s.name) {
-                    lost.extend(s.fds.drain(..).map(|f| format!("session {} token {}: {e}", s.name, f.token)));
+                    lost.extend(
+                        s.fds
+                            .drain(..)
+                            .map(|f| format!("session {} token {}: {e}", s.name, f.token)),
+                    );
                 }
                 continue;
             }
@@ -129,16 +148,20 @@ impl<R: Region> Engine<R> {
                 let restored = match f.data {
                     Some(i) => {
                         let extent = next.extents.get(i as usize).copied();
-                        let bytes = extent.ok_or_else(|| format!("extent {i} missing")).and_then(|e| {
-                            self.store.data(&e).map_err(|e| e.to_string())
-                        });
-                        bytes.and_then(|b| memfd::from_bytes(&format!("{}:{}", s.name, f.token), b).map_err(|e| e.to_string()))
+                        let bytes = extent
+                            .ok_or_else(|| format!("extent {i} missing"))
+                            .and_then(|e| self.store.data(&e).map_err(|e| e.to_string()));
+                        bytes.and_then(|b| {
+                            memfd::from_bytes(&format!("{}:{}", s.name, f.token), b).map_err(|e| e.to_string())
+                        })
                     }
                     None => Err("no data was written for it".to_string()),
                 };
                 match restored.and_then(|fd| {
                     let size = memfd::size(fd.as_fd()).map_err(|e| e.to_string())?;
-                    self.kernel.adopt_incoming(&s.name, f.token, fd).map_err(|e| e.to_string())?;
+                    self.kernel
+                        .adopt_incoming(&s.name, f.token, fd)
+                        .map_err(|e| e.to_string())?;
                     Ok(size)
                 }) {
                     Ok(size) => {
@@ -160,7 +183,15 @@ impl<R: Region> Engine<R> {
         let sections: Vec<(String, Blob)> = next
             .subsystems
             .iter()
-            .map(|s| (s.name.clone(), Blob { version: s.version, data: s.blob.clone() }))
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    Blob {
+                        version: s.version,
+                        data: s.blob.clone(),
+                    },
+                )
+            })
             .collect();
         for f in self.registry.restore(&sections) {
             let note = format!("subsystem {} failed to restore: {}", f.subsystem, f.error);
@@ -207,7 +238,10 @@ impl<R: Region> Engine<R> {
             s.fds.retain(|f| {
                 let ok = f.retrieved || recovered.iter().any(|(n, t)| *n == name && *t == f.token);
                 if !ok {
-                    let note = format!("session {name} token {}: the preserved file did not survive luod's restart", f.token);
+                    let note = format!(
+                        "session {name} token {}: the preserved file did not survive luod's restart",
+                        f.token
+                    );
                     tracing::error!("{note}");
                     self.notes.push(note);
                 }
@@ -217,7 +251,10 @@ impl<R: Region> Engine<R> {
         }
         // Files parked but never acknowledged in the record: drop them.
         for (name, token) in recovered {
-            let known = next.sessions.iter().any(|s| s.name == name && s.fds.iter().any(|f| f.token == token));
+            let known = next
+                .sessions
+                .iter()
+                .any(|s| s.name == name && s.fds.iter().any(|f| f.token == token));
             if !known {
                 tracing::warn!("dropping parked file {name}/{token}: not in the record");
                 let _ = self.kernel.retrieve_fd(&name, token);

@@ -35,7 +35,10 @@ impl Subsystem for Probe {
         self.push("prepare");
         match self.veto {
             Some(r) => Err(SubsystemError::Veto(r.into())),
-            None => Ok(Some(Blob { version: 3, data: format!("{}-prepared", self.name).into_bytes() })),
+            None => Ok(Some(Blob {
+                version: 3,
+                data: format!("{}-prepared", self.name).into_bytes(),
+            })),
         }
     }
     fn freeze(&mut self) -> Result<Option<Blob>, SubsystemError> {
@@ -43,7 +46,10 @@ impl Subsystem for Probe {
         if self.fail_freeze {
             return Err(SubsystemError::Failed("device did not quiesce".into()));
         }
-        Ok(Some(Blob { version: 4, data: format!("{}-frozen", self.name).into_bytes() }))
+        Ok(Some(Blob {
+            version: 4,
+            data: format!("{}-frozen", self.name).into_bytes(),
+        }))
     }
     fn cancel(&mut self) -> Result<(), SubsystemError> {
         self.push("cancel");
@@ -54,7 +60,9 @@ impl Subsystem for Probe {
         Ok(())
     }
     fn restore(&mut self, blob: Option<&Blob>) -> Result<(), SubsystemError> {
-        let got = blob.map(|b| format!("v{}:{}", b.version, String::from_utf8_lossy(&b.data))).unwrap_or_default();
+        let got = blob
+            .map(|b| format!("v{}:{}", b.version, String::from_utf8_lossy(&b.data)))
+            .unwrap_or_default();
         self.push(&format!("restore({got})"));
         Ok(())
     }
@@ -65,19 +73,44 @@ impl Subsystem for Probe {
 }
 
 fn host() -> HostInfo {
-    HostInfo { boot_id: "boot-1".into(), kernel_release: "6.19.0-test".into(), cmdline: "console=ttyS0".into(), started: now() }
+    HostInfo {
+        boot_id: "boot-1".into(),
+        kernel_release: "6.19.0-test".into(),
+        cmdline: "console=ttyS0".into(),
+        started: now(),
+    }
 }
 
 fn registry(log: &Log, veto: Option<&'static str>, fail_freeze: bool) -> Registry {
     let mut r = Registry::new();
-    r.register(Box::new(Probe { name: "a", log: log.clone(), veto: None, fail_freeze: false })).unwrap();
-    r.register(Box::new(Probe { name: "b", log: log.clone(), veto, fail_freeze })).unwrap();
+    r.register(Box::new(Probe {
+        name: "a",
+        log: log.clone(),
+        veto: None,
+        fail_freeze: false,
+    }))
+    .unwrap();
+    r.register(Box::new(Probe {
+        name: "b",
+        log: log.clone(),
+        veto,
+        fail_freeze,
+    }))
+    .unwrap();
     r
 }
 
-fn engine_on(store: RecordStore<MemRegion>, log: &Log, veto: Option<&'static str>, fail_freeze: bool) -> (Engine<MemRegion>, Failures) {
+fn engine_on(
+    store: RecordStore<MemRegion>,
+    log: &Log,
+    veto: Option<&'static str>,
+    fail_freeze: bool,
+) -> (Engine<MemRegion>, Failures) {
     let (kernel, failures) = FakeKernel::new();
-    (Engine::open(Box::new(kernel), registry(log, veto, fail_freeze), store, host()).unwrap(), failures)
+    (
+        Engine::open(Box::new(kernel), registry(log, veto, fail_freeze), store, host()).unwrap(),
+        failures,
+    )
 }
 
 fn new_engine(log: &Log) -> (Engine<MemRegion>, Failures) {
@@ -88,7 +121,11 @@ fn take(log: &Log) -> Vec<String> {
     std::mem::take(&mut *log.lock().unwrap())
 }
 
-const USER: Caller = Caller { uid: 1000, pid: 1, privileged: false };
+const USER: Caller = Caller {
+    uid: 1000,
+    pid: 1,
+    privileged: false,
+};
 
 fn preserve(e: &mut Engine<MemRegion>, session: &str, token: u64, bytes: &[u8]) {
     let fd = memfd::from_bytes("t", bytes).unwrap();
@@ -105,7 +142,10 @@ fn a_cycle_through_a_simulated_kexec_restores_files_and_sections() {
     e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
     e.freeze(&Caller::ROOT).unwrap();
     let Rebooted::Simulated(report) = e.reboot(&Caller::ROOT).unwrap();
-    assert_eq!((report.from, report.to, report.files, report.bytes), (State::Frozen, State::Updated, 2, 9));
+    assert_eq!(
+        (report.from, report.to, report.files, report.bytes),
+        (State::Frozen, State::Updated, 2, 9)
+    );
     assert_eq!(take(&log), ["a.prepare", "b.prepare", "a.freeze", "b.freeze"]);
 
     let (mut e, _) = engine_on(e.into_store(), &log, None, false);
@@ -145,11 +185,19 @@ fn a_restart_in_updated_does_not_take_the_record_as_incoming_again() {
 #[test]
 fn a_veto_reaches_the_caller_and_leaves_the_host_in_normal() {
     let log = Log::default();
-    let (mut e, _) = engine_on(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap(), &log, Some("VM vm7 is migrating"), false);
+    let (mut e, _) = engine_on(
+        RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap(),
+        &log,
+        Some("VM vm7 is migrating"),
+        false,
+    );
     let generation = e.generation();
     let err = e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Vetoed);
-    assert_eq!(err.to_string(), "subsystem b failed prepare: vetoed: VM vm7 is migrating");
+    assert_eq!(
+        err.to_string(),
+        "subsystem b failed prepare: vetoed: VM vm7 is migrating"
+    );
     assert_eq!(take(&log), ["a.prepare", "b.prepare", "a.cancel"]);
     assert_eq!((e.state(), e.generation()), (State::Normal, generation));
 }
@@ -174,9 +222,15 @@ fn a_failing_reboot_unfreezes_back_to_prepared() {
     e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
     e.freeze(&Caller::ROOT).unwrap();
     take(&log);
-    failures.lock().unwrap().insert(Op::Reboot, KernelError::Reboot("kexec image vanished".into()));
+    failures
+        .lock()
+        .unwrap()
+        .insert(Op::Reboot, KernelError::Reboot("kexec image vanished".into()));
     let err = e.reboot(&Caller::ROOT).unwrap_err();
-    assert_eq!(err.to_string(), "reboot failed, unfroze back to prepared: reboot failed: kexec image vanished");
+    assert_eq!(
+        err.to_string(),
+        "reboot failed, unfroze back to prepared: reboot failed: kexec image vanished"
+    );
     assert_eq!(take(&log), ["b.unfreeze", "a.unfreeze"]);
     assert_eq!(e.state(), State::Prepared);
     assert!(e.record().handover.is_none());
@@ -194,8 +248,18 @@ fn a_kernel_that_does_not_load_fails_prepare_and_changes_nothing() {
     bz[0x202..0x206].copy_from_slice(b"HdrS");
     bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
     std::fs::write(image.path(), &bz).unwrap();
-    failures.lock().unwrap().insert(Op::LoadKernel, KernelError::Load { path: "k".into(), reason: "Exec format error".into() });
-    let args = PrepareArgs { kernel: Some(image.path().display().to_string()), cmdline: Some("quiet".into()), ..Default::default() };
+    failures.lock().unwrap().insert(
+        Op::LoadKernel,
+        KernelError::Load {
+            path: "k".into(),
+            reason: "Exec format error".into(),
+        },
+    );
+    let args = PrepareArgs {
+        kernel: Some(image.path().display().to_string()),
+        cmdline: Some("quiet".into()),
+        ..Default::default()
+    };
     let generation = e.generation();
     let err = e.prepare(&Caller::ROOT, &args).unwrap_err();
     assert_eq!(err.to_string(), "cannot load kernel k: Exec format error");
@@ -217,10 +281,37 @@ fn prepare_refuses_a_file_that_is_not_a_kernel_and_inconsistent_arguments() {
     std::fs::write(not_kernel.path(), vec![0u8; 4096]).unwrap();
     let k = not_kernel.path().display().to_string();
     let cases = [
-        (PrepareArgs { kernel: Some(k.clone()), cmdline: Some("x".into()), ..Default::default() }, "not a bzImage"),
-        (PrepareArgs { kernel: Some(k.clone()), ..Default::default() }, "--kernel needs --cmdline S or --reuse-cmdline"),
-        (PrepareArgs { kernel: Some(k), cmdline: Some("x".into()), reuse_cmdline: true, ..Default::default() }, "not both"),
-        (PrepareArgs { cmdline: Some("x".into()), ..Default::default() }, "need --kernel"),
+        (
+            PrepareArgs {
+                kernel: Some(k.clone()),
+                cmdline: Some("x".into()),
+                ..Default::default()
+            },
+            "not a bzImage",
+        ),
+        (
+            PrepareArgs {
+                kernel: Some(k.clone()),
+                ..Default::default()
+            },
+            "--kernel needs --cmdline S or --reuse-cmdline",
+        ),
+        (
+            PrepareArgs {
+                kernel: Some(k),
+                cmdline: Some("x".into()),
+                reuse_cmdline: true,
+                ..Default::default()
+            },
+            "not both",
+        ),
+        (
+            PrepareArgs {
+                cmdline: Some("x".into()),
+                ..Default::default()
+            },
+            "need --kernel",
+        ),
     ];
     for (args, want) in cases {
         let err = e.prepare(&Caller::ROOT, &args).unwrap_err();
@@ -307,7 +398,12 @@ fn session_requests_are_refused_while_a_cycle_is_in_flight() {
 #[test]
 fn a_region_too_small_for_the_data_fails_the_reboot_not_the_host() {
     let log = Log::default();
-    let (mut e, _) = engine_on(RecordStore::new(MemRegion::zeroed(256 << 10)).unwrap(), &log, None, false);
+    let (mut e, _) = engine_on(
+        RecordStore::new(MemRegion::zeroed(256 << 10)).unwrap(),
+        &log,
+        None,
+        false,
+    );
     e.session_create(&Caller::ROOT, "s").unwrap();
     let fd = memfd::from_bytes("big", b"x").unwrap();
     let keep = fd.as_fd().try_clone_to_owned().unwrap();
@@ -315,14 +411,19 @@ fn a_region_too_small_for_the_data_fails_the_reboot_not_the_host() {
     e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
     std::fs::File::from(keep).set_len(1 << 20).unwrap();
     let err = e.reboot(&Caller::ROOT).unwrap_err();
-    assert!(err.to_string().starts_with("reboot failed, unfroze back to prepared: "), "{err}");
+    assert!(
+        err.to_string().starts_with("reboot failed, unfroze back to prepared: "),
+        "{err}"
+    );
     assert_eq!(e.state(), State::Prepared);
 }
 
 #[test]
 fn a_record_of_a_newer_format_is_refused_and_never_overwritten() {
     let mut store = RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap();
-    store.write(&mut crate::record::HandoverRecord::new("fake"), &[]).unwrap();
+    store
+        .write(&mut crate::record::HandoverRecord::new("fake"), &[])
+        .unwrap();
     let mut bytes = store.into_region().0;
     // A format-2 header: version at offset 8, header CRC-32C at 60 over 0..60.
     bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
@@ -345,7 +446,10 @@ fn nothing_changes_once_the_handover_is_written() {
     assert!(e.handed_over());
     let generation = e.generation();
     let err = e.cancel(&Caller::ROOT).unwrap_err();
-    assert_eq!(err.to_string(), "luod has handed over to the next kernel and is exiting; nothing can change now");
+    assert_eq!(
+        err.to_string(),
+        "luod has handed over to the next kernel and is exiting; nothing can change now"
+    );
     assert!(e.session_create(&Caller::ROOT, "t").is_err());
     assert!(e.session_finish(&Caller::ROOT, "s").is_err());
     assert_eq!(e.generation(), generation);

@@ -7,7 +7,9 @@
 use super::{Caller, Engine, EngineError, hex, now};
 use crate::kernel::{Handoff, KernelLoad, RebootOutcome, memfd};
 use crate::protocol::{PrepareArgs, TransitionReport};
-use crate::record::{Cycle, DataSource, Handover, HandoverRecord, KernelImage, Outcome, Section, Update, HISTORY_LIMIT};
+use crate::record::{
+    Cycle, DataSource, HISTORY_LIMIT, Handover, HandoverRecord, KernelImage, Outcome, Section, Update,
+};
 use crate::region::Region;
 use crate::state::{Event, State, transition};
 use crate::subsystem::{Blobs, PrepareContext};
@@ -27,7 +29,8 @@ fn sha256_file(path: &str) -> Result<[u8; 32], EngineError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = std::io::Read::read(&mut file, &mut buf).map_err(|e| EngineError::Io(format!("cannot read {path}: {e}")))?;
+        let n = std::io::Read::read(&mut file, &mut buf)
+            .map_err(|e| EngineError::Io(format!("cannot read {path}: {e}")))?;
         if n == 0 {
             break;
         }
@@ -37,7 +40,14 @@ fn sha256_file(path: &str) -> Result<[u8; 32], EngineError> {
 }
 
 fn sections(blobs: Blobs) -> Vec<Section> {
-    blobs.into_iter().map(|(name, b)| Section { name, version: b.version, blob: b.data }).collect()
+    blobs
+        .into_iter()
+        .map(|(name, b)| Section {
+            name,
+            version: b.version,
+            blob: b.data,
+        })
+        .collect()
 }
 
 impl<R: Region> Engine<R> {
@@ -45,7 +55,9 @@ impl<R: Region> Engine<R> {
     pub(super) fn target_image(&self, args: &PrepareArgs) -> Result<Option<KernelImage>, EngineError> {
         let Some(kernel) = &args.kernel else {
             if args.initrd.is_some() || args.cmdline.is_some() || args.reuse_cmdline {
-                return Err(EngineError::InvalidArgument("--initrd, --cmdline and --reuse-cmdline need --kernel".into()));
+                return Err(EngineError::InvalidArgument(
+                    "--initrd, --cmdline and --reuse-cmdline need --kernel".into(),
+                ));
             }
             return Ok(None);
         };
@@ -60,9 +72,15 @@ impl<R: Region> Engine<R> {
                 c
             }
             (Some(_), true) => {
-                return Err(EngineError::InvalidArgument("give either --cmdline or --reuse-cmdline, not both".into()));
+                return Err(EngineError::InvalidArgument(
+                    "give either --cmdline or --reuse-cmdline, not both".into(),
+                ));
             }
-            (None, false) => return Err(EngineError::InvalidArgument("--kernel needs --cmdline S or --reuse-cmdline".into())),
+            (None, false) => {
+                return Err(EngineError::InvalidArgument(
+                    "--kernel needs --cmdline S or --reuse-cmdline".into(),
+                ));
+            }
         };
         let missing = self.missing_in_cmdline(&cmdline);
         if !missing.is_empty() {
@@ -100,7 +118,12 @@ impl<R: Region> Engine<R> {
     /// Sizes of the preserved files as they are now, in the record.
     fn refresh_sizes(&self, next: &mut HandoverRecord) {
         for (name, token, fd) in self.kernel.preserved() {
-            if let Some(f) = next.sessions.iter_mut().find(|s| s.name == name).and_then(|s| s.fds.iter_mut().find(|f| f.token == token)) {
+            if let Some(f) = next
+                .sessions
+                .iter_mut()
+                .find(|s| s.name == name)
+                .and_then(|s| s.fds.iter_mut().find(|f| f.token == token))
+            {
                 f.size = memfd::size(fd).unwrap_or(f.size);
             }
         }
@@ -148,7 +171,10 @@ impl<R: Region> Engine<R> {
             id: next.next_cycle_id,
             from_release: self.host.kernel_release.clone(),
             target,
-            timestamps: crate::record::Timestamps { prepared: Some(now()), ..Default::default() },
+            timestamps: crate::record::Timestamps {
+                prepared: Some(now()),
+                ..Default::default()
+            },
         });
         next.next_cycle_id += 1;
         self.refresh_sizes(&mut next);
@@ -184,7 +210,11 @@ impl<R: Region> Engine<R> {
         next.state = to;
         for (name, blob) in blobs {
             next.subsystems.retain(|s| s.name != name);
-            next.subsystems.push(Section { name, version: blob.version, blob: blob.data });
+            next.subsystems.push(Section {
+                name,
+                version: blob.version,
+                blob: blob.data,
+            });
         }
         if let Some(u) = next.update.as_mut() {
             u.timestamps.freeze_started = Some(freeze_started);
@@ -275,8 +305,14 @@ impl<R: Region> Engine<R> {
         let mut sources = Vec::new();
         if self.kernel.handoff() == Handoff::Copy {
             for (name, token, fd) in &preserved {
-                let src = memfd::FdSource::new(*fd).map_err(|e| EngineError::Io(format!("cannot read {name}/{token}: {e}")))?;
-                let Some(f) = next.sessions.iter_mut().find(|s| s.name == *name).and_then(|s| s.fds.iter_mut().find(|f| f.token == *token)) else {
+                let src = memfd::FdSource::new(*fd)
+                    .map_err(|e| EngineError::Io(format!("cannot read {name}/{token}: {e}")))?;
+                let Some(f) = next
+                    .sessions
+                    .iter_mut()
+                    .find(|s| s.name == *name)
+                    .and_then(|s| s.fds.iter_mut().find(|f| f.token == *token))
+                else {
                     continue;
                 };
                 f.size = src.data_len();
@@ -294,7 +330,12 @@ impl<R: Region> Engine<R> {
     /// A failed reboot: unfreeze, back to `prepared`, record written.
     fn unfreeze_after(&mut self, why: String) -> EngineError {
         for f in self.registry.unfreeze() {
-            tracing::error!("while unfreezing after a failed reboot, {} {}: {}", f.subsystem, f.step, f.error);
+            tracing::error!(
+                "while unfreezing after a failed reboot, {} {}: {}",
+                f.subsystem,
+                f.step,
+                f.error
+            );
         }
         let mut next = self.record.clone();
         next.state = State::Prepared;
@@ -326,7 +367,12 @@ impl<R: Region> Engine<R> {
             .record
             .sessions
             .iter()
-            .flat_map(|s| s.fds.iter().filter(|f| !f.retrieved).map(move |f| format!("{}/{}", s.name, f.token)))
+            .flat_map(|s| {
+                s.fds
+                    .iter()
+                    .filter(|f| !f.retrieved)
+                    .map(move |f| format!("{}/{}", s.name, f.token))
+            })
             .collect();
         if !pending.is_empty() {
             return Err(EngineError::NotRetrieved(pending.len(), pending.join(", ")));
@@ -345,22 +391,26 @@ impl<R: Region> Engine<R> {
         next.subsystems.clear();
         if let Some(mut u) = next.update.take() {
             u.timestamps.finished = Some(now());
-            push_history(&mut next, Cycle {
-                id: u.id,
-                outcome: Outcome::Finished,
-                target: u.target.take(),
-                from_release: u.from_release,
-                to_release: self.host.kernel_release.clone(),
-                timestamps: u.timestamps,
-                sessions: report_before.sessions,
-                files: report_before.files,
-                bytes: report_before.bytes,
-            });
+            push_history(
+                &mut next,
+                Cycle {
+                    id: u.id,
+                    outcome: Outcome::Finished,
+                    target: u.target.take(),
+                    from_release: u.from_release,
+                    to_release: self.host.kernel_release.clone(),
+                    timestamps: u.timestamps,
+                    sessions: report_before.sessions,
+                    files: report_before.files,
+                    bytes: report_before.bytes,
+                },
+            );
         }
         next.live_updates += 1;
         self.commit(next)?;
         let mut report = self.report(from, started, notes);
-        (report.sessions, report.files, report.bytes) = (report_before.sessions, report_before.files, report_before.bytes);
+        (report.sessions, report.files, report.bytes) =
+            (report_before.sessions, report_before.files, report_before.bytes);
         Ok(report)
     }
 
@@ -392,17 +442,20 @@ impl<R: Region> Engine<R> {
             let files = next.sessions.iter().map(|s| s.fds.len() as u32).sum();
             let bytes = next.sessions.iter().flat_map(|s| &s.fds).map(|f| f.size).sum();
             let sessions = next.sessions.len() as u32;
-            push_history(&mut next, Cycle {
-                id: u.id,
-                outcome: Outcome::Cancelled,
-                target: u.target.take(),
-                from_release: u.from_release,
-                to_release: String::new(),
-                timestamps: u.timestamps,
-                sessions,
-                files,
-                bytes,
-            });
+            push_history(
+                &mut next,
+                Cycle {
+                    id: u.id,
+                    outcome: Outcome::Cancelled,
+                    target: u.target.take(),
+                    from_release: u.from_release,
+                    to_release: String::new(),
+                    timestamps: u.timestamps,
+                    sessions,
+                    files,
+                    bytes,
+                },
+            );
         }
         self.commit(next)?;
         Ok(self.report(from, started, notes))

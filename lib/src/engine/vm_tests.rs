@@ -9,8 +9,8 @@ use crate::protocol::{ErrorKind, Request, Response, VmAnswer, VmCall};
 use crate::region::MemRegion;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -41,13 +41,20 @@ fn vmm(sock: UnixStream, script: Script, seen: mpsc::Sender<VmCall>) -> JoinHand
 }
 
 fn host() -> HostInfo {
-    HostInfo { boot_id: "b".into(), kernel_release: "r".into(), cmdline: String::new(), started: now() }
+    HostInfo {
+        boot_id: "b".into(),
+        kernel_release: "r".into(),
+        cmdline: String::new(),
+        started: now(),
+    }
 }
 
 fn open(store: RecordStore<MemRegion>) -> (Engine<MemRegion>, SharedVms) {
     let vms = SharedVms::default();
     let mut registry = Registry::new();
-    registry.register(Box::new(Kvm::new(vms.clone(), Duration::from_millis(300)))).unwrap();
+    registry
+        .register(Box::new(Kvm::new(vms.clone(), Duration::from_millis(300))))
+        .unwrap();
     let mut e = Engine::open(Box::new(FakeKernel::new().0), registry, store, host()).unwrap();
     e.set_vms(vms.clone());
     (e, vms)
@@ -75,7 +82,10 @@ fn a_vmm_veto_reaches_the_caller_and_no_vm_is_paused() {
     });
     let err = e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Vetoed);
-    assert_eq!(err.to_string(), "subsystem kvm failed prepare: vetoed: VM vm1: guest is running a firmware update");
+    assert_eq!(
+        err.to_string(),
+        "subsystem kvm failed prepare: vetoed: VM vm1: guest is running a firmware update"
+    );
     assert_eq!(e.state(), State::Normal);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(calls(&rx0), [VmCall::Prepare, VmCall::Cancel]);
@@ -92,11 +102,20 @@ fn a_vmm_that_hangs_in_freeze_fails_it_and_the_other_vms_resume() {
     let err = e.freeze(&Caller::ROOT).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(2), "bounded by the VM timeout");
     assert_eq!(err.kind(), ErrorKind::SubsystemFailed);
-    assert_eq!(err.to_string(), "subsystem kvm failed freeze: VM stuck: its VMM did not answer freeze within 0.3 s");
+    assert_eq!(
+        err.to_string(),
+        "subsystem kvm failed freeze: VM stuck: its VMM did not answer freeze within 0.3 s"
+    );
     assert_eq!(e.state(), State::Prepared);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(calls(&rx0), [VmCall::Prepare, VmCall::Freeze, VmCall::Unfreeze]);
-    assert_eq!(e.vm_list(&Caller::ROOT).iter().map(|v| v.phase.as_str()).collect::<Vec<_>>(), ["registered", "disconnected"]);
+    assert_eq!(
+        e.vm_list(&Caller::ROOT)
+            .iter()
+            .map(|v| v.phase.as_str())
+            .collect::<Vec<_>>(),
+        ["registered", "disconnected"]
+    );
 }
 
 #[test]
@@ -107,7 +126,10 @@ fn a_vmm_that_dies_fails_the_step_naming_its_vm() {
     e.vm_register(&Caller::ROOT, "dead", &[1], vec![ram], luod_end).unwrap();
     drop(vmm_end);
     let err = e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap_err();
-    assert!(err.to_string().starts_with("subsystem kvm failed prepare: VM dead: "), "{err}");
+    assert!(
+        err.to_string().starts_with("subsystem kvm failed prepare: VM dead: "),
+        "{err}"
+    );
     assert_eq!(e.state(), State::Normal);
 }
 
@@ -127,7 +149,8 @@ fn a_vm_goes_through_the_update_and_its_new_vmm_claims_memory_and_state() {
     let Claimed { tokens, state, fds } = e.vm_claim(&Caller::ROOT, "vm0").unwrap();
     assert_eq!((tokens, state.as_slice()), (vec![1], b"regs".as_slice()));
     let mut ram = vec![0u8; 4096];
-    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::from(fds.into_iter().next().unwrap()), &mut ram, 0).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::from(fds.into_iter().next().unwrap()), &mut ram, 0)
+        .unwrap();
     assert!(ram.iter().all(|b| *b == 7), "guest RAM came through");
     assert_eq!(e.vm_list(&Caller::ROOT)[0].phase, "claimed");
     e.finish(&Caller::ROOT).unwrap();
@@ -151,7 +174,9 @@ fn a_vm_whose_ram_is_not_a_memfd_is_refused_before_anything_is_paused() {
     let (mut e, vms) = open(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap());
     let (luod_end, _vmm_end) = UnixStream::pair().unwrap();
     let file = tempfile::tempfile().unwrap();
-    let err = e.vm_register(&Caller::ROOT, "anon", &[1], vec![file.into()], luod_end).unwrap_err();
+    let err = e
+        .vm_register(&Caller::ROOT, "anon", &[1], vec![file.into()], luod_end)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().contains("only memfds can be preserved"), "{err}");
     assert!(e.record().sessions.is_empty(), "the VM's session was rolled back");
@@ -181,7 +206,9 @@ fn open_parked(store: RecordStore<MemRegion>, park: &SharedPark) -> Engine<MemRe
     use crate::kernel::emulated::{Emulated, KexecMode};
     let vms = SharedVms::default();
     let mut registry = Registry::new();
-    registry.register(Box::new(Kvm::new(vms.clone(), Duration::from_millis(300)))).unwrap();
+    registry
+        .register(Box::new(Kvm::new(vms.clone(), Duration::from_millis(300))))
+        .unwrap();
     let kernel = Emulated::new("file", KexecMode::Simulated, Some(Box::new(park.clone())));
     let mut e = Engine::open(Box::new(kernel), registry, store, host()).unwrap();
     e.set_vms(vms);
@@ -199,7 +226,9 @@ fn a_vmm_reconnecting_after_a_luod_restart_is_attached_to_its_vm() {
     let mut e = open_parked(e.into_store(), &park);
     assert_eq!(e.state(), State::Prepared);
     let (luod_end, vmm_end) = UnixStream::pair().unwrap();
-    let err = e.vm_register(&Caller::ROOT, "vm0", &[2], vec![], luod_end.try_clone().unwrap()).unwrap_err();
+    let err = e
+        .vm_register(&Caller::ROOT, "vm0", &[2], vec![], luod_end.try_clone().unwrap())
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "other tokens: not the same VM");
     e.vm_register(&Caller::ROOT, "vm0", &[1], vec![], luod_end).unwrap();
     let (tx, rx) = mpsc::channel();

@@ -119,11 +119,16 @@ fn call(vm: &mut Vm, call: VmCall, timeout: Duration) -> Result<Option<Vec<u8>>,
     let fail = |why: String| SubsystemError::Failed(format!("VM {name}: {why}"));
     let outcome = match result {
         Ok((Request::VmAnswer(VmAnswer::Ok { state }), _)) => return Ok(state),
-        Ok((Request::VmAnswer(VmAnswer::Veto(reason)), _)) => return Err(SubsystemError::Veto(format!("VM {name}: {reason}"))),
+        Ok((Request::VmAnswer(VmAnswer::Veto(reason)), _)) => {
+            return Err(SubsystemError::Veto(format!("VM {name}: {reason}")));
+        }
         Ok((Request::VmAnswer(VmAnswer::Failed(reason)), _)) => return Err(fail(format!("{what} failed: {reason}"))),
         Ok((other, _)) => fail(format!("its VMM answered {} to {what}", other.kind())),
         Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-            fail(format!("its VMM did not answer {what} within {} s", timeout.as_secs_f32()))
+            fail(format!(
+                "its VMM did not answer {what} within {} s",
+                timeout.as_secs_f32()
+            ))
         }
         Err(FrameError::Closed | FrameError::Truncated { .. }) => fail(format!("its VMM disconnected during {what}")),
         Err(e) => fail(format!("{what}: {e}")),
@@ -165,9 +170,18 @@ impl Kvm {
 
     fn undo_all(&self, undo: VmCall) -> Result<(), SubsystemError> {
         let mut table = lock(&self.vms);
-        let failures: Vec<String> =
-            table.vms.iter_mut().rev().filter_map(|vm| call(vm, undo, self.timeout).err()).map(|e| e.to_string()).collect();
-        if failures.is_empty() { Ok(()) } else { Err(SubsystemError::Failed(failures.join("; "))) }
+        let failures: Vec<String> = table
+            .vms
+            .iter_mut()
+            .rev()
+            .filter_map(|vm| call(vm, undo, self.timeout).err())
+            .map(|e| e.to_string())
+            .collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(SubsystemError::Failed(failures.join("; ")))
+        }
     }
 }
 
@@ -180,8 +194,12 @@ impl Subsystem for Kvm {
     }
     fn freeze(&mut self) -> Result<Option<Blob>, SubsystemError> {
         let saved = self.forward(VmCall::Freeze, VmCall::Unfreeze)?;
-        let data = postcard::to_allocvec(&saved).map_err(|e| SubsystemError::Failed(format!("cannot encode VM states: {e}")))?;
-        Ok(Some(Blob { version: KVM_BLOB_VERSION, data }))
+        let data = postcard::to_allocvec(&saved)
+            .map_err(|e| SubsystemError::Failed(format!("cannot encode VM states: {e}")))?;
+        Ok(Some(Blob {
+            version: KVM_BLOB_VERSION,
+            data,
+        }))
     }
     fn cancel(&mut self) -> Result<(), SubsystemError> {
         self.undo_all(VmCall::Cancel)
@@ -205,7 +223,9 @@ impl<R: Region> Engine<R> {
     }
 
     fn vms(&self) -> Result<&SharedVms, EngineError> {
-        self.vms.as_ref().ok_or_else(|| EngineError::InvalidArgument("this luod does not manage VMs".into()))
+        self.vms
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidArgument("this luod does not manage VMs".into()))
     }
 
     /// The VMs carried by the update in flight (the record's `kvm` section).
@@ -244,18 +264,30 @@ impl<R: Region> Engine<R> {
         let existing = self.record.sessions.iter().find(|s| s.name == session);
         if let Some(s) = existing {
             // luod restarted: the VM's session is in the record, its VMM reconnects.
-            let same = s.owner_uid == caller.uid && fds.is_empty() && s.fds.iter().map(|f| f.token).eq(tokens.iter().copied());
+            let same =
+                s.owner_uid == caller.uid && fds.is_empty() && s.fds.iter().map(|f| f.token).eq(tokens.iter().copied());
             if !same || self.record.state == State::Updated {
                 return Err(EngineError::SessionExists(session.to_string()));
             }
-            table.vms.push(Vm { name: name.into(), owner_uid: caller.uid, tokens: tokens.to_vec(), conn: Some(conn), state: None });
+            table.vms.push(Vm {
+                name: name.into(),
+                owner_uid: caller.uid,
+                tokens: tokens.to_vec(),
+                conn: Some(conn),
+                state: None,
+            });
             return Ok(());
         }
         if fds.is_empty() || fds.len() != tokens.len() {
-            return Err(EngineError::MissingFd("vm-register needs one memfd per token (guest RAM), sent with SCM_RIGHTS"));
+            return Err(EngineError::MissingFd(
+                "vm-register needs one memfd per token (guest RAM), sent with SCM_RIGHTS",
+            ));
         }
         if self.record.state != State::Normal {
-            return Err(EngineError::SessionsLocked { what: "registering a VM", state: self.record.state });
+            return Err(EngineError::SessionsLocked {
+                what: "registering a VM",
+                state: self.record.state,
+            });
         }
         self.session_create(caller, session.as_str())?;
         for (token, fd) in tokens.iter().zip(fds) {
@@ -266,7 +298,13 @@ impl<R: Region> Engine<R> {
                 return Err(e);
             }
         }
-        table.vms.push(Vm { name: name.into(), owner_uid: caller.uid, tokens: tokens.to_vec(), conn: Some(conn), state: None });
+        table.vms.push(Vm {
+            name: name.into(),
+            owner_uid: caller.uid,
+            tokens: tokens.to_vec(),
+            conn: Some(conn),
+            state: None,
+        });
         Ok(())
     }
 
@@ -274,7 +312,10 @@ impl<R: Region> Engine<R> {
     pub fn vm_claim(&mut self, caller: &Caller, name: &str) -> Result<Claimed, EngineError> {
         self.require_live()?;
         if self.record.state != State::Updated {
-            return Err(EngineError::SessionsLocked { what: "claiming a VM", state: self.record.state });
+            return Err(EngineError::SessionsLocked {
+                what: "claiming a VM",
+                state: self.record.state,
+            });
         }
         let vm = self
             .saved_vms()
@@ -286,7 +327,11 @@ impl<R: Region> Engine<R> {
         for token in &vm.tokens {
             fds.push(self.session_retrieve(caller, &session, *token)?.0);
         }
-        Ok(Claimed { tokens: vm.tokens, state: vm.state, fds })
+        Ok(Claimed {
+            tokens: vm.tokens,
+            state: vm.state,
+            fds,
+        })
     }
 
     /// Gives up on a VM: its session ends (its memory is released), and
@@ -322,13 +367,22 @@ impl<R: Region> Engine<R> {
                 .into_iter()
                 .filter(|v| visible(v.owner_uid))
                 .map(|v| {
-                    let session = self.record.sessions.iter().find(|s| s.name.as_str() == vm_session(&v.name));
+                    let session = self
+                        .record
+                        .sessions
+                        .iter()
+                        .find(|s| s.name.as_str() == vm_session(&v.name));
                     let phase = match session {
                         None => "abandoned",
                         Some(s) if s.fds.iter().all(|f| f.retrieved) => "claimed",
                         Some(_) => "awaiting-claim",
                     };
-                    VmInfo { name: v.name, owner_uid: v.owner_uid, tokens: v.tokens, phase: phase.into() }
+                    VmInfo {
+                        name: v.name,
+                        owner_uid: v.owner_uid,
+                        tokens: v.tokens,
+                        phase: phase.into(),
+                    }
                 })
                 .collect();
         }

@@ -51,21 +51,38 @@ fn park_key(session: &SessionName, token: u64) -> String {
 impl Emulated {
     /// An emulation reporting itself as backend `name`.
     pub fn new(name: &'static str, mode: KexecMode, park: Option<Box<dyn FdPark>>) -> Self {
-        Emulated { name, mode, sessions: BTreeMap::new(), loaded: None, park }
+        Emulated {
+            name,
+            mode,
+            sessions: BTreeMap::new(),
+            loaded: None,
+            park,
+        }
     }
 
     /// Takes back the files parked by a previous luod of this kernel. Returns
     /// what was recovered as (session, token) pairs; files under keys that do
     /// not parse are closed.
     fn recover_parked(&mut self) -> Result<Vec<(SessionName, u64)>, KernelError> {
-        let Some(park) = self.park.as_mut() else { return Ok(Vec::new()) };
-        let parked = park.fetch_all().map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+        let Some(park) = self.park.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let parked = park
+            .fetch_all()
+            .map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
         let mut out = Vec::new();
         for (key, fd) in parked {
-            let Some((token, name)) = key.split_once('\0') else { continue };
-            let (Ok(token), Ok(name)) = (token.parse::<u64>(), SessionName::new(name)) else { continue };
+            let Some((token, name)) = key.split_once('\0') else {
+                continue;
+            };
+            let (Ok(token), Ok(name)) = (token.parse::<u64>(), SessionName::new(name)) else {
+                continue;
+            };
             let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
-            self.sessions.entry(name.clone()).or_default().insert(token, File { fd: Some(fd), identity });
+            self.sessions
+                .entry(name.clone())
+                .or_default()
+                .insert(token, File { fd: Some(fd), identity });
             out.push((name, token));
         }
         Ok(out)
@@ -75,14 +92,18 @@ impl Emulated {
     fn forget_all(&mut self) -> Result<(), KernelError> {
         self.sessions.clear();
         if let Some(park) = self.park.as_mut() {
-            park.clear().map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+            park.clear()
+                .map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
         }
         Ok(())
     }
 
     fn park(&mut self, session: &SessionName, token: u64, fd: BorrowedFd<'_>) -> Result<(), KernelError> {
         if let Some(park) = self.park.as_mut() {
-            let fd = fd.try_clone_to_owned().map_err(|e| KernelError::Sys { op: "dup".into(), errno: errno_of(&e) })?;
+            let fd = fd.try_clone_to_owned().map_err(|e| KernelError::Sys {
+                op: "dup".into(),
+                errno: errno_of(&e),
+            })?;
             park.put(&park_key(session, token), fd)
                 .map_err(|e| KernelError::Reboot(format!("cannot park the file with the fd holder: {e}")))?;
         }
@@ -129,18 +150,32 @@ impl Kernel for Emulated {
     }
 
     fn preserve_fd(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
-        let files = self.sessions.get(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        let files = self
+            .sessions
+            .get(session)
+            .ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
         if files.contains_key(&token) {
-            return Err(KernelError::TokenExists { session: session.to_string(), token });
+            return Err(KernelError::TokenExists {
+                session: session.to_string(),
+                token,
+            });
         }
         if !memfd::is_memfd(fd.as_fd()) {
-            return Err(KernelError::Unsupported { what: memfd::describe(fd.as_fd()) });
+            return Err(KernelError::Unsupported {
+                what: memfd::describe(fd.as_fd()),
+            });
         }
-        let identity = memfd::identity(fd.as_fd()).map_err(|e| KernelError::Sys { op: "fstat".into(), errno: errno_of(&e) })?;
+        let identity = memfd::identity(fd.as_fd()).map_err(|e| KernelError::Sys {
+            op: "fstat".into(),
+            errno: errno_of(&e),
+        })?;
         for (name, files) in &self.sessions {
             for (t, f) in files {
                 if f.fd.is_some() && f.identity == identity {
-                    return Err(KernelError::AlreadyPreserved { session: name.to_string(), token: *t });
+                    return Err(KernelError::AlreadyPreserved {
+                        session: name.to_string(),
+                        token: *t,
+                    });
                 }
             }
         }
@@ -153,15 +188,27 @@ impl Kernel for Emulated {
     }
 
     fn retrieve_fd(&mut self, session: &SessionName, token: u64) -> Result<OwnedFd, KernelError> {
-        let files = self.sessions.get_mut(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
-        let file = files.get_mut(&token).ok_or_else(|| KernelError::NoSuchToken { session: session.to_string(), token })?;
-        let fd = file.fd.take().ok_or_else(|| KernelError::AlreadyRetrieved { session: session.to_string(), token })?;
+        let files = self
+            .sessions
+            .get_mut(session)
+            .ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        let file = files.get_mut(&token).ok_or_else(|| KernelError::NoSuchToken {
+            session: session.to_string(),
+            token,
+        })?;
+        let fd = file.fd.take().ok_or_else(|| KernelError::AlreadyRetrieved {
+            session: session.to_string(),
+            token,
+        })?;
         self.unpark(session, token);
         Ok(fd)
     }
 
     fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError> {
-        let files = self.sessions.remove(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        let files = self
+            .sessions
+            .remove(session)
+            .ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
         for token in files.keys() {
             self.unpark(session, *token);
         }
@@ -183,7 +230,10 @@ impl Kernel for Emulated {
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
         self.park(session, token, fd.as_fd())?;
         let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
-        self.sessions.entry(session.clone()).or_default().insert(token, File { fd: Some(fd), identity });
+        self.sessions
+            .entry(session.clone())
+            .or_default()
+            .insert(token, File { fd: Some(fd), identity });
         Ok(())
     }
 
@@ -198,7 +248,10 @@ impl Kernel for Emulated {
     fn load_kernel(&mut self, load: &KernelLoad) -> Result<(), KernelError> {
         check_image(&load.kernel)?;
         if let Some(initrd) = &load.initrd {
-            std::fs::File::open(initrd).map_err(|e| KernelError::Load { path: initrd.display().to_string(), reason: e.to_string() })?;
+            std::fs::File::open(initrd).map_err(|e| KernelError::Load {
+                path: initrd.display().to_string(),
+                reason: e.to_string(),
+            })?;
         }
         if self.mode == KexecMode::Real {
             kexec::load(&load.kernel, load.initrd.as_deref(), &load.cmdline)?;
@@ -229,17 +282,26 @@ impl Kernel for Emulated {
 /// Checks that `path` is a readable x86 bzImage (boot protocol 2.06 or
 /// later), the check `kexec_file_load` would make first.
 pub fn check_image(path: &std::path::Path) -> Result<(), KernelError> {
-    let load_err = |reason: String| KernelError::Load { path: path.display().to_string(), reason };
+    let load_err = |reason: String| KernelError::Load {
+        path: path.display().to_string(),
+        reason,
+    };
     let mut header = [0u8; 0x210];
     let file = std::fs::File::open(path).map_err(|e| load_err(e.to_string()))?;
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0)
         .map_err(|_| load_err("the file is too short to be a kernel image".into()))?;
     if &header[0x202..0x206] != b"HdrS" {
-        return Err(load_err("not a bzImage (no \"HdrS\" boot header at offset 0x202)".into()));
+        return Err(load_err(
+            "not a bzImage (no \"HdrS\" boot header at offset 0x202)".into(),
+        ));
     }
     let version = u16::from_le_bytes([header[0x206], header[0x207]]);
     if version < 0x0206 {
-        return Err(load_err(format!("boot protocol {}.{:02} is too old for kexec_file_load (need 2.06)", version >> 8, version & 0xff)));
+        return Err(load_err(format!(
+            "boot protocol {}.{:02} is too old for kexec_file_load (need 2.06)",
+            version >> 8,
+            version & 0xff
+        )));
     }
     Ok(())
 }

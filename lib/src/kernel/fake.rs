@@ -39,7 +39,13 @@ impl FakeKernel {
     /// A fake kernel and the handle that injects failures into it.
     pub fn new() -> (Self, Failures) {
         let failures = Failures::default();
-        (FakeKernel { inner: Emulated::new("fake", super::emulated::KexecMode::Simulated, None), failures: failures.clone() }, failures)
+        (
+            FakeKernel {
+                inner: Emulated::new("fake", super::emulated::KexecMode::Simulated, None),
+                failures: failures.clone(),
+            },
+            failures,
+        )
     }
 
     fn check(&self, op: Op) -> Result<(), KernelError> {

@@ -20,7 +20,9 @@ const KEXEC_FILE_NO_INITRAMFS: libc::c_ulong = 0x4;
 pub fn explain_load_errno(errno: Errno) -> String {
     let why = match errno {
         Errno::ENOEXEC => "the running kernel cannot kexec this image (not a bzImage, or wrong architecture)",
-        Errno::EPERM => "kexec is not permitted (needs CAP_SYS_BOOT; kernel.kexec_load_disabled or lockdown may forbid it)",
+        Errno::EPERM => {
+            "kexec is not permitted (needs CAP_SYS_BOOT; kernel.kexec_load_disabled or lockdown may forbid it)"
+        }
         Errno::EKEYREJECTED | Errno::EBADMSG | Errno::ENOKEY => {
             "the image's signature was rejected (the kernel enforces signed kexec images)"
         }
@@ -31,14 +33,23 @@ pub fn explain_load_errno(errno: Errno) -> String {
         Errno::EFBIG | Errno::E2BIG => "the image or initrd is too large",
         _ => "",
     };
-    if why.is_empty() { format!("{errno} ({})", errno.desc()) } else { format!("{why} ({errno})") }
+    if why.is_empty() {
+        format!("{errno} ({})", errno.desc())
+    } else {
+        format!("{why} ({errno})")
+    }
 }
 
 /// Loads `kernel` (and `initrd`) with `cmdline` for the next `reboot(KEXEC)`.
 pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<(), KernelError> {
-    let err = |path: &Path, reason: String| KernelError::Load { path: path.display().to_string(), reason };
+    let err = |path: &Path, reason: String| KernelError::Load {
+        path: path.display().to_string(),
+        reason,
+    };
     let kfile = std::fs::File::open(kernel).map_err(|e| err(kernel, e.to_string()))?;
-    let ifile = initrd.map(|p| std::fs::File::open(p).map_err(|e| err(p, e.to_string()))).transpose()?;
+    let ifile = initrd
+        .map(|p| std::fs::File::open(p).map_err(|e| err(p, e.to_string())))
+        .transpose()?;
     let cmdline = CString::new(cmdline).map_err(|_| err(kernel, "the command line contains a NUL byte".into()))?;
     let cmdline_len = cmdline.as_bytes_with_nul().len();
     let (initrd_fd, flags) = match &ifile {
@@ -49,7 +60,14 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<(), K
     // and `ifile`, which outlive it); `cmdline` is a NUL-terminated buffer of
     // `cmdline_len` bytes that outlives the call; the kernel only reads them.
     let rc = unsafe {
-        libc::syscall(libc::SYS_kexec_file_load, kfile.as_raw_fd(), initrd_fd, cmdline_len, cmdline.as_ptr(), flags)
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            kfile.as_raw_fd(),
+            initrd_fd,
+            cmdline_len,
+            cmdline.as_ptr(),
+            flags,
+        )
     };
     if rc != 0 {
         return Err(err(kernel, explain_load_errno(Errno::last())));
@@ -61,9 +79,21 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<(), K
 pub fn unload() -> Result<(), KernelError> {
     // SAFETY: with KEXEC_FILE_UNLOAD the kernel ignores the fds and the
     // command line; no memory is passed.
-    let rc = unsafe { libc::syscall(libc::SYS_kexec_file_load, -1, -1, 0, std::ptr::null::<u8>(), KEXEC_FILE_UNLOAD) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            -1,
+            -1,
+            0,
+            std::ptr::null::<u8>(),
+            KEXEC_FILE_UNLOAD,
+        )
+    };
     if rc != 0 {
-        return Err(KernelError::Sys { op: "kexec_file_load(KEXEC_FILE_UNLOAD)".into(), errno: Errno::last() });
+        return Err(KernelError::Sys {
+            op: "kexec_file_load(KEXEC_FILE_UNLOAD)".into(),
+            errno: Errno::last(),
+        });
     }
     Ok(())
 }

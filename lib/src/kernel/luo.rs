@@ -73,7 +73,12 @@ fn park_file_key(name: &SessionName, token: u64) -> String {
 fn sys(op: &str, errno: Errno) -> KernelError {
     let why = match errno {
         // Kernel and luod disagree on the uAPI itself.
-        Errno::ENOTTY | Errno::E2BIG => return KernelError::Uapi { op: op.to_string(), errno },
+        Errno::ENOTTY | Errno::E2BIG => {
+            return KernelError::Uapi {
+                op: op.to_string(),
+                errno,
+            };
+        }
         Errno::EINVAL => match op {
             "RETRIEVE_SESSION" => "the session was already retrieved in this kernel",
             "PRESERVE_FD" => "the session is not an outgoing one (it came from the previous kernel)",
@@ -85,7 +90,9 @@ fn sys(op: &str, errno: Errno) -> KernelError {
             "FINISH" => "a preserved file cannot finish yet; retry, or see dmesg",
             _ => "the device is busy",
         },
-        Errno::EOPNOTSUPP => "the kernel does not support a value luod sent (e.g. memfd seals this kernel cannot carry)",
+        Errno::EOPNOTSUPP => {
+            "the kernel does not support a value luod sent (e.g. memfd seals this kernel cannot carry)"
+        }
         Errno::ENOSPC => "the kernel's table of sessions or files is full; preserve fewer",
         Errno::EFBIG => "the file is too large to preserve",
         Errno::EBADF => "the file descriptor is not open",
@@ -95,7 +102,11 @@ fn sys(op: &str, errno: Errno) -> KernelError {
         Errno::EMFILE | Errno::ENFILE => "too many open files (raise luod's RLIMIT_NOFILE)",
         _ => "",
     };
-    KernelError::Luo { op: op.to_string(), errno, why: why.to_string() }
+    KernelError::Luo {
+        op: op.to_string(),
+        errno,
+        why: why.to_string(),
+    }
 }
 
 fn park_err(e: std::io::Error) -> KernelError {
@@ -107,7 +118,11 @@ impl Luo {
     fn open_device(&self) -> Result<OwnedFd, KernelError> {
         let deadline = Instant::now() + BUSY_RETRY;
         loop {
-            match nix::fcntl::open(&self.dev, nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()) {
+            match nix::fcntl::open(
+                &self.dev,
+                nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ) {
                 Ok(fd) => return Ok(fd),
                 Err(Errno::EBUSY) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                 Err(Errno::EBUSY) => {
@@ -136,8 +151,14 @@ impl Luo {
     ///   copied into a new one preserved in a new outgoing session (the
     ///   incoming one is finished), so the next cycle has its own.
     /// - Neither: a new session with a new, zeroed record memfd.
-    pub fn start(dev: &Path, mut park: Box<dyn FdPark>, record_len: u64) -> Result<(Luo, OwnedFd, LuoStart), KernelError> {
-        let parked = park.fetch_all().map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+    pub fn start(
+        dev: &Path,
+        mut park: Box<dyn FdPark>,
+        record_len: u64,
+    ) -> Result<(Luo, OwnedFd, LuoStart), KernelError> {
+        let parked = park
+            .fetch_all()
+            .map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
         let mut luo = Luo {
             dev: dev.to_path_buf(),
             outgoing: BTreeMap::new(),
@@ -155,7 +176,8 @@ impl Luo {
         let dev_fd = luo.open_device()?;
         match uapi::retrieve_session(dev_fd.as_fd(), RECORD_SESSION) {
             Ok(old_session) => {
-                let old = uapi::retrieve_fd(old_session.as_fd(), RECORD_TOKEN).map_err(|e| sys("RETRIEVE_FD (luod record)", e))?;
+                let old = uapi::retrieve_fd(old_session.as_fd(), RECORD_TOKEN)
+                    .map_err(|e| sys("RETRIEVE_FD (luod record)", e))?;
                 let len = memfd::size(old.as_fd()).map_err(|e| KernelError::Reboot(e.to_string()))?;
                 let record = copy_memfd(old.as_fd(), len)?;
                 luo.new_record_session(dev_fd.as_fd(), record.as_fd())?;
@@ -180,7 +202,9 @@ impl Luo {
         let session = uapi::create_session(dev, RECORD_SESSION).map_err(|e| sys("CREATE_SESSION luod", e))?;
         uapi::preserve_fd(session.as_fd(), record, RECORD_TOKEN).map_err(|e| sys("PRESERVE_FD (luod record)", e))?;
         let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|e| KernelError::Reboot(e.to_string()));
-        self.park.put(PARK_RECORD_SESSION, dup(session.as_fd())?).map_err(park_err)?;
+        self.park
+            .put(PARK_RECORD_SESSION, dup(session.as_fd())?)
+            .map_err(park_err)?;
         self.park.put(PARK_RECORD, dup(record)?).map_err(park_err)?;
         self.record_session = Some(session);
         Ok(())
@@ -193,7 +217,13 @@ impl Luo {
             match (parts.next(), parts.next(), parts.next()) {
                 (Some("S"), Some(name), None) => {
                     if let Ok(name) = SessionName::new(name) {
-                        self.outgoing.insert(name, Outgoing { fd, files: BTreeMap::new() });
+                        self.outgoing.insert(
+                            name,
+                            Outgoing {
+                                fd,
+                                files: BTreeMap::new(),
+                            },
+                        );
                     }
                 }
                 (Some("F"), Some(token), Some(name)) => {
@@ -260,8 +290,19 @@ impl Kernel for Luo {
             e => sys("CREATE_SESSION", e),
         })?;
         drop(dev);
-        self.park.put(&park_session_key(name), fd.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?).map_err(park_err)?;
-        self.outgoing.insert(name.clone(), Outgoing { fd, files: BTreeMap::new() });
+        self.park
+            .put(
+                &park_session_key(name),
+                fd.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?,
+            )
+            .map_err(park_err)?;
+        self.outgoing.insert(
+            name.clone(),
+            Outgoing {
+                fd,
+                files: BTreeMap::new(),
+            },
+        );
         Ok(())
     }
 
@@ -279,20 +320,40 @@ impl Kernel for Luo {
         let identity = memfd::identity(fd.as_fd()).map_err(|e| KernelError::Reboot(e.to_string()))?;
         for (name, s) in &self.outgoing {
             if let Some((t, _)) = s.files.iter().find(|(_, (_, id))| *id == identity) {
-                return Err(KernelError::AlreadyPreserved { session: name.to_string(), token: *t });
+                return Err(KernelError::AlreadyPreserved {
+                    session: name.to_string(),
+                    token: *t,
+                });
             }
         }
-        let s = self.outgoing.get(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        let s = self
+            .outgoing
+            .get(session)
+            .ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
         uapi::preserve_fd(s.fd.as_fd(), fd.as_fd(), token).map_err(|e| match e {
-            Errno::EEXIST => KernelError::TokenExists { session: session.to_string(), token },
-            Errno::ENOENT => KernelError::Unsupported { what: memfd::describe(fd.as_fd()) },
-            Errno::EOPNOTSUPP => KernelError::Unsupported { what: format!("{} (its seals)", memfd::describe(fd.as_fd())) },
+            Errno::EEXIST => KernelError::TokenExists {
+                session: session.to_string(),
+                token,
+            },
+            Errno::ENOENT => KernelError::Unsupported {
+                what: memfd::describe(fd.as_fd()),
+            },
+            Errno::EOPNOTSUPP => KernelError::Unsupported {
+                what: format!("{} (its seals)", memfd::describe(fd.as_fd())),
+            },
             e => sys("PRESERVE_FD", e),
         })?;
         self.park
-            .put(&park_file_key(session, token), fd.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?)
+            .put(
+                &park_file_key(session, token),
+                fd.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?,
+            )
             .map_err(park_err)?;
-        self.outgoing.get_mut(session).expect("checked above").files.insert(token, (fd, identity));
+        self.outgoing
+            .get_mut(session)
+            .expect("checked above")
+            .files
+            .insert(token, (fd, identity));
         Ok(())
     }
 
@@ -301,13 +362,22 @@ impl Kernel for Luo {
             // Same-kernel retrieval (dropping a file luod preserved but never
             // recorded): hand back luod's copy; the kernel keeps its own
             // until the session closes.
-            let (fd, _) = s.files.remove(&token).ok_or_else(|| KernelError::NoSuchToken { session: session.to_string(), token })?;
+            let (fd, _) = s.files.remove(&token).ok_or_else(|| KernelError::NoSuchToken {
+                session: session.to_string(),
+                token,
+            })?;
             self.unpark(&park_file_key(session, token));
             return Ok(fd);
         }
-        let s = self.incoming.get(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        let s = self
+            .incoming
+            .get(session)
+            .ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
         uapi::retrieve_fd(s.as_fd(), token).map_err(|e| match e {
-            Errno::ENOENT => KernelError::NoSuchToken { session: session.to_string(), token },
+            Errno::ENOENT => KernelError::NoSuchToken {
+                session: session.to_string(),
+                token,
+            },
             e => sys("RETRIEVE_FD", e),
         })
     }
@@ -316,7 +386,10 @@ impl Kernel for Luo {
         if let Some(fd) = self.incoming.remove(session) {
             return uapi::finish(fd.as_fd()).map_err(|e| sys("FINISH", e));
         }
-        let s = self.outgoing.remove(session).ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
+        let s = self
+            .outgoing
+            .remove(session)
+            .ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
         for token in s.files.keys() {
             self.unpark(&park_file_key(session, *token));
         }
@@ -335,7 +408,9 @@ impl Kernel for Luo {
     }
 
     fn adopt_incoming(&mut self, session: &SessionName, _token: u64, _fd: OwnedFd) -> Result<(), KernelError> {
-        Err(KernelError::Reboot(format!("session {session}: the LUO backend does not adopt copied files")))
+        Err(KernelError::Reboot(format!(
+            "session {session}: the LUO backend does not adopt copied files"
+        )))
     }
 
     fn recover(&mut self) -> Result<Vec<(SessionName, u64)>, KernelError> {
@@ -360,7 +435,9 @@ impl Kernel for Luo {
 
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
         if self.record_session.is_none() {
-            return Err(KernelError::Reboot("luod's own session is not open; its record would be lost".into()));
+            return Err(KernelError::Reboot(
+                "luod's own session is not open; its record would be lost".into(),
+            ));
         }
         Err(kexec::reboot_into_loaded())
     }
@@ -419,7 +496,10 @@ mod tests {
         ];
         for (op, errno, want) in cases {
             let msg = sys(op, errno).to_string();
-            assert!(msg.starts_with(&format!("{op} failed with {errno}: ")) && msg.contains(want), "{msg}");
+            assert!(
+                msg.starts_with(&format!("{op} failed with {errno}: ")) && msg.contains(want),
+                "{msg}"
+            );
         }
         for errno in [Errno::ENOTTY, Errno::E2BIG] {
             assert!(matches!(sys("CREATE_SESSION", errno), KernelError::Uapi { .. }));

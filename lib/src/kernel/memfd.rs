@@ -34,12 +34,16 @@ pub fn is_memfd(fd: BorrowedFd<'_>) -> bool {
 
 /// Size of the file in bytes.
 pub fn size(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
-    nix::sys::stat::fstat(fd).map(|st| st.st_size as u64).map_err(Into::into)
+    nix::sys::stat::fstat(fd)
+        .map(|st| st.st_size as u64)
+        .map_err(Into::into)
 }
 
 /// Device and inode: the identity of the open file's inode.
 pub fn identity(fd: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
-    nix::sys::stat::fstat(fd).map(|st| (st.st_dev, st.st_ino)).map_err(Into::into)
+    nix::sys::stat::fstat(fd)
+        .map(|st| (st.st_dev, st.st_ino))
+        .map_err(Into::into)
 }
 
 /// A borrowed fd as a readable data source for the record store.

@@ -124,7 +124,9 @@ pub enum KernelError {
     #[error("reboot failed: {0}")]
     Reboot(String),
     /// The kernel has no live update, or it is off.
-    #[error("live update is not available: no /dev/liveupdate (the kernel needs CONFIG_LIVEUPDATE and `liveupdate=on` on its command line)")]
+    #[error(
+        "live update is not available: no /dev/liveupdate (the kernel needs CONFIG_LIVEUPDATE and `liveupdate=on` on its command line)"
+    )]
     NotEnabled,
     /// A LUO call failed; `why` says what the errno means for this call.
     #[error("{op} failed with {errno}: {}", if .why.is_empty() { .errno.desc() } else { .why.as_str() })]
@@ -137,7 +139,9 @@ pub enum KernelError {
         why: String,
     },
     /// The kernel does not speak the LUO uAPI luod was built for.
-    #[error("{op} failed with {errno}: the kernel's live-update uAPI differs from the one luod speaks; use a luod built for this kernel")]
+    #[error(
+        "{op} failed with {errno}: the kernel's live-update uAPI differs from the one luod speaks; use a luod built for this kernel"
+    )]
     Uapi {
         /// The call.
         op: String,

@@ -55,7 +55,9 @@ fn human(n: u64) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ReservedError {
     /// No `memmap=` reservation on the command line.
-    #[error("the kernel command line reserves no memory (no memmap=SIZE$ADDR or memmap=SIZE!ADDR); add one to both kernels' command lines, or pass --region")]
+    #[error(
+        "the kernel command line reserves no memory (no memmap=SIZE$ADDR or memmap=SIZE!ADDR); add one to both kernels' command lines, or pass --region"
+    )]
     NoReservation,
     /// A `memmap=` value that does not parse.
     #[error("cannot parse {0:?}: expected memmap=SIZE$ADDR or memmap=SIZE!ADDR, e.g. memmap=64M$0x100000000")]
@@ -128,12 +130,16 @@ pub fn check_not_system_ram(range: &Range, iomem: &str) -> Result<(), ReservedEr
     let end = range.addr + range.size - 1;
     for line in iomem.lines() {
         // Top-level and nested entries: "  00100000-bfffffff : System RAM"
-        let Some((span, name)) = line.trim_start().split_once(" : ") else { continue };
+        let Some((span, name)) = line.trim_start().split_once(" : ") else {
+            continue;
+        };
         if name.trim() != "System RAM" {
             continue;
         }
         let Some((a, b)) = span.split_once('-') else { continue };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { continue };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
         if a == 0 && b == 0 {
             // Addresses are hidden to non-root readers.
             continue;
@@ -164,9 +170,18 @@ impl ReservedRegion {
             (RangeKind::Pmem, None) => (PathBuf::from("/dev/pmem0"), 0),
             (RangeKind::Reserved, _) => (PathBuf::from("/dev/mem"), range.addr),
         };
-        let map_err = |source| ReservedError::Map { what: format!("{} at {:#x} ({} bytes)", device.display(), offset, range.size), source };
-        let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_SYNC).open(&device).map_err(map_err)?;
-        let len = usize::try_from(range.size).map_err(|_| map_err(std::io::Error::other("range larger than the address space")))?;
+        let map_err = |source| ReservedError::Map {
+            what: format!("{} at {:#x} ({} bytes)", device.display(), offset, range.size),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_SYNC)
+            .open(&device)
+            .map_err(map_err)?;
+        let len = usize::try_from(range.size)
+            .map_err(|_| map_err(std::io::Error::other("range larger than the address space")))?;
         // SAFETY: the range is reserved from the kernel (memmap=, checked
         // against /proc/iomem above), so no kernel or process memory lives
         // there; luod is its only user (the engine holds the region's only
@@ -187,7 +202,11 @@ impl Region for ReservedRegion {
         &mut self.map
     }
     fn describe(&self) -> String {
-        format!("reserved memory {} via {}", self.range.memmap_param(), self.device.display())
+        format!(
+            "reserved memory {} via {}",
+            self.range.memmap_param(),
+            self.device.display()
+        )
     }
 }
 
@@ -199,9 +218,20 @@ mod tests {
     fn memmap_values_parse_like_the_kernel() {
         assert_eq!(
             parse_memmap("64M$0x100000000").unwrap(),
-            Range { addr: 0x1_0000_0000, size: 64 << 20, kind: RangeKind::Reserved }
+            Range {
+                addr: 0x1_0000_0000,
+                size: 64 << 20,
+                kind: RangeKind::Reserved
+            }
         );
-        assert_eq!(parse_memmap("1G!4G").unwrap(), Range { addr: 4 << 30, size: 1 << 30, kind: RangeKind::Pmem });
+        assert_eq!(
+            parse_memmap("1G!4G").unwrap(),
+            Range {
+                addr: 4 << 30,
+                size: 1 << 30,
+                kind: RangeKind::Pmem
+            }
+        );
         assert!(parse_memmap("64M@0x1000").is_err());
         assert!(parse_memmap("0$0x1000").is_err());
         assert!(parse_memmap("xM$0x1000").is_err());
@@ -210,7 +240,14 @@ mod tests {
     #[test]
     fn ranges_are_found_among_other_parameters() {
         let r = ranges_in_cmdline("console=ttyS0 memmap=64M$0x30000000 quiet memmap=exactmap").unwrap();
-        assert_eq!(r, [Range { addr: 0x3000_0000, size: 64 << 20, kind: RangeKind::Reserved }]);
+        assert_eq!(
+            r,
+            [Range {
+                addr: 0x3000_0000,
+                size: 64 << 20,
+                kind: RangeKind::Reserved
+            }]
+        );
         assert_eq!(r[0].memmap_param(), "memmap=64M$0x30000000");
         assert!(ranges_in_cmdline("console=ttyS0").unwrap().is_empty());
     }
@@ -218,9 +255,17 @@ mod tests {
     #[test]
     fn a_range_in_system_ram_is_refused() {
         let iomem = "00000000-00000fff : Reserved\n00100000-2fffffff : System RAM\n  01000000-01ffffff : Kernel code\n30000000-33ffffff : Reserved\n";
-        let ok = Range { addr: 0x3000_0000, size: 64 << 20, kind: RangeKind::Reserved };
+        let ok = Range {
+            addr: 0x3000_0000,
+            size: 64 << 20,
+            kind: RangeKind::Reserved,
+        };
         assert!(check_not_system_ram(&ok, iomem).is_ok());
-        let bad = Range { addr: 0x2ff0_0000, size: 64 << 20, kind: RangeKind::Reserved };
+        let bad = Range {
+            addr: 0x2ff0_0000,
+            size: 64 << 20,
+            kind: RangeKind::Reserved,
+        };
         let e = check_not_system_ram(&bad, iomem).unwrap_err();
         assert!(e.to_string().contains("overlaps System RAM"), "{e}");
         let hidden = "00000000-00000000 : System RAM\n";

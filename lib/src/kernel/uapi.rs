@@ -89,8 +89,16 @@ const _: () = {
     assert!(offset_of!(GetNameArg, name) == 8);
 };
 
-nix::ioctl_readwrite_bad!(ioctl_create_session, nix::request_code_none!(IOCTL_TYPE, 0x00), SessionArg);
-nix::ioctl_readwrite_bad!(ioctl_retrieve_session, nix::request_code_none!(IOCTL_TYPE, 0x01), SessionArg);
+nix::ioctl_readwrite_bad!(
+    ioctl_create_session,
+    nix::request_code_none!(IOCTL_TYPE, 0x00),
+    SessionArg
+);
+nix::ioctl_readwrite_bad!(
+    ioctl_retrieve_session,
+    nix::request_code_none!(IOCTL_TYPE, 0x01),
+    SessionArg
+);
 nix::ioctl_readwrite_bad!(ioctl_preserve_fd, nix::request_code_none!(IOCTL_TYPE, 0x40), FdArg);
 nix::ioctl_readwrite_bad!(ioctl_retrieve_fd, nix::request_code_none!(IOCTL_TYPE, 0x41), FdArg);
 nix::ioctl_readwrite_bad!(ioctl_finish, nix::request_code_none!(IOCTL_TYPE, 0x42), FinishArg);
@@ -111,7 +119,11 @@ fn session_call(
     name: &str,
     call: unsafe fn(i32, *mut SessionArg) -> nix::Result<i32>,
 ) -> Result<OwnedFd, Errno> {
-    let mut arg = SessionArg { size: std::mem::size_of::<SessionArg>() as u32, fd: -1, name: name_arg(name)? };
+    let mut arg = SessionArg {
+        size: std::mem::size_of::<SessionArg>() as u32,
+        fd: -1,
+        name: name_arg(name)?,
+    };
     // SAFETY: `dev` is an open fd for the caller's borrow; `arg` is a live,
     // properly sized `#[repr(C)]` struct matching the uAPI (asserted above)
     // that outlives the call, and the kernel writes only within `size` bytes.
@@ -133,7 +145,11 @@ pub fn retrieve_session(dev: BorrowedFd<'_>, name: &str) -> Result<OwnedFd, Errn
 
 /// `LIVEUPDATE_SESSION_PRESERVE_FD` on a session fd.
 pub fn preserve_fd(session: BorrowedFd<'_>, fd: BorrowedFd<'_>, token: u64) -> Result<(), Errno> {
-    let mut arg = FdArg { size: std::mem::size_of::<FdArg>() as u32, fd: fd.as_raw_fd(), token };
+    let mut arg = FdArg {
+        size: std::mem::size_of::<FdArg>() as u32,
+        fd: fd.as_raw_fd(),
+        token,
+    };
     // SAFETY: both fds are open for the borrows; `arg` matches the uAPI
     // layout (asserted above) and lives across the call.
     unsafe { ioctl_preserve_fd(session.as_raw_fd(), &mut arg) }?;
@@ -142,7 +158,11 @@ pub fn preserve_fd(session: BorrowedFd<'_>, fd: BorrowedFd<'_>, token: u64) -> R
 
 /// `LIVEUPDATE_SESSION_RETRIEVE_FD` on a session fd of the previous kernel.
 pub fn retrieve_fd(session: BorrowedFd<'_>, token: u64) -> Result<OwnedFd, Errno> {
-    let mut arg = FdArg { size: std::mem::size_of::<FdArg>() as u32, fd: -1, token };
+    let mut arg = FdArg {
+        size: std::mem::size_of::<FdArg>() as u32,
+        fd: -1,
+        token,
+    };
     // SAFETY: the session fd is open for the borrow; `arg` matches the uAPI
     // layout (asserted above) and lives across the call.
     unsafe { ioctl_retrieve_fd(session.as_raw_fd(), &mut arg) }?;
@@ -153,7 +173,10 @@ pub fn retrieve_fd(session: BorrowedFd<'_>, token: u64) -> Result<OwnedFd, Errno
 
 /// `LIVEUPDATE_SESSION_FINISH` on a session fd of the previous kernel.
 pub fn finish(session: BorrowedFd<'_>) -> Result<(), Errno> {
-    let mut arg = FinishArg { size: std::mem::size_of::<FinishArg>() as u32, reserved: 0 };
+    let mut arg = FinishArg {
+        size: std::mem::size_of::<FinishArg>() as u32,
+        reserved: 0,
+    };
     // SAFETY: the session fd is open for the borrow; `arg` matches the uAPI
     // layout (asserted above) and lives across the call.
     unsafe { ioctl_finish(session.as_raw_fd(), &mut arg) }?;
@@ -162,7 +185,11 @@ pub fn finish(session: BorrowedFd<'_>) -> Result<(), Errno> {
 
 /// `LIVEUPDATE_SESSION_GET_NAME` on a session fd.
 pub fn get_name(session: BorrowedFd<'_>) -> Result<String, Errno> {
-    let mut arg = GetNameArg { size: std::mem::size_of::<GetNameArg>() as u32, reserved: 0, name: [0; NAME_LEN] };
+    let mut arg = GetNameArg {
+        size: std::mem::size_of::<GetNameArg>() as u32,
+        reserved: 0,
+        name: [0; NAME_LEN],
+    };
     // SAFETY: the session fd is open for the borrow; `arg` matches the uAPI
     // layout (asserted above) and lives across the call.
     unsafe { ioctl_get_name(session.as_raw_fd(), &mut arg) }?;

@@ -63,9 +63,18 @@ pub struct Client {
 impl Client {
     /// Connects to the socket at `path` and says hello.
     pub fn connect(path: &Path, name: &str) -> Result<Client, ClientError> {
-        let sock = UnixStream::connect(path).map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })?;
-        let mut c = Client { sock, server: String::new() };
-        let hello = Request::Hello { version: PROTOCOL_VERSION, client: name.to_string() };
+        let sock = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut c = Client {
+            sock,
+            server: String::new(),
+        };
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+            client: name.to_string(),
+        };
         match c.call(&hello)? {
             Response::Hello { server, .. } => c.server = server,
             other => return Err(unexpected(&hello, &other)),
@@ -99,7 +108,10 @@ impl Client {
 pub fn unexpected(req: &Request, got: &Response) -> ClientError {
     let got = format!("{got:?}");
     let got = got.split(['(', ' ', '{']).next().unwrap_or_default().to_string();
-    ClientError::Unexpected { request: req.kind(), got }
+    ClientError::Unexpected {
+        request: req.kind(),
+        got,
+    }
 }
 
 /// A VM taken over in the new kernel.
@@ -122,19 +134,31 @@ impl Client {
     /// Registers VM `name` with its guest-RAM memfds (token, fd), at most
     /// [`frame::MAX_FDS_PER_FRAME`]; the connection then carries luod's calls.
     pub fn register_vm(mut self, name: &str, ram: &[(u64, BorrowedFd<'_>)]) -> Result<VmConnection, ClientError> {
-        let req = Request::VmRegister { name: name.to_string(), tokens: ram.iter().map(|(t, _)| *t).collect() };
+        let req = Request::VmRegister {
+            name: name.to_string(),
+            tokens: ram.iter().map(|(t, _)| *t).collect(),
+        };
         let fds: Vec<BorrowedFd<'_>> = ram.iter().map(|(_, fd)| *fd).collect();
         match self.call_fds(&req, &fds)? {
-            (Response::Done, _) => Ok(VmConnection { sock: self.sock, name: name.to_string() }),
+            (Response::Done, _) => Ok(VmConnection {
+                sock: self.sock,
+                name: name.to_string(),
+            }),
             (other, _) => Err(unexpected(&req, &other)),
         }
     }
 
     /// Attaches again to VM `name` after luod restarted (same tokens, no fds).
     pub fn reattach_vm(mut self, name: &str, tokens: &[u64]) -> Result<VmConnection, ClientError> {
-        let req = Request::VmRegister { name: name.to_string(), tokens: tokens.to_vec() };
+        let req = Request::VmRegister {
+            name: name.to_string(),
+            tokens: tokens.to_vec(),
+        };
         match self.call(&req)? {
-            Response::Done => Ok(VmConnection { sock: self.sock, name: name.to_string() }),
+            Response::Done => Ok(VmConnection {
+                sock: self.sock,
+                name: name.to_string(),
+            }),
             other => Err(unexpected(&req, &other)),
         }
     }
@@ -144,9 +168,10 @@ impl Client {
     pub fn claim_vm(&mut self, name: &str) -> Result<ClaimedVm, ClientError> {
         let req = Request::VmClaim { name: name.to_string() };
         match self.call_fds(&req, &[])? {
-            (Response::VmClaimed { tokens, state }, fds) if fds.len() == tokens.len() => {
-                Ok(ClaimedVm { ram: tokens.into_iter().zip(fds).collect(), state })
-            }
+            (Response::VmClaimed { tokens, state }, fds) if fds.len() == tokens.len() => Ok(ClaimedVm {
+                ram: tokens.into_iter().zip(fds).collect(),
+                state,
+            }),
             (other, _) => Err(unexpected(&req, &other)),
         }
     }
@@ -162,7 +187,10 @@ impl VmConnection {
     pub fn next_call(&mut self) -> Result<Option<VmCall>, ClientError> {
         match frame::recv::<Response>(&self.sock) {
             Ok((Response::VmCall(call), _)) => Ok(Some(call)),
-            Ok((other, _)) => Err(ClientError::Unexpected { request: "vm-register", got: format!("{other:?}") }),
+            Ok((other, _)) => Err(ClientError::Unexpected {
+                request: "vm-register",
+                got: format!("{other:?}"),
+            }),
             Err(FrameError::Closed) => Ok(None),
             Err(e) => Err(e.into()),
         }

@@ -72,7 +72,9 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fds: &[BorrowedFd<'_>]) ->
         let len = payload.len() - 4;
         let len32 = u32::try_from(len).ok().filter(|l| *l <= MAX_FRAME_LEN);
         let Some(len32) = len32 else {
-            return Err(FrameError::TooLarge { len: u32::try_from(len).unwrap_or(u32::MAX) });
+            return Err(FrameError::TooLarge {
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+            });
         };
         payload[..4].copy_from_slice(&len32.to_le_bytes());
         payload
@@ -119,14 +121,25 @@ pub fn recv<T: DeserializeOwned>(sock: &UnixStream) -> Result<(T, Vec<OwnedFd>),
 
 /// Fills `buf` from the socket, collecting descriptors. `before` and `total`
 /// place `buf` within the frame, for the truncation message.
-fn fill(sock: &UnixStream, buf: &mut [u8], before: usize, total: usize, fds: &mut Vec<OwnedFd>) -> Result<(), FrameError> {
+fn fill(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    before: usize,
+    total: usize,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<(), FrameError> {
     let mut got = 0;
     while got < buf.len() {
         // Room for the kernel's most (SCM_MAX_FD): never truncated, so every
         // descriptor that arrives gets an owner, and extra ones are closed.
         let mut cmsg_space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
         let mut iov = [IoSliceMut::new(&mut buf[got..])];
-        let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
+        let msg = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg_space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
             Ok(m) => m,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(FrameError::Io(e.into())),
@@ -149,7 +162,10 @@ fn fill(sock: &UnixStream, buf: &mut [u8], before: usize, total: usize, fds: &mu
             if before == 0 && got == 0 {
                 return Err(FrameError::Closed);
             }
-            return Err(FrameError::Truncated { got: before + got, want: total });
+            return Err(FrameError::Truncated {
+                got: before + got,
+                want: total,
+            });
         }
         got += msg.bytes;
     }
@@ -167,7 +183,10 @@ mod tests {
     fn a_request_and_its_fd_cross_the_socket() {
         let (a, b) = UnixStream::pair().unwrap();
         let file = tempfile::tempfile().unwrap();
-        let req = Request::SessionPreserve { name: "vm0".into(), token: 7 };
+        let req = Request::SessionPreserve {
+            name: "vm0".into(),
+            token: 7,
+        };
         send(&a, &req, &[file.as_fd()]).unwrap();
         let (got, fds): (Request, _) = recv(&b).unwrap();
         assert_eq!(got, req);
@@ -194,14 +213,20 @@ mod tests {
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(&[1, 0]).unwrap();
         drop(a);
-        assert!(matches!(recv::<Request>(&b), Err(FrameError::Truncated { got: 2, want: 4 })));
+        assert!(matches!(
+            recv::<Request>(&b),
+            Err(FrameError::Truncated { got: 2, want: 4 })
+        ));
     }
 
     #[test]
     fn oversized_frames_are_refused_before_allocating() {
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(&u32::MAX.to_le_bytes()).unwrap();
-        assert!(matches!(recv::<Request>(&b), Err(FrameError::TooLarge { len: u32::MAX })));
+        assert!(matches!(
+            recv::<Request>(&b),
+            Err(FrameError::TooLarge { len: u32::MAX })
+        ));
     }
 
     #[test]
@@ -215,7 +240,9 @@ mod tests {
     #[test]
     fn too_many_fds_are_refused_and_closed() {
         let (a, b) = UnixStream::pair().unwrap();
-        let files: Vec<_> = (0..MAX_FDS_PER_FRAME + 1).map(|_| tempfile::tempfile().unwrap()).collect();
+        let files: Vec<_> = (0..MAX_FDS_PER_FRAME + 1)
+            .map(|_| tempfile::tempfile().unwrap())
+            .collect();
         let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
         send(&a, &Response::Done, &fds).unwrap();
         let r = recv::<Response>(&b);

@@ -4,9 +4,8 @@
 use super::codec::{self, Header};
 use super::copy;
 use super::{
-    FORMAT_VERSION,
-    DataSource, Extent, HEADER_LEN, HandoverRecord, LAYOUT_ALIGN, LoadReport, MAX_RECORD_LEN, RecordError, SlotStatus,
-    WriteReport, error_chain,
+    DataSource, Extent, FORMAT_VERSION, HEADER_LEN, HandoverRecord, LAYOUT_ALIGN, LoadReport, MAX_RECORD_LEN,
+    RecordError, SlotStatus, WriteReport, error_chain,
 };
 use crate::region::Region;
 use std::ops::Range;

@@ -21,7 +21,9 @@ struct AbandonJson<'a> {
 /// Asks luod to give the VM up.
 pub fn run(args: &AbandonArgs, ctx: &Ctx) -> Result<(), Failed> {
     let what = format!("vm abandon {}", args.name);
-    let req = Request::VmAbandon { name: args.name.clone() };
+    let req = Request::VmAbandon {
+        name: args.name.clone(),
+    };
     match ctx.call(&what, &req)? {
         Response::Done => {}
         other => return Err(unexpected(&what, &req, &other).into()),
@@ -29,7 +31,10 @@ pub fn run(args: &AbandonArgs, ctx: &Ctx) -> Result<(), Failed> {
     if ctx.json() {
         output::json_success(AbandonJson { vm: &args.name });
     } else {
-        output::print(&format!("abandoned VM {}: its preserved memory is released\n", args.name));
+        output::print(&format!(
+            "abandoned VM {}: its preserved memory is released\n",
+            args.name
+        ));
     }
     Ok(())
 }

@@ -34,7 +34,12 @@ pub fn run(_args: &ListArgs, ctx: &Ctx) -> Result<(), Failed> {
             .iter()
             .map(|v| {
                 let tokens: Vec<String> = v.tokens.iter().map(u64::to_string).collect();
-                vec![v.name.clone(), v.owner_uid.to_string(), tokens.join(","), v.phase.clone()]
+                vec![
+                    v.name.clone(),
+                    v.owner_uid.to_string(),
+                    tokens.join(","),
+                    v.phase.clone(),
+                ]
             })
             .collect();
         t.table("", &["VM", "OWNER", "TOKENS", "PHASE"], &rows);
