@@ -11,7 +11,14 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use luo_test_vmm::{DEFAULT_PROGRESS_EVERY, DEFAULT_RAM_SIZE, RunReport, Vm, VmError, create_ram_memfd, hex, state};
+use liveupdate::protocol::DEFAULT_SOCKET;
+use liveupdate::protocol::client::{Client, ClientError};
+use luo_test_vmm::{
+    DEFAULT_PROGRESS_EVERY, DEFAULT_RAM_SIZE, RunReport, Vm, VmError, VmStateV1, create_ram_memfd, hex, state,
+};
+
+mod service;
+use service::{At, Behaviour, Ended, KvmGuest, RAM_TOKEN, clocks, serve_loop, spawn_monitor, stop_monitor};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -90,6 +97,13 @@ enum Cmd {
         #[command(flatten)]
         guest: GuestArgs,
     },
+    /// Boot the guest, register it with luod and serve luod's calls
+    /// (prepare, freeze: pause and hand over the state, unfreeze/cancel:
+    /// resume) until luod closes the connection.
+    Serve(ServeArgs),
+    /// In the new kernel: claim the VM from luod (its RAM memfd and state),
+    /// continue the guest, and report the counter, the RAM check and the blackout.
+    Claim(ClaimArgs),
     /// Decode a state blob and print it.
     ShowState {
         /// The state blob.
@@ -106,6 +120,65 @@ struct GuestArgs {
     /// A progress exit every this many guest iterations (a power of two).
     #[arg(long, default_value_t = DEFAULT_PROGRESS_EVERY)]
     progress_every: u64,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// luod's socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// The VM's name at luod (1 to 60 bytes, no NUL, no '/').
+    #[arg(long, value_parser = parse_vm_name)]
+    name: String,
+    /// Veto every `prepare` with this reason.
+    #[arg(long, value_name = "REASON")]
+    veto: Option<String>,
+    /// Never answer this call (nor any later one); the guest keeps running.
+    #[arg(long, value_enum, value_name = "CALL")]
+    hang_at: Option<At>,
+    /// Exit (status 3) at this call without answering.
+    #[arg(long, value_enum, value_name = "CALL", conflicts_with = "hang_at")]
+    exit_at: Option<At>,
+    /// Do not put the SHA-256 of RAM in the state at freeze (saves a pass
+    /// over RAM inside the blackout; claim then checks counter, ring and the
+    /// static part only).
+    #[arg(long)]
+    no_ram_checksum: bool,
+    /// Print a heartbeat line (counter, running/paused) this often; 0: never.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    heartbeat_ms: u64,
+    #[command(flatten)]
+    guest: GuestArgs,
+}
+
+#[derive(Debug, Args)]
+struct ClaimArgs {
+    /// luod's socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// The VM's name at luod.
+    #[arg(long, value_parser = parse_vm_name)]
+    name: String,
+    /// How long to run the guest after the claim.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Skip the RAM checks before resuming (they add to the blackout).
+    #[arg(long)]
+    no_verify: bool,
+    /// Keep trying to connect to luod this long (it may still be starting).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    wait: f64,
+    /// Also print `@@LUO mark NAME` at the first guest progress (for the QEMU harness).
+    #[arg(long, value_name = "NAME")]
+    mark: Option<String>,
+}
+
+/// A VM name as luod accepts it (its session is `vm-NAME`, at most 63 bytes).
+fn parse_vm_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 60 || s.contains(['\0', '/']) {
+        return Err(format!("`{s}`: a VM name has 1 to 60 bytes, no NUL and no '/'"));
+    }
+    Ok(s.to_string())
 }
 
 /// Guest RAM on the command line: a file path, or `fd:N` for an inherited fd.
@@ -220,12 +293,15 @@ fn boot(guest: &GuestArgs, ram: OwnedFd) -> Result<Vm, VmError> {
 /// With `watch`, prints a `VMM: first-progress` line as soon as the guest
 /// makes progress (polling every millisecond), so a harness that timestamps
 /// serial lines gets the end of the blackout without waiting for the run.
-fn run_then_pause(vm: Vm, d: Duration, watch: bool) -> Result<(Vm, RunReport, Duration), VmError> {
+fn run_then_pause(vm: Vm, d: Duration, watch: bool, mark: Option<&str>) -> Result<(Vm, RunReport, Duration), VmError> {
     let running = vm.spawn();
     let end = Instant::now() + d;
     if watch {
         while Instant::now() < end && !running.is_finished() {
             if let Some(p) = running.pauser().progress().first_this_run {
+                if let Some(m) = mark {
+                    println!("@@LUO mark {m}");
+                }
                 println!(
                     "VMM: first-progress counter={} realtime_ns={} tsc={}",
                     p.counter, p.realtime_ns, p.tsc
@@ -301,7 +377,7 @@ fn cmd_pause_save(
 ) -> Result<bool, String> {
     let fd = ram_for_boot(ram, g.ram_size)?;
     let vm = boot(g, fd).map_err(|e| e.to_string())?;
-    let (vm, r, latency) = run_then_pause(vm, secs(seconds)?, false).map_err(|e| e.to_string())?;
+    let (vm, r, latency) = run_then_pause(vm, secs(seconds)?, false, None).map_err(|e| e.to_string())?;
     print_run("run", &r);
     println!("VMM: pause_latency_ms={}", ms(latency));
     let ring = vm.check_ring();
@@ -346,6 +422,24 @@ fn cmd_restore_run(
         }
     };
     let vm = Vm::restore(fd, &blob).map_err(|e| e.to_string())?;
+    let (ok, vm, run) = continue_restored(vm, &st, t0, no_verify, seconds, None)?;
+    if let (Some(_), Some((sp, rp))) = (run, out) {
+        save(&vm, sp, rp, true)?;
+    }
+    Ok(ok)
+}
+
+/// Checks a restored VM (unless `no_verify`), runs it for `seconds` and
+/// reports: counter before and after, RAM checks, blackout (realtime and TSC).
+/// `t0` is when the restore began (for `restore_ms`).
+fn continue_restored(
+    vm: Vm,
+    st: &VmStateV1,
+    t0: Instant,
+    no_verify: bool,
+    seconds: f64,
+    mark: Option<&str>,
+) -> Result<(bool, Vm, Option<RunReport>), String> {
     let restored_ns = luo_test_vmm::realtime_ns();
     let mut ok = true;
     if !no_verify {
@@ -368,7 +462,7 @@ fn cmd_restore_run(
         );
         ok &= v.is_ok();
         if !ok {
-            return Ok(false);
+            return Ok((false, vm, None));
         }
     } else {
         println!(
@@ -381,7 +475,7 @@ fn cmd_restore_run(
         "VMM: restore_ms={} (read state and RAM, KVM setup, checks)",
         ms(t0.elapsed())
     );
-    let (vm, r, latency) = run_then_pause(vm, secs(seconds)?, true).map_err(|e| e.to_string())?;
+    let (vm, r, latency) = run_then_pause(vm, secs(seconds)?, true, mark).map_err(|e| e.to_string())?;
     println!("VMM: pause_latency_ms={}", ms(latency));
     print_run("run", &r);
     let before = st.counter;
@@ -392,6 +486,7 @@ fn cmd_restore_run(
     let ring = vm.check_ring();
     let blackout = r.blackout();
     let tsc_hz = r.tsc_hz();
+    let blackout_tsc = tsc_hz.and_then(|hz| r.blackout_tsc(hz));
     println!(
         "VMM: resumed counter_before={before} first_progress_counter={} counter_after={after} increasing={} \
          static_match={} ring={} blackout_ms={} blackout_tsc_ms={} tsc_hz={} pause_to_restore_ms={} \
@@ -401,17 +496,121 @@ fn cmd_restore_run(
         yes(static_ok),
         ring.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
         blackout.map_or("none".into(), ms),
-        tsc_hz.and_then(|hz| r.blackout_tsc(hz)).map_or("none".into(), ms),
+        blackout_tsc.map_or("none".into(), ms),
         tsc_hz.map_or("none".into(), |hz| format!("{hz:.0}")),
         ms(Duration::from_nanos(restored_ns.saturating_sub(st.paused_realtime_ns))),
         r.first_progress.map_or("none".into(), |s| ms(Duration::from_nanos(
             s.realtime_ns.saturating_sub(restored_ns)
         ))),
     );
-    ok &= increasing && static_ok && ring.is_ok() && blackout.is_some();
-    if let Some((sp, rp)) = out {
-        save(&vm, sp, rp, true)?;
+    if !increasing {
+        println!("VMM: FAIL the counter did not increase: before {before}, first progress {first:?}, after {after}");
     }
+    ok &= increasing && static_ok && ring.is_ok() && blackout.is_some();
+    Ok((ok, vm, Some(r)))
+}
+
+fn client_err(e: ClientError) -> String {
+    match e.hint() {
+        Some(h) => format!("{e} ({h})"),
+        None => e.to_string(),
+    }
+}
+
+fn cmd_serve(a: &ServeArgs) -> Result<bool, String> {
+    let ram = create_ram_memfd("luo-test-vmm-ram", a.guest.ram_size).map_err(|e| e.to_string())?;
+    let vm = boot(&a.guest, ram).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let client = Client::connect(&a.socket, "luo-test-vmm").map_err(client_err)?;
+    let server = client.server().to_string();
+    let mut conn = client
+        .register_vm(&a.name, &[(RAM_TOKEN, vm.ram_fd())])
+        .map_err(client_err)?;
+    println!(
+        "VMM: registered name={} token={RAM_TOKEN} ram_size={} server={server:?} register_ms={} {}",
+        a.name,
+        vm.ram_size(),
+        ms(t.elapsed()),
+        clocks()
+    );
+    let mut guest = KvmGuest::start(vm, !a.no_ram_checksum);
+    let monitor = guest.monitor();
+    let watcher = spawn_monitor(
+        a.name.clone(),
+        guest.pauser().clone(),
+        monitor.clone(),
+        Duration::from_millis(a.heartbeat_ms),
+    );
+    println!("VMM: running name={} {}", a.name, clocks());
+    let behaviour = Behaviour {
+        veto: a.veto.clone(),
+        hang_at: a.hang_at,
+        exit_at: a.exit_at,
+    };
+    let ended = serve_loop(&mut conn, &mut guest, &behaviour, &mut std::io::stdout());
+    match &ended {
+        Ok(Ended::Exit(_)) => {
+            let _ = std::io::stdout().flush();
+            std::process::exit(3);
+        }
+        Ok(Ended::Closed) => println!("VMM: luod closed the connection {}", clocks()),
+        Err(e) => println!("VMM: the connection to luod failed: {e} {}", clocks()),
+    }
+    stop_monitor(&monitor, watcher);
+    let Some(vm) = guest.stop() else {
+        return Err("the VM was lost".into());
+    };
+    let ring = vm.check_ring();
+    println!(
+        "VMM: stopped counter={} static_match={} ring={}",
+        vm.counter(),
+        yes(vm.static_checksum() == vm.boot_static_checksum()),
+        ring.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())
+    );
+    Ok(ended.is_ok() && ring.is_ok())
+}
+
+fn cmd_claim(a: &ClaimArgs) -> Result<bool, String> {
+    let t0 = Instant::now();
+    let deadline = t0 + secs(a.wait)?;
+    let mut tries = 0u32;
+    let mut client = loop {
+        tries += 1;
+        match Client::connect(&a.socket, "luo-test-vmm") {
+            Ok(c) => break c,
+            Err(ClientError::Connect { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(client_err(e)),
+        }
+    };
+    let connect = t0.elapsed();
+    let claimed = client.claim_vm(&a.name).map_err(client_err)?;
+    println!(
+        "VMM: claimed name={} tokens={:?} state_bytes={} connect_tries={tries} connect_ms={} claim_ms={} {}",
+        a.name,
+        claimed.ram.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+        claimed.state.len(),
+        ms(connect),
+        ms(t0.elapsed() - connect),
+        clocks()
+    );
+    let Some((_, fd)) = claimed.ram.into_iter().find(|(t, _)| *t == RAM_TOKEN) else {
+        return Err(format!("luod handed over no memfd with token {RAM_TOKEN}"));
+    };
+    let st = state::decode(&claimed.state).map_err(|e| format!("the state luod kept: {e}"))?;
+    let vm = Vm::restore(fd, &claimed.state).map_err(|e| e.to_string())?;
+    let (ok, _vm, r) = continue_restored(vm, &st, t0, a.no_verify, a.seconds, a.mark.as_deref())?;
+    let Some(r) = r else { return Ok(false) };
+    // The VM blackout across the kexec: last progress in the old kernel's
+    // VMM -> first progress here, in TSC ticks (CLOCK_REALTIME restarted
+    // from the RTC with the new kernel; the TSC did not).
+    println!(
+        "VMM: blackout_tsc_ms={} counter_before={} counter_after={} (last guest progress before the pause -> first after the claim)",
+        r.tsc_hz().and_then(|hz| r.blackout_tsc(hz)).map_or("none".into(), ms),
+        st.counter,
+        r.counter_end
+    );
     Ok(ok)
 }
 
@@ -420,7 +619,7 @@ fn cmd_cycle(seconds: f64, pauses: u32, pause_ms: u64, g: &GuestArgs) -> Result<
     let mut vm = boot(g, ram).map_err(|e| e.to_string())?;
     let mut ok = true;
     for i in 0..=pauses {
-        let (v, r, latency) = run_then_pause(vm, secs(seconds)?, false).map_err(|e| e.to_string())?;
+        let (v, r, latency) = run_then_pause(vm, secs(seconds)?, false, None).map_err(|e| e.to_string())?;
         vm = v;
         let increasing = r.first_progress.is_some_and(|f| f.counter > r.counter_start);
         ok &= increasing && vm.check_ring().is_ok();
@@ -480,6 +679,8 @@ fn main() -> ExitCode {
             pause_ms,
             guest,
         } => cmd_cycle(*seconds, *pauses, *pause_ms, guest),
+        Cmd::Serve(a) => cmd_serve(a),
+        Cmd::Claim(a) => cmd_claim(a),
         Cmd::ShowState { state } => cmd_show_state(state),
     };
     match res {
@@ -553,5 +754,139 @@ mod tests {
             .is_err()
         );
         assert!(Cli::try_parse_from(["luo-test-vmm", "pause-save", "--state", "s"]).is_err());
+    }
+
+    #[test]
+    fn serve_parses_with_its_defaults_and_knobs() {
+        let c = Cli::try_parse_from(["luo-test-vmm", "serve", "--name", "vm0"]).unwrap();
+        let Cmd::Serve(a) = c.cmd else { panic!("not serve") };
+        assert_eq!(a.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(a.name, "vm0");
+        assert_eq!(
+            (a.veto, a.hang_at, a.exit_at, a.no_ram_checksum),
+            (None, None, None, false)
+        );
+        assert_eq!((a.heartbeat_ms, a.guest.ram_size), (1000, DEFAULT_RAM_SIZE));
+
+        let c = Cli::try_parse_from([
+            "luo-test-vmm",
+            "serve",
+            "--socket",
+            "/tmp/s",
+            "--name",
+            "vm1",
+            "--ram-size",
+            "4M",
+            "--veto",
+            "backup running",
+            "--hang-at",
+            "prepare",
+            "--no-ram-checksum",
+            "--heartbeat-ms",
+            "0",
+        ])
+        .unwrap();
+        let Cmd::Serve(a) = c.cmd else { panic!("not serve") };
+        assert_eq!(a.socket, PathBuf::from("/tmp/s"));
+        assert_eq!(a.guest.ram_size, 4 << 20);
+        assert_eq!(a.veto.as_deref(), Some("backup running"));
+        assert_eq!(a.hang_at, Some(At::Prepare));
+        assert!(a.no_ram_checksum);
+        assert_eq!(a.heartbeat_ms, 0);
+
+        let c = Cli::try_parse_from(["luo-test-vmm", "serve", "--name", "v", "--exit-at", "freeze"]).unwrap();
+        assert!(matches!(
+            c.cmd,
+            Cmd::Serve(ServeArgs {
+                exit_at: Some(At::Freeze),
+                ..
+            })
+        ));
+        let c = Cli::try_parse_from(["luo-test-vmm", "serve", "--name", "v", "--hang-at", "freeze"]).unwrap();
+        assert!(matches!(
+            c.cmd,
+            Cmd::Serve(ServeArgs {
+                hang_at: Some(At::Freeze),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn serve_refuses_bad_arguments() {
+        let bad: &[&[&str]] = &[
+            &["serve"],
+            &["serve", "--name", ""],
+            &["serve", "--name", "a/b"],
+            &["serve", "--name", &"x".repeat(61)],
+            &["serve", "--name", "v", "--hang-at", "reboot"],
+            &["serve", "--name", "v", "--exit-at", "unfreeze"],
+            &["serve", "--name", "v", "--hang-at", "freeze", "--exit-at", "freeze"],
+            &["serve", "--name", "v", "--ram-size", "lots"],
+            &["serve", "--name", "v", "--heartbeat-ms", "-1"],
+        ];
+        for args in bad {
+            let argv = std::iter::once("luo-test-vmm").chain(args.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "accepted {args:?}");
+        }
+        assert!(Cli::try_parse_from(["luo-test-vmm", "serve", "--name", &"x".repeat(60)]).is_ok());
+    }
+
+    #[test]
+    fn claim_parses() {
+        let c = Cli::try_parse_from(["luo-test-vmm", "claim", "--name", "vm0"]).unwrap();
+        let Cmd::Claim(a) = c.cmd else { panic!("not claim") };
+        assert_eq!(a.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!((a.seconds, a.wait, a.no_verify, a.mark), (2.0, 30.0, false, None));
+        let c = Cli::try_parse_from([
+            "luo-test-vmm",
+            "claim",
+            "--socket",
+            "/run/x.sock",
+            "--name",
+            "vm0",
+            "--seconds",
+            "0.5",
+            "--no-verify",
+            "--wait",
+            "3",
+            "--mark",
+            "vm-resumed",
+        ])
+        .unwrap();
+        let Cmd::Claim(a) = c.cmd else { panic!("not claim") };
+        assert_eq!((a.seconds, a.wait, a.no_verify), (0.5, 3.0, true));
+        assert_eq!(a.mark.as_deref(), Some("vm-resumed"));
+        assert!(Cli::try_parse_from(["luo-test-vmm", "claim"]).is_err());
+        assert!(Cli::try_parse_from(["luo-test-vmm", "claim", "--name", "vm0", "--veto", "x"]).is_err());
+        assert!(Cli::try_parse_from(["luo-test-vmm", "claim", "--name", "vm0", "--seconds", "soon"]).is_err());
+    }
+
+    #[test]
+    fn vm_names_follow_luods_rules() {
+        assert_eq!(parse_vm_name("vm-0.a_b"), Ok("vm-0.a_b".into()));
+        assert!(parse_vm_name("").is_err());
+        assert!(parse_vm_name("a\0b").is_err());
+        assert!(parse_vm_name("a/b").is_err());
+    }
+
+    #[test]
+    fn a_claim_without_luod_fails_with_a_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ClaimArgs {
+            socket: dir.path().join("none.sock"),
+            name: "vm0".into(),
+            seconds: 0.1,
+            no_verify: false,
+            wait: 0.05,
+            mark: None,
+        };
+        let t = Instant::now();
+        let e = cmd_claim(&a).unwrap_err();
+        assert!(
+            e.contains("cannot connect to luod") && e.contains("is luod running?"),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "gave up after --wait");
     }
 }
