@@ -257,11 +257,15 @@ impl<R: Region> Engine<R> {
                 "transitions need root or CAP_SYS_BOOT".into()
             },
         );
-        match self.target_image(args) {
+        match self.target_image(args).and_then(|t| self.require_target(t)) {
             Ok(None) => item(
                 "target kernel",
                 true,
-                "none given: prepare without kexec target (simulated or later load)".into(),
+                if self.kernel.simulates_kexec() {
+                    "none given: the simulated kexec needs none".into()
+                } else {
+                    "none given: a kexec image is loaded already".into()
+                },
             ),
             Ok(Some(img)) => item(
                 "target kernel",
@@ -275,6 +279,24 @@ impl<R: Region> Engine<R> {
             ),
             Err(e) => item("target kernel", false, e.to_string()),
         }
+        let target_cmdline = match (&args.cmdline, args.reuse_cmdline) {
+            (Some(c), _) => c.clone(),
+            (None, _) => self.host.cmdline.clone(),
+        };
+        let missing = self.missing_in_cmdline(&target_cmdline);
+        item(
+            "command line",
+            missing.is_empty() || (args.cmdline.is_none() && args.reuse_cmdline),
+            match (missing.is_empty(), args.cmdline.is_some()) {
+                (true, _) if self.cmdline_needs.is_empty() => "the backend needs nothing on it".into(),
+                (true, _) => format!("carries what the backend needs: {}", self.cmdline_needs.join(" ")),
+                (false, true) => format!("--cmdline lacks {}, which the backend needs", missing.join(" ")),
+                (false, false) => format!(
+                    "the running command line lacks {}: --reuse-cmdline adds it; both kernels need it",
+                    missing.join(" ")
+                ),
+            },
+        );
         let (files, bytes) = self.preserved_totals();
         let capacity = self.store.data_capacity();
         item(

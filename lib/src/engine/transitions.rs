@@ -101,6 +101,17 @@ impl<R: Region> Engine<R> {
         }))
     }
 
+    /// A backend with a real kexec needs a target (unless one is loaded already).
+    pub(super) fn require_target(&self, target: Option<KernelImage>) -> Result<Option<KernelImage>, EngineError> {
+        if target.is_none() && !self.kernel.simulates_kexec() && !crate::kernel::kexec::loaded() {
+            return Err(EngineError::InvalidArgument(format!(
+                "the {} backend reboots by kexec: give the target with --kernel K (--cmdline S | --reuse-cmdline)",
+                self.kernel.name()
+            )));
+        }
+        Ok(target)
+    }
+
     fn report(&self, from: State, started: Instant, notes: Vec<String>) -> TransitionReport {
         let files: u32 = self.record.sessions.iter().map(|s| s.fds.len() as u32).sum();
         TransitionReport {
@@ -136,13 +147,7 @@ impl<R: Region> Engine<R> {
         self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Prepare)?;
-        let target = self.target_image(args)?;
-        if target.is_none() && !self.kernel.simulates_kexec() && !crate::kernel::kexec::loaded() {
-            return Err(EngineError::InvalidArgument(format!(
-                "the {} backend reboots by kexec: give the target with --kernel K (--cmdline S | --reuse-cmdline)",
-                self.kernel.name()
-            )));
-        }
+        let target = self.target_image(args).and_then(|t| self.require_target(t))?;
         if let Some(t) = &target {
             let load = KernelLoad {
                 kernel: t.kernel.clone().into(),
