@@ -454,3 +454,59 @@ fn nothing_changes_once_the_handover_is_written() {
     assert!(e.session_finish(&Caller::ROOT, "s").is_err());
     assert_eq!(e.generation(), generation);
 }
+
+fn bzimage() -> tempfile::NamedTempFile {
+    let image = tempfile::NamedTempFile::new().unwrap();
+    let mut bz = vec![0u8; 0x400];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    std::fs::write(image.path(), &bz).unwrap();
+    image
+}
+
+#[test]
+fn the_target_command_line_must_carry_what_the_backend_needs() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    e.set_cmdline_needs(vec!["liveupdate=on".into(), "memmap=64M$0x30000000".into()]);
+    // Any spelling of the same range will do.
+    assert_eq!(
+        e.missing_in_cmdline("liveupdate=on memmap=0x4000000$805306368"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        e.missing_in_cmdline("console=ttyS0 memmap=64M$0x30000000"),
+        ["liveupdate=on"]
+    );
+
+    let image = bzimage();
+    let args = PrepareArgs {
+        kernel: Some(image.path().display().to_string()),
+        cmdline: Some("console=ttyS0".into()),
+        ..Default::default()
+    };
+    let report = e.check(&Caller::ROOT, &args);
+    assert!(!report.ok);
+    let cmdline = report.items.iter().find(|i| i.name == "command line").unwrap();
+    assert!(
+        !cmdline.ok && cmdline.detail.contains("liveupdate=on memmap=64M$0x30000000"),
+        "{cmdline:?}"
+    );
+    let err = e.prepare(&Caller::ROOT, &args).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("the target command line lacks liveupdate=on memmap=64M$0x30000000"),
+        "{err}"
+    );
+    assert_eq!(e.state(), State::Normal);
+
+    // --reuse-cmdline adds what is missing to the running command line.
+    let reuse = PrepareArgs {
+        kernel: args.kernel.clone(),
+        reuse_cmdline: true,
+        ..Default::default()
+    };
+    e.prepare(&Caller::ROOT, &reuse).unwrap();
+    let target = e.record().update.as_ref().unwrap().target.clone().unwrap();
+    assert_eq!(target.cmdline, "console=ttyS0 liveupdate=on memmap=64M$0x30000000");
+}
