@@ -446,9 +446,10 @@ fn continue_restored(
         let t = Instant::now();
         let v = vm.verify_restored_ram();
         println!(
-            "VMM: restored counter={} generation={} ram_sha256={} ram_match={} verify_ms={}",
+            "VMM: restored counter={} generation={} ram_size={} ram_sha256={} ram_match={} verify_ms={}",
             vm.counter(),
             vm.generation(),
+            vm.ram_size(),
             match &v {
                 Ok(Some(d)) => hex(d),
                 _ => "none".into(),
