@@ -82,6 +82,8 @@ boot2() {
 	[ "$first" -gt "$before" ] && [ "$after" -gt "$first" ] || fail "counter not strictly increasing: $before -> $first -> $after"
 	info "VM vm0: counter at the pause $before -> first progress after the claim $first -> $after 3 s later (strictly increasing); RAM SHA-256 equal; VM blackout (TSC) $bo ms"
 	say "bench vm_blackout_tsc_ms $bo"
+	echo "luod's log, in ms after the claiming VMM started:"
+	luo-qemu-tool luod-times --exec-ns "$(field /run/claim.log 'VMM: claim name=' realtime_ns)" --log "$LUOD_LOG"
 	expect_state updated
 	expect_exit 0 'vm0.*claimed' luoctl vm list
 	step finish 60

@@ -573,6 +573,7 @@ fn cmd_serve(a: &ServeArgs) -> Result<bool, String> {
 
 fn cmd_claim(a: &ClaimArgs) -> Result<bool, String> {
     let t0 = Instant::now();
+    println!("VMM: claim name={} started {}", a.name, clocks());
     let deadline = t0 + secs(a.wait)?;
     let mut tries = 0u32;
     let mut client = loop {
