@@ -13,7 +13,7 @@
 #   1. setup.sh                install what is missing (root), or print the apt-get line
 #   2. build-kernel.sh         the LUO kernel (cached: $LUO_CACHE/kernel-<version>-<fragment hash>)
 #   3. fetch-stock-kernel.sh   Debian's stock kernel (cached)
-#   4. cargo build             static luod, luoctl, luo-qemu-tool (+crt-static), in
+#   4. cargo build             static luod, luoctl, luo-qemu-tool, luo-test-vmm (+crt-static), in
 #                              $LUO_QEMU_TARGET_DIR (default target/qemu-static)
 #   5. scenarios.py            one QEMU run per scenario: per-step and per-scenario
 #                              timeouts, host-side SHA-256 comparison; one line per
@@ -65,9 +65,9 @@ ts=$(now_ms)
 target_dir="${LUO_QEMU_TARGET_DIR:-$REPO/target/qemu-static}"
 triple=x86_64-unknown-linux-gnu
 bindir="$target_dir/$triple/release"
-log "running: RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$target_dir cargo build --release --locked --target $triple -p luod -p luoctl -p luo-qemu-tool"
+log "running: RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$target_dir cargo build --release --locked --target $triple -p luod -p luoctl -p luo-qemu-tool -p luo-test-vmm"
 if ! (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
-      cargo build --release --locked --target "$triple" -p luod -p luoctl -p luo-qemu-tool 2>&1 | tail -n 3 >&2); then
+      cargo build --release --locked --target "$triple" -p luod -p luoctl -p luo-qemu-tool -p luo-test-vmm 2>&1 | tail -n 3 >&2); then
   log "cargo build of the static binaries failed: the luod scenarios will fail"
 fi
 log "static binaries: $(secs_since "$ts") s"

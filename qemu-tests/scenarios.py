@@ -2,7 +2,7 @@
 """Run the real-kernel QEMU scenarios (called by qemu-tests/run.sh).
 
 Each scenario boots a kernel under QEMU (TCG) with a busybox initramfs that
-holds luod, luoctl, luo-qemu-tool, the kernel itself (/kernel, the kexec
+holds luod, luoctl, luo-qemu-tool, luo-test-vmm, the kernel itself (/kernel, the kexec
 target), qemu-tests/guest/scenario-init as /init and
 qemu-tests/scenarios/NAME.sh as /scenario.sh. The guest prints "@@LUO ..."
 markers on the serial console (see scenario-init); this runner follows the
@@ -70,6 +70,10 @@ SCENARIOS = [
     Scenario("region_too_small", "stock", 1, False, "memmap=1M$0x30000000"),
     Scenario("bench_blackout", "luo", 11, True, timeout=900, bench=True),
     Scenario("bench_copy", "stock", 1, False, "memmap=160M$0x30000000", timeout=600, bench=True),
+    Scenario("vm_survives_kexec", "luo", 2, True),
+    Scenario("vm_veto", "luo", 1, False),
+    Scenario("vm_freeze_timeout", "luo", 1, False),
+    Scenario("bench_vm_blackout", "luo", 11, False, timeout=900, bench=True),
     Scenario("demo", "luo", 2, True, demo=True),
 ]
 
@@ -153,7 +157,7 @@ class Fixtures:
                     link = os.path.join(root, "bin", a)
                     if not os.path.lexists(link):
                         os.symlink("busybox", link)
-            for b in ("luod", "luoctl", "luo-qemu-tool"):
+            for b in ("luod", "luoctl", "luo-qemu-tool", "luo-test-vmm"):
                 dst = os.path.join(root, b)
                 shutil.copy(os.path.join(self.bindir, b), dst)
                 subprocess.run(["strip", "--strip-all", dst], check=True)
@@ -455,6 +459,9 @@ def bench_report(name, res):
             lines.append(f"RATIO blackout luod/bare = {med_l / med_b:.3f} (medians; target <= 1.10)")
         else:
             lines.append("not enough markers for the blackout benchmark")
+    elif name == "bench_vm_blackout":
+        import vm_bench  # qemu-tests/vm_bench.py
+        lines += vm_bench.report(res, pairs)
     elif name == "bench_copy":
         b = res.bench
         if "record_write_ms" in b and "memcpy_ram_ms" in b:
