@@ -7,10 +7,12 @@
 # (and its own state) to luod as memfds; `luoctl check`, `prepare`, `freeze`
 # and `reboot` move the guest by a real kexec into the LUO kernel; luod comes
 # up `updated`; the workload takes its cache back, checks its SHA-256 and
-# goes on; `luoctl finish`. Then a summary: backend, sessions, bytes
+# goes on; a KVM guest (luo-test-vmm, RAM in a memfd registered with luod)
+# is paused at freeze and continued by a new VMM after the kexec;
+# `luoctl finish`. Then a summary: backend, sessions, bytes
 # preserved, kernel before and after, and the blackout with its parts (from
 # `luoctl --json history`, and as measured on the host from the serial
-# console).
+# console), the guest's counter before and after and the VM blackout.
 #
 # On a fresh Debian 12 machine, as root: installs what it needs
 # (qemu-tests/setup.sh), builds the kernel and static luod/luoctl, boots

@@ -10,7 +10,13 @@
 # back, checks the SHA-256 and goes on counting; `luoctl finish`; a summary
 # from `luoctl --json history` (the host adds the blackout it measured on the
 # serial console).
+# A KVM guest goes through it too: luo-test-vmm (a counter in 2 MiB of memfd
+# RAM) registers with luod in kernel 1 and is paused at freeze; in kernel 2 a
+# new VMM claims it (RAM memfd + vCPU state) and the guest counts on. The
+# summary shows its counter before and after and the VM blackout (TSC).
 demo() { echo "DEMO: $*"; }
+# vmfield FILE PATTERN KEY: KEY=... in the last line of FILE matching PATTERN.
+vmfield() { grep -E -- "$2" "$1" | tail -n 1 | sed -n "s/.* $3=\([^ ]*\).*/\1/p"; }
 
 workload_serve() { # serve N: "requests" that read the cache
 	i=0
@@ -26,6 +32,14 @@ boot1() {
 	demo "kernel $(uname -r): starting luod"
 	start_luod
 	demo "$(luoctl status | sed -n 's/^backend *//p' | sed 's/^/backend: /')"
+	step vm 60
+	luo-test-vmm serve --socket "$SOCK" --name vm0 --heartbeat-ms 500 >/run/vmm0.log 2>&1 &
+	i=0
+	until grep -q 'VMM: heartbeat .* counter=[1-9]' /run/vmm0.log 2>/dev/null; do
+		i=$((i + 1)); [ $i -lt 600 ] || { cat /run/vmm0.log; fail "the VMM did not start its guest"; }
+		usleep 50000
+	done
+	demo "VMM: a KVM guest (vm0: 2 MiB of RAM in a memfd) runs and counts, at $(vmfield /run/vmm0.log 'VMM: heartbeat' counter) now; its VMM registered it with luod"
 	step workload 120
 	luo-qemu-tool gen --size 32M --seed 2026 --out /run/cache >/dev/null || fail "gen"
 	sum=$(sha256sum </run/cache | cut -c1-64)
@@ -51,6 +65,8 @@ boot1() {
 	mark freeze-start
 	luoctl freeze | sed 's/^/DEMO:   /'
 	mark frozen
+	demo "VMM: vm0 paused at counter $(vmfield /run/vmm0.log 'VMM: paused ' counter); its vCPU state ($(vmfield /run/vmm0.log 'VMM: paused ' state_bytes) bytes) went to luod"
+	say "hash before vm0/ram $(vmfield /run/vmm0.log 'VMM: paused ' ram_sha256) $(vmfield /run/vmm0.log 'VMM: registered' ram_size)"
 	step kexec 180
 	demo "luoctl reboot: kexec into kernel $(uname -r) (the same LUO build), the memfds carried by the kernel"
 	mark reboot-call
@@ -61,6 +77,12 @@ boot1() {
 
 boot2() {
 	demo "kernel $(uname -r) is up: $(dmesg | grep -o 'liveupdate number: [0-9]*')"
+	# The new VMM starts with luod and claims vm0 as soon as luod answers.
+	{
+		luo-test-vmm claim --socket "$SOCK" --name vm0 --seconds 3 >/run/claim.log 2>&1
+		echo $? >/run/claim.rc
+	} &
+	CLAIM_PID=$!
 	wait_updated
 	demo "luod: $(luoctl status | sed -n 's/^state *//p'); $(sed -n 's/^ *"\(came up[^"]*\)".*/\1/p' /run/status.json | head -n 1)"
 	step workload 120
@@ -74,6 +96,16 @@ boot2() {
 	demo "workload: took its cache back: sha256 matches; it had served $served requests"
 	workload_serve 10
 	demo "workload: serving again from the same cache: $served requests in all"
+	step vm 60
+	wait "$CLAIM_PID"
+	[ "$(cat /run/claim.rc)" = 0 ] || { cat /run/claim.log; fail "luo-test-vmm claim failed"; }
+	vm_before=$(vmfield /run/claim.log 'VMM: resumed ' counter_before)
+	vm_after=$(vmfield /run/claim.log 'VMM: resumed ' counter_after)
+	vm_blackout=$(sed -n 's/^VMM: blackout_tsc_ms=\([0-9.]*\).*/\1/p' /run/claim.log)
+	grep -q 'VMM: restored .* ram_match=yes' /run/claim.log || fail "vm0's RAM differs after the update"
+	say "hash after vm0/ram $(vmfield /run/claim.log 'VMM: restored ' ram_sha256) $(vmfield /run/claim.log 'VMM: restored ' ram_size)"
+	demo "VMM: a new VMM claimed vm0 from luod (RAM memfd and vCPU state): RAM SHA-256 equal; the guest went on from counter $vm_before to $vm_after; VM blackout ${vm_blackout} ms"
+	luoctl vm list | sed 's/^/DEMO:   /'
 	step finish 60
 	luoctl finish | sed 's/^/DEMO:   /'
 	step summary 60
@@ -92,5 +124,7 @@ boot2() {
 	echo "DEMO-SUMMARY   reboot call    $(ms "$fs" "$rb") after freeze start"
 	echo "DEMO-SUMMARY   luod start     $(ms "$rb" "$ls") after the reboot call (crosses the kexec: guest clock from the RTC, 1 s resolution)"
 	echo "DEMO-SUMMARY   updated        $(ms "$ls" "$up") after luod start"
+	echo "DEMO-SUMMARY VM vm0           counter $vm_before at the pause -> $vm_after after the update (KVM guest, RAM SHA-256 equal)"
+	echo "DEMO-SUMMARY VM blackout      ${vm_blackout%.*} ms (last guest progress before the pause -> first after the claim, TSC)"
 	pass
 }
