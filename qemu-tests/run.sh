@@ -73,7 +73,4 @@ fi
 log "static binaries: $(secs_since "$ts") s"
 
 log "setup, kernels and binaries took $(secs_since "$t_all") s; running $count scenario(s): $*"
-python3 "$D/scenarios.py" --luo-kernel "$luo_kernel" --stock-kernel "$stock_kernel" --bindir "$bindir" "$@"
-rc=$?
-log "run.sh took $(secs_since "$t_all") s"
-exit $rc
+LUO_RUN_T0_MS=$t_all exec python3 "$D/scenarios.py" --luo-kernel "$luo_kernel" --stock-kernel "$stock_kernel" --bindir "$bindir" "$@"

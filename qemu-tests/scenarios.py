@@ -578,6 +578,13 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     passed = sum(1 for r in results.values() if r.ok)
     failed = len(names) - passed
+    took = time.monotonic() - t_all
+    t0 = os.environ.get("LUO_RUN_T0_MS")
+    if t0 and t0.isdigit():
+        print(f"scenarios took {took:.1f} s; run.sh {time.time() - int(t0) / 1000:.1f} s in all "
+              f"(setup, kernels and binaries {time.time() - int(t0) / 1000 - took:.1f} s)", flush=True)
+    else:
+        print(f"scenarios took {took:.1f} s", flush=True)
     print(f"{passed} passed, {failed} failed", flush=True)
     return 1 if failed else 0
 
