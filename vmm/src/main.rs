@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,8 +11,8 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use liveupdate::protocol::DEFAULT_SOCKET;
-use liveupdate::protocol::client::{Client, ClientError};
+use liveupdate::protocol::client::{Client, ClientError, VmConnection};
+use liveupdate::protocol::{DEFAULT_SOCKET, ErrorKind};
 use luo_test_vmm::{
     DEFAULT_PROGRESS_EVERY, DEFAULT_RAM_SIZE, RunReport, Vm, VmError, VmStateV1, create_ram_memfd, hex, state,
 };
@@ -171,6 +171,17 @@ struct ClaimArgs {
     /// Also print `@@LUO mark NAME` at the first guest progress (for the QEMU harness).
     #[arg(long, value_name = "NAME")]
     mark: Option<String>,
+    /// After the report, keep the guest running, register it with luod again
+    /// once luod takes it (after `luoctl finish`) and serve luod's calls like
+    /// `serve`: the guest can go through the next live update.
+    #[arg(long)]
+    serve: bool,
+    /// With --serve: how long to keep trying to register again.
+    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+    register_wait: f64,
+    /// With --serve: heartbeat period (as for `serve`).
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    heartbeat_ms: u64,
 }
 
 /// A VM name as luod accepts it (its session is `vm-NAME`, at most 63 bytes).
@@ -534,41 +545,70 @@ fn cmd_serve(a: &ServeArgs) -> Result<bool, String> {
         ms(t.elapsed()),
         clocks()
     );
-    let mut guest = KvmGuest::start(vm, !a.no_ram_checksum);
-    let monitor = guest.monitor();
-    let watcher = spawn_monitor(
-        a.name.clone(),
-        guest.pauser().clone(),
-        monitor.clone(),
-        Duration::from_millis(a.heartbeat_ms),
-    );
-    println!("VMM: running name={} {}", a.name, clocks());
+    let running = Running::start(&a.name, vm, !a.no_ram_checksum, a.heartbeat_ms);
     let behaviour = Behaviour {
         veto: a.veto.clone(),
         hang_at: a.hang_at,
         exit_at: a.exit_at,
     };
-    let ended = serve_loop(&mut conn, &mut guest, &behaviour, &mut std::io::stdout());
-    match &ended {
-        Ok(Ended::Exit(_)) => {
-            let _ = std::io::stdout().flush();
-            std::process::exit(3);
+    running.serve(&mut conn, &behaviour)
+}
+
+/// The guest on its vCPU thread, with its monitor thread.
+struct Running {
+    guest: KvmGuest,
+    monitor: std::sync::Arc<service::Monitor>,
+    watcher: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(name: &str, vm: Vm, ram_checksum: bool, heartbeat_ms: u64) -> Running {
+        let guest = KvmGuest::start(vm, ram_checksum);
+        let monitor = guest.monitor();
+        let watcher = spawn_monitor(
+            name.to_string(),
+            guest.pauser().clone(),
+            monitor.clone(),
+            Duration::from_millis(heartbeat_ms),
+        );
+        println!("VMM: running name={name} {}", clocks());
+        Running {
+            guest,
+            monitor,
+            watcher,
         }
-        Ok(Ended::Closed) => println!("VMM: luod closed the connection {}", clocks()),
-        Err(e) => println!("VMM: the connection to luod failed: {e} {}", clocks()),
     }
-    stop_monitor(&monitor, watcher);
-    let Some(vm) = guest.stop() else {
-        return Err("the VM was lost".into());
-    };
-    let ring = vm.check_ring();
-    println!(
-        "VMM: stopped counter={} static_match={} ring={}",
-        vm.counter(),
-        yes(vm.static_checksum() == vm.boot_static_checksum()),
-        ring.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())
-    );
-    Ok(ended.is_ok() && ring.is_ok())
+
+    /// Serves luod's calls until luod closes the connection; then pauses
+    /// the guest and checks it.
+    fn serve(self, conn: &mut VmConnection, behaviour: &Behaviour) -> Result<bool, String> {
+        let Running {
+            mut guest,
+            monitor,
+            watcher,
+        } = self;
+        let ended = serve_loop(conn, &mut guest, behaviour, &mut std::io::stdout());
+        match &ended {
+            Ok(Ended::Exit(_)) => {
+                let _ = std::io::stdout().flush();
+                std::process::exit(3);
+            }
+            Ok(Ended::Closed) => println!("VMM: luod closed the connection {}", clocks()),
+            Err(e) => println!("VMM: the connection to luod failed: {e} {}", clocks()),
+        }
+        stop_monitor(&monitor, watcher);
+        let Some(vm) = guest.stop() else {
+            return Err("the VM was lost".into());
+        };
+        let ring = vm.check_ring();
+        println!(
+            "VMM: stopped counter={} static_match={} ring={}",
+            vm.counter(),
+            yes(vm.static_checksum() == vm.boot_static_checksum()),
+            ring.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())
+        );
+        Ok(ended.is_ok() && ring.is_ok())
+    }
 }
 
 fn cmd_claim(a: &ClaimArgs) -> Result<bool, String> {
@@ -602,7 +642,7 @@ fn cmd_claim(a: &ClaimArgs) -> Result<bool, String> {
     };
     let st = state::decode(&claimed.state).map_err(|e| format!("the state luod kept: {e}"))?;
     let vm = Vm::restore(fd, &claimed.state).map_err(|e| e.to_string())?;
-    let (ok, _vm, r) = continue_restored(vm, &st, t0, a.no_verify, a.seconds, a.mark.as_deref())?;
+    let (ok, vm, r) = continue_restored(vm, &st, t0, a.no_verify, a.seconds, a.mark.as_deref())?;
     let Some(r) = r else { return Ok(false) };
     // The VM blackout across the kexec: last progress in the old kernel's
     // VMM -> first progress here, in TSC ticks (CLOCK_REALTIME restarted
@@ -613,7 +653,55 @@ fn cmd_claim(a: &ClaimArgs) -> Result<bool, String> {
         st.counter,
         r.counter_end
     );
-    Ok(ok)
+    if !a.serve || !ok {
+        return Ok(ok);
+    }
+    serve_again(a, vm)
+}
+
+/// After a claim: the guest runs on, and the VMM registers it with luod
+/// again as soon as luod takes registrations (once `luoctl finish` closed
+/// the update), then serves luod's calls: the guest can go through the
+/// next live update.
+fn serve_again(a: &ClaimArgs, vm: Vm) -> Result<bool, String> {
+    let ram = vm
+        .ram_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("dup of the RAM memfd: {e}"))?;
+    let ram_size = vm.ram_size();
+    let running = Running::start(&a.name, vm, true, a.heartbeat_ms);
+    let t = Instant::now();
+    let deadline = t + secs(a.register_wait)?;
+    let mut tries = 0u32;
+    let mut conn = loop {
+        tries += 1;
+        let registered = Client::connect(&a.socket, "luo-test-vmm")
+            .and_then(|c| c.register_vm(&a.name, &[(RAM_TOKEN, ram.as_fd())]));
+        match registered {
+            Ok(conn) => break conn,
+            // luod is still `updated` (the old session is in the record):
+            // wait for `luoctl finish`.
+            Err(ClientError::Server(e))
+                if matches!(e.kind, ErrorKind::WrongState | ErrorKind::AlreadyExists) && Instant::now() < deadline =>
+            {
+                if tries == 1 {
+                    println!("VMM: waiting for luod to take the registration: {}", e.message);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                let _ = running.guest.stop();
+                return Err(client_err(e));
+            }
+        }
+    };
+    println!(
+        "VMM: registered name={} token={RAM_TOKEN} ram_size={ram_size} again after {} ms ({tries} tries) {}",
+        a.name,
+        ms(t.elapsed()),
+        clocks()
+    );
+    running.serve(&mut conn, &Behaviour::default())
 }
 
 fn cmd_cycle(seconds: f64, pauses: u32, pause_ms: u64, g: &GuestArgs) -> Result<bool, String> {
@@ -859,6 +947,20 @@ mod tests {
         let Cmd::Claim(a) = c.cmd else { panic!("not claim") };
         assert_eq!((a.seconds, a.wait, a.no_verify), (0.5, 3.0, true));
         assert_eq!(a.mark.as_deref(), Some("vm-resumed"));
+        assert!(!a.serve);
+        let c = Cli::try_parse_from([
+            "luo-test-vmm",
+            "claim",
+            "--name",
+            "vm0",
+            "--serve",
+            "--register-wait",
+            "9",
+        ])
+        .unwrap();
+        let Cmd::Claim(a) = c.cmd else { panic!("not claim") };
+        assert!(a.serve);
+        assert_eq!((a.register_wait, a.heartbeat_ms), (9.0, 1000));
         assert!(Cli::try_parse_from(["luo-test-vmm", "claim"]).is_err());
         assert!(Cli::try_parse_from(["luo-test-vmm", "claim", "--name", "vm0", "--veto", "x"]).is_err());
         assert!(Cli::try_parse_from(["luo-test-vmm", "claim", "--name", "vm0", "--seconds", "soon"]).is_err());
@@ -882,6 +984,9 @@ mod tests {
             no_verify: false,
             wait: 0.05,
             mark: None,
+            serve: false,
+            register_wait: 1.0,
+            heartbeat_ms: 0,
         };
         let t = Instant::now();
         let e = cmd_claim(&a).unwrap_err();
