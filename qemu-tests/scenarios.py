@@ -73,6 +73,7 @@ SCENARIOS = [
     Scenario("vm_survives_kexec", "luo", 2, True),
     Scenario("vm_veto", "luo", 1, False),
     Scenario("vm_freeze_timeout", "luo", 1, False),
+    Scenario("vm_two_updates", "luo", 3, False),
     Scenario("bench_vm_blackout", "luo", 11, False, timeout=900, bench=True),
     Scenario("demo", "luo", 2, True, demo=True),
 ]
