@@ -34,11 +34,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 LUO_CMDLINE = "console=ttyS0 liveupdate=on panic=-1 luo_boot=1"
 STOCK_CMDLINE = "console=ttyS0 panic=-1 luo_boot=1"
+# A q35 machine with an Intel IOMMU and QEMU's edu PCI device at 0000:00:01.0
+# (as lib/tests/fixtures/sysfs/ were recorded); the kernel needs intel_iommu=on.
+Q35_IOMMU_EDU = ["-machine", "q35,kernel-irqchip=split", "-device", "intel-iommu,intremap=on",
+                 "-device", "edu,addr=01.0"]
 
 
 class Scenario:
     def __init__(self, name, kernel, boots, hashes, cmdline_extra="", mem=1024, timeout=300,
-                 boot_timeout=None, bench=False, smp=1, demo=False):
+                 boot_timeout=None, bench=False, smp=1, demo=False, qemu_args=()):
         self.name = name
         self.kernel = kernel  # "luo" or "stock"
         self.boots = boots  # kernels the chain must reach
@@ -50,6 +54,7 @@ class Scenario:
         self.bench = bench
         self.smp = smp
         self.demo = demo  # scripts/demo.sh: echo the story, in no group
+        self.qemu_args = list(qemu_args)  # extra QEMU arguments (machine, devices)
 
     @property
     def script(self):
@@ -74,6 +79,7 @@ SCENARIOS = [
     Scenario("vm_veto", "luo", 1, False),
     Scenario("vm_freeze_timeout", "luo", 1, False),
     Scenario("vm_two_updates", "luo", 3, False),
+    Scenario("iommu_groups_verified", "luo", 3, False, "intel_iommu=on", qemu_args=Q35_IOMMU_EDU),
     Scenario("bench_vm_blackout", "luo", 11, False, timeout=900, bench=True),
     Scenario("demo", "luo", 2, True, demo=True),
 ]
@@ -252,7 +258,7 @@ def run_scenario(sc, fixtures, kernels, log_dir, verbose):
     cmdline = (LUO_CMDLINE if sc.kernel == "luo" else STOCK_CMDLINE) + (" " + sc.cmdline_extra if sc.cmdline_extra else "")
     qemu = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", str(sc.mem), "-smp", str(sc.smp),
             "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
-            "-kernel", kernels[sc.kernel], "-initrd", initrd, "-append", cmdline]
+            "-kernel", kernels[sc.kernel], "-initrd", initrd, "-append", cmdline] + sc.qemu_args
     res.log = os.path.join(log_dir, f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     log = open(res.log, "w", buffering=1)
     log.write("# " + " ".join(qemu) + "\n")
