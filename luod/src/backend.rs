@@ -139,14 +139,13 @@ fn open_engine<R: Region>(
     registry
         .register(Box::new(iommu))
         .map_err(|e| StartError::Backend(e.to_string()))?;
-    let mut device_report = None;
-    if !args.preserve_devices.is_empty() {
-        let devices = Devices::new(&args.sysfs_root, args.preserve_devices.clone());
-        device_report = Some(devices.report());
-        registry
-            .register(Box::new(devices))
-            .map_err(|e| StartError::Backend(e.to_string()))?;
-    }
+    // Always registered: in the new kernel it rebinds the devices the old
+    // kernel's record lists, whatever this luod was started with.
+    let devices = Devices::new(&args.sysfs_root, args.preserve_devices.clone());
+    let device_report = devices.report();
+    registry
+        .register(Box::new(devices))
+        .map_err(|e| StartError::Backend(e.to_string()))?;
     let qmp_timeout = std::time::Duration::from_secs_f64(args.qmp_timeout.max(0.1));
     for (name, socket) in &args.qemu_vms {
         registry
@@ -164,7 +163,7 @@ fn open_engine<R: Region>(
     if let Some(r) = iommu_report.get() {
         engine.add_note(r.summary());
     }
-    for rebound in device_report.and_then(|r| r.get()).unwrap_or_default() {
+    for rebound in device_report.get().unwrap_or_default() {
         engine.add_note(format!("device {rebound}"));
     }
     Ok(engine)

@@ -133,7 +133,7 @@ fn json_status_shows_state_backend_generation_sessions_and_subsystems() {
     assert_eq!(status["generation"], 2, "one record for the session, one for the file");
     assert_eq!(
         status["subsystems"],
-        serde_json::json!(["region-capacity", "iommu", "kvm"])
+        serde_json::json!(["region-capacity", "iommu", "devices", "kvm"])
     );
     assert_eq!(
         status["sessions"],

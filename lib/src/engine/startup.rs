@@ -193,6 +193,15 @@ impl<R: Region> Engine<R> {
                 )
             })
             .collect();
+        let running = self.registry.names();
+        for (name, _) in sections.iter().filter(|(n, _)| !running.contains(n)) {
+            let note = format!(
+                "the record holds state of subsystem {name}, which this luod does not run: it was not restored \
+                 (start luod with the options that enable {name})"
+            );
+            tracing::error!("{note}");
+            self.notes.push(note);
+        }
         for f in self.registry.restore(&sections) {
             let note = format!("subsystem {} failed to restore: {}", f.subsystem, f.error);
             tracing::error!("{note}");

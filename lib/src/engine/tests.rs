@@ -510,3 +510,29 @@ fn the_target_command_line_must_carry_what_the_backend_needs() {
     let target = e.record().update.as_ref().unwrap().target.clone().unwrap();
     assert_eq!(target.cmdline, "console=ttyS0 liveupdate=on memmap=64M$0x30000000");
 }
+
+#[test]
+fn state_of_a_subsystem_the_new_luod_does_not_run_is_reported_not_dropped() {
+    let log = Log::default();
+    let (mut e, _) = new_engine(&log);
+    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.reboot(&Caller::ROOT).unwrap();
+    // The new luod runs only subsystem "a" (no "b").
+    let mut registry = Registry::new();
+    registry
+        .register(Box::new(Probe {
+            name: "a",
+            log: log.clone(),
+            veto: None,
+            fail_freeze: false,
+        }))
+        .unwrap();
+    let e = Engine::open(Box::new(FakeKernel::new().0), registry, e.into_store(), host()).unwrap();
+    assert!(
+        e.notes()
+            .iter()
+            .any(|n| n.starts_with("the record holds state of subsystem b, which this luod does not run")),
+        "{:?}",
+        e.notes()
+    );
+}
