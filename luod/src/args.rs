@@ -68,7 +68,7 @@ pub struct Args {
     pub liveupdate_dev: PathBuf,
 
     /// Size of luod's record memfd (luo backend), e.g. 4M.
-    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
     pub record_size: u64,
 
     /// Size of the region when luod creates it, e.g. 256M or 1G. An existing

@@ -156,7 +156,7 @@ fn open_engine<R: Region>(
     registry
         .register(Box::new(Kvm::new(vms.clone(), vm_timeout(args))))
         .map_err(|e| StartError::Backend(e.to_string()))?;
-    let mut engine = Engine::open(kernel, registry, store, HostInfo::current())?;
+    let mut engine = Engine::open(kernel, registry, store, host_info())?;
     engine.set_cmdline_needs(needs);
     engine.set_vms(vms);
     // What restore found in the new kernel, for `status`.
@@ -167,6 +167,23 @@ fn open_engine<R: Region>(
         engine.add_note(format!("device {rebound}"));
     }
     Ok(engine)
+}
+
+/// When luod's process started (nanoseconds since the epoch): the blackout's
+/// "luod started" is this, not the end of the backend's own start.
+static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Records luod's start; called first thing in `main`.
+pub fn mark_start() {
+    let _ = STARTED.set(liveupdate::engine::now());
+}
+
+fn host_info() -> HostInfo {
+    let mut host = HostInfo::current();
+    if let Some(started) = STARTED.get() {
+        host.started = *started;
+    }
+    host
 }
 
 fn vm_timeout(args: &Args) -> std::time::Duration {
@@ -227,12 +244,21 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
 
 /// The LUO backend: real sessions, luod's record in its own session.
 pub fn luo(args: &Args) -> Result<Started<MemfdRegion>, StartError> {
-    let (kernel, record, how) = Luo::start(&args.liveupdate_dev, holder(args)?, args.record_size)?;
-    tracing::info!("LUO backend: {how:?} start");
+    let t = std::time::Instant::now();
+    let park = holder(args)?;
+    tracing::debug!("fd park ready after {:.1} ms", ms(t));
+    let (kernel, record, how) = Luo::start(&args.liveupdate_dev, park, args.record_size)?;
+    tracing::info!("LUO backend: {how:?} start ({:.1} ms)", ms(t));
     let region = MemfdRegion::new(record).map_err(io("cannot map luod's record memfd from", &args.liveupdate_dev))?;
     let store = RecordStore::new(region)?;
+    tracing::debug!("record loaded after {:.1} ms", ms(t));
     let engine = open_engine(args, Box::new(kernel), store, false, vec!["liveupdate=on".into()])?;
+    tracing::debug!("engine open after {:.1} ms", ms(t));
     Ok(Started { engine, _lock: None })
+}
+
+fn ms(since: std::time::Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 /// The reserved-memory backend: a memmap= range, copies at freeze, real kexec.
@@ -263,9 +289,66 @@ pub fn reserved_memory(args: &Args) -> Result<Started<ReservedRegion>, StartErro
     Ok(Started { engine, _lock: None })
 }
 
+/// True when this process has one thread (`/proc/self/status`).
+fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .map(|n| n.trim() == "1")
+        })
+        .unwrap_or(false)
+}
+
+/// Forks the holder: no second exec of luod's binary, which is most of the
+/// holder's start-up cost (it matters in the new kernel, inside the blackout).
+fn fork_holder(path: &Path) -> std::io::Result<()> {
+    use nix::unistd::{ForkResult, fork, setpgid};
+    // SAFETY: luod is single-threaded here (checked just before, and luod
+    // starts no thread before its backend is open), so the child is a
+    // consistent copy: no lock is held by a thread that does not exist in
+    // it. The child only runs the holder loop and exits without returning
+    // into luod's code.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            // Nothing of luod's may stay open here: its listening socket or
+            // the region's lock would make a luod started later believe
+            // another one runs.
+            // SAFETY: close_range(3, ~0, 0) closes descriptors this child
+            // owns; nothing in it uses them afterwards (the holder opens its
+            // own socket).
+            let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+            if closed != 0 {
+                std::process::exit(1);
+            }
+            let _ = setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most
+            // 16 bytes from a pointer that is valid for the call.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"luod-holder".as_ptr()) };
+            let code = match liveupdate::holder::run_holder(path) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("luod fd holder: {e}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => {
+            write_holder_pid(path, child.as_raw() as u32);
+            std::thread::spawn(move || nix::sys::wait::waitpid(child, None));
+            Ok(())
+        }
+    }
+}
+
 /// Starts `luod --holder PATH` in its own process group, reaped by a thread.
 fn spawn_holder(path: &Path) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
+    if single_threaded() {
+        return fork_holder(path);
+    }
     // /proc/self/exe re-executes this very binary even where its path
     // cannot be read back (an initramfs, a deleted file after an upgrade).
     let mut child = std::process::Command::new("/proc/self/exe")
@@ -275,6 +358,16 @@ fn spawn_holder(path: &Path) -> std::io::Result<()> {
         .stdout(std::process::Stdio::null())
         .process_group(0)
         .spawn()?;
+    write_holder_pid(path, child.id());
     std::thread::spawn(move || child.wait());
     Ok(())
+}
+
+/// Writes the holder's pid beside its socket (`holder.pid`), for operators
+/// and scripts that must find it (e.g. to stop it before a plain kexec).
+fn write_holder_pid(socket: &Path, pid: u32) {
+    let path = socket.with_file_name("holder.pid");
+    if let Err(e) = std::fs::write(&path, format!("{pid}\n")) {
+        tracing::warn!("cannot write {}: {e}", path.display());
+    }
 }

@@ -24,6 +24,8 @@ fn raise_nofile_limit() {
 }
 
 fn main() -> ExitCode {
+    let started = std::time::Instant::now();
+    backend::mark_start();
     let args = args::Args::parse();
     raise_nofile_limit();
     if let Some(path) = &args.holder {
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    tracing::debug!("luod main after {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
     match server::run(&args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -35,7 +35,7 @@ stop_luod() {
 	# bench_blackout): stop luod, then its fd holder; a zombie counts as gone.
 	kill -TERM "$LUOD_PID"
 	wait "$LUOD_PID"
-	holders=$(ps | grep -v grep | grep -e '--holder' | awk '{print $1}')
+	holders=$(cat /run/luod/holder.pid 2>/dev/null)
 	for p in $holders; do kill -KILL "$p"; done
 	usleep 200000
 	for p in $holders; do

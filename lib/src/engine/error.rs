@@ -4,7 +4,7 @@ use crate::kernel::KernelError;
 use crate::names::NameError;
 use crate::protocol::{ErrorKind, ErrorReply};
 use crate::record::RecordError;
-use crate::state::{IllegalTransition, State};
+use crate::state::{Event, IllegalTransition, State};
 use crate::subsystem::StepError;
 
 /// Why the engine refused a request. Whatever the variant, the engine's state
@@ -124,11 +124,18 @@ impl EngineError {
     pub fn hint(&self) -> String {
         use EngineError as E;
         match self {
-            E::Illegal(t) => match t.state {
-                State::Normal => "run `luoctl prepare` first".into(),
-                State::Prepared => "continue with `luoctl freeze`/`reboot`, or `luoctl cancel`".into(),
-                State::Frozen => "continue with `luoctl reboot`, or `luoctl cancel`".into(),
-                State::Updated => "retrieve your sessions, then `luoctl finish`".into(),
+            E::Illegal(t) => match (t.state, t.event) {
+                (State::Normal, Event::Finish | Event::Unfreeze) => {
+                    "no update is in flight: there is nothing to close".into()
+                }
+                (State::Normal, Event::Cancel) => "no update is in flight: there is nothing to cancel".into(),
+                (State::Normal, _) => "run `luoctl prepare` first".into(),
+                (State::Prepared | State::Frozen, Event::Prepare) => {
+                    "an update is in flight already: continue it, or `luoctl cancel` it".into()
+                }
+                (State::Prepared, _) => "continue with `luoctl freeze`/`reboot`, or `luoctl cancel`".into(),
+                (State::Frozen, _) => "continue with `luoctl reboot`, or `luoctl cancel`".into(),
+                (State::Updated, _) => "retrieve your sessions, then `luoctl finish`".into(),
             },
             E::SessionsLocked {
                 state: State::Prepared | State::Frozen,

@@ -173,14 +173,20 @@ impl Luo {
             luo.adopt_parked(parked);
             return Ok((luo, record, LuoStart::Restarted));
         }
+        let t = std::time::Instant::now();
+        let lap = |what: &str| tracing::debug!("LUO start: {what} at {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
         let dev_fd = luo.open_device()?;
+        lap("device open");
         match uapi::retrieve_session(dev_fd.as_fd(), RECORD_SESSION) {
             Ok(old_session) => {
                 let old = uapi::retrieve_fd(old_session.as_fd(), RECORD_TOKEN)
                     .map_err(|e| sys("RETRIEVE_FD (luod record)", e))?;
                 let len = memfd::size(old.as_fd()).map_err(|e| KernelError::Reboot(e.to_string()))?;
+                lap("incoming record retrieved");
                 let record = copy_memfd(old.as_fd(), len)?;
+                lap("record copied");
                 luo.new_record_session(dev_fd.as_fd(), record.as_fd())?;
+                lap("new record session preserved and parked");
                 if let Err(e) = uapi::finish(old_session.as_fd()) {
                     tracing::warn!("finishing the incoming luod session failed: {e}");
                 }
