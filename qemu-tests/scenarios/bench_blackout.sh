@@ -14,23 +14,6 @@
 # start a fresh luod and run a cycle; odd kernels after the first retrieve
 # and check the memfd and finish the cycle first; the last one passes.
 ROUNDS=5
-stop_luod() {
-	# No luod and no LUO session may remain for the bare kexec: stop luod,
-	# then its fd holder (which still holds luod's own session). The holder
-	# was reparented to this /init, which does not reap it: a zombie (state
-	# Z, every descriptor closed) counts as gone.
-	kill -TERM "$LUOD_PID"
-	wait "$LUOD_PID"
-	holders=$(cat /run/luod/holder.pid 2>/dev/null)
-	for p in $holders; do kill -KILL "$p"; done
-	usleep 200000
-	for p in $holders; do
-		if [ -e "/proc/$p/status" ] && ! grep -q '^State:.*Z' "/proc/$p/status"; then
-			grep '^State' "/proc/$p/status"
-			fail "the fd holder (pid $p) is still running"
-		fi
-	done
-}
 boot_any() {
 	if [ $((BOOT % 2)) = 1 ]; then
 		if [ "$BOOT" -gt 1 ]; then

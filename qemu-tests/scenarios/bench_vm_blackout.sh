@@ -21,30 +21,6 @@
 # then finish and stop luod before their bare kexec.
 ROUNDS=5
 
-wait_for() {
-	i=0
-	until grep -qE -- "$2" "$1" 2>/dev/null; do
-		i=$((i + 1))
-		[ $i -lt $(($3 * 20)) ] || { cat "$1"; fail "no /$2/ in $1 within $3 s"; }
-		usleep 50000
-	done
-}
-field() { grep -E -- "$2" "$1" | tail -n 1 | sed -n "s/.* $3=\([^ ]*\).*/\1/p"; }
-stop_luod() {
-	# No luod and no LUO session may remain for the bare kexec (as in
-	# bench_blackout): stop luod, then its fd holder; a zombie counts as gone.
-	kill -TERM "$LUOD_PID"
-	wait "$LUOD_PID"
-	holders=$(cat /run/luod/holder.pid 2>/dev/null)
-	for p in $holders; do kill -KILL "$p"; done
-	usleep 200000
-	for p in $holders; do
-		if [ -e "/proc/$p/status" ] && ! grep -q '^State:.*Z' "/proc/$p/status"; then
-			grep '^State' "/proc/$p/status"
-			fail "the fd holder (pid $p) is still running"
-		fi
-	done
-}
 
 claim_vm() {
 	step start-luod 60

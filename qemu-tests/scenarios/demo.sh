@@ -15,8 +15,6 @@
 # new VMM claims it (RAM memfd + vCPU state) and the guest counts on. The
 # summary shows its counter before and after and the VM blackout (TSC).
 demo() { echo "DEMO: $*"; }
-# vmfield FILE PATTERN KEY: KEY=... in the last line of FILE matching PATTERN.
-vmfield() { grep -E -- "$2" "$1" | tail -n 1 | sed -n "s/.* $3=\([^ ]*\).*/\1/p"; }
 
 workload_serve() { # serve N: "requests" that read the cache
 	i=0
@@ -39,7 +37,7 @@ boot1() {
 		i=$((i + 1)); [ $i -lt 600 ] || { cat /run/vmm0.log; fail "the VMM did not start its guest"; }
 		usleep 50000
 	done
-	demo "VMM: a KVM guest (vm0: 2 MiB of RAM in a memfd) runs and counts, at $(vmfield /run/vmm0.log 'VMM: heartbeat' counter) now; its VMM registered it with luod"
+	demo "VMM: a KVM guest (vm0: 2 MiB of RAM in a memfd) runs and counts, at $(field /run/vmm0.log 'VMM: heartbeat' counter) now; its VMM registered it with luod"
 	step workload 120
 	luo-qemu-tool gen --size 32M --seed 2026 --out /run/cache >/dev/null || fail "gen"
 	sum=$(sha256sum </run/cache | cut -c1-64)
@@ -65,8 +63,8 @@ boot1() {
 	mark freeze-start
 	luoctl freeze | sed 's/^/DEMO:   /'
 	mark frozen
-	demo "VMM: vm0 paused at counter $(vmfield /run/vmm0.log 'VMM: paused ' counter); its vCPU state ($(vmfield /run/vmm0.log 'VMM: paused ' state_bytes) bytes) went to luod"
-	say "hash before vm0/ram $(vmfield /run/vmm0.log 'VMM: paused ' ram_sha256) $(vmfield /run/vmm0.log 'VMM: registered' ram_size)"
+	demo "VMM: vm0 paused at counter $(field /run/vmm0.log 'VMM: paused ' counter); its vCPU state ($(field /run/vmm0.log 'VMM: paused ' state_bytes) bytes) went to luod"
+	say "hash before vm0/ram $(field /run/vmm0.log 'VMM: paused ' ram_sha256) $(field /run/vmm0.log 'VMM: registered' ram_size)"
 	step kexec 180
 	demo "luoctl reboot: kexec into kernel $(uname -r) (the same LUO build), the memfds carried by the kernel"
 	mark reboot-call
@@ -99,11 +97,11 @@ boot2() {
 	step vm 60
 	wait "$CLAIM_PID"
 	[ "$(cat /run/claim.rc)" = 0 ] || { cat /run/claim.log; fail "luo-test-vmm claim failed"; }
-	vm_before=$(vmfield /run/claim.log 'VMM: resumed ' counter_before)
-	vm_after=$(vmfield /run/claim.log 'VMM: resumed ' counter_after)
+	vm_before=$(field /run/claim.log 'VMM: resumed ' counter_before)
+	vm_after=$(field /run/claim.log 'VMM: resumed ' counter_after)
 	vm_blackout=$(sed -n 's/^VMM: blackout_tsc_ms=\([0-9.]*\).*/\1/p' /run/claim.log)
 	grep -q 'VMM: restored .* ram_match=yes' /run/claim.log || fail "vm0's RAM differs after the update"
-	say "hash after vm0/ram $(vmfield /run/claim.log 'VMM: restored ' ram_sha256) $(vmfield /run/claim.log 'VMM: restored ' ram_size)"
+	say "hash after vm0/ram $(field /run/claim.log 'VMM: restored ' ram_sha256) $(field /run/claim.log 'VMM: restored ' ram_size)"
 	demo "VMM: a new VMM claimed vm0 from luod (RAM memfd and vCPU state): RAM SHA-256 equal; the guest went on from counter $vm_before to $vm_after; VM blackout ${vm_blackout} ms"
 	luoctl vm list | sed 's/^/DEMO:   /'
 	step finish 60

@@ -7,15 +7,6 @@
 # the cycle cancelled, a third VMM (`--exit-at freeze`) registers, and the
 # next freeze fails naming it while vm-good resumes again.
 
-wait_for() {
-	i=0
-	until grep -qE -- "$2" "$1" 2>/dev/null; do
-		i=$((i + 1))
-		[ $i -lt $(($3 * 20)) ] || { cat "$1"; fail "no /$2/ in $1 within $3 s"; }
-		usleep 50000
-	done
-}
-field() { grep -E -- "$2" "$1" | tail -n 1 | sed -n "s/.* $3=\([^ ]*\).*/\1/p"; }
 serve() { # serve NAME ARGS...: a VMM in the background, logging to /run/NAME.log
 	name=$1
 	shift

@@ -9,17 +9,6 @@
 # value at the pause; the VM blackout is measured with the TSC. `luoctl vm
 # list` says claimed, `luoctl finish` succeeds.
 
-# wait_for FILE PATTERN SECONDS: until grep -E PATTERN matches in FILE.
-wait_for() {
-	i=0
-	until grep -qE -- "$2" "$1" 2>/dev/null; do
-		i=$((i + 1))
-		[ $i -lt $(($3 * 20)) ] || { cat "$1"; fail "no /$2/ in $1 within $3 s"; }
-		usleep 50000
-	done
-}
-# field FILE PATTERN KEY: the value of KEY=... in the last line of FILE matching PATTERN.
-field() { grep -E -- "$2" "$1" | tail -n 1 | sed -n "s/.* $3=\([^ ]*\).*/\1/p"; }
 
 boot1() {
 	step start-luod 60

@@ -7,15 +7,6 @@
 # SHA-256 equals the one at the second pause, the counter goes on above the
 # value kernel 2 last saw, the state says generation 2.
 
-wait_for() {
-	i=0
-	until grep -qE -- "$2" "$1" 2>/dev/null; do
-		i=$((i + 1))
-		[ $i -lt $(($3 * 20)) ] || { cat "$1"; fail "no /$2/ in $1 within $3 s"; }
-		usleep 50000
-	done
-}
-field() { grep -E -- "$2" "$1" | tail -n 1 | sed -n "s/.* $3=\([^ ]*\).*/\1/p"; }
 start_luod_now() {
 	mkdir -p /run/luod
 	mark luod-exec

@@ -6,15 +6,6 @@
 # its own record of pauses: 0).
 REASON="guest vm0 is being migrated"
 
-wait_for() {
-	i=0
-	until grep -qE -- "$2" "$1" 2>/dev/null; do
-		i=$((i + 1))
-		[ $i -lt $(($3 * 20)) ] || { cat "$1"; fail "no /$2/ in $1 within $3 s"; }
-		usleep 50000
-	done
-}
-field() { grep -E -- "$2" "$1" | tail -n 1 | sed -n "s/.* $3=\([^ ]*\).*/\1/p"; }
 
 boot1() {
 	step start-luod 60

@@ -31,36 +31,6 @@ pub enum EngineError {
     /// An argument is invalid.
     #[error("{0}")]
     InvalidArgument(String),
-    /// No such session among the caller's.
-    #[error("no session named {0}")]
-    NoSuchSession(String),
-    /// A session of that name exists (of any owner: names are host-wide).
-    #[error("a session named {0} exists already")]
-    SessionExists(String),
-    /// No such token in the session.
-    #[error("session {session} has no file under token {token}")]
-    NoSuchToken {
-        /// Session.
-        session: String,
-        /// Token.
-        token: u64,
-    },
-    /// The token is in use in the session.
-    #[error("session {session} already has a file under token {token}")]
-    TokenExists {
-        /// Session.
-        session: String,
-        /// Token.
-        token: u64,
-    },
-    /// The file was retrieved already.
-    #[error("session {session} token {token} was already retrieved")]
-    AlreadyRetrieved {
-        /// Session.
-        session: String,
-        /// Token.
-        token: u64,
-    },
     /// `finish` with VMs no VMM claimed.
     #[error("{} VM(s) of the update were not restored: {}", .0.len(), .0.join(", "))]
     VmsNotRestored(Vec<String>),
@@ -105,9 +75,9 @@ impl EngineError {
             E::Illegal(_) | E::SessionsLocked { .. } | E::HandedOver => ErrorKind::WrongState,
             E::NotPrivileged(_) => ErrorKind::PermissionDenied,
             E::Name(_) | E::InvalidArgument(_) | E::MissingFd(_) | E::Io(_) => ErrorKind::InvalidArgument,
-            E::NoSuchSession(_) | E::NoSuchToken { .. } => ErrorKind::NotFound,
-            E::SessionExists(_) | E::TokenExists { .. } => ErrorKind::AlreadyExists,
-            E::AlreadyRetrieved { .. } | E::NotRetrieved(..) | E::VmsNotRestored(_) => ErrorKind::WrongState,
+            E::NotRetrieved(..) | E::VmsNotRestored(_) | E::Kernel(KernelError::AlreadyRetrieved { .. }) => {
+                ErrorKind::WrongState
+            }
             E::Step(s) if s.is_veto() => ErrorKind::Vetoed,
             E::Step(_) => ErrorKind::SubsystemFailed,
             E::Kernel(KernelError::NoSuchSession(_) | KernelError::NoSuchToken { .. }) => ErrorKind::NotFound,
@@ -143,10 +113,12 @@ impl EngineError {
             } => "a cycle is in flight: `luoctl cancel` it first, or wait until it finishes".into(),
             E::SessionsLocked { .. } => "`luoctl finish` the cycle first".into(),
             E::NotPrivileged(_) => "run as root (or with CAP_SYS_BOOT)".into(),
-            E::NoSuchSession(_) => "`luoctl session list` shows your sessions".into(),
-            E::NoSuchToken { session, .. } => format!("`luoctl session list` shows the tokens of {session}"),
-            E::TokenExists { .. } => "choose another token".into(),
-            E::SessionExists(_) => "choose another name, or finish the existing session".into(),
+            E::Kernel(KernelError::NoSuchSession(_)) => "`luoctl session list` shows your sessions".into(),
+            E::Kernel(KernelError::NoSuchToken { session, .. }) => {
+                format!("`luoctl session list` shows the tokens of {session}")
+            }
+            E::Kernel(KernelError::TokenExists { .. }) => "choose another token".into(),
+            E::Kernel(KernelError::SessionExists(_)) => "choose another name, or finish the existing session".into(),
             E::NotRetrieved(..) => "retrieve them, or discard a session with `luoctl session finish NAME`".into(),
             E::VmsNotRestored(_) => {
                 "start their VMMs to claim them, or give one up with `luoctl vm abandon NAME`".into()

@@ -5,6 +5,7 @@
 //! named ...", exactly like one that does not exist.
 
 use super::{Caller, Engine, EngineError};
+use crate::kernel::KernelError;
 use crate::kernel::memfd;
 use crate::names::SessionName;
 use crate::protocol::SessionInfo;
@@ -20,7 +21,7 @@ impl<R: Region> Engine<R> {
             .sessions
             .iter()
             .position(|s| s.name == name && s.owner_uid == caller.uid)
-            .ok_or_else(|| EngineError::NoSuchSession(name.to_string()))
+            .ok_or_else(|| EngineError::Kernel(KernelError::NoSuchSession(name.to_string())))
     }
 
     /// Creates a session owned by the caller. Only in `normal`.
@@ -39,7 +40,7 @@ impl<R: Region> Engine<R> {
             });
         }
         if self.record.sessions.iter().any(|s| s.name == name) {
-            return Err(EngineError::SessionExists(name.to_string()));
+            return Err(EngineError::Kernel(KernelError::SessionExists(name.to_string())));
         }
         self.kernel.create_session(&name)?;
         let mut next = self.record.clone();
@@ -75,10 +76,10 @@ impl<R: Region> Engine<R> {
         }
         let session = self.record.sessions[i].name.clone();
         if self.record.sessions[i].fds.iter().any(|f| f.token == token) {
-            return Err(EngineError::TokenExists {
+            return Err(EngineError::Kernel(KernelError::TokenExists {
                 session: session.to_string(),
                 token,
-            });
+            }));
         }
         let size = memfd::size(fd.as_fd()).map_err(|e| EngineError::Io(format!("cannot stat the file: {e}")))?;
         self.kernel.preserve_fd(&session, token, fd)?;
@@ -118,16 +119,16 @@ impl<R: Region> Engine<R> {
         }
         let session = self.record.sessions[i].name.clone();
         let Some(j) = self.record.sessions[i].fds.iter().position(|f| f.token == token) else {
-            return Err(EngineError::NoSuchToken {
+            return Err(EngineError::Kernel(KernelError::NoSuchToken {
                 session: session.to_string(),
                 token,
-            });
+            }));
         };
         if self.record.sessions[i].fds[j].retrieved {
-            return Err(EngineError::AlreadyRetrieved {
+            return Err(EngineError::Kernel(KernelError::AlreadyRetrieved {
                 session: session.to_string(),
                 token,
-            });
+            }));
         }
         let fd = self.kernel.retrieve_fd(&session, token)?;
         let size = memfd::size(fd.as_fd()).unwrap_or(self.record.sessions[i].fds[j].size);

@@ -12,6 +12,7 @@
 //! memfds.
 
 use super::{Caller, Engine, EngineError};
+use crate::kernel::KernelError;
 use crate::names::SessionName;
 use crate::protocol::frame::{self, FrameError};
 use crate::protocol::{Request, Response, VmAnswer, VmCall, VmInfo};
@@ -267,7 +268,7 @@ impl<R: Region> Engine<R> {
             let same =
                 s.owner_uid == caller.uid && fds.is_empty() && s.fds.iter().map(|f| f.token).eq(tokens.iter().copied());
             if !same || self.record.state == State::Updated {
-                return Err(EngineError::SessionExists(session.to_string()));
+                return Err(EngineError::Kernel(KernelError::SessionExists(session.to_string())));
             }
             table.vms.push(Vm {
                 name: name.into(),
@@ -321,7 +322,7 @@ impl<R: Region> Engine<R> {
             .saved_vms()
             .into_iter()
             .find(|v| v.name == name && v.owner_uid == caller.uid)
-            .ok_or_else(|| EngineError::NoSuchSession(vm_session(name)))?;
+            .ok_or_else(|| EngineError::Kernel(KernelError::NoSuchSession(vm_session(name))))?;
         let session = vm_session(name);
         let mut fds = Vec::new();
         for token in &vm.tokens {
@@ -346,9 +347,9 @@ impl<R: Region> Engine<R> {
             .iter()
             .find(|s| s.name.as_str() == session)
             .map(|s| s.owner_uid)
-            .ok_or_else(|| EngineError::NoSuchSession(session.clone()))?;
+            .ok_or_else(|| EngineError::Kernel(KernelError::NoSuchSession(session.clone())))?;
         if owner != caller.uid && !caller.privileged {
-            return Err(EngineError::NoSuchSession(session));
+            return Err(EngineError::Kernel(KernelError::NoSuchSession(session)));
         }
         let as_owner = Caller { uid: owner, ..*caller };
         self.session_finish(&as_owner, &session)?;
