@@ -29,7 +29,10 @@ boot1() {
 	kill -KILL "$LUOD_PID"
 	wait "$LUOD_PID" 2>/dev/null
 	if luoctl status >/dev/null 2>&1; then fail "luod still answers after SIGKILL"; fi
-	ps | grep -v grep | grep -e '--holder' || fail "the fd holder did not survive luod"
+	holder=$(cat /run/luod/holder.pid 2>/dev/null)
+	[ -n "$holder" ] && kill -0 "$holder" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$holder/status" ||
+		fail "the fd holder did not survive luod"
+	echo "fd holder pid $holder survived luod's SIGKILL"
 	step restart-luod 60
 	start_luod
 	expect_state prepared
