@@ -310,8 +310,6 @@ impl<R: Region> Engine<R> {
         let mut sources = Vec::new();
         if self.kernel.handoff() == Handoff::Copy {
             for (name, token, fd) in &preserved {
-                let src = memfd::FdSource::new(*fd)
-                    .map_err(|e| EngineError::Io(format!("cannot read {name}/{token}: {e}")))?;
                 let Some(f) = next
                     .sessions
                     .iter_mut()
@@ -320,9 +318,11 @@ impl<R: Region> Engine<R> {
                 else {
                     continue;
                 };
-                f.size = src.data_len();
+                // The store reads the size again as it copies, and refuses a
+                // file that changed size in between.
+                f.size = fd.data_len();
                 f.data = Some(sources.len() as u32);
-                sources.push(src);
+                sources.push(*fd);
             }
         }
         let refs: Vec<&dyn DataSource> = sources.iter().map(|s| s as &dyn DataSource).collect();

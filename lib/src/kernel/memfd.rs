@@ -46,35 +46,6 @@ pub fn identity(fd: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
         .map_err(Into::into)
 }
 
-/// A borrowed fd as a readable data source for the record store.
-#[derive(Debug)]
-pub struct FdSource<'a> {
-    fd: BorrowedFd<'a>,
-    len: u64,
-}
-
-impl<'a> FdSource<'a> {
-    /// Wraps `fd`, reading its current size.
-    pub fn new(fd: BorrowedFd<'a>) -> std::io::Result<Self> {
-        Ok(FdSource { len: size(fd)?, fd })
-    }
-}
-
-impl crate::record::DataSource for FdSource<'_> {
-    fn data_len(&self) -> u64 {
-        self.len
-    }
-    fn read_into(&self, dst: &mut [u8]) -> std::io::Result<()> {
-        self.fd.read_into(dst)
-    }
-    fn can_read_at(&self) -> bool {
-        true
-    }
-    fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
-        self.fd.read_at(offset, dst)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
