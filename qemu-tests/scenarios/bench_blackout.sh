@@ -28,11 +28,7 @@ boot_any() {
 			fi
 			stop_luod
 		fi
-		step repack 120
-		repack
-		step kexec 180
-		luo-qemu-tool kexec --kernel /kernel --initrd /run/initrd.cpio --cmdline "$(cat /proc/cmdline)" --mark bare-kexec
-		fail "the bare kexec returned"
+		bare_kexec
 	fi
 	step start-luod 60
 	start_luod

@@ -53,11 +53,7 @@ boot_any() {
 			[ "$BOOT" = $((2 * ROUNDS + 1)) ] && pass
 			stop_luod
 		fi
-		step repack 120
-		repack
-		step kexec 180
-		luo-qemu-tool kexec --kernel /kernel --initrd /run/initrd.cpio --cmdline "$(cat /proc/cmdline)" --mark bare-kexec
-		fail "the bare kexec returned"
+		bare_kexec
 	fi
 	step start-luod 60
 	start_luod
