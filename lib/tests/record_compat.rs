@@ -1,19 +1,20 @@
 //! Records written by released format versions must stay readable.
 //!
-//! `tests/fixtures/record-v1.bin` (at the workspace root) is a 64 KiB region
-//! image written by format version 1: slot A holds generation 1 (a host in
-//! `prepared`), slot B generation 2 (the outgoing image at `reboot`, with two
-//! data extents). It is the contract: every later luod must load it and find
-//! exactly the content below. Never regenerate it; a new format version adds
-//! `record-v2.bin` beside it (see `docs/state-format.md`, "Compatibility").
+//! `tests/fixtures/record-v{N}.bin` (at the workspace root) is a 64 KiB
+//! region image written by format version N: slot A holds generation 1 (a
+//! host in `prepared`), slot B generation 2 (the outgoing image at `reboot`,
+//! with two data extents). Each is a contract: every later luod must load it
+//! and find exactly the content below (a v1 record converted: no nonce, no
+//! events). Never regenerate one; a new format version adds the next file
+//! beside them (see `docs/state-format.md`, "Compatibility").
 //!
-//! The fixture was made once by `v1_image` below (see
-//! `luod_still_writes_the_v1_fixture_byte_for_byte`).
+//! Each fixture was made once by `image` below while its version was the
+//! current one (see `luod_still_writes_the_current_fixture_byte_for_byte`).
 
 use liveupdate::names::SessionName;
 use liveupdate::record::{
-    Cycle, FORMAT_VERSION, FdRecord, Handover, HandoverRecord, KernelImage, MAGIC, Outcome, RecordStore, Section,
-    SessionRecord, SlotStatus, Timestamps, Update,
+    Cycle, Event, FORMAT_VERSION, FdRecord, Handover, HandoverRecord, KernelImage, MAGIC, Outcome, RecordStore,
+    Section, SessionRecord, SlotStatus, Timestamps, Update,
 };
 use liveupdate::region::{FileRegion, MemRegion};
 use liveupdate::state::State;
@@ -21,8 +22,16 @@ use std::path::PathBuf;
 
 const REGION_LEN: usize = 64 << 10;
 
-fn fixture_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/record-v1.bin")
+/// Every format version with a fixture, oldest first.
+const VERSIONS: [u32; 2] = [1, 2];
+
+fn fixture_path(version: u32) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/fixtures/record-v{version}.bin"))
+}
+
+/// The nonce the format 2 fixture carries (format 1 has none).
+fn nonce(version: u32) -> Option<String> {
+    (version >= 2).then(|| "5e1f0c2a9b7d4e36".to_string())
 }
 
 fn name(name: &str) -> SessionName {
@@ -90,7 +99,8 @@ fn history() -> Vec<Cycle> {
 }
 
 /// Generation 1, in slot A: host prepared, files preserved but not copied.
-fn prepared_record() -> HandoverRecord {
+/// As a record of format `version` reads in the current model.
+fn prepared_record(version: u32) -> HandoverRecord {
     HandoverRecord {
         state: State::Prepared,
         backend: "file".into(),
@@ -103,6 +113,7 @@ fn prepared_record() -> HandoverRecord {
                 prepared: Some(T0),
                 ..Timestamps::default()
             },
+            nonce: nonce(version),
         }),
         sessions: vec![
             SessionRecord {
@@ -147,18 +158,30 @@ fn prepared_record() -> HandoverRecord {
         history: history(),
         live_updates: 1,
         next_cycle_id: 4,
+        events: if version >= 2 {
+            vec![Event {
+                at: T0 - 3600 * SECOND,
+                uid: 0,
+                action: "session-evicted".into(),
+                subject: "vm-old".into(),
+                detail: "evicted by root: owner uid 64057 had left it behind".into(),
+            }]
+        } else {
+            Vec::new()
+        },
     }
 }
 
 /// Generation 2, in slot B: the outgoing image written at `reboot`, with the
 /// two files copied into the region. `extents` is what the store set.
-fn reboot_record() -> HandoverRecord {
-    let mut record = prepared_record();
+fn reboot_record(version: u32) -> HandoverRecord {
+    let mut record = prepared_record(version);
     record.state = State::Frozen;
     record.handover = Some(Handover {
         boot_id: "2f6d3b1e-8c4a-4e9b-a1f0-5d7c9e3b2a18".into(),
         simulated: true,
         kernel_release: "7.2.0-2-amd64".into(),
+        nonce: nonce(version),
     });
     if let Some(update) = record.update.as_mut() {
         update.timestamps.freeze_started = Some(T0 + 30 * SECOND);
@@ -192,94 +215,122 @@ fn expected_extents() -> [(u64, u64, u32); 2] {
     ]
 }
 
-fn load_fixture() -> Vec<u8> {
-    std::fs::read(fixture_path()).expect("tests/fixtures/record-v1.bin is in the repository")
+fn load_fixture(version: u32) -> Vec<u8> {
+    std::fs::read(fixture_path(version))
+        .unwrap_or_else(|e| panic!("tests/fixtures/record-v{version}.bin is in the repository: {e}"))
 }
 
 #[test]
-fn record_v1_fixture_loads_with_its_exact_content_and_data() {
-    let image = load_fixture();
-    assert_eq!(image.len(), REGION_LEN);
-    let mut store = RecordStore::new(MemRegion(image)).unwrap();
-    let report = store.load().unwrap();
-    assert_eq!(
-        report.slots,
-        [SlotStatus::Valid { generation: 1 }, SlotStatus::Valid { generation: 2 }]
-    );
-    let (generation, record) = report.latest.expect("the fixture holds a record");
-    assert_eq!(generation, 2);
+fn every_fixture_loads_with_its_exact_content_and_data() {
+    for version in VERSIONS {
+        let image = load_fixture(version);
+        assert_eq!(image.len(), REGION_LEN);
+        let mut store = RecordStore::new(MemRegion(image)).unwrap();
+        let report = store.load().unwrap();
+        assert_eq!(
+            report.slots,
+            [SlotStatus::Valid { generation: 1 }, SlotStatus::Valid { generation: 2 }],
+            "format {version}"
+        );
+        let (generation, record) = report.latest.expect("the fixture holds a record");
+        assert_eq!(generation, 2);
 
-    let mut expected = reboot_record();
-    let extents: Vec<(u64, u64, u32)> = record.extents.iter().map(|e| (e.offset, e.len, e.crc32c)).collect();
-    assert_eq!(extents, expected_extents());
-    expected.extents = record.extents.clone();
-    assert_eq!(record, expected);
+        let mut expected = reboot_record(version);
+        let extents: Vec<(u64, u64, u32)> = record.extents.iter().map(|e| (e.offset, e.len, e.crc32c)).collect();
+        assert_eq!(extents, expected_extents(), "format {version}");
+        expected.extents = record.extents.clone();
+        assert_eq!(record, expected, "format {version}");
 
-    assert_eq!(store.data(&record.extents[0]).unwrap(), guest_ram().as_slice());
-    assert_eq!(store.data(&record.extents[1]).unwrap(), device_state().as_slice());
-}
-
-#[test]
-fn record_v1_fixture_slot_a_holds_the_older_generation() {
-    let mut image = load_fixture();
-    // Damage slot B's header: the store falls back to slot A.
-    image[REGION_LEN / 2 + 20] ^= 0xff;
-    let mut store = RecordStore::new(MemRegion(image)).unwrap();
-    let report = store.load().unwrap();
-    assert_eq!(report.latest, Some((1, prepared_record())));
-    assert!(
-        matches!(&report.slots[1], SlotStatus::Invalid { reason } if reason.starts_with("record header checksum mismatch"))
-    );
-}
-
-#[test]
-fn record_v1_fixture_headers_start_with_magic_and_version() {
-    let image = load_fixture();
-    for start in [0, REGION_LEN / 2] {
-        assert_eq!(image[start..start + 8], MAGIC);
-        assert_eq!(image[start + 8..start + 12], 1u32.to_le_bytes());
+        assert_eq!(store.data(&record.extents[0]).unwrap(), guest_ram().as_slice());
+        assert_eq!(store.data(&record.extents[1]).unwrap(), device_state().as_slice());
     }
-    // This fixture is format 1; FORMAT_VERSION may only grow.
-    const { assert!(FORMAT_VERSION >= 1) };
 }
 
 #[test]
-fn record_v1_fixture_loads_from_a_file_region() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("region");
-    std::fs::copy(fixture_path(), &path).unwrap();
-    let mut store = RecordStore::new(FileRegion::open_existing(&path).unwrap()).unwrap();
-    let (generation, record) = store.load().unwrap().latest.unwrap();
-    assert_eq!(generation, 2);
-    assert_eq!(store.data(&record.extents[1]).unwrap(), device_state().as_slice());
+fn every_fixture_slot_a_holds_the_older_generation() {
+    for version in VERSIONS {
+        let mut image = load_fixture(version);
+        // Damage slot B's header: the store falls back to slot A.
+        image[REGION_LEN / 2 + 20] ^= 0xff;
+        let mut store = RecordStore::new(MemRegion(image)).unwrap();
+        let report = store.load().unwrap();
+        assert_eq!(report.latest, Some((1, prepared_record(version))), "format {version}");
+        assert!(
+            matches!(&report.slots[1], SlotStatus::Invalid { reason } if reason.starts_with("record header checksum mismatch"))
+        );
+    }
+}
+
+#[test]
+fn every_fixture_header_starts_with_magic_and_its_version() {
+    for version in VERSIONS {
+        let image = load_fixture(version);
+        for start in [0, REGION_LEN / 2] {
+            assert_eq!(image[start..start + 8], MAGIC);
+            assert_eq!(image[start + 8..start + 12], version.to_le_bytes());
+        }
+    }
+    // The newest fixture is the current format; FORMAT_VERSION may only grow.
+    assert_eq!(VERSIONS.last(), Some(&FORMAT_VERSION));
+}
+
+#[test]
+fn every_fixture_loads_from_a_file_region() {
+    for version in VERSIONS {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("region");
+        std::fs::copy(fixture_path(version), &path).unwrap();
+        let mut store = RecordStore::new(FileRegion::open_existing(&path).unwrap()).unwrap();
+        let (generation, record) = store.load().unwrap().latest.unwrap();
+        assert_eq!(generation, 2);
+        assert_eq!(store.data(&record.extents[1]).unwrap(), device_state().as_slice());
+    }
+}
+
+#[test]
+fn a_v1_record_rewritten_by_this_luod_becomes_the_current_format() {
+    let mut store = RecordStore::new(MemRegion(load_fixture(1))).unwrap();
+    let (_, mut record) = store.load().unwrap().latest.unwrap();
+    record.state = State::Prepared;
+    // Back to prepared: the files are no longer copied into the region.
+    for fd in record.sessions.iter_mut().flat_map(|s| s.fds.iter_mut()) {
+        fd.data = None;
+    }
+    store.write(&mut record, &[]).unwrap();
+    let image = store.into_region().0;
+    // Generation 3 went to slot A (slot B held the newest).
+    assert_eq!(image[8..12], FORMAT_VERSION.to_le_bytes());
+    let mut store = RecordStore::new(MemRegion(image)).unwrap();
+    let (generation, reread) = store.load().unwrap().latest.unwrap();
+    assert_eq!(generation, 3);
+    assert_eq!(reread.state, State::Prepared);
+    assert_eq!(reread.handover.as_ref().and_then(|h| h.nonce.clone()), None);
 }
 
 /// The image this version of luod writes for the fixture's records.
-fn v1_image() -> Vec<u8> {
+fn image(version: u32) -> Vec<u8> {
     let mut store = RecordStore::new(MemRegion::zeroed(REGION_LEN)).unwrap();
-    store.write(&mut prepared_record(), &[]).unwrap();
-    let mut record = reboot_record();
+    store.write(&mut prepared_record(version), &[]).unwrap();
+    let mut record = reboot_record(version);
     store.write(&mut record, &[&guest_ram(), &device_state()]).unwrap();
     store.into_region().0
 }
 
-/// While the format is version 1, luod still writes the fixture byte for
-/// byte: an encoding change that forgot to bump `FORMAT_VERSION` fails here.
-/// The fixture was made by this same function, once, with
+/// luod still writes the current format's fixture byte for byte: an
+/// encoding change that forgot to bump `FORMAT_VERSION` fails here. A new
+/// format's fixture is made by this same function, once, with
 /// `LUO_WRITE_FIXTURE=1 cargo test -p liveupdate --test record_compat`
 /// (it refuses to overwrite an existing file: a released fixture never changes).
 #[test]
-fn luod_still_writes_the_v1_fixture_byte_for_byte() {
-    let path = fixture_path();
+fn luod_still_writes_the_current_fixture_byte_for_byte() {
+    let path = fixture_path(FORMAT_VERSION);
     if !path.exists() && std::env::var_os("LUO_WRITE_FIXTURE").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, v1_image()).unwrap();
+        std::fs::write(&path, image(FORMAT_VERSION)).unwrap();
     }
-    let committed = std::fs::read(&path).expect("tests/fixtures/record-v1.bin is committed");
-    if FORMAT_VERSION == 1 {
-        assert!(
-            committed == v1_image(),
-            "format 1 encoding changed without a FORMAT_VERSION bump"
-        );
-    }
+    let committed = std::fs::read(&path).expect("the current format's fixture is committed");
+    assert!(
+        committed == image(FORMAT_VERSION),
+        "format {FORMAT_VERSION} encoding changed without a FORMAT_VERSION bump"
+    );
 }

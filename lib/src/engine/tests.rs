@@ -425,14 +425,15 @@ fn a_record_of_a_newer_format_is_refused_and_never_overwritten() {
         .write(&mut crate::record::HandoverRecord::new("fake"), &[])
         .unwrap();
     let mut bytes = store.into_region().0;
-    // A format-2 header: version at offset 8, header CRC-32C at 60 over 0..60.
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    // A next-format header: version at offset 8, header CRC-32C at 60 over 0..60.
+    let newer = crate::record::FORMAT_VERSION + 1;
+    bytes[8..12].copy_from_slice(&newer.to_le_bytes());
     let crc = crc32c::crc32c(&bytes[..60]);
     bytes[60..64].copy_from_slice(&crc.to_le_bytes());
     let (kernel, _) = FakeKernel::new();
     let store = RecordStore::new(MemRegion(bytes)).unwrap();
     let err = Engine::open(Box::new(kernel), Registry::new(), store, host()).unwrap_err();
-    assert!(matches!(err, EngineError::NewerRecord(2)), "{err}");
+    assert!(matches!(err, EngineError::NewerRecord(v) if v == newer), "{err}");
     assert!(err.to_string().contains("starting would overwrite it"), "{err}");
 }
 

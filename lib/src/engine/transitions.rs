@@ -180,6 +180,7 @@ impl<R: Region> Engine<R> {
                 prepared: Some(now()),
                 ..Default::default()
             },
+            nonce: None,
         });
         next.next_cycle_id += 1;
         self.refresh_sizes(&mut next);
@@ -297,6 +298,7 @@ impl<R: Region> Engine<R> {
             boot_id: self.host.boot_id.clone(),
             simulated: self.kernel.simulates_kexec(),
             kernel_release: self.host.kernel_release.clone(),
+            nonce: next.update.as_ref().and_then(|u| u.nonce.clone()),
         });
         if !self.copies_at_freeze() {
             // Written at the reboot itself: the reboot call is now. (A

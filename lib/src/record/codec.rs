@@ -20,7 +20,7 @@
 //! here works on untrusted bytes: no indexing that can fail, no arithmetic
 //! that can overflow, no allocation sized by the input.
 
-use super::{FORMAT_VERSION, HEADER_LEN, HandoverRecord, MAGIC, MAX_RECORD_LEN, RecordError};
+use super::{FORMAT_VERSION, HEADER_LEN, HandoverRecord, MAGIC, MAX_RECORD_LEN, OLDEST_READABLE, RecordError, v1};
 
 const OFF_VERSION: usize = 8;
 const OFF_GENERATION: usize = 16;
@@ -32,6 +32,8 @@ const OFF_HEADER_CRC: usize = 60;
 /// The fields of a slot header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Header {
+    /// Format version of the payload ([`OLDEST_READABLE`]..=[`FORMAT_VERSION`]).
+    pub version: u32,
     pub generation: u64,
     pub region_len: u64,
     pub payload_len: u64,
@@ -39,11 +41,11 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    /// The header's bytes, checksum included, for [`FORMAT_VERSION`].
+    /// The header's bytes, checksum included.
     pub fn to_bytes(self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[..OFF_VERSION].copy_from_slice(&MAGIC);
-        h[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&self.version.to_le_bytes());
         h[OFF_GENERATION..OFF_GENERATION + 8].copy_from_slice(&self.generation.to_le_bytes());
         h[OFF_REGION_LEN..OFF_REGION_LEN + 8].copy_from_slice(&self.region_len.to_le_bytes());
         h[OFF_PAYLOAD_LEN..OFF_PAYLOAD_LEN + 8].copy_from_slice(&self.payload_len.to_le_bytes());
@@ -80,15 +82,16 @@ impl Header {
             return Err(RecordError::HeaderChecksum { stored, computed });
         }
         let version = u32::from_le_bytes(array(h, OFF_VERSION));
-        if version != FORMAT_VERSION {
-            // A reader of format N+1 dispatches here on `version` and
-            // converts an N record (see docs/state-format.md, Compatibility).
+        if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
+            // Older versions are converted by `decode_payload` (see
+            // docs/state-format.md, Compatibility).
             return Err(RecordError::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
             });
         }
         Ok(Some(Header {
+            version,
             generation: u64::from_le_bytes(array(h, OFF_GENERATION)),
             region_len: u64::from_le_bytes(array(h, OFF_REGION_LEN)),
             payload_len: u64::from_le_bytes(array(h, OFF_PAYLOAD_LEN)),
@@ -153,12 +156,20 @@ pub(crate) fn decode_slot(slot: &[u8], region_len: u64) -> Result<Option<SlotRec
     Ok(Some(SlotRecord {
         generation: header.generation,
         record_len,
-        record: decode_payload(payload)?,
+        record: decode_payload(header.version, payload)?,
     }))
 }
 
-/// Decodes a format-1 payload, which must be exactly one record.
-pub(crate) fn decode_payload(payload: &[u8]) -> Result<HandoverRecord, RecordError> {
+/// Decodes a payload of format `version`, which must be exactly one record,
+/// into the current model (a format 1 record is converted).
+pub(crate) fn decode_payload(version: u32, payload: &[u8]) -> Result<HandoverRecord, RecordError> {
+    match version {
+        1 => decode_exact::<v1::HandoverRecord>(payload).map(HandoverRecord::from),
+        _ => decode_exact::<HandoverRecord>(payload),
+    }
+}
+
+fn decode_exact<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, RecordError> {
     let (record, rest) = postcard::take_from_bytes(payload).map_err(RecordError::Decode)?;
     if !rest.is_empty() {
         return Err(RecordError::TrailingBytes {
@@ -177,6 +188,7 @@ mod tests {
     fn slot_image(record: &HandoverRecord, generation: u64, region_len: u64, extra: usize) -> Vec<u8> {
         let payload = postcard::to_stdvec(record).unwrap();
         let header = Header {
+            version: FORMAT_VERSION,
             generation,
             region_len,
             payload_len: payload.len() as u64,
@@ -202,6 +214,7 @@ mod tests {
     #[test]
     fn header_round_trips() {
         let header = Header {
+            version: FORMAT_VERSION,
             generation: 7,
             region_len: 1 << 20,
             payload_len: 300,
@@ -209,7 +222,7 @@ mod tests {
         };
         let bytes = header.to_bytes();
         assert_eq!(&bytes[..8], b"LUODREC\0");
-        assert_eq!(&bytes[8..12], &1u32.to_le_bytes());
+        assert_eq!(&bytes[8..12], &FORMAT_VERSION.to_le_bytes());
         assert_eq!(Header::parse(&bytes).unwrap(), Some(header));
     }
 
@@ -250,17 +263,17 @@ mod tests {
     #[test]
     fn future_version_is_refused_by_number() {
         let mut image = slot_image(&sample(), 1, 4096, 0);
-        image[8..12].copy_from_slice(&2u32.to_le_bytes());
+        image[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let crc = crc32c::crc32c(&image[..OFF_HEADER_CRC]);
         image[OFF_HEADER_CRC..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
         let err = decode_slot(&image, 4096).unwrap_err();
         assert!(matches!(
             err,
-            RecordError::UnsupportedVersion { found: 2, supported: 1 }
+            RecordError::UnsupportedVersion { found, supported } if found == FORMAT_VERSION + 1 && supported == FORMAT_VERSION
         ));
         assert_eq!(
             err.to_string(),
-            "record has format version 2 but this luod reads format versions 1 to 1: use a luod built for format version 2"
+            "record has format version 3 but this luod reads format versions 1 to 2: use a luod built for format version 3"
         );
     }
 
@@ -280,6 +293,7 @@ mod tests {
     /// A header with a valid checksum around any payload length.
     fn header_with_payload_len(payload_len: u64) -> [u8; HEADER_LEN] {
         Header {
+            version: FORMAT_VERSION,
             generation: 1,
             region_len: 4096,
             payload_len,
@@ -312,6 +326,7 @@ mod tests {
     fn payload_with_valid_checksum_but_garbage_is_a_decode_error() {
         let payload = [0xffu8; 16];
         let header = Header {
+            version: FORMAT_VERSION,
             generation: 1,
             region_len: 4096,
             payload_len: 16,
@@ -326,7 +341,7 @@ mod tests {
     fn payload_with_bytes_after_the_record_is_refused() {
         let mut payload = postcard::to_stdvec(&sample()).unwrap();
         payload.extend_from_slice(&[0, 0, 0]);
-        let err = decode_payload(&payload).unwrap_err();
+        let err = decode_payload(FORMAT_VERSION, &payload).unwrap_err();
         assert!(matches!(err, RecordError::TrailingBytes { count: 3 }));
     }
 
@@ -334,7 +349,8 @@ mod tests {
         #[test]
         fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_slot(&bytes, 4096);
-            let _ = decode_payload(&bytes);
+            let _ = decode_payload(1, &bytes);
+            let _ = decode_payload(2, &bytes);
         }
 
         #[test]
@@ -361,6 +377,7 @@ mod tests {
             }
             payload.truncate(cut.index(payload.len() + 1));
             let header = Header {
+                version: FORMAT_VERSION,
                 generation: 1,
                 region_len: 4096,
                 payload_len: payload.len() as u64,

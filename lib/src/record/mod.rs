@@ -15,6 +15,7 @@ mod codec;
 mod copy;
 mod model;
 mod store;
+mod v1;
 
 pub use model::*;
 pub use store::RecordStore;
@@ -23,7 +24,10 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 /// Format version of the record (independent of the crate version).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Oldest format version this luod still reads (and converts).
+pub const OLDEST_READABLE: u32 = 1;
 
 /// The first 8 bytes of every slot header.
 pub const MAGIC: [u8; 8] = *b"LUODREC\0";
@@ -114,7 +118,9 @@ pub enum RecordError {
     },
     /// The payload passed its checksum but is not a valid record of this
     /// format version (a writer bug, or a version mix-up).
-    #[error("record payload passed its checksum but does not decode as a format {FORMAT_VERSION} record")]
+    #[error(
+        "record payload passed its checksum but does not decode as a record of the format version its header names"
+    )]
     Decode(#[source] postcard::Error),
     /// The payload decoded but left bytes over.
     #[error("record payload has {count} bytes after the end of the record")]

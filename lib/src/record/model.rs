@@ -1,10 +1,11 @@
-//! The handover record's content, format version 1.
+//! The handover record's content, format version 2.
 //!
 //! Postcard is not self-describing: any change to these types (a field added,
-//! removed, reordered or retyped) is a new format version. When that day
-//! comes, this file is copied to `v1.rs` unchanged, the new types live here,
-//! and the decoder converts a v1 record into the new model (see
-//! `docs/state-format.md`, "Compatibility").
+//! removed, reordered or retyped) is a new format version. The types an
+//! older version wrote differently live frozen in `v{N}.rs`, and the decoder
+//! converts such a record into this model (see `docs/state-format.md`,
+//! "Compatibility"). Format 2 added [`Handover::nonce`], [`Update::nonce`]
+//! and [`HandoverRecord::events`].
 
 use crate::names::SessionName;
 use crate::state::State;
@@ -37,6 +38,40 @@ pub struct HandoverRecord {
     pub live_updates: u64,
     /// Identifier the next cycle gets.
     pub next_cycle_id: u64,
+    /// Decisions and findings outside the cycles (an operator evicting a
+    /// session, discarding an unreadable record, a stale handover set
+    /// aside), oldest first, at most [`EVENTS_LIMIT`]. Format 2 on.
+    pub events: Vec<Event>,
+}
+
+/// How many events the record keeps (the oldest go first).
+pub const EVENTS_LIMIT: usize = 128;
+
+/// Something that happened outside a cycle and must stay on record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// When it happened.
+    pub at: UnixNanos,
+    /// Uid of the caller who decided it (0 for luod itself).
+    pub uid: u32,
+    /// What happened, a short fixed word (`session-evicted`,
+    /// `record-discarded`, `stale-handover`, ...).
+    pub action: String,
+    /// What it happened to (a session name, a region path, ...).
+    pub subject: String,
+    /// One sentence with the details.
+    pub detail: String,
+}
+
+impl HandoverRecord {
+    /// Appends an event, dropping the oldest beyond [`EVENTS_LIMIT`].
+    pub fn push_event(&mut self, event: Event) {
+        self.events.push(event);
+        if self.events.len() > EVENTS_LIMIT {
+            let excess = self.events.len() - EVENTS_LIMIT;
+            self.events.drain(..excess);
+        }
+    }
 }
 
 /// How many cycles the history keeps.
@@ -56,6 +91,7 @@ impl HandoverRecord {
             history: Vec::new(),
             live_updates: 0,
             next_cycle_id: 1,
+            events: Vec::new(),
         }
     }
 }
@@ -70,6 +106,10 @@ pub struct Handover {
     pub simulated: bool,
     /// Release (`uname -r`) of the kernel that wrote the record.
     pub kernel_release: String,
+    /// The cycle's one-time nonce ([`Update::nonce`]), which the target
+    /// kernel's command line carries: the record is a handover only for a
+    /// boot whose `/proc/cmdline` shows it. `None` in format 1 records.
+    pub nonce: Option<String>,
 }
 
 /// The cycle in flight.
@@ -83,6 +123,10 @@ pub struct Update {
     pub target: Option<KernelImage>,
     /// When each transition happened.
     pub timestamps: Timestamps,
+    /// One-time value chosen at `prepare` and put on the target kernel's
+    /// command line, so the next boot can prove it came from this cycle's
+    /// kexec. `None` in format 1 records.
+    pub nonce: Option<String>,
 }
 
 /// A kernel image loaded for kexec.

@@ -198,6 +198,7 @@ impl<R: Region> RecordStore<R> {
 
         // 4. The header: the slot becomes valid.
         let header = Header {
+            version: FORMAT_VERSION,
             generation,
             region_len: bytes.len() as u64,
             payload_len,
@@ -404,6 +405,7 @@ pub(crate) mod tests {
                 boot_id: "4b0e7d2c-1111-2222-3333-444455556666".into(),
                 simulated: true,
                 kernel_release: "7.2.0".into(),
+                nonce: Some("c0ffee".into()),
             }),
             update: Some(Update {
                 id: 9,
@@ -415,6 +417,7 @@ pub(crate) mod tests {
                     frozen: Some(1_700_000_001_500_000_000),
                     ..Timestamps::default()
                 },
+                nonce: Some("c0ffee".into()),
             }),
             sessions: vec![SessionRecord {
                 name: SessionName::new("vm-1").unwrap(),
@@ -454,6 +457,7 @@ pub(crate) mod tests {
             }],
             live_updates: 8,
             next_cycle_id: 10,
+            events: Vec::new(),
         }
     }
 
@@ -852,6 +856,7 @@ pub(crate) mod tests {
     fn forge(image: &mut [u8], slot: usize, generation: u64, record: &HandoverRecord) {
         let payload = postcard::to_stdvec(record).unwrap();
         let header = Header {
+            version: FORMAT_VERSION,
             generation,
             region_len: image.len() as u64,
             payload_len: payload.len() as u64,
