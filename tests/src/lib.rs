@@ -3,8 +3,9 @@
 //! through the library's protocol client, `luoctl` runs, and memfd helpers.
 //!
 //! The binaries are taken from the cargo target directory the tests were
-//! built in (`target/debug/luod`, `target/debug/luoctl`): `cargo test
-//! --workspace` builds them; `cargo test -p liveupdate-tests` alone does not.
+//! built in (`target/debug/luod`, `target/debug/luoctl`); [`binary`] builds
+//! them first (`cargo build --bins`, a no-op when up to date), so `cargo test
+//! --workspace` and `cargo test -p liveupdate-tests` work on a fresh clone.
 //!
 //! Every [`Luod`] has its own directory (socket, state directory, region,
 //! log), so the tests of a file run in parallel threads without sharing
@@ -40,22 +41,67 @@ pub const KEXEC_EXIT: i32 = SIMULATED_KEXEC_EXIT;
 
 /// A binary of the workspace, from the target directory this test runs in.
 ///
-/// `current_exe()` is `target/debug/deps/NAME-HASH`; the workspace's binaries
-/// are in `target/debug/`.
+/// `current_exe()` is `target/PROFILE/deps/NAME-HASH`; the workspace's
+/// binaries are in `target/PROFILE/`. `cargo test` builds only the binaries
+/// of the package under test, so the first call in a test process runs
+/// `cargo build --bins` for the workspace's default members into the same
+/// target directory (a no-op when they are up to date): `cargo test
+/// --workspace` on a fresh clone then tests freshly built luod and luoctl.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let mut dir = exe.parent().expect("the test executable has a directory").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
+    if let Err(e) = build_binaries(&dir) {
+        panic!("cannot build the workspace's binaries for the tests: {e}");
+    }
     let path = dir.join(name);
     if !path.is_file() {
         panic!(
-            "{} not found: run `cargo build --workspace` (or `cargo test --workspace`) first",
+            "{} not found after building the workspace's binaries: is {name} a binary of a default member?",
             path.display()
         );
     }
     path
+}
+
+/// Runs `cargo build --bins` once per test process for the profile directory
+/// `profile_dir` (`target/debug` or `target/release`).
+fn build_binaries(profile_dir: &Path) -> Result<(), String> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let target_dir = profile_dir
+                .parent()
+                .ok_or("the test executable is not in a target directory")?;
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.arg("build")
+                .arg("--bins")
+                .arg("--quiet")
+                .arg("--manifest-path")
+                .arg(&manifest)
+                .arg("--target-dir")
+                .arg(target_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            if profile_dir.ends_with("release") {
+                cmd.arg("--release");
+            }
+            let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "cargo build --bins failed ({}):\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        })
+        .clone()
 }
 
 /// A luod of the test's own, in a temporary directory:
