@@ -12,9 +12,9 @@ use nix::sys::signal::{SigSet, Signal};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 type Shared<R> = Arc<Mutex<Engine<R>>>;
 
@@ -84,25 +84,42 @@ fn serve_engine<R: Region + 'static>(
     });
 
     let timeout = Duration::from_secs(args.client_timeout.max(1));
-    for conn in listener.incoming() {
+    let limits = Arc::new(Limits::new(args.max_connections as usize));
+    let mut backoff = AcceptBackoff::default();
+    loop {
         if EXIT.load(Ordering::SeqCst) >= 0 {
             break;
         }
-        let conn = match conn {
-            Ok(c) => c,
+        let conn = match listener.accept() {
+            Ok((c, _)) => {
+                backoff.recovered();
+                c
+            }
             Err(e) => {
-                tracing::warn!("accept failed: {e}");
+                backoff.failed(&e);
                 continue;
             }
         };
+        if EXIT.load(Ordering::SeqCst) >= 0 {
+            break;
+        }
+        let Some(slot) = limits.admit(&conn) else {
+            continue;
+        };
         let engine = engine.clone();
         let socket = args.socket.clone();
-        std::thread::spawn(move || {
+        let spawned = std::thread::Builder::new().name("luod-client".into()).spawn(move || {
+            let _slot = slot;
             serve(conn, &engine, timeout);
             if EXIT.load(Ordering::SeqCst) >= 0 {
                 let _ = UnixStream::connect(&socket);
             }
         });
+        if let Err(e) = spawned {
+            // The closure (and with it the connection and its slot) is dropped.
+            tracing::warn!("cannot start a thread for a client: {e}; its connection is closed");
+            backoff.pause();
+        }
     }
     let code = EXIT.load(Ordering::SeqCst).max(0);
     let _ = std::fs::remove_file(&args.socket);
@@ -110,6 +127,141 @@ fn serve_engine<R: Region + 'static>(
     let _guard = engine.lock().unwrap_or_else(|p| p.into_inner());
     tracing::info!("luod exits with status {code}");
     Ok(code as u8)
+}
+
+/// How long a refusal may take to reach a client luod turns away.
+const REFUSAL_SEND_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Connections root may open beyond `--max-connections`.
+const ROOT_RESERVE: usize = 8;
+
+/// At most one log line per this interval about refused connections or
+/// failing accepts.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Counts the connections being served and turns away those beyond the cap.
+#[derive(Debug)]
+struct Limits {
+    max: usize,
+    active: AtomicUsize,
+    /// Refusals since the last log line, and when that line was written.
+    refused: Mutex<(u64, Option<Instant>)>,
+}
+
+/// One served connection; frees its place when dropped.
+#[derive(Debug)]
+struct Slot(Arc<Limits>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Limits {
+    fn new(max: usize) -> Self {
+        Limits {
+            max,
+            active: AtomicUsize::new(0),
+            refused: Mutex::new((0, None)),
+        }
+    }
+
+    /// A place for `conn`, or `None` after telling the client why not.
+    /// Root (uid 0 in luod's namespace, from `SO_PEERCRED`) may use
+    /// [`ROOT_RESERVE`] places beyond the cap.
+    fn admit(self: &Arc<Self>, conn: &UnixStream) -> Option<Slot> {
+        let root = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+            .is_ok_and(|c| c.uid() == 0);
+        let cap = if root { self.max + ROOT_RESERVE } else { self.max };
+        let admitted = self
+            .active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < cap).then_some(n + 1))
+            .is_ok();
+        if admitted {
+            return Some(Slot(self.clone()));
+        }
+        let msg = format!(
+            "luod serves at most {} connections at once (--max-connections) and all are in use; try again later",
+            self.max
+        );
+        // The client has sent nothing yet, so the socket's buffer is empty
+        // and this small frame goes out at once; never wait long for it.
+        let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+        let _ = frame::send(conn, &protocol_error(msg), &[]);
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.0 += 1;
+        if refused.1.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
+            tracing::warn!(
+                "refused {} connection(s): {} are being served (--max-connections {}); next report in {} s at the earliest",
+                refused.0,
+                self.active.load(Ordering::SeqCst),
+                self.max,
+                LOG_INTERVAL.as_secs()
+            );
+            *refused = (0, Some(Instant::now()));
+        }
+        None
+    }
+}
+
+/// What the accept loop does when `accept` fails: out of descriptors or
+/// memory, it waits before trying again (the pending connection stays in the
+/// backlog) instead of spinning, and logs at most once per [`LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    /// Failures since the last log line.
+    failures: u64,
+    /// Failures in a row (sets the pause).
+    streak: u32,
+    logged: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    fn failed(&mut self, e: &std::io::Error) {
+        use nix::errno::Errno;
+        self.failures += 1;
+        self.streak = self.streak.saturating_add(1);
+        let errno = e.raw_os_error().map(Errno::from_raw);
+        let scarce = matches!(
+            errno,
+            Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+        );
+        if matches!(errno, Some(Errno::EINTR | Errno::ECONNABORTED)) {
+            return;
+        }
+        if self.logged.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
+            let why = if scarce {
+                "luod is out of file descriptors or memory; it waits for connections to close"
+            } else {
+                "retrying"
+            };
+            tracing::warn!(
+                "accept failed {} time(s): {e}; {why} (next report in {} s at the earliest)",
+                self.failures,
+                LOG_INTERVAL.as_secs()
+            );
+            self.failures = 0;
+            self.logged = Some(Instant::now());
+        }
+        self.pause();
+    }
+
+    /// Waits before the next accept: 10 ms, doubling with every failure in
+    /// a row, at most 500 ms.
+    fn pause(&self) {
+        let ms = 10u64 << self.streak.clamp(1, 6).saturating_sub(1);
+        std::thread::sleep(Duration::from_millis(ms.min(500)));
+    }
+
+    fn recovered(&mut self) {
+        if self.logged.is_some() && self.streak > 0 {
+            tracing::info!("accepting connections again");
+            self.logged = None;
+            self.failures = 0;
+        }
+        self.streak = 0;
+    }
 }
 
 /// Binds the socket (mode 0660), replacing a stale one but never a live one.
@@ -158,28 +310,104 @@ fn protocol_error(message: String) -> Response {
     })
 }
 
+/// Sends `resp` on `conn`; a failure is logged (the client learns nothing
+/// more, so luod's log is where it shows).
+fn send_logged(conn: &UnixStream, caller: &Caller, kind: &str, resp: &Response, fds: &[std::os::fd::BorrowedFd<'_>]) -> bool {
+    match frame::send(conn, resp, fds) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                "cannot send the answer to {kind} to client pid {} uid {}: {e}",
+                caller.pid,
+                caller.uid
+            );
+            false
+        }
+    }
+}
+
+/// Makes `resp` fit in one frame. A `status` too large is summarised: the
+/// sessions that fit are kept, in order, and a note says how many were
+/// left out. Any other answer too large becomes an error saying so.
+fn fit(kind: &str, resp: Response) -> Response {
+    let limit = frame::MAX_FRAME_LEN as usize;
+    let len = match frame::encoded_len(&resp) {
+        Ok(len) if len <= limit => return resp,
+        Ok(len) => len,
+        Err(e) => {
+            return Response::Error(ErrorReply {
+                kind: ErrorKind::Internal,
+                message: format!("cannot encode the answer to {kind}: {e}"),
+                hint: String::new(),
+                step: None,
+            });
+        }
+    };
+    if let Response::Status(mut report) = resp {
+        let total = report.sessions.len();
+        let sessions = std::mem::take(&mut report.sessions);
+        // Room for the note, with digits to spare.
+        let note = |shown: usize| {
+            format!(
+                "showing {shown} of {total} sessions: the whole list does not fit in one answer ({} bytes at most); \
+                 each owner sees its own with `luoctl session list`",
+                frame::MAX_FRAME_LEN
+            )
+        };
+        report.notes.push(note(total));
+        let base = frame::encoded_len(&Response::Status(report.clone())).unwrap_or(limit);
+        let mut used = base;
+        let mut keep = 0;
+        for s in &sessions {
+            let one = frame::encoded_len(s).unwrap_or(limit);
+            // A few bytes more for the vector's length prefix.
+            if used + one + 8 > limit {
+                break;
+            }
+            used += one;
+            keep += 1;
+        }
+        let mut sessions = sessions;
+        sessions.truncate(keep);
+        report.sessions = sessions;
+        *report.notes.last_mut().expect("the note just pushed") = note(keep);
+        tracing::warn!("status for a client lists {keep} of {total} sessions: the whole answer would be {len} bytes");
+        return Response::Status(report);
+    }
+    tracing::warn!("the answer to {kind} would be {len} bytes, more than a frame holds ({limit})");
+    Response::Error(ErrorReply {
+        kind: ErrorKind::Internal,
+        message: format!("the answer to {kind} would be {len} bytes, more than one frame holds ({limit} bytes)"),
+        hint: "see luod's log".into(),
+        step: None,
+    })
+}
+
 /// Serves one connection until it closes or breaks the protocol.
 fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
+    // A client that does not read its answers cannot pin this thread.
+    let _ = conn.set_write_timeout(Some(timeout));
     let caller = match peer::caller(&conn) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!("cannot read peer credentials: {e}");
+            tracing::warn!("cannot read a client's credentials: {e}; closing its connection");
+            let msg = format!("luod cannot tell who is connecting: {e}; try again");
+            let _ = frame::send(&conn, &protocol_error(msg), &[]);
             return;
         }
     };
     let mut greeted = false;
     loop {
         // An idle client may wait as long as it likes (a VMM keeps its
-        // connection); once a frame starts, the rest must come within
-        // `timeout`, so a client stalled mid-frame cannot pin a thread.
+        // connection); once a frame starts, the whole of it must come within
+        // `timeout`, so a client that trickles bytes cannot pin a thread.
         let _ = conn.set_read_timeout(None);
         let mut first = [0u8; 1];
         match nix::sys::socket::recv(conn.as_raw_fd(), &mut first, nix::sys::socket::MsgFlags::MSG_PEEK) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let _ = conn.set_read_timeout(Some(timeout));
-        let (req, fds): (Request, Vec<OwnedFd>) = match frame::recv(&conn) {
+        let (req, fds): (Request, Vec<OwnedFd>) = match frame::recv_within(&conn, timeout) {
             Ok(m) => m,
             Err(FrameError::Closed) => return,
             Err(e) => {
@@ -188,7 +416,9 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
                     caller.pid,
                     caller.uid
                 );
-                let _ = frame::send(&conn, &protocol_error(format!("{e}; closing the connection")), &[]);
+                let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+                let resp = protocol_error(format!("{e}; closing the connection"));
+                send_logged(&conn, &caller, "a broken frame", &resp, &[]);
                 return;
             }
         };
@@ -201,7 +431,7 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
                         version: PROTOCOL_VERSION,
                         server: format!("luod {}", env!("CARGO_PKG_VERSION")),
                     };
-                    if frame::send(&conn, &hello, &[]).is_err() {
+                    if !send_logged(&conn, &caller, "hello", &hello, &[]) {
                         return;
                     }
                     continue;
@@ -210,12 +440,12 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
                     let msg = format!(
                         "luod speaks protocol version {PROTOCOL_VERSION}, the client {version}; use matching luod and client versions"
                     );
-                    let _ = frame::send(&conn, &protocol_error(msg), &[]);
+                    send_logged(&conn, &caller, "hello", &protocol_error(msg), &[]);
                     return;
                 }
                 other => {
                     let msg = format!("the first request must be hello, not {}", other.kind());
-                    let _ = frame::send(&conn, &protocol_error(msg), &[]);
+                    send_logged(&conn, &caller, other.kind(), &protocol_error(msg), &[]);
                     return;
                 }
             }
@@ -230,20 +460,21 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
             let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
             dispatch(&mut engine, &caller, req, fds, &conn)
         };
+        let resp = fit(kind, resp);
         match &resp {
             Response::Error(e) => tracing::info!("{kind} from uid {} refused: {}", caller.uid, e.message),
-            _ if !matches!(kind, "status" | "history" | "session-list" | "check") => {
+            _ if !matches!(kind, "status" | "history" | "session-list" | "check" | "vm-list") => {
                 tracing::info!("{kind} from uid {} done", caller.uid)
             }
             _ => {}
         }
         let fds: Vec<_> = out_fds.iter().map(|f| f.as_fd()).collect();
-        let sent = frame::send(&conn, &resp, &fds);
+        let sent = send_logged(&conn, &caller, kind, &resp, &fds);
         if let Some(code) = exit {
             EXIT.store(code, Ordering::SeqCst);
             return;
         }
-        if sent.is_err() || keep_conn {
+        if !sent || keep_conn {
             // A registered VMM's connection now belongs to the kvm
             // subsystem, which sends it calls; this thread stops reading.
             return;
