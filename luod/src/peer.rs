@@ -24,20 +24,38 @@ const CAP_SYS_BOOT: u32 = 22;
 
 /// The caller behind `sock`: its uid and pid from `SO_PEERCRED` (mapped into
 /// luod's user namespace by the kernel), and whether it is privileged.
+///
+/// Fails when luod is short of descriptors or memory to look (rather than
+/// taking root for unprivileged): the connection is then refused.
 pub fn caller(sock: &UnixStream) -> std::io::Result<Caller> {
     let cred = getsockopt(sock, PeerCredentials)?;
     let uid = cred.uid();
     let pid = cred.pid();
     let privileged = match getsockopt(sock, PeerPidfd) {
-        Ok(pidfd) => privileged_by_pidfd(&pidfd, uid),
+        Ok(pidfd) => privileged_by_pidfd(&pidfd, uid)?,
         // Kernels before 6.5 do not have SO_PEERPIDFD.
-        Err(nix::errno::Errno::ENOPROTOOPT) => privileged_by_start_time(pid, uid),
-        Err(e) => {
-            tracing::warn!("cannot get a pidfd for client pid {pid} uid {uid}: {e}; treating it as unprivileged");
-            false
-        }
+        Err(nix::errno::Errno::ENOPROTOOPT) => privileged_by_start_time(pid, uid)?,
+        Err(e) => return Err(e.into()),
     };
     Ok(Caller { uid, pid, privileged })
+}
+
+/// Reads a `/proc` file: `Ok(None)` when it cannot be read because the
+/// process is gone or hidden, `Err` when luod itself lacks the resources.
+fn read_proc_file(path: &str) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if scarce(&e) => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Out of descriptors or memory: luod's problem, not the caller's.
+fn scarce(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
+    )
 }
 
 /// What `/proc/PID` says about a process.
@@ -51,18 +69,27 @@ struct ProcView {
     userns: (u64, u64),
 }
 
-fn read_proc(pid: i32) -> Option<ProcView> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+fn read_proc(pid: i32) -> std::io::Result<Option<ProcView>> {
+    let Some(status) = read_proc_file(&format!("/proc/{pid}/status"))? else {
+        return Ok(None);
+    };
+    let ns = match std::fs::metadata(format!("/proc/{pid}/ns/user")) {
+        Ok(ns) => ns,
+        Err(e) if scarce(&e) => return Err(e),
+        Err(_) => return Ok(None),
+    };
     let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
-    let cap_eff = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
-    // Uid: real, effective, saved, filesystem.
-    let euid = field("Uid:")?.split_whitespace().nth(1)?.parse().ok()?;
-    let ns = std::fs::metadata(format!("/proc/{pid}/ns/user")).ok()?;
-    Some(ProcView {
-        euid,
-        cap_eff,
-        userns: (ns.dev(), ns.ino()),
-    })
+    let parsed = || {
+        let cap_eff = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
+        // Uid: real, effective, saved, filesystem.
+        let euid = field("Uid:")?.split_whitespace().nth(1)?.parse().ok()?;
+        Some(ProcView {
+            euid,
+            cap_eff,
+            userns: (ns.dev(), ns.ino()),
+        })
+    };
+    Ok(parsed())
 }
 
 /// luod's own user namespace.
@@ -83,10 +110,15 @@ fn judge(view: &ProcView, connected_uid: u32) -> bool {
 
 /// The pid a pidfd refers to, from `/proc/self/fdinfo` (`None` when the
 /// process has exited or lives in a pid namespace luod cannot see).
-fn pidfd_pid(pidfd: &OwnedFd) -> Option<i32> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
-    let pid: i32 = info.lines().find_map(|l| l.strip_prefix("Pid:"))?.trim().parse().ok()?;
-    (pid > 0).then_some(pid)
+fn pidfd_pid(pidfd: &OwnedFd) -> std::io::Result<Option<i32>> {
+    let Some(info) = read_proc_file(&format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))? else {
+        return Ok(None);
+    };
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|p| p.trim().parse::<i32>().ok());
+    Ok(pid.filter(|p| *p > 0))
 }
 
 /// True while the process behind `pidfd` has not exited
@@ -110,30 +142,32 @@ fn pidfd_alive(pidfd: &OwnedFd) -> bool {
     rc == 0 || nix::errno::Errno::last() == nix::errno::Errno::EPERM
 }
 
-fn privileged_by_pidfd(pidfd: &OwnedFd, uid: u32) -> bool {
-    let Some(pid) = pidfd_pid(pidfd) else { return false };
-    let Some(view) = read_proc(pid) else { return false };
+fn privileged_by_pidfd(pidfd: &OwnedFd, uid: u32) -> std::io::Result<bool> {
+    let Some(pid) = pidfd_pid(pidfd)? else { return Ok(false) };
+    let Some(view) = read_proc(pid)? else { return Ok(false) };
     // The process was alive after the reads, so `pid` was still its pid
     // while luod read /proc/PID: what was read is about the connecting process.
-    pidfd_alive(pidfd) && judge(&view, uid)
+    Ok(pidfd_alive(pidfd) && judge(&view, uid))
 }
 
 /// The start time of `pid` (field 22 of `/proc/PID/stat`, in clock ticks since boot).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+fn start_time(pid: i32) -> std::io::Result<Option<u64>> {
+    let Some(stat) = read_proc_file(&format!("/proc/{pid}/stat"))? else {
+        return Ok(None);
+    };
     // The command name (field 2) may hold spaces and parentheses: count the
     // fields after its closing parenthesis, which start at field 3.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    let field = || stat[stat.rfind(')')? + 1..].split_whitespace().nth(22 - 3)?.parse().ok();
+    Ok(field())
 }
 
-fn privileged_by_start_time(pid: i32, uid: u32) -> bool {
+fn privileged_by_start_time(pid: i32, uid: u32) -> std::io::Result<bool> {
     if pid <= 0 {
-        return false;
+        return Ok(false);
     }
-    let Some(before) = start_time(pid) else { return false };
-    let Some(view) = read_proc(pid) else { return false };
-    start_time(pid) == Some(before) && judge(&view, uid)
+    let Some(before) = start_time(pid)? else { return Ok(false) };
+    let Some(view) = read_proc(pid)? else { return Ok(false) };
+    Ok(start_time(pid)? == Some(before) && judge(&view, uid))
 }
 
 #[cfg(test)]
@@ -143,7 +177,7 @@ mod tests {
     #[test]
     fn luod_itself_is_judged_privileged_when_root() {
         // The unit tests run as root, as CI does.
-        let view = read_proc(std::process::id() as i32).expect("/proc/self");
+        let view = read_proc(std::process::id() as i32).unwrap().expect("/proc/self");
         assert_eq!(judge(&view, 0), nix::unistd::geteuid().is_root());
     }
 
@@ -179,10 +213,10 @@ mod tests {
     #[test]
     fn the_start_time_is_read_past_a_command_name_with_spaces() {
         let me = std::process::id() as i32;
-        let t = start_time(me).expect("own start time");
+        let t = start_time(me).unwrap().expect("own start time");
         assert!(t > 0);
-        assert_eq!(start_time(me), Some(t));
-        assert!(privileged_by_start_time(me, 0) == nix::unistd::geteuid().is_root());
+        assert_eq!(start_time(me).unwrap(), Some(t));
+        assert_eq!(privileged_by_start_time(me, 0).unwrap(), nix::unistd::geteuid().is_root());
     }
 
     #[test]
@@ -191,5 +225,38 @@ mod tests {
         let c = caller(&a).expect("caller");
         assert_eq!(c.pid, std::process::id() as i32);
         assert_eq!(c.privileged, nix::unistd::geteuid().is_root());
+    }
+
+    /// A root process connects and exits (and is reaped) before luod looks:
+    /// whatever now has its pid, the connection is not privileged.
+    #[test]
+    fn a_peer_that_exited_before_the_check_is_not_privileged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // The child runs only async-signal-safe calls: the socket address is
+        // built before the fork.
+        let addr = nix::sys::socket::UnixAddr::new(&path).unwrap();
+        // SAFETY: the child only calls socket(2), connect(2) and _exit(2),
+        // all async-signal-safe, on memory prepared before the fork.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                use nix::sys::socket::{AddressFamily, SockFlag, SockType, connect, socket};
+                let ok = socket(AddressFamily::Unix, SockType::Stream, SockFlag::empty(), None)
+                    .and_then(|s| connect(s.as_raw_fd(), &addr).map(|()| s));
+                // SAFETY: _exit ends the child without running the parent's
+                // destructors or atexit handlers.
+                unsafe { libc::_exit(i32::from(ok.is_err())) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let (conn, _) = listener.accept().unwrap();
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+                let c = caller(&conn).unwrap();
+                assert_eq!((c.uid, c.pid), (nix::unistd::geteuid().as_raw(), child.as_raw()));
+                assert!(!c.privileged, "a connection whose process is gone is never privileged");
+                assert!(!privileged_by_start_time(child.as_raw(), 0).unwrap());
+            }
+        }
     }
 }

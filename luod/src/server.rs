@@ -139,13 +139,36 @@ const ROOT_RESERVE: usize = 8;
 /// failing accepts.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// A log line that is written at most once per [`LOG_INTERVAL`], with the
+/// number of times it happened since the last one.
+#[derive(Debug)]
+struct Throttle(Mutex<(u64, Option<Instant>)>);
+
+impl Throttle {
+    const fn new() -> Self {
+        Throttle(Mutex::new((0, None)))
+    }
+
+    /// Counts one event; calls `log` with the count when a line is due.
+    fn event(&self, log: impl FnOnce(u64)) {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        t.0 += 1;
+        if t.1.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
+            log(t.0);
+            *t = (0, Some(Instant::now()));
+        }
+    }
+}
+
+/// Connections refused because luod could not read who is connecting.
+static CREDENTIAL_FAILURES: Throttle = Throttle::new();
+
 /// Counts the connections being served and turns away those beyond the cap.
 #[derive(Debug)]
 struct Limits {
     max: usize,
     active: AtomicUsize,
-    /// Refusals since the last log line, and when that line was written.
-    refused: Mutex<(u64, Option<Instant>)>,
+    refused: Throttle,
 }
 
 /// One served connection; frees its place when dropped.
@@ -163,7 +186,7 @@ impl Limits {
         Limits {
             max,
             active: AtomicUsize::new(0),
-            refused: Mutex::new((0, None)),
+            refused: Throttle::new(),
         }
     }
 
@@ -189,18 +212,14 @@ impl Limits {
         // and this small frame goes out at once; never wait long for it.
         let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
         let _ = frame::send(conn, &protocol_error(msg), &[]);
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        refused.0 += 1;
-        if refused.1.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
+        self.refused.event(|n| {
             tracing::warn!(
-                "refused {} connection(s): {} are being served (--max-connections {}); next report in {} s at the earliest",
-                refused.0,
+                "refused {n} connection(s): {} are being served (--max-connections {}); next report in {} s at the earliest",
                 self.active.load(Ordering::SeqCst),
                 self.max,
                 LOG_INTERVAL.as_secs()
-            );
-            *refused = (0, Some(Instant::now()));
-        }
+            )
+        });
         None
     }
 }
@@ -390,7 +409,13 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
     let caller = match peer::caller(&conn) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!("cannot read a client's credentials: {e}; closing its connection");
+            CREDENTIAL_FAILURES.event(|n| {
+                tracing::warn!(
+                    "cannot tell who is connecting: {e}; refused {n} connection(s) for this (next report in {} s at the earliest)",
+                    LOG_INTERVAL.as_secs()
+                )
+            });
+            let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
             let msg = format!("luod cannot tell who is connecting: {e}; try again");
             let _ = frame::send(&conn, &protocol_error(msg), &[]);
             return;
