@@ -75,7 +75,13 @@ fn missing_subcommand(e: &clap::Error) -> error::Failure {
         .unwrap_or("luoctl <COMMAND>")
         .trim()
         .to_string();
-    let command = usage.split(" [").next().unwrap_or(&usage).split(" <").next().unwrap_or(&usage);
+    let command = usage
+        .split(" [")
+        .next()
+        .unwrap_or(&usage)
+        .split(" <")
+        .next()
+        .unwrap_or(&usage);
     let subcommands: Vec<&str> = help
         .lines()
         .skip_while(|l| l.trim() != "Commands:")

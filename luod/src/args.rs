@@ -189,7 +189,9 @@ mod tests {
         for bad in ["inf", "-inf", "NaN", "1e20", "0", "-1", "3600.5"] {
             assert_eq!(
                 parse_seconds(bad),
-                Err(format!("{bad} seconds is out of range: give more than 0 and at most 3600")),
+                Err(format!(
+                    "{bad} seconds is out of range: give more than 0 and at most 3600"
+                )),
                 "{bad}"
             );
         }

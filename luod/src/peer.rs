@@ -157,7 +157,13 @@ fn start_time(pid: i32) -> std::io::Result<Option<u64>> {
     };
     // The command name (field 2) may hold spaces and parentheses: count the
     // fields after its closing parenthesis, which start at field 3.
-    let field = || stat[stat.rfind(')')? + 1..].split_whitespace().nth(22 - 3)?.parse().ok();
+    let field = || {
+        stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .nth(22 - 3)?
+            .parse()
+            .ok()
+    };
     Ok(field())
 }
 
@@ -165,7 +171,9 @@ fn privileged_by_start_time(pid: i32, uid: u32) -> std::io::Result<bool> {
     if pid <= 0 {
         return Ok(false);
     }
-    let Some(before) = start_time(pid)? else { return Ok(false) };
+    let Some(before) = start_time(pid)? else {
+        return Ok(false);
+    };
     let Some(view) = read_proc(pid)? else { return Ok(false) };
     Ok(start_time(pid)? == Some(before) && judge(&view, uid))
 }
@@ -216,7 +224,10 @@ mod tests {
         let t = start_time(me).unwrap().expect("own start time");
         assert!(t > 0);
         assert_eq!(start_time(me).unwrap(), Some(t));
-        assert_eq!(privileged_by_start_time(me, 0).unwrap(), nix::unistd::geteuid().is_root());
+        assert_eq!(
+            privileged_by_start_time(me, 0).unwrap(),
+            nix::unistd::geteuid().is_root()
+        );
     }
 
     #[test]

@@ -194,8 +194,8 @@ impl Limits {
     /// Root (uid 0 in luod's namespace, from `SO_PEERCRED`) may use
     /// [`ROOT_RESERVE`] places beyond the cap.
     fn admit(self: &Arc<Self>, conn: &UnixStream) -> Option<Slot> {
-        let root = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
-            .is_ok_and(|c| c.uid() == 0);
+        let root =
+            nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials).is_ok_and(|c| c.uid() == 0);
         let cap = if root { self.max + ROOT_RESERVE } else { self.max };
         let admitted = self
             .active
@@ -331,7 +331,13 @@ fn protocol_error(message: String) -> Response {
 
 /// Sends `resp` on `conn`; a failure is logged (the client learns nothing
 /// more, so luod's log is where it shows).
-fn send_logged(conn: &UnixStream, caller: &Caller, kind: &str, resp: &Response, fds: &[std::os::fd::BorrowedFd<'_>]) -> bool {
+fn send_logged(
+    conn: &UnixStream,
+    caller: &Caller,
+    kind: &str,
+    resp: &Response,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> bool {
     match frame::send(conn, resp, fds) {
         Ok(()) => true,
         Err(e) => {

@@ -30,13 +30,25 @@ fn json_session_and_vm_without_a_subcommand_print_a_json_usage_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("none.sock");
     let cases = [
-        (vec!["--json", "session"], "luoctl session needs a subcommand: create, list, preserve, retrieve, finish", "luoctl session"),
-        (vec!["--json", "vm"], "luoctl vm needs a subcommand: list, abandon", "luoctl vm"),
+        (
+            vec!["--json", "session"],
+            "luoctl session needs a subcommand: create, list, preserve, retrieve, finish",
+            "luoctl session",
+        ),
+        (
+            vec!["--json", "vm"],
+            "luoctl vm needs a subcommand: list, abandon",
+            "luoctl vm",
+        ),
     ];
     for (args, message, usage) in cases {
         let out = luoctl_command(&socket).args(&args).output().expect("run luoctl");
         assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(out.stderr.is_empty(), "{args:?}: nothing on stderr: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: nothing on stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let json = stdout_json(&out);
         assert_eq!(
             json,
@@ -90,12 +102,18 @@ fn luoctl_refuses_a_luod_speaking_another_protocol_version_with_exit_5() {
     let out = luoctl_command(&socket).arg("status").output().expect("run luoctl");
     server.join().expect("fake luod");
     assert_eq!(out.status.code(), Some(5));
-    assert_eq!(String::from_utf8_lossy(&out.stderr), format!("luoctl: status: {message}; {hint}\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("luoctl: status: {message}; {hint}\n")
+    );
     assert!(out.stdout.is_empty());
 
     let socket = dir.path().join("json.sock");
     let server = fake_luod(&socket, other);
-    let out = luoctl_command(&socket).args(["--json", "prepare"]).output().expect("run luoctl");
+    let out = luoctl_command(&socket)
+        .args(["--json", "prepare"])
+        .output()
+        .expect("run luoctl");
     server.join().expect("fake luod");
     assert_eq!(out.status.code(), Some(5));
     let json = stdout_json(&out);
@@ -124,7 +142,11 @@ fn a_vmm_whose_connection_closed_is_listed_disconnected() {
     assert_eq!(phase(&luod), "registered");
     let before = luod.status();
     drop(vm);
-    assert_eq!(phase(&luod), "disconnected", "as soon as the VMM's connection is closed");
+    assert_eq!(
+        phase(&luod),
+        "disconnected",
+        "as soon as the VMM's connection is closed"
+    );
     assert_eq!(phase(&luod), "disconnected");
     let out = luod.luoctl(&["vm", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("disconnected"));
@@ -145,7 +167,10 @@ fn bytes_after_a_complete_message_in_a_frame_are_a_protocol_error() {
                 client: "raw".into(),
             };
             frame::send(&sock, &hello, &[]).expect("hello");
-            assert!(matches!(frame::recv::<Response>(&sock).expect("hello answer").0, Response::Hello { .. }));
+            assert!(matches!(
+                frame::recv::<Response>(&sock).expect("hello answer").0,
+                Response::Hello { .. }
+            ));
             Request::Status
         } else {
             Request::Hello {
@@ -178,13 +203,37 @@ fn bytes_after_a_complete_message_in_a_frame_are_a_protocol_error() {
 fn a_timeout_that_is_not_a_finite_number_of_seconds_is_a_usage_error_of_luod() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = [
-        ("--vm-timeout", "inf", "inf seconds is out of range: give more than 0 and at most 3600"),
-        ("--vm-timeout", "1e20", "1e20 seconds is out of range: give more than 0 and at most 3600"),
-        ("--vm-timeout", "NaN", "NaN seconds is out of range: give more than 0 and at most 3600"),
-        ("--vm-timeout", "-1", "-1 seconds is out of range: give more than 0 and at most 3600"),
-        ("--qmp-timeout", "inf", "inf seconds is out of range: give more than 0 and at most 3600"),
+        (
+            "--vm-timeout",
+            "inf",
+            "inf seconds is out of range: give more than 0 and at most 3600",
+        ),
+        (
+            "--vm-timeout",
+            "1e20",
+            "1e20 seconds is out of range: give more than 0 and at most 3600",
+        ),
+        (
+            "--vm-timeout",
+            "NaN",
+            "NaN seconds is out of range: give more than 0 and at most 3600",
+        ),
+        (
+            "--vm-timeout",
+            "-1",
+            "-1 seconds is out of range: give more than 0 and at most 3600",
+        ),
+        (
+            "--qmp-timeout",
+            "inf",
+            "inf seconds is out of range: give more than 0 and at most 3600",
+        ),
         ("--client-timeout", "0", "0 is not in 1..=3600"),
-        ("--client-timeout", "18446744073709551615", "18446744073709551615 is not in 1..=3600"),
+        (
+            "--client-timeout",
+            "18446744073709551615",
+            "18446744073709551615 is not in 1..=3600",
+        ),
         ("--max-connections", "0", "0 is not in 1..=65536"),
     ];
     for (flag, value, why) in cases {
@@ -201,7 +250,9 @@ fn a_timeout_that_is_not_a_finite_number_of_seconds_is_a_usage_error_of_luod() {
         assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
         let upper = flag.trim_start_matches("--").replace('-', "_").to_uppercase();
         assert!(
-            stderr.starts_with(&format!("error: invalid value '{value}' for '{flag} <{upper}>': {why}\n")),
+            stderr.starts_with(&format!(
+                "error: invalid value '{value}' for '{flag} <{upper}>': {why}\n"
+            )),
             "{flag} {value}: {stderr}"
         );
         assert!(!stderr.contains("panicked"), "{stderr}");

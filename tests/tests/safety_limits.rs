@@ -37,7 +37,8 @@ fn root_status_promptly(luod: &mut Luod) -> StatusReport {
 /// serves it).
 fn greeted(luod: &Luod) -> UnixStream {
     let sock = UnixStream::connect(luod.socket()).expect("connect");
-    sock.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
     let hello = Request::Hello {
         version: PROTOCOL_VERSION,
         client: "raw".into(),
@@ -79,7 +80,8 @@ fn a_client_sending_one_byte_per_100_ms_is_cut_off_at_the_whole_frame_deadline()
     let before = root_status_promptly(&mut luod);
 
     let sock = UnixStream::connect(luod.socket()).expect("connect");
-    sock.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
     let mut writer = sock.try_clone().expect("clone");
     let started = Instant::now();
     let trickle = std::thread::spawn(move || {
@@ -145,16 +147,17 @@ fn connections_beyond_the_cap_are_refused_with_the_reason_and_logged_once() {
     held.extend((0..8).map(|_| greeted(&luod)));
     // Now the reserve is used up too, once luod has let go of the status
     // connection above.
-    let refused = poll(Duration::from_secs(5), || {
-        match liveupdate::protocol::client::Client::connect(&luod.socket(), "root") {
+    let refused = poll(
+        Duration::from_secs(5),
+        || match liveupdate::protocol::client::Client::connect(&luod.socket(), "root") {
             Err(liveupdate::protocol::client::ClientError::Server(e)) => Some(*e),
             Ok(c) => {
                 drop(c);
                 None
             }
             Err(e) => panic!("unexpected {e}"),
-        }
-    })
+        },
+    )
     .expect("a 13th connection of root is refused");
     assert_eq!((refused.kind, refused.message.as_str()), (ErrorKind::Protocol, refusal));
 
@@ -180,7 +183,13 @@ fn connections_beyond_the_cap_are_refused_with_the_reason_and_logged_once() {
 fn open_fds(pid: i32) -> Vec<i32> {
     let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("/proc/PID/fd")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().parse().expect("fd number"))
+        .map(|e| {
+            e.expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .parse()
+                .expect("fd number")
+        })
         .collect();
     fds.sort_unstable();
     fds
@@ -214,8 +223,15 @@ fn out_of_descriptors_luod_backs_off_logs_once_and_recovers_when_connections_clo
     std::thread::sleep(window);
     let used = cpu_ticks(pid) - cpu_before;
     let share = used as f64 / (window.as_secs_f64() * ticks_per_second() as f64);
-    eprintln!("luod used {:.2} % of a core in {window:?} while out of descriptors", share * 100.0);
-    assert!(share < 0.05, "luod used {:.1} % of a core while out of descriptors", share * 100.0);
+    eprintln!(
+        "luod used {:.2} % of a core in {window:?} while out of descriptors",
+        share * 100.0
+    );
+    assert!(
+        share < 0.05,
+        "luod used {:.1} % of a core while out of descriptors",
+        share * 100.0
+    );
     let log = luod.log();
     assert_eq!(
         count(&log, "accept failed"),
@@ -239,7 +255,11 @@ fn out_of_descriptors_luod_backs_off_logs_once_and_recovers_when_connections_clo
     .expect("luod serves again once connections closed");
     assert_unchanged(&before, &status);
     assert!(
-        poll(Duration::from_secs(2), || luod.log().contains("accepting connections again").then_some(())).is_some(),
+        poll(Duration::from_secs(2), || luod
+            .log()
+            .contains("accepting connections again")
+            .then_some(()))
+        .is_some(),
         "{}",
         luod.log()
     );
@@ -288,13 +308,20 @@ fn status_with_16000_sessions_is_summarised_to_fit_one_frame() {
             .collect(),
     );
     let full_len = frame::encoded_len(&full).expect("encode");
-    assert!(full_len > MAX_FRAME_LEN as usize, "the whole list does not fit: {full_len}");
+    assert!(
+        full_len > MAX_FRAME_LEN as usize,
+        "the whole list does not fit: {full_len}"
+    );
 
     let status = root_status_promptly(&mut luod);
     let shown = status.sessions.len();
     assert!((14_000..SESSIONS).contains(&shown), "{shown} sessions shown");
     let names: Vec<String> = status.sessions.iter().map(|s| s.name.clone()).collect();
-    assert_eq!(names, (0..shown).map(long_name).collect::<Vec<_>>(), "the first ones, in order");
+    assert_eq!(
+        names,
+        (0..shown).map(long_name).collect::<Vec<_>>(),
+        "the first ones, in order"
+    );
     assert_eq!(
         status.notes.last().map(String::as_str),
         Some(
@@ -314,11 +341,16 @@ fn status_with_16000_sessions_is_summarised_to_fit_one_frame() {
     let refused = assert_refused(
         c.call(&Request::SessionList),
         ErrorKind::Internal,
-        &format!("the answer to session-list would be {full_len} bytes, more than one frame holds ({MAX_FRAME_LEN} bytes)"),
+        &format!(
+            "the answer to session-list would be {full_len} bytes, more than one frame holds ({MAX_FRAME_LEN} bytes)"
+        ),
     );
     assert_eq!(refused.hint, "see luod's log");
     assert_eq!(c.status().sessions.len(), shown, "the connection still serves");
-    assert!(luod.log().contains(&format!("the answer to session-list would be {full_len} bytes")));
+    assert!(
+        luod.log()
+            .contains(&format!("the answer to session-list would be {full_len} bytes"))
+    );
 }
 
 #[test]

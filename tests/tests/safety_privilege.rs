@@ -119,7 +119,10 @@ fn root_inside_its_own_user_namespace_cannot_drive_any_transition() {
         match reply {
             Err(e) => assert_eq!(
                 (e.kind, e.message.as_str()),
-                (ErrorKind::PermissionDenied, format!("{what} needs root or CAP_SYS_BOOT").as_str())
+                (
+                    ErrorKind::PermissionDenied,
+                    format!("{what} needs root or CAP_SYS_BOOT").as_str()
+                )
             ),
             Ok(r) => panic!("{what} answered {r:?}"),
         }
@@ -137,7 +140,11 @@ fn nobody_in_its_own_user_namespace_does_not_see_roots_sessions() {
         let out = attack::luoctl_as(who, luod.dir(), &luod.socket(), &["--json", "status"]);
         assert_eq!(out.status.code(), Some(0), "{who:?}: {}", attack::stderr(&out));
         let status = attack::json(&out);
-        assert_eq!(status["sessions"], serde_json::json!([]), "{who:?}: status shows no session");
+        assert_eq!(
+            status["sessions"],
+            serde_json::json!([]),
+            "{who:?}: status shows no session"
+        );
         assert_eq!(status["state"], "normal");
 
         let replies = client_as(
@@ -153,10 +160,17 @@ fn nobody_in_its_own_user_namespace_does_not_see_roots_sessions() {
                 Request::VmAbandon { name: "x".into() },
             ],
         );
-        assert!(matches!(&replies[0], Ok(Response::Sessions(s)) if s.is_empty()), "{who:?}: {:?}", replies[0]);
+        assert!(
+            matches!(&replies[0], Ok(Response::Sessions(s)) if s.is_empty()),
+            "{who:?}: {:?}",
+            replies[0]
+        );
         for reply in &replies[1..3] {
             match reply {
-                Err(e) => assert_eq!((e.kind, e.message.as_str()), (ErrorKind::NotFound, "no session named root-vm")),
+                Err(e) => assert_eq!(
+                    (e.kind, e.message.as_str()),
+                    (ErrorKind::NotFound, "no session named root-vm")
+                ),
                 Ok(r) => panic!("{who:?} touched root's session: {r:?}"),
             }
         }

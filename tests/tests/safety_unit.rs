@@ -92,7 +92,10 @@ fn a_member_of_the_units_group_reaches_the_socket_and_no_one_else_does() {
 
     // What systemd does: /run/RUNTIME with the unit's mode, owned by
     // root:Group=, and luod started as uid 0 with gid Group=.
-    let root = tempfile::Builder::new().prefix("luod-unit-").tempdir().expect("tempdir");
+    let root = tempfile::Builder::new()
+        .prefix("luod-unit-")
+        .tempdir()
+        .expect("tempdir");
     attack::share_dir(root.path());
     let run = root.path().join("run");
     std::fs::create_dir(&run).expect("mkdir run");
@@ -100,8 +103,12 @@ fn a_member_of_the_units_group_reaches_the_socket_and_no_one_else_does() {
     let dir = run.join(runtime);
     std::fs::create_dir(&dir).expect("mkdir the runtime directory");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(GROUP)))
-        .expect("chown root:GROUP");
+    nix::unistd::chown(
+        &dir,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nix::unistd::Gid::from_raw(GROUP)),
+    )
+    .expect("chown root:GROUP");
 
     let mut args: Vec<String> = Vec::new();
     let mut it = exec[1..].iter();
@@ -146,11 +153,19 @@ fn a_member_of_the_units_group_reaches_the_socket_and_no_one_else_does() {
     let _luod = Daemon(cmd.spawn().expect("spawn luod"), log.clone());
     let deadline = Instant::now() + STARTUP_DEADLINE;
     while Client::connect(&socket, "root").is_err() {
-        assert!(Instant::now() < deadline, "luod did not serve; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "luod did not serve; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let meta = std::fs::metadata(&socket).expect("the socket");
-    assert_eq!((meta.mode() & 0o777, meta.uid(), meta.gid()), (0o660, 0, GROUP), "socket root:GROUP 0660");
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid(), meta.gid()),
+        (0o660, 0, GROUP),
+        "socket root:GROUP 0660"
+    );
 
     // A member of the group (supplementary only) gets in.
     let out = attack::luoctl_as(Who::MemberOf(GROUP), root.path(), &socket, &["--json", "status"]);

@@ -250,7 +250,12 @@ fn a_vmm_whose_connection_closed_is_listed_disconnected_before_any_call() {
             .map(|v| (v.name, v.phase))
             .collect::<Vec<_>>()
     };
-    let both = |a: &str, b: &str| vec![("gone".to_string(), a.to_string()), ("alive".to_string(), b.to_string())];
+    let both = |a: &str, b: &str| {
+        vec![
+            ("gone".to_string(), a.to_string()),
+            ("alive".to_string(), b.to_string()),
+        ]
+    };
     assert_eq!(phases(&e), both("registered", "registered"));
     drop(vmm_end);
     assert_eq!(phases(&e), both("disconnected", "registered"));

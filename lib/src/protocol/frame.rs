@@ -358,7 +358,11 @@ mod tests {
         let r = recv_within::<Request>(&b, Duration::from_millis(500));
         let took = start.elapsed();
         match r {
-            Err(FrameError::Deadline { secs: 0, got, want: 104 }) => assert!((5..=20).contains(&got), "{got}"),
+            Err(FrameError::Deadline {
+                secs: 0,
+                got,
+                want: 104,
+            }) => assert!((5..=20).contains(&got), "{got}"),
             other => panic!("unexpected {other:?}"),
         }
         assert!(took < Duration::from_millis(900), "{took:?}");
@@ -372,6 +376,9 @@ mod tests {
         send(&a, &Request::Status, &[]).unwrap();
         let (got, _) = recv_within::<Request>(&b, Duration::from_secs(5)).unwrap();
         assert_eq!(got, Request::Status);
-        assert_eq!(encoded_len(&Request::Status).unwrap(), postcard::to_allocvec(&Request::Status).unwrap().len());
+        assert_eq!(
+            encoded_len(&Request::Status).unwrap(),
+            postcard::to_allocvec(&Request::Status).unwrap().len()
+        );
     }
 }
