@@ -94,6 +94,11 @@ pub struct Args {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections: u32,
 
+    /// Most connections one uid other than root may have open at once (1 to
+    /// 65536): one user cannot take every place of --max-connections.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections_per_uid: u32,
+
     /// Seconds a VMM may take to answer each call (prepare, freeze,
     /// unfreeze, cancel); one that does not answer fails the step. More
     /// than 0, at most 3600.

@@ -9,10 +9,11 @@ use liveupdate::protocol::frame::{self, FrameError};
 use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response};
 use liveupdate::region::Region;
 use nix::sys::signal::{SigSet, Signal};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,7 +85,10 @@ fn serve_engine<R: Region + 'static>(
     });
 
     let timeout = Duration::from_secs(args.client_timeout.max(1));
-    let limits = Arc::new(Limits::new(args.max_connections as usize));
+    let limits = Arc::new(Limits::new(
+        args.max_connections as usize,
+        args.max_connections_per_uid as usize,
+    ));
     let mut backoff = AcceptBackoff::default();
     loop {
         if EXIT.load(Ordering::SeqCst) >= 0 {
@@ -163,60 +167,102 @@ impl Throttle {
 /// Connections refused because luod could not read who is connecting.
 static CREDENTIAL_FAILURES: Throttle = Throttle::new();
 
-/// Counts the connections being served and turns away those beyond the cap.
+/// Counts the connections being served and turns away those beyond the
+/// caps: `--max-connections` in all, `--max-connections-per-uid` for each
+/// uid but root.
 #[derive(Debug)]
 struct Limits {
     max: usize,
-    active: AtomicUsize,
+    per_uid: usize,
+    /// Connections served, in all and per uid.
+    active: Mutex<Active>,
     refused: Throttle,
+}
+
+#[derive(Debug, Default)]
+struct Active {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
 }
 
 /// One served connection; frees its place when dropped.
 #[derive(Debug)]
-struct Slot(Arc<Limits>);
+struct Slot {
+    limits: Arc<Limits>,
+    uid: Option<u32>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        let mut a = self.limits.active.lock().unwrap_or_else(|p| p.into_inner());
+        a.total -= 1;
+        if let Some(uid) = self.uid
+            && let Some(n) = a.by_uid.get_mut(&uid)
+        {
+            *n -= 1;
+            if *n == 0 {
+                a.by_uid.remove(&uid);
+            }
+        }
     }
 }
 
 impl Limits {
-    fn new(max: usize) -> Self {
+    fn new(max: usize, per_uid: usize) -> Self {
         Limits {
             max,
-            active: AtomicUsize::new(0),
+            per_uid,
+            active: Mutex::new(Active::default()),
             refused: Throttle::new(),
         }
     }
 
     /// A place for `conn`, or `None` after telling the client why not.
-    /// Root (uid 0 in luod's namespace, from `SO_PEERCRED`) may use
-    /// [`ROOT_RESERVE`] places beyond the cap.
+    /// Root (uid 0 in luod's namespace, from `SO_PEERCRED`) has no per-uid
+    /// cap and may use [`ROOT_RESERVE`] places beyond the overall one.
     fn admit(self: &Arc<Self>, conn: &UnixStream) -> Option<Slot> {
-        let root =
-            nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials).is_ok_and(|c| c.uid() == 0);
+        let uid = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .map(|c| c.uid());
+        let root = uid == Some(0);
         let cap = if root { self.max + ROOT_RESERVE } else { self.max };
-        let admitted = self
-            .active
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < cap).then_some(n + 1))
-            .is_ok();
-        if admitted {
-            return Some(Slot(self.clone()));
-        }
-        let msg = format!(
-            "luod serves at most {} connections at once (--max-connections) and all are in use; try again later",
-            self.max
-        );
+        let refusal = {
+            let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            let of_uid = uid.map_or(0, |u| a.by_uid.get(&u).copied().unwrap_or(0));
+            if a.total >= cap {
+                format!(
+                    "luod serves at most {} connections at once (--max-connections) and all are in use; try again later",
+                    self.max
+                )
+            } else if !root && of_uid >= self.per_uid {
+                format!(
+                    "uid {} has {of_uid} connections to luod open, the most one user may have \
+                     (--max-connections-per-uid); close one and try again",
+                    uid.unwrap_or(u32::MAX)
+                )
+            } else {
+                a.total += 1;
+                if let Some(u) = uid.filter(|_| !root) {
+                    *a.by_uid.entry(u).or_insert(0) += 1;
+                }
+                return Some(Slot {
+                    limits: self.clone(),
+                    uid: uid.filter(|_| !root),
+                });
+            }
+        };
         // The client has sent nothing yet, so the socket's buffer is empty
         // and this small frame goes out at once; never wait long for it.
         let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
-        let _ = frame::send(conn, &protocol_error(msg), &[]);
+        let _ = frame::send(conn, &protocol_error(refusal), &[]);
         self.refused.event(|n| {
+            let a = self.active.lock().unwrap_or_else(|p| p.into_inner());
             tracing::warn!(
-                "refused {n} connection(s): {} are being served (--max-connections {}); next report in {} s at the earliest",
-                self.active.load(Ordering::SeqCst),
+                "refused {n} connection(s): {} are being served (--max-connections {}, --max-connections-per-uid {}); \
+                 next report in {} s at the earliest",
+                a.total,
                 self.max,
+                self.per_uid,
                 LOG_INTERVAL.as_secs()
             )
         });
@@ -432,10 +478,27 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
         // An idle client may wait as long as it likes (a VMM keeps its
         // connection); once a frame starts, the whole of it must come within
         // `timeout`, so a client that trickles bytes cannot pin a thread.
-        let _ = conn.set_read_timeout(None);
+        // Before its hello, a connection is not idle but silent: it gets
+        // `timeout` to start, so silent connections cannot hold the places.
+        let _ = conn.set_read_timeout(if greeted { None } else { Some(timeout) });
         let mut first = [0u8; 1];
         match nix::sys::socket::recv(conn.as_raw_fd(), &mut first, nix::sys::socket::MsgFlags::MSG_PEEK) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
+            Err(nix::errno::Errno::EAGAIN) if !greeted => {
+                let msg = format!(
+                    "nothing received within {} s of connecting; a client says hello first",
+                    timeout.as_secs()
+                );
+                tracing::info!(
+                    "client pid {} uid {}: {msg}; closing the connection",
+                    caller.pid,
+                    caller.uid
+                );
+                let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+                send_logged(&conn, &caller, "a silent connection", &protocol_error(msg), &[]);
+                return;
+            }
+            Err(_) => return,
             Ok(_) => {}
         }
         let (req, fds): (Request, Vec<OwnedFd>) = match frame::recv_within(&conn, timeout) {

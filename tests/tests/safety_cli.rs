@@ -235,6 +235,7 @@ fn a_timeout_that_is_not_a_finite_number_of_seconds_is_a_usage_error_of_luod() {
             "18446744073709551615 is not in 1..=3600",
         ),
         ("--max-connections", "0", "0 is not in 1..=65536"),
+        ("--max-connections-per-uid", "65537", "65537 is not in 1..=65536"),
     ];
     for (flag, value, why) in cases {
         let out = Command::new(binary("luod"))

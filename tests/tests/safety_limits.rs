@@ -167,7 +167,10 @@ fn connections_beyond_the_cap_are_refused_with_the_reason_and_logged_once() {
         1,
         "one log line for all refusals within 10 s:\n{log}"
     );
-    assert!(log.contains("(--max-connections 4)"), "{log}");
+    assert!(
+        log.contains("(--max-connections 4, --max-connections-per-uid 64)"),
+        "{log}"
+    );
 
     drop(held);
     let out = poll(Duration::from_secs(5), || {
@@ -376,4 +379,102 @@ fn a_reply_luod_cannot_send_is_logged() {
         "{line}"
     );
     root_status_promptly(&mut luod);
+}
+
+/// A connection held open by the test client running as `who`; closed when
+/// dropped (its stdin closes and it exits).
+struct Held(std::process::Child);
+
+impl Held {
+    fn open(who: Who, luod: &Luod) -> Held {
+        use std::io::BufRead;
+        let socket = luod.socket();
+        let mut child = attack::command_as(
+            who,
+            &attack::test_client(luod.dir()),
+            &[socket.to_str().expect("UTF-8"), "--hold"],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the test client");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the client's answer");
+        assert_eq!(line, "[]\n", "connected and greeted");
+        Held(child)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn one_uid_cannot_take_every_connection() {
+    let mut luod = Luod::new("8M")
+        .arg("--max-connections")
+        .arg("8")
+        .arg("--max-connections-per-uid")
+        .arg("2")
+        .arg("--socket-group")
+        .arg(NOBODY.to_string())
+        .launched();
+    attack::share(&luod);
+    let before = root_status_promptly(&mut luod);
+    let held = [
+        Held::open(Who::Nobody, &luod),
+        Held::open(Who::NobodyInOwnUserns, &luod),
+    ];
+    let out = attack::luoctl_as(Who::Nobody, luod.dir(), &luod.socket(), &["status"]);
+    assert_eq!(out.status.code(), Some(5), "{}", attack::stderr(&out));
+    assert_eq!(
+        attack::stderr(&out),
+        format!(
+            "luoctl: status: uid {NOBODY} has 2 connections to luod open, the most one user may have \
+             (--max-connections-per-uid); close one and try again\n"
+        )
+    );
+    // Root is not counted per uid, and the overall cap has room.
+    let roots: Vec<UnixStream> = (0..4).map(|_| greeted(&luod)).collect();
+    assert_unchanged(&before, &root_status_promptly(&mut luod));
+    drop(held);
+    let out = poll(Duration::from_secs(5), || {
+        let out = attack::luoctl_as(Who::Nobody, luod.dir(), &luod.socket(), &["status"]);
+        out.status.success().then_some(out)
+    });
+    assert!(out.is_some(), "nobody gets in once its connections closed");
+    drop(roots);
+    assert_unchanged(&before, &root_status_promptly(&mut luod));
+}
+
+#[test]
+fn a_connection_that_never_says_hello_is_closed_after_the_client_timeout() {
+    let mut luod = Luod::new("8M").arg("--client-timeout").arg("1").launched();
+    let before = root_status_promptly(&mut luod);
+    let started = Instant::now();
+    let silent = UnixStream::connect(luod.socket()).expect("connect");
+    silent.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    assert_unchanged(&before, &root_status_promptly(&mut luod));
+    match frame::recv::<Response>(&silent).expect("luod's reply").0 {
+        Response::Error(e) => assert_eq!(
+            (e.kind, e.message.as_str()),
+            (
+                ErrorKind::Protocol,
+                "nothing received within 1 s of connecting; a client says hello first"
+            )
+        ),
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    assert!(matches!(frame::recv::<Response>(&silent), Err(FrameError::Closed)));
+    assert_unchanged(&before, &root_status_promptly(&mut luod));
 }
