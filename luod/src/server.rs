@@ -6,7 +6,7 @@ use crate::backend::{self, StartError};
 use crate::peer;
 use liveupdate::engine::{Caller, Engine, EngineError, Rebooted, SIMULATED_KEXEC_EXIT};
 use liveupdate::protocol::frame::{self, FrameError};
-use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response};
+use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response, SessionInfo};
 use liveupdate::region::Region;
 use nix::sys::signal::{SigSet, Signal};
 use std::collections::HashMap;
@@ -427,20 +427,8 @@ fn fit(kind: &str, resp: Response) -> Response {
         };
         report.notes.push(note(total));
         let base = frame::encoded_len(&Response::Status(report.clone())).unwrap_or(limit);
-        let mut used = base;
-        let mut keep = 0;
-        for s in &sessions {
-            let one = frame::encoded_len(s).unwrap_or(limit);
-            // A few bytes more for the vector's length prefix.
-            if used + one + 8 > limit {
-                break;
-            }
-            used += one;
-            keep += 1;
-        }
-        let mut sessions = sessions;
-        sessions.truncate(keep);
-        report.sessions = sessions;
+        report.sessions = fitting(sessions.into_iter(), limit.saturating_sub(base));
+        let keep = report.sessions.len();
         *report.notes.last_mut().expect("the note just pushed") = note(keep);
         tracing::warn!("status for a client lists {keep} of {total} sessions: the whole answer would be {len} bytes");
         return Response::Status(report);
@@ -449,9 +437,33 @@ fn fit(kind: &str, resp: Response) -> Response {
     Response::Error(ErrorReply {
         kind: ErrorKind::Internal,
         message: format!("the answer to {kind} would be {len} bytes, more than one frame holds ({limit} bytes)"),
-        hint: "see luod's log".into(),
+        hint: if kind == "session-list" {
+            "ask page by page with session-list-from, as `luoctl session list` does".into()
+        } else {
+            "see luod's log".into()
+        },
         step: None,
     })
+}
+
+/// Room for the sessions of one `session-list-from` page: a frame, less
+/// room for the response's own bytes.
+const SESSION_PAGE_BUDGET: usize = frame::MAX_FRAME_LEN as usize - 64;
+
+/// The first `sessions` whose encoding fits in `budget` bytes, in order.
+fn fitting(sessions: impl Iterator<Item = SessionInfo>, budget: usize) -> Vec<SessionInfo> {
+    let mut used = 0;
+    let mut out = Vec::new();
+    for s in sessions {
+        // The session, and up to 8 more bytes for the list's length prefix.
+        let one = frame::encoded_len(&s).unwrap_or(budget);
+        if used + one + 8 > budget {
+            break;
+        }
+        used += one;
+        out.push(s);
+    }
+    out
 }
 
 /// Serves one connection until it closes or breaks the protocol.
@@ -635,6 +647,20 @@ fn dispatch<R: Region>(
         }
         Request::SessionCreate { name } => engine.session_create(caller, &name).map(|()| Response::Done),
         Request::SessionList => Ok(Response::Sessions(engine.session_list(caller))),
+        Request::SessionListFrom { start } => {
+            let all = engine.session_list(caller);
+            let skip = usize::try_from(start).unwrap_or(usize::MAX);
+            let left = all.len().saturating_sub(skip);
+            let page = fitting(all.into_iter().skip(skip), SESSION_PAGE_BUDGET);
+            if page.is_empty() && left > 0 {
+                // An empty page means "no more": never send one when there are.
+                return err(EngineError::Io(format!(
+                    "session {start} of the list alone does not fit in one answer ({} bytes)",
+                    frame::MAX_FRAME_LEN
+                )));
+            }
+            Ok(Response::Sessions(page))
+        }
         Request::SessionPreserve { name, token } => {
             if fds.len() != 1 {
                 return err(EngineError::MissingFd(

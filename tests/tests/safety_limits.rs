@@ -348,12 +348,40 @@ fn status_with_16000_sessions_is_summarised_to_fit_one_frame() {
             "the answer to session-list would be {full_len} bytes, more than one frame holds ({MAX_FRAME_LEN} bytes)"
         ),
     );
-    assert_eq!(refused.hint, "see luod's log");
+    assert_eq!(
+        refused.hint,
+        "ask page by page with session-list-from, as `luoctl session list` does"
+    );
     assert_eq!(c.status().sessions.len(), shown, "the connection still serves");
     assert!(
         luod.log()
             .contains(&format!("the answer to session-list would be {full_len} bytes"))
     );
+
+    // Page by page, every session comes, in order, each page within a frame.
+    let mut names = Vec::new();
+    let mut pages = 0;
+    loop {
+        let req = Request::SessionListFrom {
+            start: names.len() as u64,
+        };
+        let Ok(Response::Sessions(page)) = c.call(&req) else {
+            panic!("session-list-from refused")
+        };
+        if page.is_empty() {
+            break;
+        }
+        pages += 1;
+        assert!(frame::encoded_len(&Response::Sessions(page.clone())).expect("encode") <= MAX_FRAME_LEN as usize);
+        names.extend(page.into_iter().map(|s| s.name));
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(names, (0..SESSIONS).map(long_name).collect::<Vec<_>>());
+    let out = luod.luoctl(&["--json", "session", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["sessions"].as_array().expect("sessions").len(), SESSIONS);
+    assert_eq!(json["sessions"][SESSIONS - 1]["name"], long_name(SESSIONS - 1));
 }
 
 #[test]
