@@ -83,8 +83,9 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "auto")]
     pub fd_store: FdStore,
 
-    /// Seconds a client may take to send a whole frame once it started one
-    /// (and to read luod's answer); 1 to 3600.
+    /// Seconds a client may take to say hello after connecting, to send a
+    /// whole frame once it started one, and to read luod's answer; 1 to 3600.
+    /// A client idle between requests after its hello is kept.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
     pub client_timeout: u64,
 
