@@ -285,16 +285,17 @@ struct AcceptBackoff {
 impl AcceptBackoff {
     fn failed(&mut self, e: &std::io::Error) {
         use nix::errno::Errno;
+        let errno = e.raw_os_error().map(Errno::from_raw);
+        // A signal, or a client that gave up while waiting: nothing is wrong.
+        if matches!(errno, Some(Errno::EINTR | Errno::ECONNABORTED)) {
+            return;
+        }
         self.failures += 1;
         self.streak = self.streak.saturating_add(1);
-        let errno = e.raw_os_error().map(Errno::from_raw);
         let scarce = matches!(
             errno,
             Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
         );
-        if matches!(errno, Some(Errno::EINTR | Errno::ECONNABORTED)) {
-            return;
-        }
         if self.logged.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
             let why = if scarce {
                 "luod is out of file descriptors or memory; it waits for connections to close"
@@ -313,10 +314,10 @@ impl AcceptBackoff {
     }
 
     /// Waits before the next accept: 10 ms, doubling with every failure in
-    /// a row, at most 500 ms.
+    /// a row, at most 320 ms.
     fn pause(&self) {
-        let ms = 10u64 << self.streak.clamp(1, 6).saturating_sub(1);
-        std::thread::sleep(Duration::from_millis(ms.min(500)));
+        let ms = 10u64 << (self.streak.clamp(1, 6) - 1);
+        std::thread::sleep(Duration::from_millis(ms));
     }
 
     fn recovered(&mut self) {
@@ -559,7 +560,7 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
         let kind = req.kind();
         let Outcome {
             resp,
-            fds: out_fds,
+            fds: mut out_fds,
             exit,
             keep_conn,
         } = {
@@ -567,6 +568,10 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
             dispatch(&mut engine, &caller, req, fds, &conn)
         };
         let resp = fit(kind, resp);
+        if matches!(resp, Response::Error(_)) {
+            // An answer too large to send goes with none of its files.
+            out_fds.clear();
+        }
         match &resp {
             Response::Error(e) => tracing::info!("{kind} from uid {} refused: {}", caller.uid, e.message),
             _ if !matches!(kind, "status" | "history" | "session-list" | "check" | "vm-list") => {
