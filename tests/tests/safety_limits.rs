@@ -19,14 +19,14 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-/// luod runs and answers root's `status` within a second; the report.
+/// luod runs and answers root's `status` within 2 s; the report.
 #[track_caller]
 fn root_status_promptly(luod: &mut Luod) -> StatusReport {
     assert!(luod.is_running(), "luod is still running");
     let started = Instant::now();
     let status = luod.status();
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(2),
         "root's status took {:?}",
         started.elapsed()
     );
@@ -110,7 +110,7 @@ fn a_client_sending_one_byte_per_100_ms_is_cut_off_at_the_whole_frame_deadline()
         .and_then(|m| m.strip_suffix(" of 204 bytes received); closing the connection"))
         .unwrap_or_else(|| panic!("message: {}", e.message));
     let got: usize = got.parse().expect("bytes received");
-    assert!((8..=20).contains(&got), "{got} bytes arrived in about a second");
+    assert!((1..=20).contains(&got), "{got} bytes arrived in about a second");
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
         "cut off after {took:?}"

@@ -30,14 +30,14 @@ fn shared_luod() -> Luod {
     luod
 }
 
-/// luod runs and answers root's `status` within a second; the report.
+/// luod runs and answers root's `status` within 2 s; the report.
 #[track_caller]
 fn root_status_promptly(luod: &mut Luod) -> StatusReport {
     assert!(luod.is_running(), "luod is still running");
     let started = Instant::now();
     let status = luod.status();
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(2),
         "root's status took {:?}",
         started.elapsed()
     );

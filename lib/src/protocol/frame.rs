@@ -362,10 +362,13 @@ mod tests {
                 secs: 0,
                 got,
                 want: 104,
-            }) => assert!((5..=20).contains(&got), "{got}"),
+            }) => assert!((4..=20).contains(&got), "{got}"),
             other => panic!("unexpected {other:?}"),
         }
-        assert!(took < Duration::from_millis(900), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
         drop(b);
         writer.join().unwrap();
     }
