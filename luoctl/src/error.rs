@@ -60,6 +60,7 @@ impl Failure {
                         ExitCode::Connection,
                         Some("luod may have exited or restarted; see its log, then retry"),
                     ),
+                    ClientError::Version { .. } => (ExitCode::Protocol, None),
                     ClientError::Unexpected { .. } => {
                         (ExitCode::Internal, Some("luoctl and luod may be different versions"))
                     }

@@ -38,20 +38,62 @@ fn usage(e: &clap::Error) -> ExitCode {
             let _ = e.print();
             ExitCode::Success
         }
-        // `luoctl` alone, `luoctl session`: the help is the useful answer.
-        ClapErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+        // `luoctl` alone, `luoctl session`: the help is the useful answer,
+        // unless the caller asked for JSON.
+        ClapErrorKind::DisplayHelpOnMissingArgumentOrSubcommand if !json_requested() => {
             let _ = e.print();
             ExitCode::Usage
         }
+        ClapErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            output::report_failure(Mode::Json, &missing_subcommand(e), &output::Details::default());
+            ExitCode::Usage
+        }
         _ => {
-            // The arguments did not parse, so look for --json by hand.
-            let json = std::env::args_os()
-                .skip(1)
-                .take_while(|a| a != "--")
-                .any(|a| a == "--json");
-            let mode = if json { Mode::Json } else { Mode::Human };
+            let mode = if json_requested() { Mode::Json } else { Mode::Human };
             output::report_failure(mode, &usage_failure(e), &output::Details::default());
             ExitCode::Usage
         }
     }
+}
+
+/// True when `--json` is on the command line (looked for by hand: the
+/// arguments did not parse).
+fn json_requested() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// The usage failure for a command group given without its subcommand
+/// (`luoctl --json session`), from the help clap rendered.
+fn missing_subcommand(e: &clap::Error) -> error::Failure {
+    let help = e.render().to_string();
+    let usage = help
+        .lines()
+        .find_map(|l| l.strip_prefix("Usage: "))
+        .unwrap_or("luoctl <COMMAND>")
+        .trim()
+        .to_string();
+    let command = usage
+        .split(" [")
+        .next()
+        .unwrap_or(&usage)
+        .split(" <")
+        .next()
+        .unwrap_or(&usage);
+    let subcommands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    error::Failure::new(
+        "command line",
+        ExitCode::Usage,
+        format!("{command} needs a subcommand: {}", subcommands.join(", ")),
+    )
+    .with_hint(format!("usage: {usage}"))
 }

@@ -83,13 +83,27 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "auto")]
     pub fd_store: FdStore,
 
-    /// Seconds a client may take to send the rest of a frame it started.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds a client may take to say hello after connecting, to send a
+    /// whole frame once it started one, and to read luod's answer; 1 to 3600.
+    /// A client idle between requests after its hello is kept.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
     pub client_timeout: u64,
 
+    /// Most client connections served at once (1 to 65536). An extra client
+    /// gets an error and is closed; root keeps a reserve of 8 more, so an
+    /// operator can still run `luoctl status` when others fill the cap.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+
+    /// Most connections one uid other than root may have open at once (1 to
+    /// 65536): one user cannot take every place of --max-connections.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections_per_uid: u32,
+
     /// Seconds a VMM may take to answer each call (prepare, freeze,
-    /// unfreeze, cancel); one that does not answer fails the step.
-    #[arg(long, default_value_t = 5.0)]
+    /// unfreeze, cancel); one that does not answer fails the step. More
+    /// than 0, at most 3600.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     pub vm_timeout: f64,
 
     /// sysfs mount point (the IOMMU and device subsystems read it).
@@ -109,13 +123,31 @@ pub struct Args {
     #[arg(long = "qemu-vm", value_name = "NAME=SOCKET", value_parser = parse_qemu_vm)]
     pub qemu_vms: Vec<(String, PathBuf)>,
 
-    /// Seconds to wait for a QEMU's QMP answer.
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds to wait for a QEMU's QMP answer (more than 0, at most 3600).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     pub qmp_timeout: f64,
 
     /// Internal: run as the fd holder serving this socket.
     #[arg(long, hide = true)]
     pub holder: Option<PathBuf>,
+}
+
+/// The longest timeout luod accepts, in seconds (an hour).
+pub const MAX_TIMEOUT_SECS: u64 = 3600;
+
+/// Parses a timeout in seconds: a finite number above 0 and at most
+/// [`MAX_TIMEOUT_SECS`] (`inf`, `NaN` or `1e20` would not make a duration).
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 5 or 0.5)"))?;
+    if !v.is_finite() || v <= 0.0 || v > MAX_TIMEOUT_SECS as f64 {
+        return Err(format!(
+            "{s} seconds is out of range: give more than 0 and at most {MAX_TIMEOUT_SECS}"
+        ));
+    }
+    Ok(v)
 }
 
 fn parse_pci(s: &str) -> Result<liveupdate::subsystems::PciAddress, String> {
@@ -153,7 +185,27 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_seconds, parse_size};
+
+    #[test]
+    fn timeouts_are_finite_positive_and_at_most_an_hour() {
+        assert_eq!(parse_seconds("5"), Ok(5.0));
+        assert_eq!(parse_seconds("0.25"), Ok(0.25));
+        assert_eq!(parse_seconds("3600"), Ok(3600.0));
+        for bad in ["inf", "-inf", "NaN", "1e20", "0", "-1", "3600.5"] {
+            assert_eq!(
+                parse_seconds(bad),
+                Err(format!(
+                    "{bad} seconds is out of range: give more than 0 and at most 3600"
+                )),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_seconds("soon"),
+            Err("\"soon\" is not a number of seconds (e.g. 5 or 0.5)".to_string())
+        );
+    }
 
     #[test]
     fn sizes_parse_with_binary_suffixes() {

@@ -6,15 +6,16 @@ use crate::backend::{self, StartError};
 use crate::peer;
 use liveupdate::engine::{Caller, Engine, EngineError, Rebooted, SIMULATED_KEXEC_EXIT};
 use liveupdate::protocol::frame::{self, FrameError};
-use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response};
+use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response, SessionInfo};
 use liveupdate::region::Region;
 use nix::sys::signal::{SigSet, Signal};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 type Shared<R> = Arc<Mutex<Engine<R>>>;
 
@@ -84,25 +85,45 @@ fn serve_engine<R: Region + 'static>(
     });
 
     let timeout = Duration::from_secs(args.client_timeout.max(1));
-    for conn in listener.incoming() {
+    let limits = Arc::new(Limits::new(
+        args.max_connections as usize,
+        args.max_connections_per_uid as usize,
+    ));
+    let mut backoff = AcceptBackoff::default();
+    loop {
         if EXIT.load(Ordering::SeqCst) >= 0 {
             break;
         }
-        let conn = match conn {
-            Ok(c) => c,
+        let conn = match listener.accept() {
+            Ok((c, _)) => {
+                backoff.recovered();
+                c
+            }
             Err(e) => {
-                tracing::warn!("accept failed: {e}");
+                backoff.failed(&e);
                 continue;
             }
         };
+        if EXIT.load(Ordering::SeqCst) >= 0 {
+            break;
+        }
+        let Some(slot) = limits.admit(&conn) else {
+            continue;
+        };
         let engine = engine.clone();
         let socket = args.socket.clone();
-        std::thread::spawn(move || {
+        let spawned = std::thread::Builder::new().name("luod-client".into()).spawn(move || {
+            let _slot = slot;
             serve(conn, &engine, timeout);
             if EXIT.load(Ordering::SeqCst) >= 0 {
                 let _ = UnixStream::connect(&socket);
             }
         });
+        if let Err(e) = spawned {
+            // The closure (and with it the connection and its slot) is dropped.
+            tracing::warn!("cannot start a thread for a client: {e}; its connection is closed");
+            backoff.pause();
+        }
     }
     let code = EXIT.load(Ordering::SeqCst).max(0);
     let _ = std::fs::remove_file(&args.socket);
@@ -110,6 +131,203 @@ fn serve_engine<R: Region + 'static>(
     let _guard = engine.lock().unwrap_or_else(|p| p.into_inner());
     tracing::info!("luod exits with status {code}");
     Ok(code as u8)
+}
+
+/// How long a refusal may take to reach a client luod turns away.
+const REFUSAL_SEND_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Connections root may open beyond `--max-connections`.
+const ROOT_RESERVE: usize = 8;
+
+/// At most one log line per this interval about refused connections or
+/// failing accepts.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A log line that is written at most once per [`LOG_INTERVAL`], with the
+/// number of times it happened since the last one.
+#[derive(Debug)]
+struct Throttle(Mutex<(u64, Option<Instant>)>);
+
+impl Throttle {
+    const fn new() -> Self {
+        Throttle(Mutex::new((0, None)))
+    }
+
+    /// Counts one event; calls `log` with the count when a line is due.
+    fn event(&self, log: impl FnOnce(u64)) {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        t.0 += 1;
+        if t.1.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
+            log(t.0);
+            *t = (0, Some(Instant::now()));
+        }
+    }
+}
+
+/// Connections refused because luod could not read who is connecting.
+static CREDENTIAL_FAILURES: Throttle = Throttle::new();
+
+/// Counts the connections being served and turns away those beyond the
+/// caps: `--max-connections` in all, `--max-connections-per-uid` for each
+/// uid but root.
+#[derive(Debug)]
+struct Limits {
+    max: usize,
+    per_uid: usize,
+    /// Connections served, in all and per uid.
+    active: Mutex<Active>,
+    refused: Throttle,
+}
+
+#[derive(Debug, Default)]
+struct Active {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
+}
+
+/// One served connection; frees its place when dropped.
+#[derive(Debug)]
+struct Slot {
+    limits: Arc<Limits>,
+    uid: Option<u32>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut a = self.limits.active.lock().unwrap_or_else(|p| p.into_inner());
+        a.total -= 1;
+        if let Some(uid) = self.uid
+            && let Some(n) = a.by_uid.get_mut(&uid)
+        {
+            *n -= 1;
+            if *n == 0 {
+                a.by_uid.remove(&uid);
+            }
+        }
+    }
+}
+
+impl Limits {
+    fn new(max: usize, per_uid: usize) -> Self {
+        Limits {
+            max,
+            per_uid,
+            active: Mutex::new(Active::default()),
+            refused: Throttle::new(),
+        }
+    }
+
+    /// A place for `conn`, or `None` after telling the client why not.
+    /// Root (uid 0 in luod's namespace, from `SO_PEERCRED`) has no per-uid
+    /// cap and may use [`ROOT_RESERVE`] places beyond the overall one.
+    fn admit(self: &Arc<Self>, conn: &UnixStream) -> Option<Slot> {
+        let uid = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .map(|c| c.uid());
+        let root = uid == Some(0);
+        let cap = if root { self.max + ROOT_RESERVE } else { self.max };
+        let refusal = {
+            let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            let of_uid = uid.map_or(0, |u| a.by_uid.get(&u).copied().unwrap_or(0));
+            if a.total >= cap {
+                format!(
+                    "luod serves at most {} connections at once (--max-connections) and all are in use; try again later",
+                    self.max
+                )
+            } else if !root && of_uid >= self.per_uid {
+                format!(
+                    "uid {} has {of_uid} connections to luod open, the most one user may have \
+                     (--max-connections-per-uid); close one and try again",
+                    uid.unwrap_or(u32::MAX)
+                )
+            } else {
+                a.total += 1;
+                if let Some(u) = uid.filter(|_| !root) {
+                    *a.by_uid.entry(u).or_insert(0) += 1;
+                }
+                return Some(Slot {
+                    limits: self.clone(),
+                    uid: uid.filter(|_| !root),
+                });
+            }
+        };
+        // The client has sent nothing yet, so the socket's buffer is empty
+        // and this small frame goes out at once; never wait long for it.
+        let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+        let _ = frame::send(conn, &protocol_error(refusal), &[]);
+        self.refused.event(|n| {
+            let a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            tracing::warn!(
+                "refused {n} connection(s): {} are being served (--max-connections {}, --max-connections-per-uid {}); \
+                 next report in {} s at the earliest",
+                a.total,
+                self.max,
+                self.per_uid,
+                LOG_INTERVAL.as_secs()
+            )
+        });
+        None
+    }
+}
+
+/// What the accept loop does when `accept` fails: out of descriptors or
+/// memory, it waits before trying again (the pending connection stays in the
+/// backlog) instead of spinning, and logs at most once per [`LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    /// Failures since the last log line.
+    failures: u64,
+    /// Failures in a row (sets the pause).
+    streak: u32,
+    logged: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    fn failed(&mut self, e: &std::io::Error) {
+        use nix::errno::Errno;
+        let errno = e.raw_os_error().map(Errno::from_raw);
+        // A signal, or a client that gave up while waiting: nothing is wrong.
+        if matches!(errno, Some(Errno::EINTR | Errno::ECONNABORTED)) {
+            return;
+        }
+        self.failures += 1;
+        self.streak = self.streak.saturating_add(1);
+        let scarce = matches!(
+            errno,
+            Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+        );
+        if self.logged.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
+            let why = if scarce {
+                "luod is out of file descriptors or memory; it waits for connections to close"
+            } else {
+                "retrying"
+            };
+            tracing::warn!(
+                "accept failed {} time(s): {e}; {why} (next report in {} s at the earliest)",
+                self.failures,
+                LOG_INTERVAL.as_secs()
+            );
+            self.failures = 0;
+            self.logged = Some(Instant::now());
+        }
+        self.pause();
+    }
+
+    /// Waits before the next accept: 10 ms, doubling with every failure in
+    /// a row, at most 320 ms.
+    fn pause(&self) {
+        let ms = 10u64 << (self.streak.clamp(1, 6) - 1);
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+
+    fn recovered(&mut self) {
+        if self.logged.is_some() && self.streak > 0 {
+            tracing::info!("accepting connections again");
+            self.logged = None;
+            self.failures = 0;
+        }
+        self.streak = 0;
+    }
 }
 
 /// Binds the socket (mode 0660), replacing a stale one but never a live one.
@@ -158,28 +376,145 @@ fn protocol_error(message: String) -> Response {
     })
 }
 
+/// Sends `resp` on `conn`; a failure is logged (the client learns nothing
+/// more, so luod's log is where it shows).
+fn send_logged(
+    conn: &UnixStream,
+    caller: &Caller,
+    kind: &str,
+    resp: &Response,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> bool {
+    match frame::send(conn, resp, fds) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                "cannot send the answer to {kind} to client pid {} uid {}: {e}",
+                caller.pid,
+                caller.uid
+            );
+            false
+        }
+    }
+}
+
+/// Makes `resp` fit in one frame. A `status` too large is summarised: the
+/// sessions that fit are kept, in order, and a note says how many were
+/// left out. Any other answer too large becomes an error saying so.
+fn fit(kind: &str, resp: Response) -> Response {
+    let limit = frame::MAX_FRAME_LEN as usize;
+    let len = match frame::encoded_len(&resp) {
+        Ok(len) if len <= limit => return resp,
+        Ok(len) => len,
+        Err(e) => {
+            return Response::Error(ErrorReply {
+                kind: ErrorKind::Internal,
+                message: format!("cannot encode the answer to {kind}: {e}"),
+                hint: String::new(),
+                step: None,
+            });
+        }
+    };
+    if let Response::Status(mut report) = resp {
+        let total = report.sessions.len();
+        let sessions = std::mem::take(&mut report.sessions);
+        // Room for the note, with digits to spare.
+        let note = |shown: usize| {
+            format!(
+                "showing {shown} of {total} sessions: the whole list does not fit in one answer ({} bytes at most); \
+                 each owner sees its own with `luoctl session list`",
+                frame::MAX_FRAME_LEN
+            )
+        };
+        report.notes.push(note(total));
+        let base = frame::encoded_len(&Response::Status(report.clone())).unwrap_or(limit);
+        report.sessions = fitting(sessions.into_iter(), limit.saturating_sub(base));
+        let keep = report.sessions.len();
+        *report.notes.last_mut().expect("the note just pushed") = note(keep);
+        tracing::warn!("status for a client lists {keep} of {total} sessions: the whole answer would be {len} bytes");
+        return Response::Status(report);
+    }
+    tracing::warn!("the answer to {kind} would be {len} bytes, more than a frame holds ({limit})");
+    Response::Error(ErrorReply {
+        kind: ErrorKind::Internal,
+        message: format!("the answer to {kind} would be {len} bytes, more than one frame holds ({limit} bytes)"),
+        hint: if kind == "session-list" {
+            "ask page by page with session-list-from, as `luoctl session list` does".into()
+        } else {
+            "see luod's log".into()
+        },
+        step: None,
+    })
+}
+
+/// Room for the sessions of one `session-list-from` page: a frame, less
+/// room for the response's own bytes.
+const SESSION_PAGE_BUDGET: usize = frame::MAX_FRAME_LEN as usize - 64;
+
+/// The first `sessions` whose encoding fits in `budget` bytes, in order.
+fn fitting(sessions: impl Iterator<Item = SessionInfo>, budget: usize) -> Vec<SessionInfo> {
+    let mut used = 0;
+    let mut out = Vec::new();
+    for s in sessions {
+        // The session, and up to 8 more bytes for the list's length prefix.
+        let one = frame::encoded_len(&s).unwrap_or(budget);
+        if used + one + 8 > budget {
+            break;
+        }
+        used += one;
+        out.push(s);
+    }
+    out
+}
+
 /// Serves one connection until it closes or breaks the protocol.
 fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
+    // A client that does not read its answers cannot pin this thread.
+    let _ = conn.set_write_timeout(Some(timeout));
     let caller = match peer::caller(&conn) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!("cannot read peer credentials: {e}");
+            CREDENTIAL_FAILURES.event(|n| {
+                tracing::warn!(
+                    "cannot tell who is connecting: {e}; refused {n} connection(s) for this (next report in {} s at the earliest)",
+                    LOG_INTERVAL.as_secs()
+                )
+            });
+            let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+            let msg = format!("luod cannot tell who is connecting: {e}; try again");
+            let _ = frame::send(&conn, &protocol_error(msg), &[]);
             return;
         }
     };
     let mut greeted = false;
     loop {
         // An idle client may wait as long as it likes (a VMM keeps its
-        // connection); once a frame starts, the rest must come within
-        // `timeout`, so a client stalled mid-frame cannot pin a thread.
-        let _ = conn.set_read_timeout(None);
+        // connection); once a frame starts, the whole of it must come within
+        // `timeout`, so a client that trickles bytes cannot pin a thread.
+        // Before its hello, a connection is not idle but silent: it gets
+        // `timeout` to start, so silent connections cannot hold the places.
+        let _ = conn.set_read_timeout(if greeted { None } else { Some(timeout) });
         let mut first = [0u8; 1];
         match nix::sys::socket::recv(conn.as_raw_fd(), &mut first, nix::sys::socket::MsgFlags::MSG_PEEK) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
+            Err(nix::errno::Errno::EAGAIN) if !greeted => {
+                let msg = format!(
+                    "nothing received within {} s of connecting; a client says hello first",
+                    timeout.as_secs()
+                );
+                tracing::info!(
+                    "client pid {} uid {}: {msg}; closing the connection",
+                    caller.pid,
+                    caller.uid
+                );
+                let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+                send_logged(&conn, &caller, "a silent connection", &protocol_error(msg), &[]);
+                return;
+            }
+            Err(_) => return,
             Ok(_) => {}
         }
-        let _ = conn.set_read_timeout(Some(timeout));
-        let (req, fds): (Request, Vec<OwnedFd>) = match frame::recv(&conn) {
+        let (req, fds): (Request, Vec<OwnedFd>) = match frame::recv_within(&conn, timeout) {
             Ok(m) => m,
             Err(FrameError::Closed) => return,
             Err(e) => {
@@ -188,7 +523,9 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
                     caller.pid,
                     caller.uid
                 );
-                let _ = frame::send(&conn, &protocol_error(format!("{e}; closing the connection")), &[]);
+                let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+                let resp = protocol_error(format!("{e}; closing the connection"));
+                send_logged(&conn, &caller, "a broken frame", &resp, &[]);
                 return;
             }
         };
@@ -201,7 +538,7 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
                         version: PROTOCOL_VERSION,
                         server: format!("luod {}", env!("CARGO_PKG_VERSION")),
                     };
-                    if frame::send(&conn, &hello, &[]).is_err() {
+                    if !send_logged(&conn, &caller, "hello", &hello, &[]) {
                         return;
                     }
                     continue;
@@ -210,12 +547,12 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
                     let msg = format!(
                         "luod speaks protocol version {PROTOCOL_VERSION}, the client {version}; use matching luod and client versions"
                     );
-                    let _ = frame::send(&conn, &protocol_error(msg), &[]);
+                    send_logged(&conn, &caller, "hello", &protocol_error(msg), &[]);
                     return;
                 }
                 other => {
                     let msg = format!("the first request must be hello, not {}", other.kind());
-                    let _ = frame::send(&conn, &protocol_error(msg), &[]);
+                    send_logged(&conn, &caller, other.kind(), &protocol_error(msg), &[]);
                     return;
                 }
             }
@@ -223,27 +560,32 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
         let kind = req.kind();
         let Outcome {
             resp,
-            fds: out_fds,
+            fds: mut out_fds,
             exit,
             keep_conn,
         } = {
             let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
             dispatch(&mut engine, &caller, req, fds, &conn)
         };
+        let resp = fit(kind, resp);
+        if matches!(resp, Response::Error(_)) {
+            // An answer too large to send goes with none of its files.
+            out_fds.clear();
+        }
         match &resp {
             Response::Error(e) => tracing::info!("{kind} from uid {} refused: {}", caller.uid, e.message),
-            _ if !matches!(kind, "status" | "history" | "session-list" | "check") => {
+            _ if !matches!(kind, "status" | "history" | "session-list" | "check" | "vm-list") => {
                 tracing::info!("{kind} from uid {} done", caller.uid)
             }
             _ => {}
         }
         let fds: Vec<_> = out_fds.iter().map(|f| f.as_fd()).collect();
-        let sent = frame::send(&conn, &resp, &fds);
+        let sent = send_logged(&conn, &caller, kind, &resp, &fds);
         if let Some(code) = exit {
             EXIT.store(code, Ordering::SeqCst);
             return;
         }
-        if sent.is_err() || keep_conn {
+        if !sent || keep_conn {
             // A registered VMM's connection now belongs to the kvm
             // subsystem, which sends it calls; this thread stops reading.
             return;
@@ -310,6 +652,20 @@ fn dispatch<R: Region>(
         }
         Request::SessionCreate { name } => engine.session_create(caller, &name).map(|()| Response::Done),
         Request::SessionList => Ok(Response::Sessions(engine.session_list(caller))),
+        Request::SessionListFrom { start } => {
+            let all = engine.session_list(caller);
+            let skip = usize::try_from(start).unwrap_or(usize::MAX);
+            let left = all.len().saturating_sub(skip);
+            let page = fitting(all.into_iter().skip(skip), SESSION_PAGE_BUDGET);
+            if page.is_empty() && left > 0 {
+                // An empty page means "no more": never send one when there are.
+                return err(EngineError::Io(format!(
+                    "session {start} of the list alone does not fit in one answer ({} bytes)",
+                    frame::MAX_FRAME_LEN
+                )));
+            }
+            Ok(Response::Sessions(page))
+        }
         Request::SessionPreserve { name, token } => {
             if fds.len() != 1 {
                 return err(EngineError::MissingFd(

@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 
 pub use liveupdate;
 
+pub mod attack;
+
 /// How long luod may take to start serving, or to exit when it should.
 pub const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
 

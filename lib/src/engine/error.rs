@@ -112,7 +112,7 @@ impl EngineError {
                 ..
             } => "a cycle is in flight: `luoctl cancel` it first, or wait until it finishes".into(),
             E::SessionsLocked { .. } => "`luoctl finish` the cycle first".into(),
-            E::NotPrivileged(_) => "run as root (or with CAP_SYS_BOOT)".into(),
+            E::NotPrivileged(_) => "run as root (or with CAP_SYS_BOOT) in the host's user namespace; root inside a user namespace of your own does not count".into(),
             E::Kernel(KernelError::NoSuchSession(_)) => "`luoctl session list` shows your sessions".into(),
             E::Kernel(KernelError::NoSuchToken { session, .. }) => {
                 format!("`luoctl session list` shows the tokens of {session}")

@@ -236,3 +236,28 @@ fn a_vmm_reconnecting_after_a_luod_restart_is_attached_to_its_vm() {
     e.freeze(&Caller::ROOT).unwrap();
     assert_eq!(calls(&rx), [VmCall::Freeze]);
 }
+
+#[test]
+fn a_vmm_whose_connection_closed_is_listed_disconnected_before_any_call() {
+    let (mut e, _) = open(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap());
+    let (luod_end, vmm_end) = UnixStream::pair().unwrap();
+    let ram = memfd::from_bytes("gone", &[1u8; 10]).unwrap();
+    e.vm_register(&Caller::ROOT, "gone", &[1], vec![ram], luod_end).unwrap();
+    let (_rx, _t) = register(&mut e, "alive", ok);
+    let phases = |e: &Engine<MemRegion>| {
+        e.vm_list(&Caller::ROOT)
+            .into_iter()
+            .map(|v| (v.name, v.phase))
+            .collect::<Vec<_>>()
+    };
+    let both = |a: &str, b: &str| {
+        vec![
+            ("gone".to_string(), a.to_string()),
+            ("alive".to_string(), b.to_string()),
+        ]
+    };
+    assert_eq!(phases(&e), both("registered", "registered"));
+    drop(vmm_end);
+    assert_eq!(phases(&e), both("disconnected", "registered"));
+    assert_eq!(phases(&e), both("disconnected", "registered"), "and it stays so");
+}

@@ -103,6 +103,23 @@ impl Kvm {
     }
 }
 
+/// True when the VMM closed its end of `conn` (or the connection broke);
+/// looks without waiting and without taking anything from the stream.
+fn peer_closed(conn: &UnixStream) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    match recv(conn.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        // End of stream: the VMM closed the connection.
+        Ok(0) => true,
+        // Something waits to be read: still connected.
+        Ok(_) => false,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+        // ECONNRESET and the like: the connection is gone.
+        Err(_) => true,
+    }
+}
+
 /// Sends `call` to `vm`'s VMM and waits for its answer. A VMM that does not
 /// answer in time, or answers out of turn, is disconnected: its stream could
 /// no longer be trusted to pair answers with calls.
@@ -388,7 +405,13 @@ impl<R: Region> Engine<R> {
                 .collect();
         }
         let Some(vms) = &self.vms else { return Vec::new() };
-        lock(vms)
+        let mut table = lock(vms);
+        for vm in &mut table.vms {
+            if vm.conn.as_ref().is_some_and(peer_closed) {
+                vm.conn = None;
+            }
+        }
+        table
             .vms
             .iter()
             .filter(|v| visible(v.owner_uid))

@@ -24,6 +24,14 @@ pub enum ClientError {
     /// luod refused the request.
     #[error("{0}")]
     Server(Box<ErrorReply>),
+    /// luod answered hello with another protocol version than the client's.
+    #[error("luod ({server}) speaks protocol version {version}, this client {PROTOCOL_VERSION}")]
+    Version {
+        /// luod's protocol version.
+        version: u32,
+        /// luod's version string.
+        server: String,
+    },
     /// luod answered something that does not fit the request.
     #[error("luod answered {got} to a {request} request")]
     Unexpected {
@@ -48,6 +56,7 @@ impl ClientError {
                 _ => return None,
             }),
             ClientError::Server(e) if !e.hint.is_empty() => Some(e.hint.clone()),
+            ClientError::Version { .. } => Some("use a client built with the same version as luod".to_string()),
             _ => None,
         }
     }
@@ -76,7 +85,8 @@ impl Client {
             client: name.to_string(),
         };
         match c.call(&hello)? {
-            Response::Hello { server, .. } => c.server = server,
+            Response::Hello { version, server } if version == PROTOCOL_VERSION => c.server = server,
+            Response::Hello { version, server } => return Err(ClientError::Version { version, server }),
             other => return Err(unexpected(&hello, &other)),
         }
         Ok(c)
@@ -95,7 +105,20 @@ impl Client {
     /// Sends a request with file descriptors attached; returns the response
     /// and the descriptors that came back with it.
     pub fn call_fds(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>), ClientError> {
-        frame::send(&self.sock, req, fds)?;
+        if let Err(e) = frame::send(&self.sock, req, fds) {
+            // luod may have refused the connection and closed it before
+            // reading (too many connections): its reason is still waiting.
+            if let FrameError::Io(io) = &e
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                )
+                && let Ok((Response::Error(reply), _)) = frame::recv::<Response>(&self.sock)
+            {
+                return Err(ClientError::Server(Box::new(reply)));
+            }
+            return Err(e.into());
+        }
         let (resp, fds): (Response, Vec<OwnedFd>) = frame::recv(&self.sock)?;
         match resp {
             Response::Error(e) => Err(ClientError::Server(Box::new(e))),

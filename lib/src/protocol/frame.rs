@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 /// The kernel's limit on descriptors in one `SCM_RIGHTS` message.
 const SCM_MAX_FD: usize = 253;
@@ -56,6 +57,22 @@ pub enum FrameError {
     /// The payload is not a valid message.
     #[error("malformed frame: {0}")]
     Malformed(#[source] postcard::Error),
+    /// The payload holds a complete message followed by more bytes.
+    #[error("malformed frame: {extra} bytes follow the message")]
+    TrailingBytes {
+        /// Bytes after the message.
+        extra: usize,
+    },
+    /// The frame was not complete by its deadline.
+    #[error("frame not complete within {secs} s ({got} of {want} bytes received)")]
+    Deadline {
+        /// The time a whole frame may take, in seconds.
+        secs: u64,
+        /// Bytes received.
+        got: usize,
+        /// Bytes the frame announced (4 until the length itself arrived).
+        want: usize,
+    },
     /// The message could not be encoded.
     #[error("cannot encode message: {0}")]
     Encode(#[source] postcard::Error),
@@ -102,20 +119,43 @@ pub fn send_raw(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Resu
 
 /// Receives one message and the file descriptors that came with it.
 pub fn recv<T: DeserializeOwned>(sock: &UnixStream) -> Result<(T, Vec<OwnedFd>), FrameError> {
+    recv_inner(sock, None)
+}
+
+/// Like [`recv`], but the whole frame must arrive within `limit` from the
+/// call: a peer that trickles bytes is cut off at the deadline
+/// ([`FrameError::Deadline`]), whatever the pace of its single reads.
+pub fn recv_within<T: DeserializeOwned>(sock: &UnixStream, limit: Duration) -> Result<(T, Vec<OwnedFd>), FrameError> {
+    recv_inner(sock, Some((Instant::now(), limit)))
+}
+
+/// Encodes `msg` as a frame's payload and returns its length in bytes,
+/// without sending it (to check it fits in [`MAX_FRAME_LEN`]).
+pub fn encoded_len<T: Serialize>(msg: &T) -> Result<usize, FrameError> {
+    postcard::serialize_with_flavor(msg, postcard::ser_flavors::Size::default()).map_err(FrameError::Encode)
+}
+
+fn recv_inner<T: DeserializeOwned>(
+    sock: &UnixStream,
+    deadline: Option<(Instant, Duration)>,
+) -> Result<(T, Vec<OwnedFd>), FrameError> {
     let mut fds = Vec::new();
     let mut header = [0u8; 4];
-    fill(sock, &mut header, 0, 4, &mut fds)?;
+    fill(sock, &mut header, 0, 4, &mut fds, deadline)?;
     let len = u32::from_le_bytes(header);
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge { len });
     }
     // Bounded by MAX_FRAME_LEN above, so the allocation is at most 1 MiB.
     let mut payload = vec![0u8; len as usize];
-    fill(sock, &mut payload, 4, 4 + len as usize, &mut fds)?;
+    fill(sock, &mut payload, 4, 4 + len as usize, &mut fds, deadline)?;
     if fds.len() > MAX_FDS_PER_FRAME {
         return Err(FrameError::TooManyFds { count: fds.len() });
     }
-    let msg = postcard::from_bytes(&payload).map_err(FrameError::Malformed)?;
+    let (msg, rest) = postcard::take_from_bytes(&payload).map_err(FrameError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(FrameError::TrailingBytes { extra: rest.len() });
+    }
     Ok((msg, fds))
 }
 
@@ -127,9 +167,28 @@ fn fill(
     before: usize,
     total: usize,
     fds: &mut Vec<OwnedFd>,
+    deadline: Option<(Instant, Duration)>,
 ) -> Result<(), FrameError> {
     let mut got = 0;
     while got < buf.len() {
+        if let Some((start, limit)) = deadline {
+            let late = FrameError::Deadline {
+                secs: limit.as_secs(),
+                got: before + got,
+                want: total,
+            };
+            let left = limit.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(late);
+            }
+            sock.set_read_timeout(Some(left))?;
+            // The read below may time out: that is the deadline too.
+            match wait_readable(sock, left) {
+                Ok(true) => {}
+                Ok(false) => return Err(late),
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        }
         // Room for the kernel's most (SCM_MAX_FD): never truncated, so every
         // descriptor that arrives gets an owner, and extra ones are closed.
         let mut cmsg_space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
@@ -170,6 +229,23 @@ fn fill(
         got += msg.bytes;
     }
     Ok(())
+}
+
+/// Waits at most `left` for `sock` to have something to read (or to be
+/// closed). False when the time ran out.
+fn wait_readable(sock: &UnixStream, left: Duration) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -247,5 +323,65 @@ mod tests {
         send(&a, &Response::Done, &fds).unwrap();
         let r = recv::<Response>(&b);
         assert!(matches!(r, Err(FrameError::TooManyFds { count: 5 })), "{r:?}");
+    }
+
+    #[test]
+    fn bytes_after_a_complete_message_are_refused() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut payload = postcard::to_allocvec(&Request::Status).unwrap();
+        payload.extend_from_slice(&[0, 0, 7]);
+        a.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
+        a.write_all(&payload).unwrap();
+        let r = recv::<Request>(&b);
+        assert!(matches!(r, Err(FrameError::TrailingBytes { extra: 3 })), "{r:?}");
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "malformed frame: 3 bytes follow the message"
+        );
+    }
+
+    #[test]
+    fn a_trickled_frame_is_cut_off_at_the_whole_frame_deadline() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            // 100 bytes announced, one byte every 50 ms: each read is quick,
+            // the frame as a whole is not.
+            let _ = a.write_all(&100u32.to_le_bytes());
+            for _ in 0..100 {
+                if a.write_all(&[0]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let start = Instant::now();
+        let r = recv_within::<Request>(&b, Duration::from_millis(500));
+        let took = start.elapsed();
+        match r {
+            Err(FrameError::Deadline {
+                secs: 0,
+                got,
+                want: 104,
+            }) => assert!((4..=20).contains(&got), "{got}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+        drop(b);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_frame_in_time_is_received_within_the_deadline() {
+        let (a, b) = UnixStream::pair().unwrap();
+        send(&a, &Request::Status, &[]).unwrap();
+        let (got, _) = recv_within::<Request>(&b, Duration::from_secs(5)).unwrap();
+        assert_eq!(got, Request::Status);
+        assert_eq!(
+            encoded_len(&Request::Status).unwrap(),
+            postcard::to_allocvec(&Request::Status).unwrap().len()
+        );
     }
 }

@@ -118,6 +118,15 @@ pub enum Request {
     },
     /// The VMs luod knows.
     VmList,
+    /// A page of the caller's sessions: those from position `start` (0 is
+    /// the first, in creation order), as many as fit in one answer
+    /// ([`Response::Sessions`]). An empty page means there are no more.
+    /// [`Request::SessionList`] answers all at once, or refuses when they do
+    /// not fit in a frame.
+    SessionListFrom {
+        /// Position of the first session of the page.
+        start: u64,
+    },
 }
 
 impl Request {
@@ -143,6 +152,7 @@ impl Request {
             Request::VmClaim { .. } => "vm-claim",
             Request::VmAbandon { .. } => "vm-abandon",
             Request::VmList => "vm-list",
+            Request::SessionListFrom { .. } => "session-list-from",
         }
     }
 }

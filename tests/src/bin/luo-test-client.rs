@@ -1,11 +1,13 @@
 //! A minimal luod client for tests that need a client running as another
 //! user (tests/ownership.rs spawns it with another uid and gid).
 //!
-//! Usage: `luo-test-client SOCKET REQUEST_JSON...`. Each argument is a
+//! Usage: `luo-test-client SOCKET [--hold] REQUEST_JSON...`. Each argument is a
 //! `liveupdate::protocol::Request` in serde_json form; a `SessionPreserve` is
 //! sent with a fresh 4096-byte memfd. Prints one JSON array on stdout: for
 //! each request `{"Ok": RESPONSE}` or `{"Err": ERROR_REPLY}`. Exits 2 when it
 //! cannot connect or a request is not valid JSON, 3 when the connection breaks.
+//! With `--hold` it keeps the connection open after printing, until its
+//! stdin closes (tests/safety_limits.rs holds connections as another user).
 
 use liveupdate::protocol::client::{Client, ClientError};
 use liveupdate::protocol::{ErrorReply, Request, Response};
@@ -18,6 +20,8 @@ fn main() -> ExitCode {
         eprintln!("usage: luo-test-client SOCKET REQUEST_JSON...");
         return ExitCode::from(2);
     };
+    let mut args = args.peekable();
+    let hold = args.next_if(|a| a == "--hold").is_some();
     let mut client = match Client::connect(socket.as_ref(), "luo-test-client") {
         Ok(c) => c,
         Err(e) => {
@@ -50,5 +54,11 @@ fn main() -> ExitCode {
         }
     }
     println!("{}", serde_json::to_string(&results).expect("results are serializable"));
+    if hold {
+        use std::io::Read;
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        drop(client);
+    }
     ExitCode::SUCCESS
 }

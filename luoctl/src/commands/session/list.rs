@@ -1,6 +1,7 @@
 //! `luoctl session list`: your sessions, one row per preserved file.
 
 use super::super::{Ctx, Failed, unexpected};
+use crate::error::Failure;
 use crate::output::{self, Text};
 use liveupdate::protocol::{Request, Response, SessionInfo};
 use serde::Serialize;
@@ -15,13 +16,21 @@ struct ListJson<'a> {
     sessions: &'a [SessionInfo],
 }
 
-/// Asks luod for the caller's sessions and prints them.
+/// Asks luod for the caller's sessions, page by page (a page is what fits
+/// in one answer; an empty one ends the list), and prints them.
 pub fn run(_args: &ListArgs, ctx: &Ctx) -> Result<(), Failed> {
-    let req = Request::SessionList;
-    let sessions = match ctx.call("session list", &req)? {
-        Response::Sessions(s) => s,
-        other => return Err(unexpected("session list", &req, &other).into()),
-    };
+    let mut client = ctx.connect("session list")?;
+    let mut sessions: Vec<SessionInfo> = Vec::new();
+    loop {
+        let req = Request::SessionListFrom {
+            start: sessions.len() as u64,
+        };
+        match client.call(&req).map_err(|e| Failure::client("session list", e))? {
+            Response::Sessions(page) if page.is_empty() => break,
+            Response::Sessions(page) => sessions.extend(page),
+            other => return Err(unexpected("session list", &req, &other).into()),
+        }
+    }
     if ctx.json() {
         output::json_success(ListJson { sessions: &sessions });
     } else {
