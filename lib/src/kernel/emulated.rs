@@ -67,9 +67,10 @@ impl Emulated {
         let Some(park) = self.park.as_mut() else {
             return Ok(Vec::new());
         };
-        let parked = park
-            .fetch_all()
-            .map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+        let parked = park.fetch_all().map_err(|e| KernelError::Park {
+            what: "cannot take back the parked files".into(),
+            reason: e.to_string(),
+        })?;
         let mut out = Vec::new();
         for (key, fd) in parked {
             let Some((token, name)) = key.split_once('\0') else {
@@ -92,8 +93,10 @@ impl Emulated {
     fn forget_all(&mut self) -> Result<(), KernelError> {
         self.sessions.clear();
         if let Some(park) = self.park.as_mut() {
-            park.clear()
-                .map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+            park.clear().map_err(|e| KernelError::Park {
+                what: "cannot drop the parked files".into(),
+                reason: e.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -104,8 +107,10 @@ impl Emulated {
                 op: "dup".into(),
                 errno: errno_of(&e),
             })?;
-            park.put(&park_key(session, token), fd)
-                .map_err(|e| KernelError::Reboot(format!("cannot park the file with the fd holder: {e}")))?;
+            park.put(&park_key(session, token), fd).map_err(|e| KernelError::Park {
+                what: format!("cannot park session {session} token {token}"),
+                reason: e.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -266,6 +271,10 @@ impl Kernel for Emulated {
         }
         self.loaded = None;
         Ok(())
+    }
+
+    fn park_notes(&self) -> Vec<String> {
+        self.park.as_ref().map(|p| p.notes()).unwrap_or_default()
     }
 
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
