@@ -592,8 +592,14 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
 
 /// The stop signals, read from a signalfd so the loop sees them between
 /// requests: blocked in this thread, every other signal unblocked (a holder
-/// forked by luod inherits luod's blocked set).
+/// forked by luod inherits luod's blocked set). SIGHUP is ignored: the
+/// holder outlives luod, and when luod dies while the holder is stopped
+/// (SIGSTOP, a debugger) the kernel sends the holder's orphaned process
+/// group SIGHUP, which would otherwise end it with every file.
 fn stop_signals() -> io::Result<SignalFd> {
+    // SAFETY: SIG_IGN installs no handler, so no code of ours runs in a
+    // signal context; nothing in this process relies on SIGHUP.
+    unsafe { nix::sys::signal::signal(Signal::SIGHUP, nix::sys::signal::SigHandler::SigIgn) }?;
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGTERM);
     stop.add(Signal::SIGINT);
