@@ -117,6 +117,7 @@ pub enum HolderReply {
 #[derive(Debug)]
 pub struct HolderClient {
     link: Arc<Mutex<Link>>,
+    notes: Arc<Mutex<VecDeque<String>>>,
     /// Write end of a pipe the watcher thread polls; dropping it stops the
     /// watcher.
     _stop: Option<OwnedFd>,
@@ -136,7 +137,9 @@ struct Link {
     /// What the holder holds, as luod's own duplicates: re-parked in a new
     /// holder when this one dies.
     mirror: BTreeMap<String, OwnedFd>,
-    notes: VecDeque<String>,
+    /// Notes for `status`, behind their own lock: `status` must not wait
+    /// while a holder is being replaced.
+    notes: Arc<Mutex<VecDeque<String>>>,
     /// An outage was reported already (no note per retry).
     outage_noted: bool,
 }
@@ -222,7 +225,7 @@ fn fetch(sock: &UnixStream) -> Result<Vec<(String, OwnedFd)>, FrameError> {
 /// closes connections that reached it only after it removed its socket, so
 /// the next attempt finds no socket and starts a new holder (see
 /// [`run_holder`]). A holder that refuses this uid closes every attempt.
-fn open(path: &Path, spawn: Option<&Spawner>) -> io::Result<(UnixStream, i32, Vec<(String, OwnedFd)>)> {
+fn open(path: &Path, spawn: Option<&Spawner>) -> io::Result<Opened> {
     for _ in 0..ATTEMPTS {
         let sock = match UnixStream::connect(path) {
             Ok(sock) => sock,
@@ -248,7 +251,7 @@ fn open(path: &Path, spawn: Option<&Spawner>) -> io::Result<(UnixStream, i32, Ve
             Ok(files) => {
                 sock.set_read_timeout(None)?;
                 let pid = getsockopt(&sock, PeerCredentials).map(|c| c.pid()).unwrap_or(0);
-                return Ok((sock, pid, files));
+                return Ok(Opened { sock, pid, files });
             }
             Err(e) if is_disconnect(&e) => continue,
             Err(FrameError::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -276,6 +279,15 @@ fn open(path: &Path, spawn: Option<&Spawner>) -> io::Result<(UnixStream, i32, Ve
     ))
 }
 
+/// A connection [`open`] made.
+struct Opened {
+    sock: UnixStream,
+    /// The holder's pid, from `SO_PEERCRED`.
+    pid: i32,
+    /// What it holds.
+    files: Vec<(String, OwnedFd)>,
+}
+
 /// Waits until something listens at `path` (a holder just spawned).
 fn wait_for(path: &Path) -> io::Result<UnixStream> {
     let deadline = Instant::now() + SPAWN_DEADLINE;
@@ -295,10 +307,11 @@ fn wait_for(path: &Path) -> io::Result<UnixStream> {
 
 impl Link {
     fn note(&mut self, note: String) {
-        if self.notes.len() == MAX_NOTES {
-            self.notes.pop_front();
+        let mut notes = self.notes.lock().unwrap_or_else(|p| p.into_inner());
+        if notes.len() == MAX_NOTES {
+            notes.pop_front();
         }
-        self.notes.push_back(note);
+        notes.push_back(note);
     }
 
     /// Connects to a holder again (starting one) and parks every file of the
@@ -333,7 +346,11 @@ impl Link {
     }
 
     fn reconnect_and_repark(&mut self) -> io::Result<()> {
-        let (sock, pid, found) = open(&self.path, self.spawn.as_ref())?;
+        let Opened {
+            sock,
+            pid,
+            files: found,
+        } = open(&self.path, self.spawn.as_ref())?;
         self.sock = sock;
         self.pid = pid;
         self.generation += 1;
@@ -381,7 +398,8 @@ impl HolderClient {
     /// [`FdPark::fetch_all`]). A thread then watches the holder: when it
     /// dies, `spawn` starts a new one and every parked file goes to it.
     pub fn connect_or_spawn(path: &Path, spawn: Spawner) -> io::Result<Self> {
-        let (sock, pid, files) = open(path, Some(&spawn))?;
+        let Opened { sock, pid, files } = open(path, Some(&spawn))?;
+        let notes = Arc::default();
         let link = Arc::new(Mutex::new(Link {
             path: path.to_path_buf(),
             spawn: Some(spawn),
@@ -389,7 +407,7 @@ impl HolderClient {
             pid,
             generation: 0,
             mirror: files.into_iter().collect(),
-            notes: VecDeque::new(),
+            notes: Arc::clone(&notes),
             outage_noted: false,
         }));
         let (stop_rx, stop_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -399,6 +417,7 @@ impl HolderClient {
             .spawn(move || watch(weak, stop_rx))?;
         Ok(HolderClient {
             link,
+            notes,
             _stop: Some(stop_tx),
         })
     }
@@ -406,7 +425,8 @@ impl HolderClient {
     /// Connects to the holder at `path` and takes what it holds, without
     /// starting one and without a watcher (for tools and tests).
     pub fn connect(path: &Path) -> io::Result<Self> {
-        let (sock, pid, files) = open(path, None)?;
+        let Opened { sock, pid, files } = open(path, None)?;
+        let notes = Arc::default();
         Ok(HolderClient {
             link: Arc::new(Mutex::new(Link {
                 path: path.to_path_buf(),
@@ -415,9 +435,10 @@ impl HolderClient {
                 pid,
                 generation: 0,
                 mirror: files.into_iter().collect(),
-                notes: VecDeque::new(),
+                notes: Arc::clone(&notes),
                 outage_noted: false,
             })),
+            notes,
             _stop: None,
         })
     }
@@ -534,7 +555,8 @@ impl FdPark for HolderClient {
     }
 
     fn notes(&self) -> Vec<String> {
-        lock(&self.link).notes.iter().cloned().collect()
+        let notes = self.notes.lock().unwrap_or_else(|p| p.into_inner());
+        notes.iter().cloned().collect()
     }
 }
 
@@ -645,8 +667,12 @@ struct Holder<'a> {
     queue: VecDeque<UnixStream>,
 }
 
+/// A line in luod's log (the holder's stderr is luod's). Never panics, as
+/// `eprintln!` would on a closed stderr: the holder must not die of a log
+/// line.
 fn log(msg: std::fmt::Arguments<'_>) {
-    eprintln!("luod fd holder (pid {}): {msg}", std::process::id());
+    use std::io::Write;
+    let _ = writeln!(io::stderr(), "luod fd holder (pid {}): {msg}", std::process::id());
 }
 
 fn serve(path: &Path, owner: u32) -> io::Result<()> {

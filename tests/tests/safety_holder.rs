@@ -86,7 +86,10 @@ fn probe(luod: &Luod, mode: &str, uid: Option<u32>) -> (bool, Vec<String>) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
     (out.status.success(), lines)
 }
 
@@ -112,11 +115,7 @@ fn count_in_log(luod: &Luod, needle: &str) -> usize {
 fn prompt_status(luod: &Luod) -> liveupdate::protocol::StatusReport {
     let t = Instant::now();
     let status = luod.status();
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "status took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(1), "status took {:?}", t.elapsed());
     status
 }
 
@@ -146,7 +145,12 @@ fn holder_socket_is_0600_and_other_uids_are_refused() {
     let socket = holder_socket(&luod);
     let meta = std::fs::symlink_metadata(&socket).expect("the holder's socket");
     assert!(meta.file_type().is_socket());
-    assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o600, 0), "mode and owner of {}", socket.display());
+    assert_eq!(
+        (meta.mode() & 0o7777, meta.uid()),
+        (0o600, 0),
+        "mode and owner of {}",
+        socket.display()
+    );
     open_the_way_for_nobody(&luod);
     let pid = holder_pid(&luod);
     let before = prompt_status(&luod);
@@ -173,7 +177,10 @@ fn holder_socket_is_0600_and_other_uids_are_refused() {
     let refused = format!("luod fd holder (pid {pid}): refused a connection from uid {NOBODY} (pid ");
     let because = "): only uid 0 (luod's) may use the fd holder\n";
     assert_eq!(count_in_log(&luod, &refused), 0);
-    assert_eq!(probe(&luod, "put", Some(NOBODY)), (false, vec!["closed unanswered".to_string()]));
+    assert_eq!(
+        probe(&luod, "put", Some(NOBODY)),
+        (false, vec!["closed unanswered".to_string()])
+    );
     assert_eq!(
         probe(&luod, "fetch", Some(NOBODY)),
         (
@@ -187,7 +194,11 @@ fn holder_socket_is_0600_and_other_uids_are_refused() {
     );
     let log = luod.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.starts_with(&refused)).collect();
-    assert_eq!(lines.len(), 6, "one log line per refused connection (1 put, 5 fetch attempts):\n{log}");
+    assert_eq!(
+        lines.len(),
+        6,
+        "one log line per refused connection (1 put, 5 fetch attempts):\n{log}"
+    );
     assert!(log.matches(because).count() >= 6, "{log}");
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).expect("chmod 0600");
 
@@ -231,7 +242,11 @@ fn kill_ends_the_holder() {
     // The next luod says what was lost: nothing silently.
     luod.start();
     let status = luod.status();
-    assert!(status.sessions.iter().all(|s| s.files.is_empty()), "{:?}", status.sessions);
+    assert!(
+        status.sessions.iter().all(|s| s.files.is_empty()),
+        "{:?}",
+        status.sessions
+    );
     assert!(
         status
             .notes
@@ -278,7 +293,7 @@ fn holder_killed_while_luod_runs_is_replaced_and_nothing_is_lost() {
              holder (pid {new})"
         )
     );
-    assert_eq!(prompt_status(&luod).notes, [note.clone()], "the only note");
+    assert_eq!(prompt_status(&luod).notes, [note], "the only note");
     let socket = std::fs::symlink_metadata(holder_socket(&luod)).expect("the new holder's socket");
     assert_eq!(socket.mode() & 0o7777, 0o600);
 
