@@ -979,22 +979,21 @@ mod tests {
         let path = dir.path().join("holder.sock");
         let server = serve_here(&path);
         let first = HolderClient::connect(&path).unwrap();
-        // Queued behind the first (a holder serves one luod at a time).
-        let second = std::thread::spawn({
-            let path = path.clone();
-            move || {
-                let mut c = HolderClient::connect(&path).unwrap();
-                c.put("k", memfd::from_bytes("t", b"x").unwrap()).unwrap();
-            }
-        });
-        std::thread::sleep(Duration::from_millis(100));
+        // Queued behind the first (a holder serves one luod at a time):
+        // connect returns once the connection is in the holder's backlog.
+        let second = UnixStream::connect(&path).unwrap();
+        frame::send(&second, &HolderRequest::FetchAll, &[]).unwrap();
+        // The first leaves with nothing parked: the holder serves the second
+        // instead of exiting.
         drop(first);
-        second.join().unwrap();
-        let mut c = HolderClient::connect(&path).unwrap();
-        assert_eq!(c.fetch_all().unwrap().len(), 1, "the queued client was served");
-        c.clear().unwrap();
-        drop(c);
+        let (reply, fds) = frame::recv::<HolderReply>(&second).expect("the waiting client is served");
+        assert!(
+            matches!(&reply, HolderReply::Batch { keys, last: true } if keys.is_empty()) && fds.is_empty(),
+            "{reply:?}"
+        );
+        drop(second);
         server.join().unwrap().unwrap();
+        assert!(!path.exists(), "then it ends");
     }
 
     #[test]
@@ -1017,8 +1016,10 @@ mod tests {
         let closer = std::thread::spawn({
             let path = path.clone();
             move || {
-                // Wait for the client's connection in the backlog.
-                std::thread::sleep(Duration::from_millis(100));
+                // Once the client's connection waits in the backlog: the
+                // path goes, then the listener, as run_holder does.
+                let mut fds = [PollFd::new(dying.as_fd(), PollFlags::POLLIN)];
+                poll(&mut fds, PollTimeout::NONE).unwrap();
                 std::fs::remove_file(&path).unwrap();
                 drop(dying);
             }
