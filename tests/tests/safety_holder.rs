@@ -293,6 +293,13 @@ fn holder_killed_while_luod_runs_is_replaced_and_nothing_is_lost() {
              holder (pid {new})"
         )
     );
+    let out = luod.luoctl(&["status"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&note),
+        "luoctl status shows the note:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(prompt_status(&luod).notes, [note], "the only note");
     let socket = std::fs::symlink_metadata(holder_socket(&luod)).expect("the new holder's socket");
     assert_eq!(socket.mode() & 0o7777, 0o600);
