@@ -114,7 +114,8 @@ fn holder(args: &Args) -> Result<Box<dyn FdPark>, StartError> {
     }
     std::fs::create_dir_all(&args.state_dir).map_err(io("cannot create state directory", &args.state_dir))?;
     let path = args.state_dir.join("holder.sock");
-    let client = HolderClient::connect_or_spawn(&path, || spawn_holder(&path))
+    let spawn_at = path.clone();
+    let client = HolderClient::connect_or_spawn(&path, Box::new(move || spawn_holder(&spawn_at)))
         .map_err(io("cannot start the fd holder at", &path))?;
     Ok(Box::new(client))
 }
@@ -312,6 +313,10 @@ fn fork_holder(path: &Path) -> std::io::Result<()> {
     // into luod's code.
     match unsafe { fork() }? {
         ForkResult::Child => {
+            // luod blocks SIGTERM and SIGINT (one thread waits for them);
+            // the holder must not inherit that, or `kill PID` would do
+            // nothing. run_holder reads the two itself and exits cleanly.
+            let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
             // Nothing of luod's may stay open here: its listening socket or
             // the region's lock would make a luod started later believe
             // another one runs.
@@ -343,7 +348,9 @@ fn fork_holder(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Starts `luod --holder PATH` in its own process group, reaped by a thread.
+/// Starts `luod --holder PATH` in its own process group, reaped by a thread
+/// (forked while luod is single-threaded, at start; re-executed when luod
+/// replaces a holder that died, as then it has threads).
 fn spawn_holder(path: &Path) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
     if single_threaded() {

@@ -30,7 +30,8 @@ fn main() -> ExitCode {
     raise_nofile_limit();
     if let Some(path) = &args.holder {
         // The fd holder: a separate process so that preserved files outlive
-        // a crash of luod (see liveupdate::holder).
+        // a crash of luod (see liveupdate::holder). Named as a forked one is.
+        let _ = nix::sys::prctl::set_name(c"luod-holder");
         return match liveupdate::holder::run_holder(path) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -85,6 +85,7 @@ impl EngineError {
                 KernelError::SessionExists(_) | KernelError::TokenExists { .. } | KernelError::AlreadyPreserved { .. },
             ) => ErrorKind::AlreadyExists,
             E::Kernel(KernelError::Unsupported { .. } | KernelError::Load { .. }) => ErrorKind::InvalidArgument,
+            E::Kernel(KernelError::Park { .. }) => ErrorKind::Internal,
             E::Kernel(_) | E::RebootFailed(_) => ErrorKind::Kernel,
             E::Record(_) | E::NewerRecord(_) => ErrorKind::Record,
         }
@@ -131,6 +132,10 @@ impl EngineError {
             E::Kernel(KernelError::Unsupported { .. }) => "hand over a memfd (memfd_create(2))".into(),
             E::Kernel(KernelError::AlreadyPreserved { .. }) => "each open file can be preserved once".into(),
             E::Kernel(KernelError::Load { .. }) => "check the --kernel/--initrd paths".into(),
+            E::Kernel(KernelError::Park { .. }) => {
+                "nothing was changed; see luod's log (the fd holder's pid is in STATE_DIR/holder.pid), then retry"
+                    .into()
+            }
             E::RebootFailed(_) => "fix the cause, then `luoctl reboot` again, or `luoctl cancel`".into(),
             E::Record(_) => "see luod's log; the previous record generation is intact".into(),
             _ => String::new(),

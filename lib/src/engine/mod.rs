@@ -219,7 +219,7 @@ impl<R: Region> Engine<R> {
             subsystems: self.registry.names(),
             last_cycle,
             live_updates: self.record.live_updates,
-            notes: self.notes.clone(),
+            notes: self.notes.iter().cloned().chain(self.kernel.park_notes()).collect(),
         }
     }
 

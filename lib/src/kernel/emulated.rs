@@ -67,9 +67,10 @@ impl Emulated {
         let Some(park) = self.park.as_mut() else {
             return Ok(Vec::new());
         };
-        let parked = park
-            .fetch_all()
-            .map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+        let parked = park.fetch_all().map_err(|e| KernelError::Park {
+            what: "cannot take back the parked files".into(),
+            reason: e.to_string(),
+        })?;
         let mut out = Vec::new();
         for (key, fd) in parked {
             let Some((token, name)) = key.split_once('\0') else {
@@ -92,8 +93,10 @@ impl Emulated {
     fn forget_all(&mut self) -> Result<(), KernelError> {
         self.sessions.clear();
         if let Some(park) = self.park.as_mut() {
-            park.clear()
-                .map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+            park.clear().map_err(|e| KernelError::Park {
+                what: "cannot drop the parked files".into(),
+                reason: e.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -104,8 +107,10 @@ impl Emulated {
                 op: "dup".into(),
                 errno: errno_of(&e),
             })?;
-            park.put(&park_key(session, token), fd)
-                .map_err(|e| KernelError::Reboot(format!("cannot park the file with the fd holder: {e}")))?;
+            park.put(&park_key(session, token), fd).map_err(|e| KernelError::Park {
+                what: format!("cannot park session {session} token {token}"),
+                reason: e.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -268,6 +273,10 @@ impl Kernel for Emulated {
         Ok(())
     }
 
+    fn park_notes(&self) -> Vec<String> {
+        self.park.as_ref().map(|p| p.notes()).unwrap_or_default()
+    }
+
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
         match self.mode {
             KexecMode::Simulated => {
@@ -304,4 +313,59 @@ pub fn check_image(path: &std::path::Path) -> Result<(), KernelError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineError;
+    use crate::protocol::ErrorKind;
+
+    /// A park whose holder is gone for good.
+    #[derive(Debug)]
+    struct BrokenPark;
+
+    impl FdPark for BrokenPark {
+        fn put(&mut self, _key: &str, _fd: OwnedFd) -> std::io::Result<()> {
+            Err(std::io::Error::other("the holder is gone"))
+        }
+        fn remove(&mut self, _key: &str) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn fetch_all(&mut self) -> std::io::Result<Vec<(String, OwnedFd)>> {
+            Err(std::io::Error::other("the holder is gone"))
+        }
+        fn clear(&mut self) -> std::io::Result<()> {
+            Err(std::io::Error::other("the holder is gone"))
+        }
+    }
+
+    #[test]
+    fn a_park_failure_says_what_it_is_and_preserves_nothing() {
+        let mut k = Emulated::new("file", KexecMode::Simulated, Some(Box::new(BrokenPark)));
+        let name = SessionName::new("vm0").unwrap();
+        k.create_session(&name).unwrap();
+        let err = k
+            .preserve_fd(&name, 3, memfd::from_bytes("t", b"x").unwrap())
+            .unwrap_err();
+        assert_eq!(err.to_string(), "cannot park session vm0 token 3: the holder is gone");
+        assert!(
+            k.preserved().is_empty(),
+            "nothing preserved that would not survive a crash"
+        );
+        let engine_err = EngineError::from(err);
+        assert_eq!(engine_err.kind(), ErrorKind::Internal);
+        assert_eq!(
+            engine_err.hint(),
+            "nothing was changed; see luod's log (the fd holder's pid is in STATE_DIR/holder.pid), then retry"
+        );
+        assert_eq!(
+            k.recover().unwrap_err().to_string(),
+            "cannot take back the parked files: the holder is gone"
+        );
+        assert_eq!(
+            k.reboot().unwrap_err().to_string(),
+            "cannot drop the parked files: the holder is gone"
+        );
+    }
 }

@@ -107,4 +107,7 @@ impl Kernel for FakeKernel {
         self.check(Op::Reboot)?;
         self.inner.reboot()
     }
+    fn park_notes(&self) -> Vec<String> {
+        self.inner.park_notes()
+    }
 }

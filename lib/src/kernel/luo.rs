@@ -109,8 +109,20 @@ fn sys(op: &str, errno: Errno) -> KernelError {
     }
 }
 
-fn park_err(e: std::io::Error) -> KernelError {
-    KernelError::Reboot(format!("cannot park a session with the fd holder: {e}"))
+/// Parking `what` (a session, a file, luod's record) failed.
+fn park_err(what: String) -> impl FnOnce(std::io::Error) -> KernelError {
+    move |e| KernelError::Park {
+        what: format!("cannot park {what}"),
+        reason: e.to_string(),
+    }
+}
+
+/// A system call on a memfd failed.
+fn io_sys(op: &'static str) -> impl Fn(std::io::Error) -> KernelError + Copy {
+    move |e| KernelError::Sys {
+        op: op.to_string(),
+        errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
 }
 
 impl Luo {
@@ -156,9 +168,10 @@ impl Luo {
         mut park: Box<dyn FdPark>,
         record_len: u64,
     ) -> Result<(Luo, OwnedFd, LuoStart), KernelError> {
-        let parked = park
-            .fetch_all()
-            .map_err(|e| KernelError::Reboot(format!("cannot reach the fd holder: {e}")))?;
+        let parked = park.fetch_all().map_err(|e| KernelError::Park {
+            what: "cannot take back the parked sessions".into(),
+            reason: e.to_string(),
+        })?;
         let mut luo = Luo {
             dev: dev.to_path_buf(),
             outgoing: BTreeMap::new(),
@@ -181,7 +194,7 @@ impl Luo {
             Ok(old_session) => {
                 let old = uapi::retrieve_fd(old_session.as_fd(), RECORD_TOKEN)
                     .map_err(|e| sys("RETRIEVE_FD (luod record)", e))?;
-                let len = memfd::size(old.as_fd()).map_err(|e| KernelError::Reboot(e.to_string()))?;
+                let len = memfd::size(old.as_fd()).map_err(io_sys("fstat (luod's incoming record)"))?;
                 lap("incoming record retrieved");
                 let record = copy_memfd(old.as_fd(), len)?;
                 lap("record copied");
@@ -193,10 +206,10 @@ impl Luo {
                 Ok((luo, record, LuoStart::Incoming))
             }
             Err(Errno::ENOENT) => {
-                let record = memfd::create("luod-record").map_err(|e| KernelError::Reboot(e.to_string()))?;
-                std::fs::File::from(record.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?)
+                let record = memfd::create("luod-record").map_err(io_sys("memfd_create (luod's record)"))?;
+                std::fs::File::from(record.try_clone().map_err(io_sys("dup (luod's record)"))?)
                     .set_len(record_len)
-                    .map_err(|e| KernelError::Reboot(e.to_string()))?;
+                    .map_err(io_sys("ftruncate (luod's record)"))?;
                 luo.new_record_session(dev_fd.as_fd(), record.as_fd())?;
                 Ok((luo, record, LuoStart::Cold))
             }
@@ -207,11 +220,13 @@ impl Luo {
     fn new_record_session(&mut self, dev: BorrowedFd<'_>, record: BorrowedFd<'_>) -> Result<(), KernelError> {
         let session = uapi::create_session(dev, RECORD_SESSION).map_err(|e| sys("CREATE_SESSION luod", e))?;
         uapi::preserve_fd(session.as_fd(), record, RECORD_TOKEN).map_err(|e| sys("PRESERVE_FD (luod record)", e))?;
-        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|e| KernelError::Reboot(e.to_string()));
+        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(io_sys("dup (luod's record)"));
         self.park
             .put(PARK_RECORD_SESSION, dup(session.as_fd())?)
-            .map_err(park_err)?;
-        self.park.put(PARK_RECORD, dup(record)?).map_err(park_err)?;
+            .map_err(park_err(format!("luod's own session {RECORD_SESSION}")))?;
+        self.park
+            .put(PARK_RECORD, dup(record)?)
+            .map_err(park_err("luod's record".into()))?;
         self.record_session = Some(session);
         Ok(())
     }
@@ -257,7 +272,7 @@ impl Luo {
 }
 
 fn copy_memfd(src: BorrowedFd<'_>, len: u64) -> Result<OwnedFd, KernelError> {
-    let err = |e: std::io::Error| KernelError::Reboot(format!("cannot copy luod's incoming record: {e}"));
+    let err = io_sys("copy luod's incoming record");
     let dst = memfd::create("luod-record").map_err(err)?;
     let dst_file = std::fs::File::from(dst.try_clone().map_err(err)?);
     dst_file.set_len(len).map_err(err)?;
@@ -299,9 +314,9 @@ impl Kernel for Luo {
         self.park
             .put(
                 &park_session_key(name),
-                fd.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?,
+                fd.try_clone().map_err(io_sys("dup (session)"))?,
             )
-            .map_err(park_err)?;
+            .map_err(park_err(format!("session {name}")))?;
         self.outgoing.insert(
             name.clone(),
             Outgoing {
@@ -323,7 +338,7 @@ impl Kernel for Luo {
     }
 
     fn preserve_fd(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
-        let identity = memfd::identity(fd.as_fd()).map_err(|e| KernelError::Reboot(e.to_string()))?;
+        let identity = memfd::identity(fd.as_fd()).map_err(io_sys("fstat"))?;
         for (name, s) in &self.outgoing {
             if let Some((t, _)) = s.files.iter().find(|(_, (_, id))| *id == identity) {
                 return Err(KernelError::AlreadyPreserved {
@@ -350,11 +365,8 @@ impl Kernel for Luo {
             e => sys("PRESERVE_FD", e),
         })?;
         self.park
-            .put(
-                &park_file_key(session, token),
-                fd.try_clone().map_err(|e| KernelError::Reboot(e.to_string()))?,
-            )
-            .map_err(park_err)?;
+            .put(&park_file_key(session, token), fd.try_clone().map_err(io_sys("dup"))?)
+            .map_err(park_err(format!("session {session} token {token}")))?;
         self.outgoing
             .get_mut(session)
             .expect("checked above")
@@ -437,6 +449,10 @@ impl Kernel for Luo {
 
     fn unload_kernel(&mut self) -> Result<(), KernelError> {
         kexec::unload()
+    }
+
+    fn park_notes(&self) -> Vec<String> {
+        self.park.notes()
     }
 
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {

@@ -123,6 +123,16 @@ pub enum KernelError {
     /// The reboot did not happen (or a step luod needs for it failed).
     #[error("reboot failed: {0}")]
     Reboot(String),
+    /// The fd park (the holder process, or systemd's fd store), which keeps
+    /// a duplicate of each preserved file so that a crash of luod loses
+    /// nothing, failed.
+    #[error("{what}: {reason}")]
+    Park {
+        /// What luod was doing (`cannot park session vm0 token 3`).
+        what: String,
+        /// Why.
+        reason: String,
+    },
     /// The kernel has no live update, or it is off.
     #[error(
         "live update is not available: no /dev/liveupdate (the kernel needs CONFIG_LIVEUPDATE and `liveupdate=on` on its command line)"
@@ -188,4 +198,9 @@ pub trait Kernel: Send + std::fmt::Debug {
     fn unload_kernel(&mut self) -> Result<(), KernelError>;
     /// Reboots into the loaded kernel. A real kexec does not return on success.
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError>;
+    /// What the operator should know about where preserved files are parked
+    /// (the fd holder died and was replaced, ...), for `status`.
+    fn park_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
