@@ -203,8 +203,8 @@ fn stale_start(cmdline: &str, why: &str) {
         super::handover::utc(frozen),
         aside.display()
     );
-    assert_eq!(e.notes(), [note.clone()]);
-    assert_eq!(e.status(&Caller::ROOT).notes, [note.clone()]);
+    assert_eq!(e.notes(), std::slice::from_ref(&note));
+    assert_eq!(e.status(&Caller::ROOT).notes, std::slice::from_ref(&note));
     let event = e.record().events.last().unwrap().clone();
     assert_eq!(
         (
