@@ -42,8 +42,10 @@ Q35_IOMMU_EDU = ["-machine", "q35,kernel-irqchip=split", "-device", "intel-iommu
 
 class Scenario:
     def __init__(self, name, kernel, boots, hashes, cmdline_extra="", mem=1024, timeout=300,
-                 boot_timeout=None, bench=False, smp=1, demo=False, qemu_args=()):
+                 boot_timeout=None, bench=False, smp=1, demo=False, qemu_args=(), firmware_reboot=False,
+                 script=None):
         self.name = name
+        self.script_name = script or name  # scenarios/SCRIPT.sh (two scenarios may share one)
         self.kernel = kernel  # "luo" or "stock"
         self.boots = boots  # kernels the chain must reach
         self.hashes = hashes  # files hashed before the kexec must match after it
@@ -55,10 +57,15 @@ class Scenario:
         self.smp = smp
         self.demo = demo  # scripts/demo.sh: echo the story, in no group
         self.qemu_args = list(qemu_args)  # extra QEMU arguments (machine, devices)
+        # The guest reboots through the firmware (sysrq-b, a panic with
+        # panic=-1): QEMU runs without -no-reboot, so it resets the machine
+        # (guest RAM kept) and boots the same kernel, initramfs and command
+        # line again. After the verdict QEMU is stopped by the host.
+        self.firmware_reboot = firmware_reboot
 
     @property
     def script(self):
-        return os.path.join(HERE, "scenarios", self.name + ".sh")
+        return os.path.join(HERE, "scenarios", self.script_name + ".sh")
 
 
 SCENARIOS = [
@@ -73,6 +80,11 @@ SCENARIOS = [
     Scenario("kexec_simple_64mib", "stock", 2, True, "memmap=160M$0x30000000", timeout=600),
     Scenario("garbage_region_at_boot", "stock", 1, False, "memmap=16M$0x30000000"),
     Scenario("region_too_small", "stock", 1, False, "memmap=1M$0x30000000"),
+    # luod's range, then 1 MiB of the scenario's own that tells the boot after the reset from the first.
+    Scenario("warm_reset_after_freeze", "stock", 2, False, "memmap=16M$0x30000000 memmap=1M$0x32000000",
+             firmware_reboot=True),
+    Scenario("crash_after_freeze", "stock", 2, False, "memmap=16M$0x30000000 memmap=1M$0x32000000",
+             firmware_reboot=True, script="warm_reset_after_freeze"),
     Scenario("bench_blackout", "luo", 11, True, timeout=900, bench=True),
     Scenario("bench_copy", "stock", 1, False, "memmap=160M$0x30000000", timeout=600, bench=True),
     Scenario("vm_survives_kexec", "luo", 2, True),
@@ -261,7 +273,7 @@ def run_scenario(sc, fixtures, kernels, log_dir, verbose):
         return res
     cmdline = (LUO_CMDLINE if sc.kernel == "luo" else STOCK_CMDLINE) + (" " + sc.cmdline_extra if sc.cmdline_extra else "")
     qemu = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", str(sc.mem), "-smp", str(sc.smp),
-            "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
+            "-nodefaults", "-display", "none", "-serial", "stdio"] + ([] if sc.firmware_reboot else ["-no-reboot"]) + [
             "-kernel", kernels[sc.kernel], "-initrd", initrd, "-append", cmdline] + sc.qemu_args
     res.log = os.path.join(log_dir, f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     log = open(res.log, "w", buffering=1)
@@ -276,9 +288,10 @@ def run_scenario(sc, fixtures, kernels, log_dir, verbose):
     ended_at = None
     buf = b""
     boot = 0
+    panic_expected = False  # the guest announced a panic it causes (@@LUO expect-panic)
 
     def handle(line, now):
-        nonlocal verdict, step_deadline, step_timeout, boot, ended_at
+        nonlocal verdict, step_deadline, step_timeout, boot, ended_at, panic_expected
         rel = now - t0
         log.write(f"[{rel:8.3f}] {line}\n")
         res.tail.append(f"[{rel:8.3f}] {line}")
@@ -289,8 +302,12 @@ def run_scenario(sc, fixtures, kernels, log_dir, verbose):
         if sc.demo and "DEMO-SUMMARY " in line:
             res.summary.append(line[line.index("DEMO-SUMMARY ") + 13:])
         if "Kernel panic" in line and verdict is None:
-            verdict = ("fail", f"kernel panic: {line.strip()}")
-            ended_at = now
+            if panic_expected:
+                panic_expected = False
+                res.details.append(f"the panic the scenario caused: {line.strip()}")
+            else:
+                verdict = ("fail", f"kernel panic: {line.strip()}")
+                ended_at = now
         m = MARKER.search(line)
         if not m:
             return
@@ -300,7 +317,15 @@ def run_scenario(sc, fixtures, kernels, log_dir, verbose):
             res.step = parts[0] if parts else "?"
             step_timeout = float(parts[1]) if len(parts) > 1 else 60.0
             step_deadline = now + step_timeout
+        elif kind == "expect-panic":
+            panic_expected = True
+        elif kind == "boot" and verdict is not None:
+            return  # a reset after the verdict (firmware_reboot): not part of the chain
         elif kind == "boot":
+            if len(res.boots) >= sc.boots:
+                verdict = ("fail", f"{len(res.boots) + 1} kernels reached /init, expected {sc.boots}")
+                ended_at = now
+                return
             boot = int(rest.split()[0])
             res.boots.append((boot, rel))
             um = re.search(r"uptime=([0-9.]+)", rest)
@@ -328,8 +353,8 @@ def run_scenario(sc, fixtures, kernels, log_dir, verbose):
 
     while True:
         now = time.monotonic()
-        if verdict is not None and now - ended_at > 20:
-            break  # the guest did not power off; it has said what it had to
+        if verdict is not None and now - ended_at > (3 if sc.firmware_reboot else 20):
+            break  # the guest did not power off (or resets again); it has said what it had to
         if verdict is None and now > step_deadline:
             verdict = ("fail", f"step {res.step!r} timed out after {step_timeout:.0f} s")
             break

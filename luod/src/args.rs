@@ -48,7 +48,8 @@ pub struct Args {
     #[arg(long)]
     pub socket_group: Option<String>,
 
-    /// Directory for luod's runtime files (the fd holder's socket).
+    /// Directory for luod's runtime files (the fd holder's socket, stale
+    /// handover records kept aside).
     #[arg(long, default_value = "/run/luod")]
     pub state_dir: PathBuf,
 

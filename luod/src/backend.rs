@@ -1,7 +1,7 @@
 //! Building the engine for the chosen backend.
 
 use crate::args::{Args, Backend, FdStore};
-use liveupdate::engine::{Engine, HostInfo, Kvm, RegionCapacity, SharedVms};
+use liveupdate::engine::{Engine, HostInfo, Kvm, RegionCapacity, SharedVms, StartOptions};
 use liveupdate::holder::{FdPark, HolderClient};
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
 use liveupdate::kernel::luo::{Luo, MemfdRegion};
@@ -157,7 +157,10 @@ fn open_engine<R: Region>(
     registry
         .register(Box::new(Kvm::new(vms.clone(), vm_timeout(args))))
         .map_err(|e| StartError::Backend(e.to_string()))?;
-    let mut engine = Engine::open(kernel, registry, store, host_info())?;
+    let options = StartOptions {
+        state_dir: Some(args.state_dir.clone()),
+    };
+    let mut engine = Engine::open_with(kernel, registry, store, host_info(), options)?;
     engine.set_cmdline_needs(needs);
     engine.set_vms(vms);
     // What restore found in the new kernel, for `status`.

@@ -3,8 +3,9 @@
 # Reserved). A 64 MiB memfd is preserved; prepare uses --reuse-cmdline (luod
 # keeps the same memmap= on the target's command line); freeze copies the
 # memfd and luod's record into the range; reboot is a real kexec into the
-# stock kernel; the new luod finds the record in the range, recreates the
-# memfd, and the retrieved file has the same SHA-256.
+# stock kernel; the new luod finds the record in the range and, the new
+# command line carrying the cycle's luod.handover= nonce, recreates the
+# memfd; the retrieved file has the same SHA-256.
 RANGE='160M$0x30000000'
 check_iomem() {
 	grep -i '30000000-39ffffff : Reserved' /proc/iomem || { cat /proc/iomem; fail "0x30000000..0x39ffffff is not Reserved in /proc/iomem"; }
@@ -40,6 +41,8 @@ boot2() {
 	step start-luod 300
 	check_iomem
 	grep -q 'memmap=160M\$0x30000000' /proc/cmdline || fail "the target command line lost memmap=$RANGE"
+	nonce=$(sed -n 's/.*luod\.handover=\([0-9a-f]\{16\}\).*/\1/p' /proc/cmdline)
+	[ -n "$nonce" ] || fail "the target command line has no luod.handover= nonce"
 	wait_updated --backend reserved-memory
 	run luoctl status
 	step retrieve 300
@@ -50,5 +53,8 @@ boot2() {
 	run luoctl finish
 	expect_state normal
 	expect_json '"live_updates": 1'
+	luoctl --json history >/run/history.json || fail "luoctl --json history failed"
+	grep -q "luod.handover=$nonce\"" /run/history.json || { cat /run/history.json; fail "the cycle's target command line lacks luod.handover=$nonce"; }
+	info "the kexec'd kernel's command line carries the cycle's luod.handover=$nonce: taken as the update"
 	pass
 }

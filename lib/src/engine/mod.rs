@@ -7,6 +7,7 @@
 
 mod capacity;
 mod error;
+mod handover;
 mod sessions;
 mod startup;
 mod transitions;
@@ -14,7 +15,8 @@ mod vms;
 
 pub use capacity::RegionCapacity;
 pub use error::EngineError;
-pub use startup::HostInfo;
+pub use handover::{HANDOVER_PARAM, STALE_EVENT, stamp_cmdline};
+pub use startup::{HostInfo, StartOptions};
 pub use transitions::Rebooted;
 pub use vms::{Claimed, KVM, Kvm, SharedVms, VmSaved, VmTable, vm_session};
 
@@ -68,6 +70,8 @@ pub struct Engine<R: Region> {
     cmdline_needs: Vec<String>,
     handed_over: bool,
     vms: Option<SharedVms>,
+    /// Where a stale handover record is kept aside (see `handover.rs`).
+    state_dir: Option<std::path::PathBuf>,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -271,10 +275,11 @@ impl<R: Region> Engine<R> {
                 "target kernel",
                 true,
                 format!(
-                    "{} loads (sha256 {}), cmdline {:?}",
+                    "{} loads (sha256 {}), cmdline {:?} (prepare chooses the nonce: a boot whose command line \
+                     lacks it never takes the update's handover)",
                     img.kernel,
                     hex(&img.kernel_sha256),
-                    img.cmdline
+                    stamp_cmdline(&img.cmdline, "<nonce>")
                 ),
             ),
             Err(e) => item("target kernel", false, e.to_string()),
@@ -351,6 +356,8 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+#[cfg(test)]
+mod handover_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Starting the engine: reading the record, and telling a restart of luod in
 //! the same kernel from the first start in a new one.
 
+use super::handover::{Judgement, judge};
 use super::{Engine, EngineError, now};
 use crate::kernel::{Handoff, Kernel, memfd};
 use crate::record::{HandoverRecord, RecordStore, SlotStatus};
@@ -8,6 +9,7 @@ use crate::region::Region;
 use crate::state::State;
 use crate::subsystem::{Blob, Registry};
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 
 /// Facts about the running kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,22 +53,46 @@ fn slot_note(slots: &[SlotStatus; 2]) -> String {
     format!("slot A: {}; slot B: {}", one(0), one(1))
 }
 
+/// How luod starts the engine, beyond the kernel, registry, region and host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// luod's state directory: a stale handover record is kept there
+    /// (`stale-handover-BOOT.record`). Without one it is not kept aside.
+    pub state_dir: Option<PathBuf>,
+}
+
 impl<R: Region> Engine<R> {
+    /// [`open_with`](Self::open_with) without options.
+    pub fn open(
+        kernel: Box<dyn Kernel>,
+        registry: Registry,
+        store: RecordStore<R>,
+        host: HostInfo,
+    ) -> Result<Self, EngineError> {
+        Self::open_with(kernel, registry, store, host, StartOptions::default())
+    }
+
     /// Starts the engine on `store`.
     ///
     /// - No valid record (an empty region, or garbage): `normal`, with a note
     ///   saying why when the region was not empty.
     /// - A record written at a handover by another kernel (or by a simulated
-    ///   kexec): the new kernel's start. Preserved files are restored, the
-    ///   subsystems get their sections back, the state is `updated`.
+    ///   kexec) that this boot provably came from (its command line carries
+    ///   the cycle's `luod.handover=` nonce; see `handover.rs`): the new
+    ///   kernel's start. Preserved files are restored, the subsystems get
+    ///   their sections back, the state is `updated`.
+    /// - A handover another boot wrote but this boot did not come from (a
+    ///   warm reset after freeze): `normal`, nothing handed out, the stale
+    ///   record kept in `options.state_dir`, a note and an event.
     /// - Otherwise luod restarted in the same kernel: the state and sessions
     ///   are the record's, and the files come back from where the kernel
     ///   interface parked them.
-    pub fn open(
+    pub fn open_with(
         kernel: Box<dyn Kernel>,
         registry: Registry,
         mut store: RecordStore<R>,
         host: HostInfo,
+        options: StartOptions,
     ) -> Result<Self, EngineError> {
         let report = store.load()?;
         if let Some(version) = report.slots.iter().find_map(|s| match s {
@@ -100,10 +126,7 @@ impl<R: Region> Engine<R> {
                 (generation, record)
             }
         };
-        let incoming = record
-            .handover
-            .as_ref()
-            .is_some_and(|h| h.simulated || h.boot_id != host.boot_id);
+        let judgement = judge(record.handover.as_ref(), &host);
         let mut engine = Engine {
             kernel,
             registry,
@@ -115,11 +138,15 @@ impl<R: Region> Engine<R> {
             cmdline_needs: Vec::new(),
             handed_over: false,
             vms: None,
+            state_dir: options.state_dir,
         };
-        if incoming {
-            engine.take_incoming()?;
-        } else {
-            engine.resume_same_kernel()?;
+        match judgement {
+            Judgement::Incoming => engine.take_incoming()?,
+            Judgement::Stale(why) => {
+                engine.set_aside_stale(why)?;
+                engine.resume_same_kernel()?;
+            }
+            Judgement::SameBoot => engine.resume_same_kernel()?,
         }
         Ok(engine)
     }

@@ -268,8 +268,9 @@ fn a_kernel_that_does_not_load_fails_prepare_and_changes_nothing() {
 
     failures.lock().unwrap().clear();
     e.prepare(&Caller::ROOT, &args).unwrap();
-    let target = e.record().update.as_ref().unwrap().target.clone().unwrap();
-    assert_eq!(target.cmdline, "quiet");
+    let update = e.record().update.clone().unwrap();
+    let target = update.target.unwrap();
+    assert_eq!(target.cmdline, format!("quiet luod.handover={}", update.nonce.unwrap()));
     assert_eq!(hex(&target.kernel_sha256).len(), 64);
 }
 
@@ -508,8 +509,14 @@ fn the_target_command_line_must_carry_what_the_backend_needs() {
         ..Default::default()
     };
     e.prepare(&Caller::ROOT, &reuse).unwrap();
-    let target = e.record().update.as_ref().unwrap().target.clone().unwrap();
-    assert_eq!(target.cmdline, "console=ttyS0 liveupdate=on memmap=64M$0x30000000");
+    let update = e.record().update.clone().unwrap();
+    assert_eq!(
+        update.target.unwrap().cmdline,
+        format!(
+            "console=ttyS0 liveupdate=on memmap=64M$0x30000000 luod.handover={}",
+            update.nonce.unwrap()
+        )
+    );
 }
 
 #[test]

@@ -103,6 +103,17 @@ impl<R: Region> Engine<R> {
 
     /// A backend with a real kexec needs a target (unless one is loaded already).
     pub(super) fn require_target(&self, target: Option<KernelImage>) -> Result<Option<KernelImage>, EngineError> {
+        if target.is_none() && self.copies_at_freeze() {
+            // Its record sits in memory that may survive a warm reset: only
+            // the nonce on a command line luod wrote tells the kexec apart.
+            return Err(EngineError::InvalidArgument(format!(
+                "the {} backend loads the target kernel itself, so that its command line carries this update's \
+                 {}= nonce (an image loaded beforehand cannot prove that the next boot came from its kexec): \
+                 give --kernel K (--cmdline S | --reuse-cmdline)",
+                self.kernel.name(),
+                super::HANDOVER_PARAM
+            )));
+        }
         if target.is_none() && !self.kernel.simulates_kexec() && !crate::kernel::kexec::loaded() {
             return Err(EngineError::InvalidArgument(format!(
                 "the {} backend reboots by kexec: give the target with --kernel K (--cmdline S | --reuse-cmdline)",
@@ -147,7 +158,17 @@ impl<R: Region> Engine<R> {
         self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Prepare)?;
-        let target = self.target_image(args).and_then(|t| self.require_target(t))?;
+        let mut target = self.target_image(args).and_then(|t| self.require_target(t))?;
+        // A one-time nonce on the target's command line: the next boot is
+        // taken for this cycle's kexec only if it shows it (handover.rs).
+        let nonce = match target.as_mut() {
+            Some(t) => {
+                let nonce = super::handover::new_nonce()?;
+                t.cmdline = super::handover::stamp_cmdline(&t.cmdline, &nonce);
+                Some(nonce)
+            }
+            None => None,
+        };
         if let Some(t) = &target {
             let load = KernelLoad {
                 kernel: t.kernel.clone().into(),
@@ -180,7 +201,7 @@ impl<R: Region> Engine<R> {
                 prepared: Some(now()),
                 ..Default::default()
             },
-            nonce: None,
+            nonce,
         });
         next.next_cycle_id += 1;
         self.refresh_sizes(&mut next);
@@ -191,8 +212,16 @@ impl<R: Region> Engine<R> {
             return Err(e);
         }
         let mut notes = Vec::new();
-        if let Some(t) = self.record.update.as_ref().and_then(|u| u.target.as_ref()) {
+        if let Some(u) = self.record.update.as_ref()
+            && let Some(t) = u.target.as_ref()
+        {
             notes.push(format!("loaded {} (sha256 {})", t.kernel, hex(&t.kernel_sha256)));
+            if let Some(nonce) = &u.nonce {
+                notes.push(format!(
+                    "the target command line carries {}={nonce}: only a boot that shows it takes this update's handover",
+                    super::HANDOVER_PARAM
+                ));
+            }
         }
         Ok(self.report(from, started, notes))
     }

@@ -33,6 +33,7 @@ pub type Failures = Arc<Mutex<HashMap<Op, KernelError>>>;
 pub struct FakeKernel {
     inner: Emulated,
     failures: Failures,
+    real_kexec: bool,
 }
 
 impl FakeKernel {
@@ -43,9 +44,21 @@ impl FakeKernel {
             FakeKernel {
                 inner: Emulated::new("fake", super::emulated::KexecMode::Simulated, None),
                 failures: failures.clone(),
+                real_kexec: false,
             },
             failures,
         )
+    }
+
+    /// A fake kernel that reports a real kexec, as the reserved-memory
+    /// backend does: the handover is written at `freeze`, and a start
+    /// judges the record by boot id and command line. Its `reboot` fails
+    /// (nothing here can kexec); a test plays the next boot by opening a new
+    /// engine on the same region with another [`HostInfo`](crate::engine::HostInfo).
+    pub fn with_real_kexec() -> (Self, Failures) {
+        let (mut fake, failures) = Self::new();
+        fake.real_kexec = true;
+        (fake, failures)
     }
 
     fn check(&self, op: Op) -> Result<(), KernelError> {
@@ -64,7 +77,7 @@ impl Kernel for FakeKernel {
         Handoff::Copy
     }
     fn simulates_kexec(&self) -> bool {
-        true
+        !self.real_kexec
     }
     fn create_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
         self.check(Op::CreateSession)?;
@@ -105,6 +118,9 @@ impl Kernel for FakeKernel {
     }
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
         self.check(Op::Reboot)?;
+        if self.real_kexec {
+            return Err(KernelError::Reboot("the fake kernel cannot kexec".into()));
+        }
         self.inner.reboot()
     }
     fn park_notes(&self) -> Vec<String> {

@@ -253,6 +253,14 @@ impl<R: Region> RecordStore<R> {
         self.newest.map(|newest| newest.generation)
     }
 
+    /// The newest valid record as it lies in the region: its slot's header
+    /// and payload (not the data extents), e.g. to keep a copy aside.
+    pub fn newest_record_bytes(&self) -> Option<&[u8]> {
+        let newest = self.newest?;
+        let start = self.slot_start(newest.slot);
+        Some(&self.region.bytes()[range(start, newest.data.0 - start)])
+    }
+
     /// Size of each slot in bytes.
     pub fn slot_len(&self) -> u64 {
         self.slot_len
@@ -524,6 +532,27 @@ pub(crate) mod tests {
         let loaded = store.load().unwrap();
         assert_eq!(loaded.latest, Some((1, record)));
         assert_eq!(loaded.slots, [SlotStatus::Valid { generation: 1 }, SlotStatus::Empty]);
+    }
+
+    #[test]
+    fn newest_record_bytes_are_the_newest_slots_header_and_payload() {
+        let mut store = store(64 << 10);
+        assert_eq!(store.newest_record_bytes(), None);
+        store.write(&mut HandoverRecord::new("file"), &[]).unwrap();
+        let mut record = rich_record();
+        let data = [pattern(5000, 1), pattern(3000, 2)];
+        let report = store.write(&mut record, &[&data[0], &data[1]]).unwrap();
+        assert_eq!(report.slot, 1);
+        let bytes = store.newest_record_bytes().unwrap().to_vec();
+        assert_eq!(bytes.len() as u64, report.record_bytes);
+        assert_eq!(bytes[..8], crate::record::MAGIC);
+        assert_eq!(bytes, store.region().bytes()[32 << 10..(32 << 10) + bytes.len()]);
+        // The bytes alone, put where they were in an empty region of the
+        // same size, read back as the record (its data is not in them).
+        let mut copy = MemRegion::zeroed(64 << 10);
+        copy.bytes_mut()[32 << 10..(32 << 10) + bytes.len()].copy_from_slice(&bytes);
+        let mut reread = RecordStore::new(copy).unwrap();
+        assert_eq!(reread.load().unwrap().latest, Some((2, record)));
     }
 
     #[test]
