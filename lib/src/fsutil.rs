@@ -104,7 +104,8 @@ pub fn own_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
-fn kind_of(ft: std::fs::FileType) -> &'static str {
+/// What a file type is, in words (`regular file`, `fifo`, ...).
+pub fn kind_of(ft: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if ft.is_dir() {
         "directory"

@@ -10,6 +10,7 @@ mod error;
 mod sessions;
 mod startup;
 mod transitions;
+mod unreadable;
 mod vms;
 
 pub use capacity::RegionCapacity;
@@ -68,6 +69,8 @@ pub struct Engine<R: Region> {
     cmdline_needs: Vec<String>,
     handed_over: bool,
     vms: Option<SharedVms>,
+    /// Set while the region holds no readable record but is not blank.
+    unreadable: Option<unreadable::Unreadable>,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -158,11 +161,12 @@ impl<R: Region> Engine<R> {
 
     /// Refuses every change once the handover is written and the kexec
     /// (real or simulated) is under way: the record in the region is final.
+    /// Refuses every change, too, while the record is unreadable.
     fn require_live(&self) -> Result<(), EngineError> {
         if self.handed_over {
             Err(EngineError::HandedOver)
         } else {
-            Ok(())
+            self.require_readable()
         }
     }
 
@@ -297,6 +301,16 @@ impl<R: Region> Engine<R> {
                 ),
             },
         );
+        if let Some(u) = &self.unreadable {
+            item(
+                "record",
+                false,
+                format!(
+                    "cannot be read ({}): restore the region, or `luoctl discard-record --yes`",
+                    u.finding
+                ),
+            );
+        }
         let (files, bytes) = self.preserved_totals();
         if self.kernel.handoff() == crate::kernel::Handoff::Copy {
             let capacity = self.store.data_capacity();
