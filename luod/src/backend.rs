@@ -213,12 +213,17 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
         fsutil::create_dirs("directory of region", dir, fsutil::DIR_MODE)?;
     }
     let (file, created) = fsutil::open_or_create("region", &path)?;
-    if file.try_lock().is_err() {
+    // The lock goes on an open file description of its own (the same file,
+    // reopened through /proc, never through the path again): the region's
+    // mapping keeps its description alive in the forked fd holder, which
+    // must not keep the lock after luod exits.
+    let lock = {
+        use std::os::fd::AsRawFd;
+        File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io("cannot reopen region", &path))?
+    };
+    if lock.try_lock().is_err() {
         return Err(StartError::RegionLocked(path.display().to_string()));
     }
-    // The lock belongs to the open file description, which the region's
-    // descriptor shares: held as long as luod runs.
-    let lock = file.try_clone().map_err(io("cannot duplicate the descriptor of region", &path))?;
     let existing = lock.metadata().map_err(io("cannot stat region", &path))?.len();
     let two_slots = 2 * LAYOUT_ALIGN;
     let region = if created || existing >= two_slots {

@@ -64,7 +64,8 @@ pub(super) fn inspect<R: Region>(
         None => store.region().bytes().iter().any(|&b| b != 0),
     };
     // The park keeps its own copies: this only learns what it holds.
-    let parked = kernel.recover()?;
+    let mut parked = kernel.recover()?;
+    parked.sort();
     if !has_data && parked.is_empty() {
         if unusable.is_some() {
             store.region_mut().reinitialize().map_err(EngineError::Region)?;
