@@ -40,7 +40,9 @@ pub enum FileError {
         resolved: String,
     },
     /// The path exists but is not a regular file.
-    #[error("{what} {path} exists and is not a regular file (it is a {kind}); luod leaves it alone: remove it or choose another path")]
+    #[error(
+        "{what} {path} exists and is not a regular file (it is a {kind}); luod leaves it alone: remove it or choose another path"
+    )]
     NotRegular {
         /// What the path is for.
         what: &'static str,
@@ -325,7 +327,10 @@ mod tests {
         let path = dir.path().join("f");
         create_new("test file", &path).unwrap();
         assert_eq!(mode(&path), 0o600);
-        assert!(matches!(create_new("test file", &path), Err(FileError::Io { op: "create", .. })));
+        assert!(matches!(
+            create_new("test file", &path),
+            Err(FileError::Io { op: "create", .. })
+        ));
     }
 
     #[test]

@@ -234,13 +234,12 @@ fn map_file(path: &Path, file: &File, len: u64) -> Result<MmapMut, RegionError> 
     // lost pages raises SIGBUS and luod stops, rather than reading or
     // writing wrong bytes; a concurrent writer could corrupt a record,
     // which the record's checksums then detect at load.
-    let map = unsafe { MmapOptions::new().len(map_len).populate().map_mut(file) }.map_err(|source| {
-        RegionError::Map {
+    let map =
+        unsafe { MmapOptions::new().len(map_len).populate().map_mut(file) }.map_err(|source| RegionError::Map {
             path: path.display().to_string(),
             len,
             source,
-        }
-    })?;
+        })?;
     // MAP_POPULATE only faults pages in for reading on a shared mapping;
     // MADV_POPULATE_WRITE (Linux 5.14+) also takes the write faults now,
     // so the record write later runs without any. Older kernels refuse
@@ -265,7 +264,7 @@ fn allocate(path: &Path, file: &File, len: u64) -> Result<(), RegionError> {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::ENOSPC) => {
             let free = nix::sys::statvfs::fstatvfs(file)
-                .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+                .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
                 .ok();
             Err(fail(match free {
                 Some(free) => format!(
@@ -313,7 +312,11 @@ impl Region for FileRegion {
         match &self.backing {
             Backing::Mapped(map) => format!("file {} ({})", self.path.display(), human_size(map.len())),
             Backing::StandIn { on_disk, .. } => {
-                format!("file {} ({} on disk, unusable)", self.path.display(), human_size(on_disk.len()))
+                format!(
+                    "file {} ({} on disk, unusable)",
+                    self.path.display(),
+                    human_size(on_disk.len())
+                )
             }
         }
     }
@@ -465,7 +468,12 @@ mod tests {
         // An existing sparse file gets its holes allocated, its bytes kept.
         let sparse = dir.path().join("sparse");
         std::fs::write(&sparse, b"abc").unwrap();
-        std::fs::File::options().write(true).open(&sparse).unwrap().set_len(1 << 20).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&sparse)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
         let region = FileRegion::open_existing(&sparse).unwrap();
         assert_eq!(&region.bytes()[..4], b"abc\0");
         assert!(std::fs::metadata(&sparse).unwrap().blocks() * 512 >= 1 << 20);
@@ -480,12 +488,19 @@ mod tests {
         let mut region = FileRegion::stand_in(&path, file, 8192, 64 << 10).unwrap();
         assert_eq!(region.len(), 8192);
         region.bytes_mut()[0] = 1;
-        assert_eq!(std::fs::read(&path).unwrap(), [7u8; 40], "the stand-in never reaches the file");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            [7u8; 40],
+            "the stand-in never reaches the file"
+        );
         let unusable = region.unusable().unwrap();
         assert!(unusable.has_data);
         assert_eq!(
             unusable.finding,
-            format!("the region file {} is 40 bytes, too short for two record slots (truncated?)", path.display())
+            format!(
+                "the region file {} is 40 bytes, too short for two record slots (truncated?)",
+                path.display()
+            )
         );
         region.reinitialize().unwrap();
         assert_eq!(region.unusable(), None);

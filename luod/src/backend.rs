@@ -2,11 +2,11 @@
 
 use crate::args::{Args, Backend, FdStore};
 use liveupdate::engine::{Engine, HostInfo, Kvm, RegionCapacity, SharedVms};
+use liveupdate::fsutil;
 use liveupdate::holder::{FdPark, HolderClient};
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
 use liveupdate::kernel::luo::{Luo, MemfdRegion};
 use liveupdate::kernel::reserved::{self, RangeKind, ReservedRegion};
-use liveupdate::fsutil;
 use liveupdate::record::{LAYOUT_ALIGN, RecordStore};
 use liveupdate::region::{FileRegion, Region};
 use liveupdate::subsystem::Registry;

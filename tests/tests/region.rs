@@ -181,7 +181,11 @@ fn assert_truncated_is_kept_aside_when_discarded(image: &[u8]) {
     );
     let aside = std::fs::read(luod.region().with_extension("truncated")).expect("the truncated bytes are kept");
     assert_eq!(aside, image, "kept byte for byte");
-    assert_eq!(std::fs::metadata(luod.region()).unwrap().len(), 1 << 20, "a fresh region");
+    assert_eq!(
+        std::fs::metadata(luod.region()).unwrap().len(),
+        1 << 20,
+        "a fresh region"
+    );
     assert_clean_stop(&mut luod);
 }
 

@@ -85,8 +85,15 @@ fn every_file_luod_creates_is_0600_and_its_state_directory_0700() {
     assert_eq!(mode(&luod.state_dir()), 0o700, "state directory");
     assert_eq!(mode(&region), 0o600, "region");
     assert_eq!(mode(&pid_file), 0o600, "holder pid file");
-    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().expect("a pid");
-    assert!(Path::new(&format!("/proc/{pid}")).exists(), "the holder runs as pid {pid}");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the holder runs as pid {pid}"
+    );
     // Allocated, not sparse.
     assert!(std::fs::metadata(&region).unwrap().blocks() * 512 >= 8 << 20);
     // A region an older luod left world-readable is made private again.
@@ -137,7 +144,11 @@ fn a_symlink_at_the_holder_pid_path_is_not_followed() {
     std::os::unix::fs::symlink(&target, &pid_file).unwrap();
     let mut luod = luod.launched();
     luod.client().create("vm0").expect("luod serves");
-    assert_eq!(std::fs::read(&target).unwrap(), b"keep me", "the link's target is untouched");
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        b"keep me",
+        "the link's target is untouched"
+    );
     assert!(std::fs::symlink_metadata(&pid_file).unwrap().file_type().is_symlink());
     let expected = format!(
         "holder pid file {} is a symbolic link (to {t}); luod does not follow links for the files it writes: \
@@ -239,7 +250,12 @@ impl Tmpfs {
             nix::mount::MsFlags::empty(),
             Some(format!("size={size},mode=0700").as_str()),
         )
-        .unwrap_or_else(|e| panic!("mount a {size} tmpfs on {}: {e} (the tests run as root)", dir.path().display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "mount a {size} tmpfs on {}: {e} (the tests run as root)",
+                dir.path().display()
+            )
+        });
         Tmpfs { dir }
     }
 
@@ -261,7 +277,7 @@ fn a_region_larger_than_its_file_system_fails_at_start_with_the_reason() {
     let region = fs.path().join("region");
     let free = {
         let s = nix::sys::statvfs::statvfs(&fs.path()).unwrap();
-        s.blocks_available() as u64 * s.fragment_size() as u64
+        s.blocks_available() * s.fragment_size()
     };
     assert_eq!(free, 2 << 20);
     let result = refused_luod(dir.path(), &["--region".as_ref(), region.as_os_str()]);

@@ -54,8 +54,9 @@ fn assert_kept_and_refused(luod: &mut Luod, finding_starts: &str) -> String {
         rest.contains("restore the region") && rest.contains("`luoctl discard-record --yes`"),
         "the note says what to do: {note}"
     );
-    let message =
-        format!("the handover record cannot be read ({finding}); luod changes nothing until the region is restored or the record discarded");
+    let message = format!(
+        "the handover record cannot be read ({finding}); luod changes nothing until the region is restored or the record discarded"
+    );
     let hint = "restore the region and start luod again (everything comes back), or give the record and the parked \
                 files up with `luoctl discard-record --yes`";
     let e = assert_refused(c.prepare(), ErrorKind::Record, &message);
@@ -73,7 +74,10 @@ fn assert_kept_and_refused(luod: &mut Luod, finding_starts: &str) -> String {
     assert!(luod.is_running());
     assert_eq!(luod.status(), status, "nothing changed");
     assert!(luod.stop().success());
-    assert!(std::fs::read(luod.region()).expect("read the region") == damaged, "the region is untouched");
+    assert!(
+        std::fs::read(luod.region()).expect("read the region") == damaged,
+        "the region is untouched"
+    );
     finding.to_string()
 }
 
@@ -159,6 +163,7 @@ fn a_region_of_another_size_keeps_the_parked_files_until_reopened_with_its_size(
 }
 
 /// `discard-record` over the protocol.
+#[allow(clippy::result_large_err)] // a refusal is compared whole, as in the harness
 fn discard(luod: &Luod) -> Reply<Response> {
     luod.client().call(&Request::DiscardRecord)
 }
@@ -193,10 +198,10 @@ fn discard_record_drops_the_parked_files_and_is_recorded() {
     assert_eq!((status.state, status.generation), (State::Normal, 1));
     assert_eq!(
         status.notes,
-        [format!(
+        [
             "uid 0 discarded the unreadable record (4 parked file(s) dropped (vm0/1, vm0/2, vm1/1, vm1/2)); \
-             a fresh record started at generation 1"
-        )]
+          a fresh record started at generation 1"
+        ]
     );
     assert_refused(
         discard(&luod),
@@ -216,15 +221,17 @@ fn discard_record_drops_the_parked_files_and_is_recorded() {
     assert_eq!(event.subject, format!("file {} (8 MiB)", luod.region().display()));
     assert_eq!(
         event.detail,
-        format!(
-            "an unreadable record was discarded: {finding}; 4 parked file(s) dropped (vm0/1, vm0/2, vm1/1, vm1/2)"
-        )
+        format!("an unreadable record was discarded: {finding}; 4 parked file(s) dropped (vm0/1, vm0/2, vm1/1, vm1/2)")
     );
     drop(store);
     luod.start();
     let status = luod.status();
     assert_eq!(status.sessions.len(), 1, "only the session made after the discard");
-    assert!(status.notes.is_empty(), "no file was parked any more: {:?}", status.notes);
+    assert!(
+        status.notes.is_empty(),
+        "no file was parked any more: {:?}",
+        status.notes
+    );
 }
 
 #[test]
@@ -232,7 +239,10 @@ fn a_region_too_short_is_kept_aside_only_when_discarded_and_never_through_a_syml
     let (mut luod, _set, image) = parked();
     std::fs::write(luod.region(), &image[..4096]).unwrap();
     let finding = assert_kept_and_refused(&mut luod, "the region file ");
-    assert!(finding.contains(" is 4096 bytes, too short for two record slots (truncated?)"), "{finding}");
+    assert!(
+        finding.contains(" is 4096 bytes, too short for two record slots (truncated?)"),
+        "{finding}"
+    );
     luod.start();
     let aside = luod.region().with_extension("truncated");
     let target = luod.dir().join("precious");
@@ -248,8 +258,16 @@ fn a_region_too_short_is_kept_aside_only_when_discarded_and_never_through_a_syml
             t = target.display()
         ),
     );
-    assert_eq!(std::fs::read(&target).unwrap(), b"not luod's", "the link's target is untouched");
-    assert_eq!(std::fs::read(luod.region()).unwrap(), &image[..4096], "the region is untouched");
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        b"not luod's",
+        "the link's target is untouched"
+    );
+    assert_eq!(
+        std::fs::read(luod.region()).unwrap(),
+        &image[..4096],
+        "the region is untouched"
+    );
     assert!(luod.status().notes[0].starts_with("the handover record cannot be read: "));
 
     std::fs::remove_file(&aside).unwrap();
@@ -257,8 +275,16 @@ fn a_region_too_short_is_kept_aside_only_when_discarded_and_never_through_a_syml
         Ok(Response::RecordDiscarded(r)) => assert_eq!((r.files, r.generation), (4, 1)),
         other => panic!("discard-record answered {other:?}"),
     }
-    assert_eq!(std::fs::read(&aside).unwrap(), &image[..4096], "the short region's bytes are kept aside");
+    assert_eq!(
+        std::fs::read(&aside).unwrap(),
+        &image[..4096],
+        "the short region's bytes are kept aside"
+    );
     assert_eq!(std::fs::metadata(&aside).unwrap().mode() & 0o7777, 0o600);
-    assert_eq!(std::fs::metadata(luod.region()).unwrap().len(), SIZE, "a fresh region of --region-size");
+    assert_eq!(
+        std::fs::metadata(luod.region()).unwrap().len(),
+        SIZE,
+        "a fresh region of --region-size"
+    );
     luod.client().create("fresh").expect("the fresh region works");
 }

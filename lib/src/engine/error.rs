@@ -64,7 +64,9 @@ pub enum EngineError {
     NewerRecord(u32),
     /// The region holds no readable record but is not blank: nothing
     /// changes until it is restored or the record discarded.
-    #[error("the handover record cannot be read ({0}); luod changes nothing until the region is restored or the record discarded")]
+    #[error(
+        "the handover record cannot be read ({0}); luod changes nothing until the region is restored or the record discarded"
+    )]
     RecordUnreadable(String),
     /// `discard-record` while the record is readable.
     #[error("the handover record is readable (generation {0}): there is nothing to discard")]

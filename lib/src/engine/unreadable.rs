@@ -128,7 +128,11 @@ impl<R: Region> Engine<R> {
         let dropped = if found.parked.is_empty() {
             "no parked file".to_string()
         } else {
-            format!("{} parked file(s) dropped ({})", found.parked.len(), list_parked(&found.parked))
+            format!(
+                "{} parked file(s) dropped ({})",
+                found.parked.len(),
+                list_parked(&found.parked)
+            )
         };
         next.push_event(Event {
             at: now(),

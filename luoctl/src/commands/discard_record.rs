@@ -37,9 +37,7 @@ pub fn run(args: &DiscardRecordArgs, ctx: &Ctx) -> Result<(), Failed> {
     } else {
         output::print(&format!(
             "discarded the unreadable record ({}); {} parked file(s) dropped; fresh record at generation {}\n",
-            report.finding,
-            report.files,
-            report.generation
+            report.finding, report.files, report.generation
         ));
     }
     Ok(())
