@@ -8,6 +8,7 @@
 //! the engine that ties them together for luod ([`engine`]).
 
 pub mod engine;
+pub mod fsutil;
 pub mod holder;
 pub mod kernel;
 pub mod names;

@@ -2,11 +2,12 @@
 
 use crate::args::{Args, Backend, FdStore};
 use liveupdate::engine::{Engine, HostInfo, Kvm, RegionCapacity, SharedVms, StartOptions};
+use liveupdate::fsutil;
 use liveupdate::holder::{FdPark, HolderClient};
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
 use liveupdate::kernel::luo::{Luo, MemfdRegion};
 use liveupdate::kernel::reserved::{self, RangeKind, ReservedRegion};
-use liveupdate::record::{RecordError, RecordStore};
+use liveupdate::record::{LAYOUT_ALIGN, RecordStore};
 use liveupdate::region::{FileRegion, Region};
 use liveupdate::subsystem::Registry;
 use liveupdate::subsystems::devices::Devices;
@@ -29,6 +30,19 @@ pub enum StartError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// A file or directory luod writes is not one it may use.
+    #[error(transparent)]
+    File(#[from] liveupdate::fsutil::FileError),
+    /// The `--socket` path exists and is not a socket.
+    #[error(
+        "--socket {path} exists and is not a socket (it is a {kind}); luod never removes it: remove it yourself, or pass another --socket"
+    )]
+    NotASocket {
+        /// The path.
+        path: String,
+        /// What it is.
+        kind: &'static str,
     },
     /// Another luod holds the region.
     #[error("region {0} is in use by another luod (it holds the region's lock); stop that one first")]
@@ -112,7 +126,7 @@ fn holder(args: &Args) -> Result<Box<dyn FdPark>, StartError> {
         tracing::info!("parking preserved files in systemd's fd store");
         return Ok(Box::new(SystemdFdStore::new(notifier, take_listen_fds())));
     }
-    std::fs::create_dir_all(&args.state_dir).map_err(io("cannot create state directory", &args.state_dir))?;
+    fsutil::private_dir("state directory", &args.state_dir)?;
     let path = args.state_dir.join("holder.sock");
     let spawn_at = path.clone();
     let client = HolderClient::connect_or_spawn(&path, Box::new(move || spawn_holder(&spawn_at)))
@@ -199,47 +213,42 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
     let path = PathBuf::from(args.region.as_deref().ok_or_else(|| {
         StartError::Backend("the file backend needs --region PATH (a file luod creates if missing)".into())
     })?);
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io("cannot create the directory of region", &path))?;
+    if let Some(dir) = path.parent() {
+        fsutil::create_dirs("directory of region", dir, fsutil::DIR_MODE)?;
     }
-    let lock = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io("cannot open region", &path))?;
+    let (file, created) = fsutil::open_or_create("region", &path)?;
+    // The lock goes on an open file description of its own (the same file,
+    // reopened through /proc, never through the path again): the region's
+    // mapping keeps its description alive in the forked fd holder, which
+    // must not keep the lock after luod exits.
+    let lock = {
+        use std::os::fd::AsRawFd;
+        File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io("cannot reopen region", &path))?
+    };
     if lock.try_lock().is_err() {
         return Err(StartError::RegionLocked(path.display().to_string()));
     }
     let existing = lock.metadata().map_err(io("cannot stat region", &path))?.len();
-    let size = if existing > 0 { existing } else { args.region_size };
-    let mut note = None;
-    let store = match RecordStore::new(FileRegion::open(&path, size)?) {
-        Err(RecordError::RegionTooSmall { need, have }) if existing > 0 => {
-            // Too short for two slots: truncated, or not a region. An older
-            // record could still sit in what is left, but reviving it would
-            // roll the host back silently; keep the bytes aside for a person
-            // to look at and start on a fresh region.
-            let aside = path.with_extension("truncated");
-            std::fs::copy(&path, &aside).map_err(io("cannot keep the truncated region as", &aside))?;
-            lock.set_len(0).map_err(io("cannot reset region", &path))?;
-            let size = need.max(args.region_size);
-            note = Some(format!(
-                "region {} was only {have} bytes, too small for two record slots (truncated?); its bytes are kept in {} and luod started on a fresh {size}-byte region",
-                path.display(),
-                aside.display()
-            ));
-            RecordStore::new(FileRegion::open(&path, size)?)?
+    let two_slots = 2 * LAYOUT_ALIGN;
+    let region = if created || existing >= two_slots {
+        let size = if created { args.region_size } else { existing };
+        match FileRegion::with_file(&path, file, size) {
+            Err(e) if created => {
+                // Nothing of luod's is in a file it created a moment ago.
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+            other => other?,
         }
-        other => other?,
+    } else {
+        // Too short for two slots (cut to 0 bytes, truncated, not a region):
+        // read, not touched. The engine decides whether it may start afresh
+        // (nothing in it, nothing parked) or must wait for the operator.
+        FileRegion::stand_in(&path, file, two_slots as usize, args.region_size.max(two_slots))?
     };
+    let store = RecordStore::new(region)?;
     let kernel = Emulated::new("file", KexecMode::Simulated, Some(holder(args)?));
-    let mut engine = open_engine(args, Box::new(kernel), store, true, Vec::new())?;
-    if let Some(note) = note {
-        tracing::warn!("{note}");
-        engine.add_note(note);
-    }
+    let engine = open_engine(args, Box::new(kernel), store, true, Vec::new())?;
     Ok(Started {
         engine,
         _lock: Some(lock),
@@ -377,7 +386,7 @@ fn spawn_holder(path: &Path) -> std::io::Result<()> {
 /// and scripts that must find it (e.g. to stop it before a plain kexec).
 fn write_holder_pid(socket: &Path, pid: u32) {
     let path = socket.with_file_name("holder.pid");
-    if let Err(e) = std::fs::write(&path, format!("{pid}\n")) {
-        tracing::warn!("cannot write {}: {e}", path.display());
+    if let Err(e) = fsutil::write_private("holder pid file", &path, format!("{pid}\n").as_bytes()) {
+        tracing::warn!("{e}");
     }
 }

@@ -11,7 +11,7 @@ use liveupdate::region::Region;
 use nix::sys::signal::{SigSet, Signal};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,6 +50,9 @@ fn serve_engine<R: Region + 'static>(
     started: backend::Started<R>,
 ) -> Result<u8, StartError> {
     let backend::Started { engine, _lock } = started;
+    let bound = std::fs::symlink_metadata(&args.socket)
+        .map(|m| (m.dev(), m.ino()))
+        .unwrap_or_default();
     for note in engine.notes() {
         tracing::warn!("{note}");
     }
@@ -126,7 +129,10 @@ fn serve_engine<R: Region + 'static>(
         }
     }
     let code = EXIT.load(Ordering::SeqCst).max(0);
-    let _ = std::fs::remove_file(&args.socket);
+    // Only the socket this luod bound: never a file put there since.
+    if std::fs::symlink_metadata(&args.socket).is_ok_and(|m| (m.dev(), m.ino()) == bound) {
+        let _ = std::fs::remove_file(&args.socket);
+    }
     // Hold the engine lock while exiting so no request is half-served.
     let _guard = engine.lock().unwrap_or_else(|p| p.into_inner());
     tracing::info!("luod exits with status {code}");
@@ -339,14 +345,26 @@ fn bind(path: &std::path::Path, group: Option<&str>) -> Result<UnixListener, Sta
             source,
         }
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io("cannot create the directory of socket"))?;
+    if let Some(dir) = path.parent() {
+        // Searchable by all: the socket's own mode and group decide who connects.
+        liveupdate::fsutil::create_dirs("directory of socket", dir, 0o755)?;
     }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(StartError::SocketInUse(path.display().to_string()));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(StartError::SocketInUse(path.display().to_string()));
+            }
+            // A socket nobody listens on: left by a luod that died.
+            std::fs::remove_file(path).map_err(io("cannot remove stale socket"))?;
         }
-        std::fs::remove_file(path).map_err(io("cannot remove stale socket"))?;
+        Ok(m) => {
+            return Err(StartError::NotASocket {
+                path: path.display().to_string(),
+                kind: liveupdate::fsutil::kind_of(m.file_type()),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("cannot inspect socket path")(e)),
     }
     let listener = UnixListener::bind(path).map_err(io("cannot bind socket"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
@@ -717,6 +735,7 @@ fn dispatch<R: Region>(
         }
         Request::VmAbandon { name } => engine.vm_abandon(caller, &name).map(|()| Response::Done),
         Request::VmList => Ok(Response::Vms(engine.vm_list(caller))),
+        Request::DiscardRecord => engine.discard_record(caller).map(Response::RecordDiscarded),
     };
     match r {
         Ok(resp) => Outcome::from(resp),

@@ -2,10 +2,11 @@
 # memmap=16M$0x30000000): before luod starts, the whole range is filled with
 # random bytes through /dev/mem (dd; STRICT_DEVMEM and IO_STRICT_DEVMEM allow
 # it: the range is not System RAM and not claimed by a driver). luod starts
-# in `normal`, and `luoctl --json status` notes say the region held no valid
-# record and why (each slot's reason). luod then works on the region: a
-# session is preserved, prepare/cancel succeed, and a luod started again
-# finds its own record (no note, the session kept).
+# in `normal`, writes nothing, and `luoctl --json status` notes say the
+# record cannot be read and why (each slot's reason); changes are refused
+# (exit 18) until `luoctl discard-record --yes`. luod then works on the
+# region: a session is preserved, prepare/cancel succeed, and a luod started
+# again finds its own record (no note, the session kept).
 boot1() {
 	step garbage 120
 	grep -i '30000000-30ffffff : Reserved' /proc/iomem || { cat /proc/iomem; fail "the range is not Reserved"; }
@@ -14,9 +15,13 @@ boot1() {
 	step start-luod 60
 	start_luod --backend reserved-memory
 	expect_state normal
-	expect_json '"notes": \[' 'the region held no valid record' 'slot A: .*slot B: '
+	expect_json '"notes": \[' 'the handover record cannot be read: ' 'slot A: .*slot B: ' 'discard-record --yes'
 	grep -A3 '"notes"' /run/status.json
 	expect_json '"sessions": \[\]'
+	expect_exit 18 'the handover record cannot be read' luoctl session create vm0
+	step discard 60
+	expect_exit 2 'discard-record --yes' luoctl discard-record
+	expect_exit 0 '"generation": 1' luoctl --json discard-record --yes
 	step use-region 120
 	run luoctl session create vm0
 	run luo-qemu-tool gen --size 100000 --seed 61 --out /run/d
@@ -29,6 +34,6 @@ boot1() {
 	start_luod --backend reserved-memory
 	expect_state normal
 	expect_json '"name": "vm0"'
-	if grep -q 'no valid record' /run/status.json; then fail "the note survived a restart on a valid record"; fi
+	if grep -q 'cannot be read' /run/status.json; then fail "the note survived a restart on a valid record"; fi
 	pass
 }

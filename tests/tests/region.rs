@@ -1,7 +1,8 @@
 //! luod started on a damaged region never crashes: a damaged newest record
 //! falls back to the previous generation; a region with no valid record at
-//! all (truncated, random bytes) starts in `normal` with nothing preserved,
-//! and `status` notes say why.
+//! all (truncated, random bytes) is left untouched, `status` notes say why,
+//! and changes are refused until `discard-record` starts a fresh record
+//! (the parked-files side of this is `safety_record.rs`).
 //!
 //! The region holds two slots (A at offset 0, B at half the region, rounded
 //! down to 4096), each `[64-byte header | postcard payload | data]`; the
@@ -114,87 +115,93 @@ fn a_newest_record_with_any_byte_flipped_falls_back_to_the_previous_generation()
     }
 }
 
-/// luod started on `image` is in `normal` with nothing, and says why.
+/// luod started on `image` is in `normal` with nothing, says why, refuses
+/// changes and writes nothing; `discard-record` starts a fresh record that
+/// works. Returns the luod, running.
 #[track_caller]
-fn assert_starts_empty_with_a_note(image: &[u8]) {
+fn assert_kept_until_discarded(image: &[u8], finding: &str) -> Luod {
     let mut luod = luod_on(image);
     luod.start();
     let status = luod.status();
     assert_eq!(status.state, State::Normal);
     assert_eq!(status.generation, 0);
-    assert!(status.sessions.is_empty(), "nothing preserved: {:?}", status.sessions);
+    assert!(status.sessions.is_empty(), "nothing visible: {:?}", status.sessions);
     assert_eq!(status.last_cycle, None);
     let note = status
         .notes
         .iter()
-        .find(|n| n.starts_with("the region held no valid record"))
-        .unwrap_or_else(|| panic!("a note says the region held no valid record: {:?}", status.notes));
-    assert!(note.starts_with("the region held no valid record ("), "note: {note}");
-    assert!(
-        note.ends_with("); starting in normal with nothing preserved"),
-        "note: {note}"
-    );
-    assert!(
-        note.contains("slot A: ") && note.contains("slot B: "),
-        "the note tells each slot's fate: {note}"
-    );
-    // The region is usable from there.
+        .find_map(|n| n.strip_prefix("the handover record cannot be read: "))
+        .unwrap_or_else(|| panic!("a note says the record cannot be read: {:?}", status.notes));
+    assert!(note.contains(finding), "note: {note}");
     let mut c = luod.client();
+    let e = c.create("fresh").expect_err("changes are refused");
+    assert_eq!(e.kind, liveupdate::protocol::ErrorKind::Record);
+    assert_eq!(std::fs::read(luod.region()).unwrap(), image, "the region is untouched");
+    // The operator gives it up; the region is usable from there.
+    match c.call(&liveupdate::protocol::Request::DiscardRecord) {
+        Ok(liveupdate::protocol::Response::RecordDiscarded(r)) => assert_eq!((r.files, r.generation), (0, 1)),
+        other => panic!("discard-record answered {other:?}"),
+    }
     c.create("fresh").expect("a session on the fresh region");
     c.preserve("fresh", 1, memfd_with("fresh", b"fresh").as_fd())
         .expect("preserve");
-    assert_eq!(c.status().generation, 2);
+    assert_eq!(c.status().generation, 3);
     drop(c);
+    luod
+}
+
+#[test]
+fn a_region_full_of_random_bytes_is_kept_until_discarded() {
+    let mut luod = assert_kept_until_discarded(
+        &pattern(99, 1 << 20),
+        "holds data but no readable record (slot A: slot does not start with the record magic",
+    );
     assert_clean_stop(&mut luod);
 }
 
 #[test]
-fn a_region_full_of_random_bytes_starts_in_normal_and_says_why() {
-    assert_starts_empty_with_a_note(&pattern(99, 1 << 20));
-}
-
-#[test]
-fn a_region_truncated_to_half_starts_in_normal_and_says_why() {
+fn a_region_truncated_to_half_is_kept_until_discarded() {
     let image = region_at_generation_4();
-    assert_starts_empty_with_a_note(&image[..image.len() / 2]);
+    let mut luod = assert_kept_until_discarded(
+        &image[..image.len() / 2],
+        "record was written for a region of 1048576 bytes but the region is now 524288 bytes",
+    );
+    assert_clean_stop(&mut luod);
 }
 
-/// A region file too short for two slots: luod keeps its bytes aside in
-/// `region.truncated`, starts on a fresh region in `normal`, and says so.
+/// A region file too short for two slots: untouched until discarded; the
+/// discard keeps its bytes aside in `region.truncated` and makes a fresh
+/// region.
 #[track_caller]
-fn assert_truncated_is_kept_aside_and_luod_starts_fresh(image: &[u8]) {
-    let mut luod = luod_on(image);
-    luod.start();
-    let status = luod.status();
-    assert_eq!(status.state, State::Normal);
-    assert!(status.sessions.is_empty(), "nothing preserved: {:?}", status.sessions);
-    assert_eq!(status.last_cycle, None);
+fn assert_truncated_is_kept_aside_when_discarded(image: &[u8]) {
     let was = image.len();
-    assert!(
-        status.notes.iter().any(
-            |n| n.contains(&format!("was only {was} bytes, too small for two record slots"))
-                && n.contains("region.truncated")
-        ),
-        "a note says the region was too small and where its bytes are: {:?}",
-        status.notes
+    let mut luod = assert_kept_until_discarded(
+        image,
+        &format!("is {was} bytes, too short for two record slots (truncated?)"),
     );
     let aside = std::fs::read(luod.region().with_extension("truncated")).expect("the truncated bytes are kept");
     assert_eq!(aside, image, "kept byte for byte");
+    assert_eq!(
+        std::fs::metadata(luod.region()).unwrap().len(),
+        1 << 20,
+        "a fresh region"
+    );
+    assert_clean_stop(&mut luod);
 }
 
 #[test]
-fn a_region_truncated_inside_its_first_header_starts_in_normal_and_says_why() {
+fn a_region_truncated_inside_its_first_header_is_kept_aside_when_discarded() {
     let image = region_at_generation_4();
-    assert_truncated_is_kept_aside_and_luod_starts_fresh(&image[..40]);
+    assert_truncated_is_kept_aside_when_discarded(&image[..40]);
 }
 
 #[test]
-fn a_region_truncated_below_two_slots_starts_in_normal_and_says_why() {
+fn a_region_truncated_below_two_slots_is_kept_aside_when_discarded() {
     // Only slot A's first page is left: the newest record (slot B) is gone.
     // An older record may survive in it, but reviving it would roll the
     // host back without anyone deciding to.
     let image = region_at_generation_4();
-    assert_truncated_is_kept_aside_and_luod_starts_fresh(&image[..4096]);
+    assert_truncated_is_kept_aside_when_discarded(&image[..4096]);
 }
 
 #[test]

@@ -62,6 +62,18 @@ pub enum EngineError {
         v = crate::record::FORMAT_VERSION
     )]
     NewerRecord(u32),
+    /// The region holds no readable record but is not blank: nothing
+    /// changes until it is restored or the record discarded.
+    #[error(
+        "the handover record cannot be read ({0}); luod changes nothing until the region is restored or the record discarded"
+    )]
+    RecordUnreadable(String),
+    /// `discard-record` while the record is readable.
+    #[error("the handover record is readable (generation {0}): there is nothing to discard")]
+    RecordReadable(u64),
+    /// The region could not be made usable.
+    #[error(transparent)]
+    Region(crate::region::RegionError),
     /// An I/O error while reading a file the request named.
     #[error("{0}")]
     Io(String),
@@ -87,7 +99,8 @@ impl EngineError {
             E::Kernel(KernelError::Unsupported { .. } | KernelError::Load { .. }) => ErrorKind::InvalidArgument,
             E::Kernel(KernelError::Park { .. }) => ErrorKind::Internal,
             E::Kernel(_) | E::RebootFailed(_) => ErrorKind::Kernel,
-            E::Record(_) | E::NewerRecord(_) => ErrorKind::Record,
+            E::Record(_) | E::NewerRecord(_) | E::RecordUnreadable(_) | E::Region(_) => ErrorKind::Record,
+            E::RecordReadable(_) => ErrorKind::WrongState,
         }
     }
 
@@ -138,6 +151,9 @@ impl EngineError {
             }
             E::RebootFailed(_) => "fix the cause, then `luoctl reboot` again, or `luoctl cancel`".into(),
             E::Record(_) => "see luod's log; the previous record generation is intact".into(),
+            E::RecordUnreadable(_) => "restore the region and start luod again (everything comes back), or give the \
+                                       record and the parked files up with `luoctl discard-record --yes`"
+                .into(),
             _ => String::new(),
         }
     }

@@ -11,6 +11,7 @@ mod handover;
 mod sessions;
 mod startup;
 mod transitions;
+mod unreadable;
 mod vms;
 
 pub use capacity::RegionCapacity;
@@ -72,6 +73,8 @@ pub struct Engine<R: Region> {
     vms: Option<SharedVms>,
     /// Where a stale handover record is kept aside (see `handover.rs`).
     state_dir: Option<std::path::PathBuf>,
+    /// Set while the region holds no readable record but is not blank.
+    unreadable: Option<unreadable::Unreadable>,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -162,11 +165,12 @@ impl<R: Region> Engine<R> {
 
     /// Refuses every change once the handover is written and the kexec
     /// (real or simulated) is under way: the record in the region is final.
+    /// Refuses every change, too, while the record is unreadable.
     fn require_live(&self) -> Result<(), EngineError> {
         if self.handed_over {
             Err(EngineError::HandedOver)
         } else {
-            Ok(())
+            self.require_readable()
         }
     }
 
@@ -302,6 +306,16 @@ impl<R: Region> Engine<R> {
                 ),
             },
         );
+        if let Some(u) = &self.unreadable {
+            item(
+                "record",
+                false,
+                format!(
+                    "cannot be read ({}): restore the region, or `luoctl discard-record --yes`",
+                    u.finding
+                ),
+            );
+        }
         let (files, bytes) = self.preserved_totals();
         if self.kernel.handoff() == crate::kernel::Handoff::Copy {
             let capacity = self.store.data_capacity();

@@ -74,8 +74,13 @@ impl<R: Region> Engine<R> {
 
     /// Starts the engine on `store`.
     ///
-    /// - No valid record (an empty region, or garbage): `normal`, with a note
-    ///   saying why when the region was not empty.
+    /// - No valid record in a blank region (all zeros, or an empty file) with
+    ///   nothing parked: `normal`, a fresh record.
+    /// - No valid record otherwise (zeroed headers, a region cut short or of
+    ///   another size, garbage, files still parked): nothing is written or
+    ///   dropped; `status` says what was found and every change is refused
+    ///   until the region is restored or the record discarded (see
+    ///   `unreadable.rs`).
     /// - A record written at a handover by another kernel (or by a simulated
     ///   kexec) that this boot provably came from (its command line carries
     ///   the cycle's `luod.handover=` nonce; see `handover.rs`): the new
@@ -102,16 +107,13 @@ impl<R: Region> Engine<R> {
             return Err(EngineError::NewerRecord(version));
         }
         let mut notes = Vec::new();
+        let mut kernel = kernel;
+        let mut unreadable = None;
         let (generation, record) = match report.latest {
             None => {
-                if report.slots.iter().any(|s| matches!(s, SlotStatus::Invalid { .. })) {
-                    let note = format!(
-                        "the region held no valid record ({}); starting in normal with nothing preserved",
-                        slot_note(&report.slots)
-                    );
-                    tracing::warn!("{note}");
-                    notes.push(note);
-                }
+                // Blank region and nothing parked: a fresh start. Anything
+                // else is kept as it is until the operator decides.
+                unreadable = super::unreadable::inspect(&mut *kernel, &mut store, &report.slots)?;
                 (0, HandoverRecord::new(kernel.name()))
             }
             Some((generation, record)) => {
@@ -139,7 +141,13 @@ impl<R: Region> Engine<R> {
             handed_over: false,
             vms: None,
             state_dir: options.state_dir,
+            unreadable: None,
         };
+        if let Some(found) = unreadable {
+            engine.notes.push(found.note.clone());
+            engine.unreadable = Some(found);
+            return Ok(engine);
+        }
         match judgement {
             Judgement::Incoming => engine.take_incoming()?,
             Judgement::Stale(why) => {

@@ -127,6 +127,10 @@ pub enum Request {
         /// Position of the first session of the page.
         start: u64,
     },
+    /// Give up a handover record luod cannot read (privileged): the parked
+    /// files are dropped and a fresh record starts, with the decision in its
+    /// events. Refused while the record is readable.
+    DiscardRecord,
 }
 
 impl Request {
@@ -153,6 +157,7 @@ impl Request {
             Request::VmAbandon { .. } => "vm-abandon",
             Request::VmList => "vm-list",
             Request::SessionListFrom { .. } => "session-list-from",
+            Request::DiscardRecord => "discard-record",
         }
     }
 }
@@ -197,6 +202,19 @@ pub enum Response {
     },
     /// Answer to `VmList`.
     Vms(Vec<VmInfo>),
+    /// Answer to `DiscardRecord`.
+    RecordDiscarded(DiscardReport),
+}
+
+/// What `discard-record` gave up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscardReport {
+    /// What luod had found instead of a readable record.
+    pub finding: String,
+    /// Parked files dropped.
+    pub files: u64,
+    /// Generation of the fresh record.
+    pub generation: u64,
 }
 
 /// What luod asks of a VMM.

@@ -271,6 +271,34 @@ impl<R: Region> RecordStore<R> {
         &self.region
     }
 
+    /// The region, to [`reinitialize`](crate::region::Region::reinitialize)
+    /// it; call [`clear`](Self::clear) afterwards.
+    pub fn region_mut(&mut self) -> &mut R {
+        &mut self.region
+    }
+
+    /// Forgets every record, once the operator decided so: lays the slots
+    /// out again for the region as it is now and zeroes both slot headers,
+    /// so the region reads as empty and the next write is generation 1.
+    pub fn clear(&mut self) -> Result<(), RecordError> {
+        let have = self.region.len() as u64;
+        let slot_len = have / 2 / LAYOUT_ALIGN * LAYOUT_ALIGN;
+        if slot_len == 0 {
+            return Err(RecordError::RegionTooSmall {
+                need: 2 * LAYOUT_ALIGN,
+                have,
+            });
+        }
+        self.slot_len = slot_len;
+        for slot in 0..2 {
+            let header = range(self.slot_start(slot), HEADER_LEN as u64);
+            self.region.bytes_mut()[header.clone()].fill(0);
+            self.journal.record(header.start, &self.region.bytes()[header]);
+        }
+        self.newest = None;
+        Ok(())
+    }
+
     /// Gives the region back.
     pub fn into_region(self) -> R {
         self.region

@@ -3,6 +3,7 @@
 
 pub mod cancel;
 pub mod check;
+pub mod discard_record;
 #[cfg(test)]
 mod fake;
 pub mod finish;
@@ -76,6 +77,8 @@ pub enum Command {
     /// VMs registered by VMMs.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Give up a handover record luod cannot read, and the files it keeps for it; needs --yes.
+    DiscardRecord(discard_record::DiscardRecordArgs),
 }
 
 impl Command {
@@ -92,6 +95,7 @@ impl Command {
             Command::History(a) => history::run(a, ctx),
             Command::Session(c) => c.run(ctx),
             Command::Vm(c) => c.run(ctx),
+            Command::DiscardRecord(a) => discard_record::run(a, ctx),
         }
     }
 }
