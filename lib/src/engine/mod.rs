@@ -7,6 +7,7 @@
 
 mod capacity;
 mod error;
+mod quotas;
 mod sessions;
 mod startup;
 mod transitions;
@@ -14,6 +15,7 @@ mod vms;
 
 pub use capacity::RegionCapacity;
 pub use error::EngineError;
+pub use quotas::{Quota, Quotas, SESSION_EVICTED, SESSION_FINISHED_BY_ROOT};
 pub use startup::HostInfo;
 pub use transitions::Rebooted;
 pub use vms::{Claimed, KVM, Kvm, SharedVms, VmSaved, VmTable, vm_session};
@@ -68,6 +70,7 @@ pub struct Engine<R: Region> {
     cmdline_needs: Vec<String>,
     handed_over: bool,
     vms: Option<SharedVms>,
+    quotas: Quotas,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -353,5 +356,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod quota_tests;
 #[cfg(test)]
 mod vm_tests;

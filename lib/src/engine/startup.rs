@@ -115,6 +115,7 @@ impl<R: Region> Engine<R> {
             cmdline_needs: Vec::new(),
             handed_over: false,
             vms: None,
+            quotas: super::Quotas::DEFAULT,
         };
         if incoming {
             engine.take_incoming()?;
