@@ -188,7 +188,11 @@ mod tests {
         let args = super::Args::parse_from(["luod"]);
         let q = liveupdate::engine::Quotas::DEFAULT;
         assert_eq!(
-            (args.max_sessions_per_uid, args.max_files_per_uid, args.max_bytes_per_uid),
+            (
+                args.max_sessions_per_uid,
+                args.max_files_per_uid,
+                args.max_bytes_per_uid
+            ),
             (q.sessions, q.files, q.bytes)
         );
     }

@@ -238,7 +238,10 @@ fn each_quota_refuses_the_uid_with_the_exact_error_and_adds_nothing() {
     );
     assert_unchanged(&before, &assert_prompt(&mut luod));
     let out = luoctl_as_nobody(&luod, &["--json", "session", "create", "b"]);
-    assert!(out.status.success(), "a session with no file passes the bytes quota: {out:?}");
+    assert!(
+        out.status.success(),
+        "a session with no file passes the bytes quota: {out:?}"
+    );
 }
 
 #[test]
@@ -354,14 +357,19 @@ fn root_evicts_a_uids_sessions_in_normal_prepared_and_updated_and_the_cycle_fini
 
     let mut c = luod.client();
     c.retrieve("root-vm", 1).expect("root retrieves its file");
-    assert_refused(c.finish(), ErrorKind::WrongState, "1 preserved file(s) were not retrieved: n3/2");
+    assert_refused(
+        c.finish(),
+        ErrorKind::WrongState,
+        "1 preserved file(s) were not retrieved: n3/2",
+    );
     luoctl_exits(&luod, &["session", "evict", "n3"], 0);
     c.finish().expect("finish once the blocking session is evicted");
     assert_eq!(assert_prompt(&mut luod).state, State::Normal);
 
     let evs = events(&luod);
     let got: Vec<_> = evs.iter().map(event).collect();
-    let detail = |state: &str| format!("owner uid 65534; 1 file(s), 4096 bytes released (1 not retrieved) in state {state}");
+    let detail =
+        |state: &str| format!("owner uid 65534; 1 file(s), 4096 bytes released (1 not retrieved) in state {state}");
     assert_eq!(
         got,
         [
@@ -394,15 +402,9 @@ fn non_root_cannot_evict_or_finish_another_uids_session_and_root_can_finish_it()
         &luod,
         None,
         &[
-            Request::SessionEvict {
-                name: "root-vm".into(),
-            },
-            Request::SessionFinish {
-                name: "root-vm".into(),
-            },
-            Request::SessionEvict {
-                name: "missing".into(),
-            },
+            Request::SessionEvict { name: "root-vm".into() },
+            Request::SessionFinish { name: "root-vm".into() },
+            Request::SessionEvict { name: "missing".into() },
         ],
     );
     assert_refused_reply(

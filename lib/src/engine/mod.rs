@@ -355,8 +355,8 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod quota_tests;
+#[cfg(test)]
+mod tests;
 #[cfg(test)]
 mod vm_tests;

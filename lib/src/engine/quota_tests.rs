@@ -102,7 +102,10 @@ fn each_quota_refuses_what_passes_it_and_changes_nothing() {
         "quota exceeded: uid 65534 holds 8192 bytes of preserved files, and 4096 more would pass its quota of 10000 (luod --max-bytes-per-uid)",
     );
     assert_eq!(e.generation(), generation);
-    assert!(e.kernel.preserved().iter().all(|(_, t, _)| *t != 3), "nothing preserved");
+    assert!(
+        e.kernel.preserved().iter().all(|(_, t, _)| *t != 3),
+        "nothing preserved"
+    );
 
     preserve(&mut e, &NOBODY, "a", 3, 0);
     let err = refused(
@@ -196,7 +199,17 @@ fn the_handover_checks_the_sizes_it_records() {
     let mut next = e.record().clone();
     next.sessions[0].fds[0].size = 20_000;
     let err = e.check_bytes(&next).unwrap_err();
-    assert!(matches!(err, EngineError::QuotaOverrun { uid: 65534, bytes: 20_000, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            EngineError::QuotaOverrun {
+                uid: 65534,
+                bytes: 20_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
     next.sessions[0].fds[0].size = 10_000;
     e.check_bytes(&next).unwrap();
 }
@@ -242,7 +255,10 @@ fn root_evicts_in_normal_prepared_and_updated_and_the_cycle_finishes() {
         assert_eq!(e.state(), state);
         let names: Vec<_> = e.record().sessions.iter().map(|s| s.name.to_string()).collect();
         assert_eq!(names, ["r"], "{state}");
-        assert!(e.kernel.preserved().iter().all(|(n, _, _)| n.as_str() != "n"), "{state}");
+        assert!(
+            e.kernel.preserved().iter().all(|(n, _, _)| n.as_str() != "n"),
+            "{state}"
+        );
         assert_evicted_event(
             &e,
             0,
@@ -303,11 +319,7 @@ fn eviction_is_refused_in_frozen_with_a_hint_and_to_non_root() {
 #[test]
 fn root_finishes_another_uids_session_where_its_owner_could_and_it_is_recorded() {
     let mut e = with_nobodys_session_in(State::Normal);
-    refused(
-        e.session_finish(&OTHER, "n"),
-        ErrorKind::NotFound,
-        "no session named n",
-    );
+    refused(e.session_finish(&OTHER, "n"), ErrorKind::NotFound, "no session named n");
     // Root's own session: no event.
     e.session_finish(&Caller::ROOT, "r").unwrap();
     assert!(e.record().events.is_empty());
@@ -344,13 +356,8 @@ fn a_caller_sees_the_events_it_caused_or_about_its_own_sessions() {
     e.session_create(&OTHER, "o").unwrap();
     e.session_evict(&Caller::ROOT, "n").unwrap();
     e.session_evict(&OPERATOR, "o").unwrap();
-    let subjects = |who: &Caller| -> Vec<String> {
-        e.history_report(who)
-            .events
-            .into_iter()
-            .map(|ev| ev.subject)
-            .collect()
-    };
+    let subjects =
+        |who: &Caller| -> Vec<String> { e.history_report(who).events.into_iter().map(|ev| ev.subject).collect() };
     assert_eq!(subjects(&Caller::ROOT), ["n", "o"]);
     assert_eq!(subjects(&OPERATOR), ["n", "o"]);
     assert_eq!(subjects(&NOBODY), ["n"]);

@@ -24,7 +24,7 @@ pub enum SessionCommand {
     Preserve(preserve::PreserveArgs),
     /// After an update, take a preserved file back and write it to a path.
     Retrieve(retrieve::RetrieveArgs),
-    /// Close a session: unpreserves its files in normal, discards what was not retrieved in updated.
+    /// Close a session: unpreserves its files in normal, discards what was not retrieved in updated (root: any uid's, recorded).
     Finish(finish::FinishArgs),
     /// Root only: release any uid's session and its files, recorded in the history (not while frozen).
     Evict(evict::EvictArgs),
