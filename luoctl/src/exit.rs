@@ -52,11 +52,14 @@ pub enum ExitCode {
     Kernel = 17,
     /// luod: the handover record or region could not be read or written.
     Record = 18,
+    /// luod: a per-uid quota (sessions, files, bytes) would be passed, or a
+    /// uid is over its bytes quota and the cycle cannot go on.
+    QuotaExceeded = 19,
 }
 
 impl ExitCode {
     /// Every code, in numeric order (for the reference table and tests).
-    pub const ALL: [ExitCode; 17] = [
+    pub const ALL: [ExitCode; 18] = [
         ExitCode::Success,
         ExitCode::Internal,
         ExitCode::Usage,
@@ -74,6 +77,7 @@ impl ExitCode {
         ExitCode::AlreadyExists,
         ExitCode::Kernel,
         ExitCode::Record,
+        ExitCode::QuotaExceeded,
     ];
 
     /// The numeric status.
@@ -102,6 +106,7 @@ impl ExitCode {
             ExitCode::AlreadyExists => "already-exists",
             ExitCode::Kernel => "kernel",
             ExitCode::Record => "record",
+            ExitCode::QuotaExceeded => "quota-exceeded",
         }
     }
 }
@@ -120,6 +125,7 @@ impl From<ErrorKind> for ExitCode {
             ErrorKind::Record => ExitCode::Record,
             ErrorKind::Protocol => ExitCode::Protocol,
             ErrorKind::Internal => ExitCode::Internal,
+            ErrorKind::QuotaExceeded => ExitCode::QuotaExceeded,
         }
     }
 }
@@ -135,7 +141,7 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
-    const KINDS: [ErrorKind; 11] = [
+    const KINDS: [ErrorKind; 12] = [
         ErrorKind::InvalidArgument,
         ErrorKind::WrongState,
         ErrorKind::PermissionDenied,
@@ -147,6 +153,7 @@ mod tests {
         ErrorKind::Record,
         ErrorKind::Protocol,
         ErrorKind::Internal,
+        ErrorKind::QuotaExceeded,
     ];
 
     #[test]
@@ -172,6 +179,7 @@ mod tests {
                 (16, "already-exists"),
                 (17, "kernel"),
                 (18, "record"),
+                (19, "quota-exceeded"),
             ]
         );
     }

@@ -128,6 +128,23 @@ pub struct Args {
     #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     pub qmp_timeout: f64,
 
+    /// Most sessions one uid may hold (uid 0 is exempt); `session create`
+    /// past it is refused.
+    #[arg(long, default_value_t = liveupdate::engine::Quotas::DEFAULT.sessions)]
+    pub max_sessions_per_uid: u64,
+
+    /// Most preserved files one uid may hold over all its sessions (uid 0 is
+    /// exempt); `session preserve` past it is refused.
+    #[arg(long, default_value_t = liveupdate::engine::Quotas::DEFAULT.files)]
+    pub max_files_per_uid: u64,
+
+    /// Most bytes of preserved files one uid may hold over all its sessions
+    /// (uid 0 is exempt), e.g. 64G: `session preserve` past it is refused,
+    /// and prepare, freeze and reboot are refused while a uid is over it (a
+    /// memfd that grew after it was preserved).
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    pub max_bytes_per_uid: u64,
+
     /// Internal: run as the fd holder serving this socket.
     #[arg(long, hide = true)]
     pub holder: Option<PathBuf>,
@@ -216,5 +233,20 @@ mod tests {
         assert_eq!(parse_size("1G"), Ok(1 << 30));
         assert!(parse_size("1T").is_err());
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn quota_defaults_are_the_engines() {
+        use clap::Parser;
+        let args = super::Args::parse_from(["luod"]);
+        let q = liveupdate::engine::Quotas::DEFAULT;
+        assert_eq!(
+            (
+                args.max_sessions_per_uid,
+                args.max_files_per_uid,
+                args.max_bytes_per_uid
+            ),
+            (q.sessions, q.files, q.bytes)
+        );
     }
 }

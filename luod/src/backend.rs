@@ -1,7 +1,7 @@
 //! Building the engine for the chosen backend.
 
 use crate::args::{Args, Backend, FdStore};
-use liveupdate::engine::{Engine, HostInfo, Kvm, RegionCapacity, SharedVms, StartOptions};
+use liveupdate::engine::{Engine, HostInfo, Kvm, Quotas, RegionCapacity, SharedVms, StartOptions};
 use liveupdate::fsutil;
 use liveupdate::holder::{FdPark, HolderClient};
 use liveupdate::kernel::emulated::{Emulated, KexecMode};
@@ -177,6 +177,11 @@ fn open_engine<R: Region>(
     let mut engine = Engine::open_with(kernel, registry, store, host_info(), options)?;
     engine.set_cmdline_needs(needs);
     engine.set_vms(vms);
+    engine.set_quotas(Quotas {
+        sessions: args.max_sessions_per_uid,
+        files: args.max_files_per_uid,
+        bytes: args.max_bytes_per_uid,
+    });
     // What restore found in the new kernel, for `status`.
     if let Some(r) = iommu_report.get() {
         engine.add_note(r.summary());

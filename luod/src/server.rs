@@ -654,7 +654,7 @@ fn dispatch<R: Region>(
         Request::Hello { .. } => Err(EngineError::InvalidArgument("hello was already exchanged".into())),
         Request::Status => Ok(Response::Status(engine.status(caller))),
         Request::Check(args) => Ok(Response::Check(engine.check(caller, &args))),
-        Request::History => Ok(Response::History(engine.history())),
+        Request::History => Ok(Response::History(engine.history_report(caller))),
         Request::Prepare(args) => engine.prepare(caller, &args).map(Response::Transition),
         Request::Freeze => engine.freeze(caller).map(Response::Transition),
         Request::Finish => engine.finish(caller).map(Response::Transition),
@@ -736,6 +736,7 @@ fn dispatch<R: Region>(
         Request::VmAbandon { name } => engine.vm_abandon(caller, &name).map(|()| Response::Done),
         Request::VmList => Ok(Response::Vms(engine.vm_list(caller))),
         Request::DiscardRecord => engine.discard_record(caller).map(Response::RecordDiscarded),
+        Request::SessionEvict { name } => engine.session_evict(caller, &name).map(|()| Response::Done),
     };
     match r {
         Ok(resp) => Outcome::from(resp),

@@ -20,7 +20,7 @@
 use liveupdate::engine::SIMULATED_KEXEC_EXIT;
 use liveupdate::protocol::client::{Client, ClientError};
 use liveupdate::protocol::{
-    ErrorKind, ErrorReply, PrepareArgs, Request, Response, SessionInfo, StatusReport, TransitionReport,
+    ErrorKind, ErrorReply, HistoryReport, PrepareArgs, Request, Response, SessionInfo, StatusReport, TransitionReport,
 };
 use liveupdate::record::Cycle;
 use std::ffi::OsString;
@@ -384,8 +384,13 @@ impl Conn {
         }
     }
 
-    /// `history`.
+    /// `history`: the cycles.
     pub fn history(&mut self) -> Vec<Cycle> {
+        self.history_report().cycles
+    }
+
+    /// `history`: the cycles and the events.
+    pub fn history_report(&mut self) -> HistoryReport {
         match self.call(&Request::History) {
             Ok(Response::History(h)) => h,
             other => panic!("history answered {other:?}"),

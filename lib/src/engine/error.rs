@@ -1,5 +1,6 @@
 //! Engine errors, and how each reaches a client.
 
+use super::Quota;
 use crate::kernel::KernelError;
 use crate::names::NameError;
 use crate::protocol::{ErrorKind, ErrorReply};
@@ -77,6 +78,41 @@ pub enum EngineError {
     /// An I/O error while reading a file the request named.
     #[error("{0}")]
     Io(String),
+    /// Adding a session or a file would pass one of the owner's quotas.
+    #[error(
+        "quota exceeded: uid {uid} holds {used} {unit}, and {adding} more would pass its quota of {limit} (luod {flag})",
+        unit = quota.unit(),
+        flag = quota.flag()
+    )]
+    QuotaExceeded {
+        /// Which quota.
+        quota: Quota,
+        /// The owner.
+        uid: u32,
+        /// What the owner holds now.
+        used: u64,
+        /// What the request adds.
+        adding: u64,
+        /// The quota.
+        limit: u64,
+    },
+    /// A uid holds more bytes than its quota now (a file grew after it was
+    /// preserved, or luod restarted with a lower quota): the cycle does not go on.
+    #[error(
+        "uid {uid} holds {bytes} bytes of preserved files, over its quota of {limit} (luod --max-bytes-per-uid): \
+         a file grew after it was preserved, or the quota was lowered (session(s) {})",
+        sessions.join(", ")
+    )]
+    QuotaOverrun {
+        /// The owner.
+        uid: u32,
+        /// What it holds now.
+        bytes: u64,
+        /// The quota.
+        limit: u64,
+        /// Its sessions.
+        sessions: Vec<String>,
+    },
 }
 
 impl EngineError {
@@ -101,6 +137,7 @@ impl EngineError {
             E::Kernel(_) | E::RebootFailed(_) => ErrorKind::Kernel,
             E::Record(_) | E::NewerRecord(_) | E::RecordUnreadable(_) | E::Region(_) => ErrorKind::Record,
             E::RecordReadable(_) => ErrorKind::WrongState,
+            E::QuotaExceeded { .. } | E::QuotaOverrun { .. } => ErrorKind::QuotaExceeded,
         }
     }
 
@@ -121,6 +158,11 @@ impl EngineError {
                 (State::Frozen, _) => "continue with `luoctl reboot`, or `luoctl cancel`".into(),
                 (State::Updated, _) => "retrieve your sessions, then `luoctl finish`".into(),
             },
+            E::SessionsLocked {
+                what: "evicting a session",
+                state: State::Frozen,
+            } => "the host is frozen and its record is final: `luoctl cancel` first (the state goes back to normal), then evict"
+                .into(),
             E::SessionsLocked {
                 state: State::Prepared | State::Frozen,
                 ..
@@ -154,6 +196,15 @@ impl EngineError {
             E::RecordUnreadable(_) => "restore the region and start luod again (everything comes back), or give the \
                                        record and the parked files up with `luoctl discard-record --yes`"
                 .into(),
+            E::QuotaExceeded { quota, .. } => format!(
+                "finish a session you no longer need, or ask the operator to raise luod {}",
+                quota.flag()
+            ),
+            E::QuotaOverrun { sessions, .. } => format!(
+                "the owner shrinks or finishes {}, or root releases it with `luoctl session evict NAME` \
+                 (`luoctl cancel` first when frozen); or restart luod with a larger --max-bytes-per-uid",
+                sessions.join(", ")
+            ),
             _ => String::new(),
         }
     }

@@ -8,6 +8,7 @@
 mod capacity;
 mod error;
 mod handover;
+mod quotas;
 mod sessions;
 mod startup;
 mod transitions;
@@ -17,6 +18,7 @@ mod vms;
 pub use capacity::RegionCapacity;
 pub use error::EngineError;
 pub use handover::{HANDOVER_PARAM, STALE_EVENT, stamp_cmdline};
+pub use quotas::{Quota, Quotas, SESSION_EVICTED, SESSION_FINISHED_BY_ROOT};
 pub use startup::{HostInfo, StartOptions};
 pub use transitions::Rebooted;
 pub use vms::{Claimed, KVM, Kvm, SharedVms, VmSaved, VmTable, vm_session};
@@ -75,6 +77,7 @@ pub struct Engine<R: Region> {
     state_dir: Option<std::path::PathBuf>,
     /// Set while the region holds no readable record but is not blank.
     unreadable: Option<unreadable::Unreadable>,
+    quotas: Quotas,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -372,6 +375,8 @@ pub fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod handover_tests;
+#[cfg(test)]
+mod quota_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -42,6 +42,7 @@ impl<R: Region> Engine<R> {
         if self.record.sessions.iter().any(|s| s.name == name) {
             return Err(EngineError::Kernel(KernelError::SessionExists(name.to_string())));
         }
+        self.check_quota(caller.uid, (1, 0, 0))?;
         self.kernel.create_session(&name)?;
         let mut next = self.record.clone();
         next.sessions.push(SessionRecord {
@@ -82,6 +83,7 @@ impl<R: Region> Engine<R> {
             }));
         }
         let size = memfd::size(fd.as_fd()).map_err(|e| EngineError::Io(format!("cannot stat the file: {e}")))?;
+        self.check_quota(self.record.sessions[i].owner_uid, (0, 1, size))?;
         self.kernel.preserve_fd(&session, token, fd)?;
         let mut next = self.record.clone();
         next.sessions[i].fds.push(FdRecord {
@@ -141,25 +143,23 @@ impl<R: Region> Engine<R> {
         Ok((fd, size))
     }
 
-    /// Ends the caller's session. In `normal` its files are unpreserved; in
-    /// `updated` files not retrieved are discarded. Refused while a cycle is
-    /// in flight (`prepared`, `frozen`).
+    /// Ends the caller's session (root: any uid's session, recorded as an
+    /// event when it is another uid's). In `normal` its files are
+    /// unpreserved; in `updated` files not retrieved are discarded. Refused
+    /// while a cycle is in flight (`prepared`, `frozen`).
     pub fn session_finish(&mut self, caller: &Caller, name: &str) -> Result<(), EngineError> {
         self.require_live()?;
-        let i = self.own_session(caller, name)?;
+        let i = match self.own_session(caller, name) {
+            Err(e) if caller.privileged => self.any_session(name).map(|(i, _)| i).map_err(|_| e)?,
+            found => found?,
+        };
         if matches!(self.record.state, State::Prepared | State::Frozen) {
             return Err(EngineError::SessionsLocked {
                 what: "finishing a session",
                 state: self.record.state,
             });
         }
-        let session = self.record.sessions[i].name.clone();
-        let mut next = self.record.clone();
-        next.sessions.remove(i);
-        self.commit(next)?;
-        if let Err(e) = self.kernel.finish_session(&session) {
-            tracing::warn!("session {session} did not finish in the kernel: {e}");
-        }
-        Ok(())
+        let foreign = self.record.sessions[i].owner_uid != caller.uid;
+        self.end_session(i, foreign.then_some((caller, super::quotas::SESSION_FINISHED_BY_ROOT)))
     }
 }

@@ -142,6 +142,7 @@ impl<R: Region> Engine<R> {
             vms: None,
             state_dir: options.state_dir,
             unreadable: None,
+            quotas: super::Quotas::DEFAULT,
         };
         if let Some(found) = unreadable {
             engine.notes.push(found.note.clone());

@@ -138,7 +138,7 @@ impl<R: Region> Engine<R> {
     }
 
     /// Sizes of the preserved files as they are now, in the record.
-    fn refresh_sizes(&self, next: &mut HandoverRecord) {
+    pub(super) fn refresh_sizes(&self, next: &mut HandoverRecord) {
         for (name, token, fd) in self.kernel.preserved() {
             if let Some(f) = next
                 .sessions
@@ -158,6 +158,7 @@ impl<R: Region> Engine<R> {
         self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Prepare)?;
+        self.check_bytes_now()?;
         let mut target = self.target_image(args).and_then(|t| self.require_target(t))?;
         // A one-time nonce on the target's command line: the next boot is
         // taken for this cycle's kexec only if it shows it (handover.rs).
@@ -239,6 +240,7 @@ impl<R: Region> Engine<R> {
         self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Freeze)?;
+        self.check_bytes_now()?;
         let freeze_started = now();
         let blobs = self.registry.freeze()?;
         let mut next = self.record.clone();
@@ -299,6 +301,10 @@ impl<R: Region> Engine<R> {
             self.freeze(caller)?;
         }
         transition(self.record.state, Event::Reboot)?;
+        if self.record.handover.is_none() {
+            // A file may have grown since freeze: refused, still frozen.
+            self.check_bytes_now()?;
+        }
         if self.record.handover.is_none()
             && let Err(e) = self.write_handover()
         {
@@ -356,6 +362,12 @@ impl<R: Region> Engine<R> {
                 sources.push(*fd);
             }
         }
+        if self.kernel.handoff() != Handoff::Copy {
+            self.refresh_sizes(&mut next);
+        }
+        // The sizes the handover records (and a copying backend copies: its
+        // store refuses a file whose size changes while it copies).
+        self.check_bytes(&next)?;
         let refs: Vec<&dyn DataSource> = sources.iter().map(|s| s as &dyn DataSource).collect();
         let report = self.store.write(&mut next, &refs)?;
         self.generation = report.generation;

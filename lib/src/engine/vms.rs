@@ -69,6 +69,11 @@ impl VmTable {
     pub fn is_empty(&self) -> bool {
         self.vms.is_empty()
     }
+
+    /// Forgets VM `name` (its session ended); its VMM's connection closes.
+    pub(super) fn forget(&mut self, name: &str) {
+        self.vms.retain(|v| v.name != name);
+    }
 }
 
 /// What a new VMM gets when it claims a VM.
@@ -368,10 +373,10 @@ impl<R: Region> Engine<R> {
         if owner != caller.uid && !caller.privileged {
             return Err(EngineError::Kernel(KernelError::NoSuchSession(session)));
         }
-        let as_owner = Caller { uid: owner, ..*caller };
-        self.session_finish(&as_owner, &session)?;
+        // Root abandoning another uid's VM is recorded, as a session finished by root.
+        self.session_finish(caller, &session)?;
         if let Some(vms) = &self.vms {
-            lock(vms).vms.retain(|v| v.name != name);
+            lock(vms).forget(name);
         }
         Ok(())
     }

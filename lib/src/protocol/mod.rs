@@ -12,7 +12,7 @@
 pub mod client;
 pub mod frame;
 
-use crate::record::{Cycle, Timestamps};
+use crate::record::{Cycle, Event, Timestamps};
 use crate::state::State;
 use crate::subsystem::StepError;
 use serde::{Deserialize, Serialize};
@@ -131,6 +131,12 @@ pub enum Request {
     /// files are dropped and a fresh record starts, with the decision in its
     /// events. Refused while the record is readable.
     DiscardRecord,
+    /// Root releases another uid's session and its files (recorded as an
+    /// event); not while frozen.
+    SessionEvict {
+        /// Session name.
+        name: String,
+    },
 }
 
 impl Request {
@@ -158,6 +164,7 @@ impl Request {
             Request::VmList => "vm-list",
             Request::SessionListFrom { .. } => "session-list-from",
             Request::DiscardRecord => "discard-record",
+            Request::SessionEvict { .. } => "session-evict",
         }
     }
 }
@@ -179,7 +186,7 @@ pub enum Response {
     /// Answer to a transition.
     Transition(TransitionReport),
     /// Answer to `History`.
-    History(Vec<Cycle>),
+    History(HistoryReport),
     /// Answer to `SessionList`.
     Sessions(Vec<SessionInfo>),
     /// The request succeeded and has nothing to report.
@@ -296,6 +303,9 @@ pub enum ErrorKind {
     Protocol,
     /// Something luod did not expect; see its log.
     Internal,
+    /// The request would pass one of the caller's per-uid quotas (sessions,
+    /// files, bytes), or a uid is over its bytes quota and the cycle cannot go on.
+    QuotaExceeded,
 }
 
 /// A failed request: what failed and why, and what to do about it.
@@ -383,6 +393,17 @@ pub struct StatusReport {
     pub live_updates: u64,
     /// Notes from startup (e.g. why the region's content was not used).
     pub notes: Vec<String>,
+}
+
+/// Answer to `history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryReport {
+    /// Finished and cancelled cycles, oldest first.
+    pub cycles: Vec<Cycle>,
+    /// Decisions and findings outside the cycles (a session evicted, ...),
+    /// oldest first: every one for root, for another caller those it caused
+    /// and those about its own sessions.
+    pub events: Vec<Event>,
 }
 
 /// One preflight item.

@@ -1,10 +1,10 @@
-//! `luoctl history`: past cycles, oldest first.
+//! `luoctl history`: past cycles and events (sessions evicted, ...), oldest first.
 
 use super::{Ctx, Failed, unexpected};
 use crate::output::{self, Text};
 use liveupdate::engine::{blackout, hex};
-use liveupdate::protocol::{Request, Response};
-use liveupdate::record::{Cycle, Outcome, Timestamps};
+use liveupdate::protocol::{HistoryReport, Request, Response};
+use liveupdate::record::{Cycle, Event, Outcome, Timestamps};
 use serde::Serialize;
 
 /// `history` takes no arguments.
@@ -81,31 +81,57 @@ impl From<&Cycle> for CycleJson {
     }
 }
 
-/// `history --json`: `{"ok": true, "cycles": [...]}`.
+/// `history --json`: `{"ok": true, "cycles": [...], "events": [...]}`.
 #[derive(Debug, Serialize)]
-struct HistoryJson {
+struct HistoryJson<'a> {
     cycles: Vec<CycleJson>,
+    /// The record's events as they are (`at`, `uid`, `action`, `subject`, `detail`).
+    events: &'a [Event],
 }
 
 /// Asks luod for the history and prints it.
 pub fn run(_args: &HistoryArgs, ctx: &Ctx) -> Result<(), Failed> {
     let req = Request::History;
-    let cycles = match ctx.call("history", &req)? {
-        Response::History(c) => c,
+    let report = match ctx.call("history", &req)? {
+        Response::History(r) => r,
         other => return Err(unexpected("history", &req, &other).into()),
     };
     if ctx.json() {
         output::json_success(HistoryJson {
-            cycles: cycles.iter().map(CycleJson::from).collect(),
+            cycles: report.cycles.iter().map(CycleJson::from).collect(),
+            events: &report.events,
         });
     } else {
-        render(&cycles).print();
+        render(&report).print();
     }
     Ok(())
 }
 
+/// One row per cycle, then one per event.
+fn render(report: &HistoryReport) -> Text {
+    let mut t = render_cycles(&report.cycles);
+    if !report.events.is_empty() {
+        let rows: Vec<Vec<String>> = report
+            .events
+            .iter()
+            .map(|e| {
+                vec![
+                    output::timestamp(e.at),
+                    e.uid.to_string(),
+                    e.action.clone(),
+                    e.subject.clone(),
+                    e.detail.clone(),
+                ]
+            })
+            .collect();
+        t.line("events");
+        t.table("  ", &["AT", "UID", "ACTION", "SUBJECT", "DETAIL"], &rows);
+    }
+    t
+}
+
 /// One row per cycle.
-fn render(cycles: &[Cycle]) -> Text {
+fn render_cycles(cycles: &[Cycle]) -> Text {
     let mut t = Text::new();
     if cycles.is_empty() {
         t.line("no cycles yet");
@@ -179,5 +205,26 @@ mod tests {
         assert_eq!(v["target"]["initrd_sha256"], serde_json::Value::Null);
         assert_eq!(v["timestamps"]["updated"], 5_001_000);
         assert_eq!(v["timestamps"]["finished"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn history_text_lists_events_after_the_cycles() {
+        let report = HistoryReport {
+            cycles: Vec::new(),
+            events: vec![Event {
+                at: 0,
+                uid: 0,
+                action: "session-evicted".into(),
+                subject: "vm1".into(),
+                detail: "owner uid 65534; 1 file(s), 4096 bytes released (1 not retrieved) in state updated".into(),
+            }],
+        };
+        let text = render(&report);
+        let lines: Vec<&str> = text.as_str().lines().collect();
+        assert_eq!(lines[0], "no cycles yet");
+        assert_eq!(lines[1], "events");
+        assert!(lines[2].trim_start().starts_with("AT"), "{lines:?}");
+        let cells: Vec<&str> = lines[3].split_whitespace().collect();
+        assert_eq!(cells[1..5], ["0", "session-evicted", "vm1", "owner"], "{lines:?}");
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! Usage: `luo-test-client SOCKET [--hold] REQUEST_JSON...`. Each argument is a
 //! `liveupdate::protocol::Request` in serde_json form; a `SessionPreserve` is
-//! sent with a fresh 4096-byte memfd. Prints one JSON array on stdout: for
+//! sent with a fresh 4096-byte memfd, or, when `LUO_TEST_CLIENT_FD=N` is
+//! set, with the inherited descriptor N (so the test keeps the memfd and can
+//! change it afterwards). Prints one JSON array on stdout: for
 //! each request `{"Ok": RESPONSE}` or `{"Err": ERROR_REPLY}`. Exits 2 when it
 //! cannot connect or a request is not valid JSON, 3 when the connection breaks.
 //! With `--hold` it keeps the connection open after printing, until its
@@ -39,7 +41,17 @@ fn main() -> ExitCode {
             }
         };
         let reply = if matches!(req, Request::SessionPreserve { .. }) {
-            let fd = liveupdate::kernel::memfd::from_bytes("luo-test-client", &[0u8; 4096]).expect("memfd");
+            let fd = match std::env::var("LUO_TEST_CLIENT_FD") {
+                Ok(n) => {
+                    let n: i32 = n.parse().expect("LUO_TEST_CLIENT_FD is a descriptor number");
+                    // SAFETY: the test that spawned this client put an open
+                    // descriptor at number n (documented above); it is only
+                    // borrowed here, for the duration of this call.
+                    let inherited = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
+                    inherited.try_clone_to_owned().expect("the inherited descriptor")
+                }
+                Err(_) => liveupdate::kernel::memfd::from_bytes("luo-test-client", &[0u8; 4096]).expect("memfd"),
+            };
             client.call_fds(&req, &[fd.as_fd()]).map(|(r, _)| r)
         } else {
             client.call(&req)

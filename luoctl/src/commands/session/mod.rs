@@ -3,6 +3,7 @@
 //! Session names are validated by luod; luoctl passes them through.
 
 pub mod create;
+pub mod evict;
 pub mod finish;
 pub mod list;
 pub mod preserve;
@@ -23,8 +24,10 @@ pub enum SessionCommand {
     Preserve(preserve::PreserveArgs),
     /// After an update, take a preserved file back and write it to a path.
     Retrieve(retrieve::RetrieveArgs),
-    /// Close a session: unpreserves its files in normal, discards what was not retrieved in updated.
+    /// Close a session: unpreserves its files in normal, discards what was not retrieved in updated (root: any uid's, recorded).
     Finish(finish::FinishArgs),
+    /// Root only: release any uid's session and its files, recorded in the history (not while frozen).
+    Evict(evict::EvictArgs),
 }
 
 impl SessionCommand {
@@ -36,6 +39,7 @@ impl SessionCommand {
             SessionCommand::Preserve(a) => preserve::run(a, ctx),
             SessionCommand::Retrieve(a) => retrieve::run(a, ctx),
             SessionCommand::Finish(a) => finish::run(a, ctx),
+            SessionCommand::Evict(a) => evict::run(a, ctx),
         }
     }
 }
