@@ -7,6 +7,7 @@
 
 mod capacity;
 mod error;
+mod images;
 mod sessions;
 mod startup;
 mod transitions;
@@ -14,6 +15,7 @@ mod vms;
 
 pub use capacity::RegionCapacity;
 pub use error::EngineError;
+pub use images::MAX_IMAGE_SIZE;
 pub use startup::HostInfo;
 pub use transitions::Rebooted;
 pub use vms::{Claimed, KVM, Kvm, SharedVms, VmSaved, VmTable, vm_session};
@@ -27,6 +29,7 @@ use crate::record::{Cycle, HandoverRecord, RecordStore, SessionRecord, UnixNanos
 use crate::region::Region;
 use crate::state::{Event, State};
 use crate::subsystem::Registry;
+use std::os::fd::OwnedFd;
 
 /// Who is asking, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,8 +231,11 @@ impl<R: Region> Engine<R> {
         self.record.history.clone()
     }
 
-    /// `check`: what `prepare` with `args` would find. Changes nothing.
-    pub fn check(&self, caller: &Caller, args: &PrepareArgs) -> CheckReport {
+    /// `check`: what `prepare` with `args` (and the images `fds` carries)
+    /// would find. Changes nothing. The images are read whole (for their
+    /// digest) only for a caller that may prepare: anyone else learns whether
+    /// they would load, without keeping luod busy reading gigabytes.
+    pub fn check(&self, caller: &Caller, args: &PrepareArgs, fds: Vec<OwnedFd>) -> CheckReport {
         let mut items = Vec::new();
         let mut item = |name: &str, ok: bool, detail: String| {
             items.push(CheckItem {
@@ -257,7 +263,25 @@ impl<R: Region> Engine<R> {
                 "transitions need root or CAP_SYS_BOOT".into()
             },
         );
-        match self.target_image(args).and_then(|t| self.require_target(t)) {
+        let target = self.target("check", args, fds).and_then(|t| self.require_target(t));
+        let digest = |t: &transitions::Target| -> Result<String, EngineError> {
+            if !caller.privileged {
+                return Ok(format!(
+                    "{} is a kernel image luod can load ({} bytes; digested only for a caller that may prepare), cmdline {:?}",
+                    t.images.kernel.name,
+                    t.images.kernel.size(),
+                    t.cmdline
+                ));
+            }
+            let img = t.record()?;
+            Ok(format!(
+                "{} loads (sha256 {}), cmdline {:?}",
+                img.kernel,
+                hex(&img.kernel_sha256),
+                img.cmdline
+            ))
+        };
+        match target {
             Ok(None) => item(
                 "target kernel",
                 true,
@@ -267,16 +291,10 @@ impl<R: Region> Engine<R> {
                     "none given: a kexec image is loaded already".into()
                 },
             ),
-            Ok(Some(img)) => item(
-                "target kernel",
-                true,
-                format!(
-                    "{} loads (sha256 {}), cmdline {:?}",
-                    img.kernel,
-                    hex(&img.kernel_sha256),
-                    img.cmdline
-                ),
-            ),
+            Ok(Some(t)) => match digest(&t) {
+                Ok(detail) => item("target kernel", true, detail),
+                Err(e) => item("target kernel", false, e.to_string()),
+            },
             Err(e) => item("target kernel", false, e.to_string()),
         }
         let target_cmdline = match (&args.cmdline, args.reuse_cmdline) {

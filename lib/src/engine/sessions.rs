@@ -81,6 +81,7 @@ impl<R: Region> Engine<R> {
                 token,
             }));
         }
+        memfd::require_read_write(fd.as_fd())?;
         let size = memfd::size(fd.as_fd()).map_err(|e| EngineError::Io(format!("cannot stat the file: {e}")))?;
         self.kernel.preserve_fd(&session, token, fd)?;
         let mut next = self.record.clone();

@@ -1,5 +1,7 @@
 //! memfd helpers: create, recognise, size.
 
+use super::KernelError;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -32,6 +34,37 @@ pub fn is_memfd(fd: BorrowedFd<'_>) -> bool {
     describe(fd).starts_with("/memfd:")
 }
 
+/// Refuses a memfd (or any `O_PATH` descriptor) that is not open read-write.
+///
+/// An `O_PATH` or write-only descriptor passes every other check but cannot
+/// be read when its contents are copied at the handover, inside the
+/// blackout; a read-only one would come back writable after the update
+/// (every backend restores memfds read-write, as the kernel's memfd LUO
+/// does). So only read-write is taken, at `session preserve`. A file that is
+/// no memfd is left to the kernel's own refusal.
+pub fn require_read_write(fd: BorrowedFd<'_>) -> Result<(), KernelError> {
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|errno| KernelError::Sys {
+        op: "fcntl(F_GETFL)".into(),
+        errno,
+    })?;
+    let flags = OFlag::from_bits_truncate(flags);
+    let mode = if flags.contains(OFlag::O_PATH) {
+        "with O_PATH"
+    } else if !is_memfd(fd) {
+        return Ok(());
+    } else {
+        match flags & OFlag::O_ACCMODE {
+            OFlag::O_RDWR => return Ok(()),
+            OFlag::O_WRONLY => "write-only",
+            _ => "read-only",
+        }
+    };
+    Err(KernelError::NotReadWrite {
+        what: describe(fd),
+        mode,
+    })
+}
+
 /// Size of the file in bytes.
 pub fn size(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     nix::sys::stat::fstat(fd)
@@ -58,5 +91,34 @@ mod tests {
         assert_eq!(size(m.as_fd()).unwrap(), 5);
         let f = tempfile::tempfile().unwrap();
         assert!(!is_memfd(f.as_fd()));
+    }
+
+    fn reopen(fd: BorrowedFd<'_>, flags: OFlag) -> OwnedFd {
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        nix::fcntl::open(path.as_str(), flags | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()).unwrap()
+    }
+
+    #[test]
+    fn only_a_memfd_open_read_write_may_be_preserved() {
+        let m = from_bytes("ram", b"hello").unwrap();
+        require_read_write(m.as_fd()).unwrap();
+        require_read_write(reopen(m.as_fd(), OFlag::O_RDWR).as_fd()).unwrap();
+        for (flags, mode) in [
+            (OFlag::O_PATH, "with O_PATH"),
+            (OFlag::O_WRONLY, "write-only"),
+            (OFlag::O_RDONLY, "read-only"),
+        ] {
+            let fd = reopen(m.as_fd(), flags);
+            assert_eq!(
+                require_read_write(fd.as_fd()).unwrap_err().to_string(),
+                format!(
+                    "cannot preserve /memfd:luod:ram (deleted): it is open {mode}; only a memfd open read-write \
+                     (O_RDWR) can be preserved"
+                )
+            );
+        }
+        // Not a memfd: left to the kernel, which says only memfds are preserved.
+        let f = tempfile::tempfile().unwrap();
+        require_read_write(f.as_fd()).unwrap();
     }
 }
