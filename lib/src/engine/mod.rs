@@ -370,6 +370,8 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
+mod image_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod vm_tests;
