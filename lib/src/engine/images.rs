@@ -18,6 +18,9 @@ use std::os::unix::fs::FileExt;
 /// Largest image `kexec_file_load` takes (the kernel's `KEXEC_FILE_SIZE_MAX`).
 pub const MAX_IMAGE_SIZE: u64 = 4 << 30;
 
+/// Longest name of an image kept (`PATH_MAX`): the name goes into the record.
+pub const MAX_IMAGE_NAME: usize = 4096;
+
 /// Which image a file is, for messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Role {
@@ -195,6 +198,13 @@ pub(super) fn take(what: &str, args: &PrepareArgs, fds: Vec<OwnedFd>) -> Result<
     let mut kernel = None;
     let mut initrd = None;
     for (role, f) in named {
+        if f.name.len() > MAX_IMAGE_NAME {
+            return Err(EngineError::InvalidArgument(format!(
+                "{what}: the {}'s name is {} bytes; at most {MAX_IMAGE_NAME} (PATH_MAX) are kept",
+                role.as_str(),
+                f.name.len()
+            )));
+        }
         let fd = usize::try_from(f.fd)
             .ok()
             .and_then(|i| slots.get_mut(i))
@@ -329,6 +339,11 @@ mod tests {
         assert_eq!(
             refusal(take("prepare", &initrd_alone, vec![f()])),
             "--initrd, --cmdline and --reuse-cmdline need --kernel"
+        );
+        let long = "k".repeat(MAX_IMAGE_NAME + 1);
+        assert_eq!(
+            refusal(take("prepare", &kernel_only(&long), vec![f()])),
+            "prepare: the kernel image's name is 4097 bytes; at most 4096 (PATH_MAX) are kept"
         );
         assert!(take("prepare", &PrepareArgs::default(), vec![]).unwrap().is_none());
     }
