@@ -500,3 +500,207 @@ fn only_a_memfd_open_read_write_is_preserved() {
     assert_eq!(size, bytes.len() as u64);
     assert_file_holds("vm0/1", fd, &bytes);
 }
+
+/// A FUSE filesystem of one regular file (mounted on a file), served by a
+/// thread of the test that answers `INIT`, `GETATTR`, `OPEN` and `RELEASE`
+/// but never `READ`, `FLUSH` or `STATFS`: a file whose reads (and close)
+/// wait forever, as any user can make one in a user namespace of its own.
+/// Dropping it aborts the connection (every waiting call then fails) and
+/// unmounts it; so does the server on its own after [`FUSE_LIFETIME`], so
+/// that a luod stuck on the file fails the test instead of hanging it.
+struct StalledFuse {
+    mountpoint: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stalled: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+    server: Option<std::thread::JoinHandle<()>>,
+    /// The test's own open file: closed after the abort (its close would wait).
+    opened: Option<OwnedFd>,
+}
+
+/// How long the stalled FUSE server lives at most.
+const FUSE_LIFETIME: Duration = Duration::from_secs(20);
+
+const FUSE_GETATTR: u32 = 3;
+const FUSE_FORGET: u32 = 2;
+const FUSE_OPEN: u32 = 14;
+const FUSE_READ: u32 = 15;
+const FUSE_STATFS: u32 = 17;
+const FUSE_RELEASE: u32 = 18;
+const FUSE_FLUSH: u32 = 25;
+const FUSE_INIT: u32 = 26;
+const FUSE_INTERRUPT: u32 = 36;
+
+impl StalledFuse {
+    fn mount(mountpoint: &Path) -> StalledFuse {
+        std::fs::write(mountpoint, b"").expect("create the mount point");
+        let dev: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .expect("open /dev/fuse")
+            .into();
+        let target = std::ffi::CString::new(path(mountpoint)).expect("mount point");
+        let opts = std::ffi::CString::new(format!("fd={},rootmode=100644,user_id=0,group_id=0", dev.as_raw_fd()))
+            .expect("options");
+        // SAFETY: every pointer is a NUL-terminated string that outlives the
+        // call; the kernel only reads them.
+        let rc = unsafe {
+            libc::mount(
+                c"luo-test-fuse".as_ptr(),
+                target.as_ptr(),
+                c"fuse".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                opts.as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "mount fuse: {}", std::io::Error::last_os_error());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let server = {
+            let (stop, stalled) = (stop.clone(), stalled.clone());
+            std::thread::spawn(move || serve_fuse(dev, &stop, &stalled))
+        };
+        StalledFuse {
+            mountpoint: mountpoint.to_path_buf(),
+            stop,
+            stalled,
+            server: Some(server),
+            opened: None,
+        }
+    }
+
+    /// Opens the file (the server answers `OPEN`).
+    fn open(&mut self) -> BorrowedFd<'_> {
+        let fd: OwnedFd = std::fs::File::open(&self.mountpoint)
+            .expect("open the FUSE file")
+            .into();
+        self.opened = Some(fd);
+        self.opened.as_ref().expect("just opened").as_fd()
+    }
+
+    /// The requests left unanswered so far (opcodes).
+    fn stalled(&self) -> Vec<u32> {
+        self.stalled.lock().expect("stalled").clone()
+    }
+}
+
+impl Drop for StalledFuse {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+        // The connection is aborted: closing our file no longer waits.
+        self.opened.take();
+        let target = std::ffi::CString::new(path(&self.mountpoint)).expect("mount point");
+        // SAFETY: `target` is a NUL-terminated string that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+fn serve_fuse(dev: OwnedFd, stop: &std::sync::atomic::AtomicBool, stalled: &std::sync::Mutex<Vec<u32>>) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut buf = vec![0u8; (1 << 20) + 4096];
+    let started = Instant::now();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) && started.elapsed() < FUSE_LIFETIME {
+        let mut fds = [PollFd::new(dev.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut fds, PollTimeout::from(50u16)), Ok(n) if n > 0) {
+            continue;
+        }
+        let Ok(n) = nix::unistd::read(&dev, &mut buf) else {
+            return;
+        };
+        if n < 40 {
+            continue;
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
+        let (opcode, unique) = (u32_at(4), u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes")));
+        let reply = |error: i32, body: &[u8]| {
+            let mut out = Vec::with_capacity(16 + body.len());
+            out.extend(((16 + body.len()) as u32).to_le_bytes());
+            out.extend(error.to_le_bytes());
+            out.extend(unique.to_le_bytes());
+            out.extend(body);
+            let _ = nix::unistd::write(&dev, &out);
+        };
+        match opcode {
+            FUSE_INIT => {
+                let mut body = Vec::new();
+                for v in [7u32, 31, 0, 0] {
+                    body.extend(v.to_le_bytes()); // major, minor, max_readahead, flags
+                }
+                body.extend(16u16.to_le_bytes()); // max_background
+                body.extend(12u16.to_le_bytes()); // congestion_threshold
+                body.extend(4096u32.to_le_bytes()); // max_write
+                body.extend(1u32.to_le_bytes()); // time_gran
+                body.extend(1u16.to_le_bytes()); // max_pages
+                body.resize(64, 0);
+                reply(0, &body);
+            }
+            FUSE_GETATTR => {
+                let mut body = Vec::new();
+                body.extend(0u64.to_le_bytes()); // attr_valid: no caching
+                body.extend([0u8; 8]); // attr_valid_nsec, dummy
+                for v in [1u64, 0x1000, 8, 0, 0, 0] {
+                    body.extend(v.to_le_bytes()); // ino, size, blocks, atime, mtime, ctime
+                }
+                for v in [0u32, 0, 0, 0o100644, 1, 0, 0, 0, 4096, 0] {
+                    body.extend(v.to_le_bytes()); // nsecs, mode, nlink, uid, gid, rdev, blksize, flags
+                }
+                reply(0, &body);
+            }
+            FUSE_OPEN => reply(0, &[0u8; 16]),
+            FUSE_RELEASE => reply(0, &[]),
+            FUSE_FORGET | FUSE_INTERRUPT => {}
+            FUSE_READ | FUSE_FLUSH | FUSE_STATFS => stalled.lock().expect("stalled").push(opcode),
+            _ => reply(-libc::ENOSYS, &[]),
+        }
+    }
+}
+
+#[test]
+fn an_image_on_a_fuse_filesystem_is_refused_without_luod_touching_it() {
+    let luod = shared_luod();
+    let mut fuse = StalledFuse::mount(&luod.dir().join("fuse-image"));
+    let fd = fuse.open();
+    let mut c = luod.client();
+    let before = c.status();
+    let want = "kernel image /mnt/vmlinuz is on a FUSE filesystem (fuse), whose reads a process answers, possibly \
+                never: luod does not read it; copy it to a local filesystem";
+    let args = image_args("/mnt/vmlinuz", None);
+    let started = Instant::now();
+    let checked = c.call_fds(&Request::Check(args.clone()), &[fd]);
+    assert!(started.elapsed() < PROMPT, "check took {:?}", started.elapsed());
+    match checked {
+        Ok((Response::Check(r), _)) => {
+            let item = r
+                .items
+                .iter()
+                .find(|i| i.name == "target kernel")
+                .expect("target kernel item");
+            assert_eq!((r.ok, item.ok, item.detail.as_str()), (false, false, want));
+        }
+        other => panic!("check answered {other:?}"),
+    }
+    assert_eq!(prompt_status(&luod), before);
+    let started = Instant::now();
+    let prepared = c.call_fds(&Request::Prepare(args), &[fd]);
+    assert!(started.elapsed() < PROMPT, "prepare took {:?}", started.elapsed());
+    let e = assert_refused(prepared, ErrorKind::InvalidArgument, want);
+    assert_eq!(e.hint, IMAGE_HINT);
+    assert_eq!(prompt_status(&luod), before);
+    // luod never read it; its closes wait on a thread of their own.
+    assert!(!fuse.stalled().contains(&FUSE_READ), "{:?}", fuse.stalled());
+    let flushes = poll(PROMPT, || {
+        let n = fuse.stalled().iter().filter(|op| **op == FUSE_FLUSH).count();
+        (n >= 2).then_some(n)
+    });
+    assert_eq!(
+        flushes,
+        Some(2),
+        "luod closed both copies (each close waits): {:?}",
+        fuse.stalled()
+    );
+    drop(fuse);
+    assert_eq!(prompt_status(&luod), before);
+}

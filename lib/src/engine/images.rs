@@ -5,6 +5,16 @@
 //! FIFO would block it). It takes only regular files open for reading, whose
 //! reads cannot block, and refuses anything else from `fstat` alone, before
 //! reading a byte.
+//!
+//! A regular file on a FUSE filesystem is the exception: a process answers
+//! its reads (and even its `fstat` and `close`), and may never answer; any
+//! user can mount one in a user namespace of its own. So before anything
+//! touches a descriptor, its mount is looked up in `/proc` (`fdinfo` gives
+//! the mount id; luod's mount table, then the caller's, give the filesystem
+//! type), which never calls into the filesystem. An image on FUSE, or on a
+//! mount found in neither table (luod could not tell), is refused, and the
+//! request's descriptors are then closed on a thread of their own, since
+//! the close may wait for the FUSE server too.
 
 use super::EngineError;
 use crate::protocol::{ImageFile, PrepareArgs};
@@ -12,7 +22,7 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::stat::{FileStat, SFlag, fstat};
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 /// Largest image `kexec_file_load` takes (the kernel's `KEXEC_FILE_SIZE_MAX`).
@@ -178,6 +188,103 @@ pub(super) struct Images {
     pub initrd: Option<Image>,
 }
 
+/// The filesystem type of the mount `fd` is on, from `/proc` alone (no
+/// call into the filesystem): the mount id from `/proc/self/fdinfo`, looked
+/// up in luod's mount table, then in the caller's (`caller_pid`). `Err`:
+/// the mount id, when neither table has it.
+fn fs_type(fd: BorrowedFd<'_>, caller_pid: i32) -> Result<String, String> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap_or_default();
+    let Some(mnt_id) = info.lines().find_map(|l| l.strip_prefix("mnt_id:")).map(str::trim) else {
+        return Err("unknown".into());
+    };
+    let tables = [
+        "/proc/self/mountinfo".to_string(),
+        format!("/proc/{caller_pid}/mountinfo"),
+    ];
+    tables
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(t).ok())
+        .find_map(|t| mount_fs_type(&t, mnt_id))
+        .ok_or_else(|| mnt_id.to_string())
+}
+
+/// The filesystem type of mount `mnt_id` in a `mountinfo` table.
+fn mount_fs_type(table: &str, mnt_id: &str) -> Option<String> {
+    table
+        .lines()
+        .find(|l| l.split(' ').next() == Some(mnt_id))
+        .and_then(|l| l.split_once(" - "))
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .map(str::to_string)
+}
+
+/// True for the filesystem types whose reads a process answers.
+fn is_fuse(fs_type: &str) -> bool {
+    fs_type == "fuse" || fs_type == "fuseblk" || fs_type.starts_with("fuse.")
+}
+
+/// Closes descriptors on a thread of their own: closing a file of a FUSE
+/// filesystem waits for its server (`FLUSH`), which may never answer.
+fn close_elsewhere(fds: Vec<OwnedFd>) {
+    let spawned = std::thread::Builder::new()
+        .name("luod-close".into())
+        .spawn(move || drop(fds));
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a thread to close a client's descriptors, which stay open: {e}");
+    }
+}
+
+/// Refuses the request when one of its descriptors is on a FUSE filesystem,
+/// or on a mount luod cannot find, before anything touches them. The
+/// request's descriptors are then closed on a thread of their own.
+/// `name(i)` says what descriptor `i` is, for the message.
+pub(super) fn screen(
+    fds: Vec<OwnedFd>,
+    caller_pid: i32,
+    name: impl Fn(usize) -> String,
+) -> Result<Vec<OwnedFd>, EngineError> {
+    let mut refusal = None;
+    for (i, fd) in fds.iter().enumerate() {
+        match fs_type(fd.as_fd(), caller_pid) {
+            Ok(t) if is_fuse(&t) => {
+                refusal = Some(format!(
+                    "{} is on a FUSE filesystem ({t}), whose reads a process answers, possibly never: luod does not \
+                     read it; copy it to a local filesystem",
+                    name(i)
+                ));
+            }
+            Ok(_) => continue,
+            Err(mnt_id) => {
+                refusal = Some(format!(
+                    "{} is on a mount (id {mnt_id}) found in neither luod's nor the caller's mount table, so luod \
+                     cannot tell whether reading it could block: send a regular file on a mounted filesystem",
+                    name(i)
+                ));
+            }
+        }
+        break;
+    }
+    match refusal {
+        None => Ok(fds),
+        Some(why) => {
+            close_elsewhere(fds);
+            Err(EngineError::BadImage(why))
+        }
+    }
+}
+
+/// What descriptor `i` of a `prepare`/`check` request is, by `args`.
+pub(super) fn describe(args: &PrepareArgs, i: usize) -> String {
+    [(Role::Kernel, &args.kernel), (Role::Initrd, &args.initrd)]
+        .into_iter()
+        .find_map(|(role, f)| {
+            f.as_ref()
+                .filter(|f| usize::try_from(f.fd).ok() == Some(i))
+                .map(|f| format!("{} {}", role.as_str(), f.name))
+        })
+        .unwrap_or_else(|| format!("file descriptor {i}"))
+}
+
 /// Matches the descriptors that came with a `what` request (`prepare`,
 /// `check`) to the images `args` names. `Ok(None)`: no target kernel (and
 /// no descriptor). Every descriptor must be named exactly once.
@@ -246,6 +353,40 @@ mod tests {
             cmdline: Some("quiet".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_filesystem_type_comes_from_the_mount_table() {
+        let table = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
+                     91 27 0:55 / /mnt/a\\040b rw,nosuid - fuse.sshfs host:/ rw,user_id=0\n\
+                     92 27 0:56 / /mnt/c rw - fuse /dev/fuse rw\n";
+        assert_eq!(mount_fs_type(table, "91").as_deref(), Some("fuse.sshfs"));
+        assert_eq!(mount_fs_type(table, "22").as_deref(), Some("proc"));
+        assert_eq!(mount_fs_type(table, "9"), None);
+        assert!(is_fuse("fuse.sshfs") && is_fuse("fuse") && is_fuse("fuseblk"));
+        assert!(!is_fuse("ext4") && !is_fuse("tmpfs") && !is_fuse("fusectl"));
+        // A file of a test's temporary directory is on a mount luod sees.
+        let f = tempfile::tempfile().unwrap();
+        let t = fs_type(f.as_fd(), std::process::id() as i32).unwrap();
+        assert!(!is_fuse(&t), "{t}");
+        let fds = screen(vec![f.into()], std::process::id() as i32, |i| format!("fd {i}")).unwrap();
+        assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn a_pipe_is_on_no_mount_luod_can_find_and_is_refused() {
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let args = kernel_only("pipe");
+        let err = screen(vec![r], std::process::id() as i32, |i| describe(&args, i)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("kernel image pipe is on a mount (id ")
+                && msg.ends_with(
+                    ") found in neither luod's nor the caller's mount table, so luod cannot tell whether reading it \
+                     could block: send a regular file on a mounted filesystem"
+                ),
+            "{msg}"
+        );
     }
 
     fn refusal(r: Result<Option<Images>, EngineError>) -> String {

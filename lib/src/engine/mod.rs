@@ -236,6 +236,9 @@ impl<R: Region> Engine<R> {
     /// digest) only for a caller that may prepare: anyone else learns whether
     /// they would load, without keeping luod busy reading gigabytes.
     pub fn check(&self, caller: &Caller, args: &PrepareArgs, fds: Vec<OwnedFd>) -> CheckReport {
+        // Before anything touches them (or drops them): a file of a FUSE
+        // filesystem could block luod.
+        let fds = images::screen(fds, caller.pid, |i| images::describe(args, i));
         let mut items = Vec::new();
         let mut item = |name: &str, ok: bool, detail: String| {
             items.push(CheckItem {
@@ -263,7 +266,9 @@ impl<R: Region> Engine<R> {
                 "transitions need root or CAP_SYS_BOOT".into()
             },
         );
-        let target = self.target("check", args, fds).and_then(|t| self.require_target(t));
+        let target = fds
+            .and_then(|fds| self.target("check", args, fds))
+            .and_then(|t| self.require_target(t));
         let digest = |t: &transitions::Target| -> Result<String, EngineError> {
             if !caller.privileged {
                 return Ok(format!(

@@ -165,6 +165,9 @@ impl<R: Region> Engine<R> {
         fds: Vec<OwnedFd>,
     ) -> Result<TransitionReport, EngineError> {
         let started = Instant::now();
+        // Before anything touches them (or drops them): a file of a FUSE
+        // filesystem could block luod.
+        let fds = images::screen(fds, caller.pid, |i| images::describe(args, i))?;
         Self::require_privileged(caller, "prepare")?;
         self.require_live()?;
         let from = self.record.state;
