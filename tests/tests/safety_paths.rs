@@ -704,3 +704,44 @@ fn an_image_on_a_fuse_filesystem_is_refused_without_luod_touching_it() {
     drop(fuse);
     assert_eq!(prompt_status(&luod), before);
 }
+
+#[test]
+fn a_fuse_file_sent_to_preserve_or_as_guest_ram_is_refused_without_luod_waiting_on_it() {
+    let luod = shared_luod();
+    let mountpoint = luod.dir().join("fuse-ram");
+    let mut fuse = StalledFuse::mount(&mountpoint);
+    let fd = fuse.open();
+    let mut c = luod.client();
+    c.create("vm0").expect("create vm0");
+    let before = c.status();
+    let want = format!("cannot preserve {}: only memfds can be preserved", mountpoint.display());
+    let started = Instant::now();
+    let preserved = c.preserve("vm0", 1, fd);
+    assert!(started.elapsed() < PROMPT, "preserve took {:?}", started.elapsed());
+    assert_refused(preserved, ErrorKind::InvalidArgument, &want);
+    assert_eq!(prompt_status(&luod), before);
+    let started = Instant::now();
+    let registered = c.call_fds(
+        &Request::VmRegister {
+            name: "fuse-vm".into(),
+            tokens: vec![1],
+        },
+        &[fd],
+    );
+    assert!(started.elapsed() < PROMPT, "vm-register took {:?}", started.elapsed());
+    assert_refused(registered, ErrorKind::InvalidArgument, &want);
+    assert_eq!(prompt_status(&luod), before);
+    let flushes = poll(PROMPT, || {
+        let n = fuse.stalled().iter().filter(|op| **op == FUSE_FLUSH).count();
+        (n >= 2).then_some(n)
+    });
+    assert_eq!(
+        flushes,
+        Some(2),
+        "luod closed both copies off its lock: {:?}",
+        fuse.stalled()
+    );
+    assert!(!fuse.stalled().contains(&FUSE_READ), "{:?}", fuse.stalled());
+    drop(fuse);
+    assert_eq!(prompt_status(&luod), before);
+}

@@ -16,7 +16,7 @@
 //! request's descriptors are then closed on a thread of their own, since
 //! the close may wait for the FUSE server too.
 
-use super::EngineError;
+use super::{EngineError, close_elsewhere};
 use crate::protocol::{ImageFile, PrepareArgs};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::stat::{FileStat, SFlag, fstat};
@@ -221,17 +221,6 @@ fn mount_fs_type(table: &str, mnt_id: &str) -> Option<String> {
 /// True for the filesystem types whose reads a process answers.
 fn is_fuse(fs_type: &str) -> bool {
     fs_type == "fuse" || fs_type == "fuseblk" || fs_type.starts_with("fuse.")
-}
-
-/// Closes descriptors on a thread of their own: closing a file of a FUSE
-/// filesystem waits for its server (`FLUSH`), which may never answer.
-fn close_elsewhere(fds: Vec<OwnedFd>) {
-    let spawned = std::thread::Builder::new()
-        .name("luod-close".into())
-        .spawn(move || drop(fds));
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a thread to close a client's descriptors, which stay open: {e}");
-    }
 }
 
 /// Refuses the request when one of its descriptors is on a FUSE filesystem,

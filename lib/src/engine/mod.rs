@@ -351,6 +351,18 @@ impl<R: Region> Engine<R> {
     }
 }
 
+/// Closes a client's descriptors on a thread of their own, off the engine
+/// lock: closing a file of a FUSE filesystem waits for its server (`FLUSH`),
+/// which may never answer. A thread stays as long as such a close waits.
+pub(crate) fn close_elsewhere(fds: Vec<OwnedFd>) {
+    let spawned = std::thread::Builder::new()
+        .name("luod-close".into())
+        .spawn(move || drop(fds));
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a thread to close a client's descriptors, which stay open: {e}");
+    }
+}
+
 /// Blackout: freeze start to `updated`.
 pub fn blackout(t: &crate::record::Timestamps) -> Option<u64> {
     Some(t.updated?.saturating_sub(t.freeze_started?))

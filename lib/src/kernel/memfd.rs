@@ -4,7 +4,7 @@ use super::KernelError;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 /// Creates a memfd named `name` (close-on-exec, sealing allowed).
 pub fn create(name: &str) -> std::io::Result<OwnedFd> {
@@ -29,9 +29,39 @@ pub fn describe(fd: BorrowedFd<'_>) -> String {
         .unwrap_or_else(|e| format!("fd {} ({e})", fd.as_raw_fd()))
 }
 
-/// True when `fd` is a memfd.
+/// True when `fd` is a memfd: named like one, and on the kernel's internal
+/// memfd mount (a file of any other filesystem, e.g. a FUSE one, can carry
+/// the name). Reads `/proc` only, never the file's filesystem.
 pub fn is_memfd(fd: BorrowedFd<'_>) -> bool {
-    describe(fd).starts_with("/memfd:")
+    if !describe(fd).starts_with("/memfd:") {
+        return false;
+    }
+    let mounts = memfd_mounts();
+    // Without /proc/self/fdinfo, the name is all there is.
+    mounts.is_empty() || mount_id(fd).is_some_and(|id| mounts.contains(&id))
+}
+
+/// The id of the mount `fd`'s file is on (`mnt_id` in `/proc/self/fdinfo`),
+/// read from `/proc`, never from the file's filesystem.
+pub fn mount_id(fd: BorrowedFd<'_>) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|id| id.trim().parse().ok())
+}
+
+/// The kernel's internal mounts memfds live on (shmem, and hugetlbfs when
+/// the kernel has it), learnt once from memfds of luod's own.
+fn memfd_mounts() -> &'static [u64] {
+    static MOUNTS: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+    MOUNTS.get_or_init(|| {
+        [MFdFlags::MFD_CLOEXEC, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_HUGETLB]
+            .into_iter()
+            .filter_map(|flags| memfd_create(c"luod:probe", flags).ok())
+            .filter_map(|fd| mount_id(fd.as_fd()))
+            .collect()
+    })
 }
 
 /// Refuses a memfd (or any `O_PATH` descriptor) that is not open read-write.
@@ -82,7 +112,6 @@ pub fn identity(fd: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
 
     #[test]
     fn memfds_are_recognised_and_files_are_not() {
@@ -91,6 +120,9 @@ mod tests {
         assert_eq!(size(m.as_fd()).unwrap(), 5);
         let f = tempfile::tempfile().unwrap();
         assert!(!is_memfd(f.as_fd()));
+        // The memfd mount is learnt, and a memfd is on it.
+        assert!(!memfd_mounts().is_empty());
+        assert!(memfd_mounts().contains(&mount_id(m.as_fd()).unwrap()));
     }
 
     fn reopen(fd: BorrowedFd<'_>, flags: OFlag) -> OwnedFd {
