@@ -354,7 +354,7 @@ impl<R: Region> Engine<R> {
 /// Closes a client's descriptors on a thread of their own, off the engine
 /// lock: closing a file of a FUSE filesystem waits for its server (`FLUSH`),
 /// which may never answer. A thread stays as long as such a close waits.
-pub(crate) fn close_elsewhere(fds: Vec<OwnedFd>) {
+pub fn close_elsewhere(fds: Vec<OwnedFd>) {
     let spawned = std::thread::Builder::new()
         .name("luod-close".into())
         .spawn(move || drop(fds));
