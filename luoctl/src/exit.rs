@@ -32,7 +32,8 @@ pub enum ExitCode {
     /// could not be decoded.
     Connection = 6,
     /// A local file named on the command line could not be read or written
-    /// (`session preserve --file`, `session retrieve --output`).
+    /// (`session preserve --file`, `session retrieve --output`,
+    /// `prepare`/`check --kernel`/`--initrd`).
     LocalIo = 7,
     /// luod: an argument is invalid (e.g. a session name, a kernel image).
     InvalidArgument = 10,

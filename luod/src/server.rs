@@ -642,7 +642,10 @@ fn dispatch<R: Region>(
     conn: &UnixStream,
 ) -> Outcome {
     let err = |e: EngineError| Outcome::from(Response::Error(e.to_reply()));
-    let wants_fd = matches!(req, Request::SessionPreserve { .. } | Request::VmRegister { .. });
+    let wants_fd = matches!(
+        req,
+        Request::SessionPreserve { .. } | Request::VmRegister { .. } | Request::Prepare(_) | Request::Check(_)
+    );
     if !wants_fd && !fds.is_empty() {
         return err(EngineError::InvalidArgument(format!(
             "{} takes no file descriptor but {} came with it",
@@ -653,9 +656,12 @@ fn dispatch<R: Region>(
     let r = match req {
         Request::Hello { .. } => Err(EngineError::InvalidArgument("hello was already exchanged".into())),
         Request::Status => Ok(Response::Status(engine.status(caller))),
-        Request::Check(args) => Ok(Response::Check(engine.check(caller, &args))),
+        // The target kernel's images come as descriptors the client opened.
+        Request::Check(args) => Ok(Response::Check(engine.check(caller, &args, std::mem::take(&mut fds)))),
         Request::History => Ok(Response::History(engine.history_report(caller))),
-        Request::Prepare(args) => engine.prepare(caller, &args).map(Response::Transition),
+        Request::Prepare(args) => engine
+            .prepare(caller, &args, std::mem::take(&mut fds))
+            .map(Response::Transition),
         Request::Freeze => engine.freeze(caller).map(Response::Transition),
         Request::Finish => engine.finish(caller).map(Response::Transition),
         Request::Cancel => engine.cancel(caller).map(Response::Transition),

@@ -113,6 +113,11 @@ pub enum EngineError {
         /// Its sessions.
         sessions: Vec<String>,
     },
+    /// A kernel image or initrd sent with `prepare`/`check` that luod does
+    /// not read: not a regular file, not open for reading, too large, or
+    /// changed while luod read it.
+    #[error("{0}")]
+    BadImage(String),
 }
 
 impl EngineError {
@@ -122,7 +127,9 @@ impl EngineError {
         match self {
             E::Illegal(_) | E::SessionsLocked { .. } | E::HandedOver => ErrorKind::WrongState,
             E::NotPrivileged(_) => ErrorKind::PermissionDenied,
-            E::Name(_) | E::InvalidArgument(_) | E::MissingFd(_) | E::Io(_) => ErrorKind::InvalidArgument,
+            E::Name(_) | E::InvalidArgument(_) | E::MissingFd(_) | E::Io(_) | E::BadImage(_) => {
+                ErrorKind::InvalidArgument
+            }
             E::NotRetrieved(..) | E::VmsNotRestored(_) | E::Kernel(KernelError::AlreadyRetrieved { .. }) => {
                 ErrorKind::WrongState
             }
@@ -132,7 +139,9 @@ impl EngineError {
             E::Kernel(
                 KernelError::SessionExists(_) | KernelError::TokenExists { .. } | KernelError::AlreadyPreserved { .. },
             ) => ErrorKind::AlreadyExists,
-            E::Kernel(KernelError::Unsupported { .. } | KernelError::Load { .. }) => ErrorKind::InvalidArgument,
+            E::Kernel(
+                KernelError::Unsupported { .. } | KernelError::NotReadWrite { .. } | KernelError::Load { .. },
+            ) => ErrorKind::InvalidArgument,
             E::Kernel(KernelError::Park { .. }) => ErrorKind::Internal,
             E::Kernel(_) | E::RebootFailed(_) => ErrorKind::Kernel,
             E::Record(_) | E::NewerRecord(_) | E::RecordUnreadable(_) | E::Region(_) => ErrorKind::Record,
@@ -186,7 +195,13 @@ impl EngineError {
             ),
             E::Kernel(KernelError::Unsupported { .. }) => "hand over a memfd (memfd_create(2))".into(),
             E::Kernel(KernelError::AlreadyPreserved { .. }) => "each open file can be preserved once".into(),
-            E::Kernel(KernelError::Load { .. }) => "check the --kernel/--initrd paths".into(),
+            E::Kernel(KernelError::NotReadWrite { .. }) => {
+                "hand over the memfd from memfd_create(2) itself, or a reopen with O_RDWR".into()
+            }
+            E::Kernel(KernelError::Load { .. }) => "check the --kernel/--initrd images".into(),
+            E::BadImage(_) => "give --kernel/--initrd as regular files you can read: luoctl opens them with your \
+                               rights and sends them to luod"
+                .into(),
             E::Kernel(KernelError::Park { .. }) => {
                 "nothing was changed; see luod's log (the fd holder's pid is in STATE_DIR/holder.pid), then retry"
                     .into()

@@ -14,6 +14,11 @@ use crate::subsystem::{Blob, PrepareContext, Subsystem, SubsystemError};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 
+/// The descriptors `prepare`/`check` get for a kernel image named as fd 0.
+fn image_fds(image: &tempfile::NamedTempFile) -> Vec<std::os::fd::OwnedFd> {
+    vec![std::fs::File::open(image.path()).unwrap().into()]
+}
+
 type Log = Arc<Mutex<Vec<String>>>;
 
 /// A subsystem that logs its restore.
@@ -106,10 +111,14 @@ fn frozen_in_boot_1(state_dir: &std::path::Path, log: &Log) -> (RecordStore<MemR
         .prepare(
             &Caller::ROOT,
             &PrepareArgs {
-                kernel: Some(image.path().display().to_string()),
+                kernel: Some(crate::protocol::ImageFile {
+                    fd: 0,
+                    name: image.path().display().to_string(),
+                }),
                 reuse_cmdline: true,
                 ..Default::default()
             },
+            image_fds(&image),
         )
         .unwrap();
     e.freeze(&Caller::ROOT).unwrap();
@@ -234,10 +243,14 @@ fn stale_start(cmdline: &str, why: &str) {
     e.prepare(
         &Caller::ROOT,
         &PrepareArgs {
-            kernel: Some(image.path().display().to_string()),
+            kernel: Some(crate::protocol::ImageFile {
+                fd: 0,
+                name: image.path().display().to_string(),
+            }),
             cmdline: Some(cmdline.to_string()),
             ..Default::default()
         },
+        image_fds(&image),
     )
     .unwrap();
     let update = e.record().update.clone().unwrap();
@@ -320,7 +333,9 @@ fn a_backend_that_copies_at_freeze_loads_the_target_itself() {
     let store = RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap();
     let mut e = start(store, host("boot-1", CMDLINE), dir.path(), &log);
     let generation = e.generation();
-    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap_err();
+    let err = e
+        .prepare(&Caller::ROOT, &PrepareArgs::default(), Vec::new())
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert_eq!(
         err.to_string(),
@@ -329,7 +344,7 @@ fn a_backend_that_copies_at_freeze_loads_the_target_itself() {
          give --kernel K (--cmdline S | --reuse-cmdline)"
     );
     assert_eq!((e.state(), e.generation()), (State::Normal, generation));
-    let check = e.check(&Caller::ROOT, &PrepareArgs::default());
+    let check = e.check(&Caller::ROOT, &PrepareArgs::default(), Vec::new());
     let item = check.items.iter().find(|i| i.name == "target kernel").unwrap();
     assert!(!item.ok && item.detail == err.to_string(), "{item:?}");
 }
@@ -344,11 +359,14 @@ fn check_shows_where_the_nonce_goes_and_an_older_one_is_replaced() {
     let mut e = start(store, host("boot-1", &running), dir.path(), &log);
     let image = bzimage();
     let args = PrepareArgs {
-        kernel: Some(image.path().display().to_string()),
+        kernel: Some(crate::protocol::ImageFile {
+            fd: 0,
+            name: image.path().display().to_string(),
+        }),
         reuse_cmdline: true,
         ..Default::default()
     };
-    let check = e.check(&Caller::ROOT, &args);
+    let check = e.check(&Caller::ROOT, &args, image_fds(&image));
     let item = check.items.iter().find(|i| i.name == "target kernel").unwrap();
     assert!(item.ok, "{item:?}");
     assert!(
@@ -359,7 +377,7 @@ fn check_shows_where_the_nonce_goes_and_an_older_one_is_replaced() {
         "{}",
         item.detail
     );
-    e.prepare(&Caller::ROOT, &args).unwrap();
+    e.prepare(&Caller::ROOT, &args, image_fds(&image)).unwrap();
     let update = e.record().update.clone().unwrap();
     assert_eq!(
         update.target.unwrap().cmdline,

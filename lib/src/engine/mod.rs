@@ -8,6 +8,7 @@
 mod capacity;
 mod error;
 mod handover;
+mod images;
 mod quotas;
 mod sessions;
 mod startup;
@@ -18,6 +19,7 @@ mod vms;
 pub use capacity::RegionCapacity;
 pub use error::EngineError;
 pub use handover::{HANDOVER_PARAM, STALE_EVENT, stamp_cmdline};
+pub use images::MAX_IMAGE_SIZE;
 pub use quotas::{Quota, Quotas, SESSION_EVICTED, SESSION_FINISHED_BY_ROOT};
 pub use startup::{HostInfo, StartOptions};
 pub use transitions::Rebooted;
@@ -32,6 +34,7 @@ use crate::record::{Cycle, HandoverRecord, RecordStore, SessionRecord, UnixNanos
 use crate::region::Region;
 use crate::state::{Event, State};
 use crate::subsystem::Registry;
+use std::os::fd::OwnedFd;
 
 /// Who is asking, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,8 +242,14 @@ impl<R: Region> Engine<R> {
         self.record.history.clone()
     }
 
-    /// `check`: what `prepare` with `args` would find. Changes nothing.
-    pub fn check(&self, caller: &Caller, args: &PrepareArgs) -> CheckReport {
+    /// `check`: what `prepare` with `args` (and the images `fds` carries)
+    /// would find. Changes nothing. The images are read whole (for their
+    /// digest) only for a caller that may prepare: anyone else learns whether
+    /// they would load, without keeping luod busy reading gigabytes.
+    pub fn check(&self, caller: &Caller, args: &PrepareArgs, fds: Vec<OwnedFd>) -> CheckReport {
+        // Before anything touches them (or drops them): a file of a FUSE
+        // filesystem could block luod.
+        let fds = images::screen(fds, caller.pid, |i| images::describe(args, i));
         let mut items = Vec::new();
         let mut item = |name: &str, ok: bool, detail: String| {
             items.push(CheckItem {
@@ -268,7 +277,28 @@ impl<R: Region> Engine<R> {
                 "transitions need root or CAP_SYS_BOOT".into()
             },
         );
-        match self.target_image(args).and_then(|t| self.require_target(t)) {
+        let target = fds
+            .and_then(|fds| self.target("check", args, fds))
+            .and_then(|t| self.require_target(t));
+        let digest = |t: &transitions::Target| -> Result<String, EngineError> {
+            if !caller.privileged {
+                return Ok(format!(
+                    "{} is a kernel image luod can load ({} bytes; digested only for a caller that may prepare), cmdline {:?}",
+                    t.images.kernel.name,
+                    t.images.kernel.size(),
+                    stamp_cmdline(&t.cmdline, "<nonce>")
+                ));
+            }
+            let img = t.record()?;
+            Ok(format!(
+                "{} loads (sha256 {}), cmdline {:?} (prepare chooses the nonce: a boot whose command line \
+                 lacks it never takes the update's handover)",
+                img.kernel,
+                hex(&img.kernel_sha256),
+                stamp_cmdline(&img.cmdline, "<nonce>")
+            ))
+        };
+        match target {
             Ok(None) => item(
                 "target kernel",
                 true,
@@ -278,17 +308,10 @@ impl<R: Region> Engine<R> {
                     "none given: a kexec image is loaded already".into()
                 },
             ),
-            Ok(Some(img)) => item(
-                "target kernel",
-                true,
-                format!(
-                    "{} loads (sha256 {}), cmdline {:?} (prepare chooses the nonce: a boot whose command line \
-                     lacks it never takes the update's handover)",
-                    img.kernel,
-                    hex(&img.kernel_sha256),
-                    stamp_cmdline(&img.cmdline, "<nonce>")
-                ),
-            ),
+            Ok(Some(t)) => match digest(&t) {
+                Ok(detail) => item("target kernel", true, detail),
+                Err(e) => item("target kernel", false, e.to_string()),
+            },
             Err(e) => item("target kernel", false, e.to_string()),
         }
         let target_cmdline = match (&args.cmdline, args.reuse_cmdline) {
@@ -350,6 +373,18 @@ impl<R: Region> Engine<R> {
     }
 }
 
+/// Closes a client's descriptors on a thread of their own, off the engine
+/// lock: closing a file of a FUSE filesystem waits for its server (`FLUSH`),
+/// which may never answer. A thread stays as long as such a close waits.
+pub fn close_elsewhere(fds: Vec<OwnedFd>) {
+    let spawned = std::thread::Builder::new()
+        .name("luod-close".into())
+        .spawn(move || drop(fds));
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a thread to close a client's descriptors, which stay open: {e}");
+    }
+}
+
 /// Blackout: freeze start to `updated`.
 pub fn blackout(t: &crate::record::Timestamps) -> Option<u64> {
     Some(t.updated?.saturating_sub(t.freeze_started?))
@@ -375,6 +410,8 @@ pub fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod handover_tests;
+#[cfg(test)]
+mod image_tests;
 #[cfg(test)]
 mod quota_tests;
 #[cfg(test)]

@@ -139,7 +139,7 @@ fn uid_0_is_exempt_and_a_privileged_uid_is_not() {
         "quota exceeded: uid 500 holds 2 session(s), and 1 more would pass its quota of 2 (luod --max-sessions-per-uid)",
     );
     // Root's bytes over the quota do not stop the cycle.
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), Vec::new()).unwrap();
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn a_memfd_grown_after_preservation_stops_prepare_freeze_and_reboot() {
     grow(&fd, 1 << 20);
     let generation = e.generation();
     let err = refused(
-        e.prepare(&Caller::ROOT, &PrepareArgs::default()),
+        e.prepare(&Caller::ROOT, &PrepareArgs::default(), Vec::new()),
         ErrorKind::QuotaExceeded,
         overrun,
     );
@@ -167,7 +167,7 @@ fn a_memfd_grown_after_preservation_stops_prepare_freeze_and_reboot() {
 
     // In prepared: freeze is refused, still prepared.
     grow(&fd, 4096);
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), Vec::new()).unwrap();
     grow(&fd, 1 << 20);
     let generation = e.generation();
     refused(e.freeze(&Caller::ROOT), ErrorKind::QuotaExceeded, overrun);
@@ -224,7 +224,7 @@ fn with_nobodys_session_in(state: State) -> Engine<MemRegion> {
     if state == State::Normal {
         return e;
     }
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), Vec::new()).unwrap();
     if state == State::Prepared {
         return e;
     }

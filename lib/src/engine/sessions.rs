@@ -67,6 +67,13 @@ impl<R: Region> Engine<R> {
         token: u64,
         fd: OwnedFd,
     ) -> Result<u64, EngineError> {
+        // Before anything touches it: only a memfd is taken. Anything else is
+        // closed off the engine lock (a FUSE file's close waits on its server).
+        if !memfd::is_memfd(fd.as_fd()) {
+            let what = memfd::describe(fd.as_fd());
+            super::close_elsewhere(vec![fd]);
+            return Err(KernelError::Unsupported { what }.into());
+        }
         self.require_live()?;
         let i = self.own_session(caller, name)?;
         if self.record.state != State::Normal {
@@ -82,6 +89,7 @@ impl<R: Region> Engine<R> {
                 token,
             }));
         }
+        memfd::require_read_write(fd.as_fd())?;
         let size = memfd::size(fd.as_fd()).map_err(|e| EngineError::Io(format!("cannot stat the file: {e}")))?;
         self.check_quota(self.record.sessions[i].owner_uid, (0, 1, size))?;
         self.kernel.preserve_fd(&session, token, fd)?;

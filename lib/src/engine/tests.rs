@@ -5,7 +5,7 @@
 use super::*;
 use crate::kernel::fake::{Failures, FakeKernel, Op};
 use crate::kernel::{KernelError, memfd};
-use crate::protocol::ErrorKind;
+use crate::protocol::{ErrorKind, ImageFile};
 use crate::record::Outcome;
 use crate::region::MemRegion;
 use crate::subsystem::{Blob, PrepareContext, Subsystem, SubsystemError};
@@ -139,7 +139,7 @@ fn a_cycle_through_a_simulated_kexec_restores_files_and_sections() {
     e.session_create(&Caller::ROOT, "vm0").unwrap();
     preserve(&mut e, "vm0", 1, b"guest ram");
     preserve(&mut e, "vm0", 2, b"");
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.freeze(&Caller::ROOT).unwrap();
     let Rebooted::Simulated(report) = e.reboot(&Caller::ROOT).unwrap();
     assert_eq!(
@@ -173,7 +173,7 @@ fn a_cycle_through_a_simulated_kexec_restores_files_and_sections() {
 fn a_restart_in_updated_does_not_take_the_record_as_incoming_again() {
     let log = Log::default();
     let (mut e, _) = new_engine(&log);
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.reboot(&Caller::ROOT).unwrap();
     let (e, _) = engine_on(e.into_store(), &log, None, false);
     let generation = e.generation();
@@ -192,7 +192,7 @@ fn a_veto_reaches_the_caller_and_leaves_the_host_in_normal() {
         false,
     );
     let generation = e.generation();
-    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap_err();
+    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Vetoed);
     assert_eq!(
         err.to_string(),
@@ -206,7 +206,7 @@ fn a_veto_reaches_the_caller_and_leaves_the_host_in_normal() {
 fn a_failing_freeze_unfreezes_the_earlier_subsystems_and_stays_prepared() {
     let log = Log::default();
     let (mut e, _) = engine_on(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap(), &log, None, true);
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     take(&log);
     let generation = e.generation();
     let err = e.freeze(&Caller::ROOT).unwrap_err();
@@ -219,7 +219,7 @@ fn a_failing_freeze_unfreezes_the_earlier_subsystems_and_stays_prepared() {
 fn a_failing_reboot_unfreezes_back_to_prepared() {
     let log = Log::default();
     let (mut e, failures) = new_engine(&log);
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.freeze(&Caller::ROOT).unwrap();
     take(&log);
     failures
@@ -255,19 +255,15 @@ fn a_kernel_that_does_not_load_fails_prepare_and_changes_nothing() {
             reason: "Exec format error".into(),
         },
     );
-    let args = PrepareArgs {
-        kernel: Some(image.path().display().to_string()),
-        cmdline: Some("quiet".into()),
-        ..Default::default()
-    };
+    let args = kernel_args("/boot/vmlinuz-next", Some("quiet"));
     let generation = e.generation();
-    let err = e.prepare(&Caller::ROOT, &args).unwrap_err();
+    let err = e.prepare(&Caller::ROOT, &args, open(image.path())).unwrap_err();
     assert_eq!(err.to_string(), "cannot load kernel k: Exec format error");
     assert!(take(&log).is_empty(), "no subsystem ran");
     assert_eq!((e.state(), e.generation()), (State::Normal, generation));
 
     failures.lock().unwrap().clear();
-    e.prepare(&Caller::ROOT, &args).unwrap();
+    e.prepare(&Caller::ROOT, &args, open(image.path())).unwrap();
     let update = e.record().update.clone().unwrap();
     let target = update.target.unwrap();
     assert_eq!(target.cmdline, format!("quiet luod.handover={}", update.nonce.unwrap()));
@@ -280,30 +276,19 @@ fn prepare_refuses_a_file_that_is_not_a_kernel_and_inconsistent_arguments() {
     let (mut e, _) = new_engine(&log);
     let not_kernel = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(not_kernel.path(), vec![0u8; 4096]).unwrap();
-    let k = not_kernel.path().display().to_string();
     let cases = [
+        (kernel_args("k", Some("x")), 1, "not a bzImage"),
         (
-            PrepareArgs {
-                kernel: Some(k.clone()),
-                cmdline: Some("x".into()),
-                ..Default::default()
-            },
-            "not a bzImage",
-        ),
-        (
-            PrepareArgs {
-                kernel: Some(k.clone()),
-                ..Default::default()
-            },
+            kernel_args("k", None),
+            1,
             "--kernel needs --cmdline S or --reuse-cmdline",
         ),
         (
             PrepareArgs {
-                kernel: Some(k),
-                cmdline: Some("x".into()),
                 reuse_cmdline: true,
-                ..Default::default()
+                ..kernel_args("k", Some("x"))
             },
+            1,
             "not both",
         ),
         (
@@ -311,11 +296,13 @@ fn prepare_refuses_a_file_that_is_not_a_kernel_and_inconsistent_arguments() {
                 cmdline: Some("x".into()),
                 ..Default::default()
             },
+            0,
             "need --kernel",
         ),
     ];
-    for (args, want) in cases {
-        let err = e.prepare(&Caller::ROOT, &args).unwrap_err();
+    for (args, fds, want) in cases {
+        let fds = if fds == 1 { open(not_kernel.path()) } else { vec![] };
+        let err = e.prepare(&Caller::ROOT, &args, fds).unwrap_err();
         assert!(err.to_string().contains(want), "{err}");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert_eq!(e.state(), State::Normal);
@@ -328,7 +315,7 @@ fn cancel_from_frozen_unfreezes_then_cancels_in_reverse_order() {
     let (mut e, _) = new_engine(&log);
     e.session_create(&Caller::ROOT, "s").unwrap();
     preserve(&mut e, "s", 9, b"kept");
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.freeze(&Caller::ROOT).unwrap();
     take(&log);
     e.cancel(&Caller::ROOT).unwrap();
@@ -345,7 +332,7 @@ fn transitions_need_privilege_and_users_see_only_their_sessions() {
     let (mut e, _) = new_engine(&log);
     e.session_create(&Caller::ROOT, "root-s").unwrap();
     e.session_create(&USER, "user-s").unwrap();
-    let err = e.prepare(&USER, &PrepareArgs::default()).unwrap_err();
+    let err = e.prepare(&USER, &PrepareArgs::default(), vec![]).unwrap_err();
     assert_eq!(err.to_string(), "prepare needs root or CAP_SYS_BOOT");
     assert_eq!(err.kind(), ErrorKind::PermissionDenied);
     let names = |v: Vec<crate::protocol::SessionInfo>| v.into_iter().map(|s| s.name).collect::<Vec<_>>();
@@ -366,7 +353,7 @@ fn finish_refuses_while_files_wait_to_be_retrieved() {
     e.session_create(&Caller::ROOT, "s").unwrap();
     preserve(&mut e, "s", 1, b"a");
     preserve(&mut e, "s", 2, b"b");
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.reboot(&Caller::ROOT).unwrap();
     let (mut e, _) = engine_on(e.into_store(), &log, None, false);
     e.session_retrieve(&Caller::ROOT, "s", 1).unwrap();
@@ -384,7 +371,7 @@ fn session_requests_are_refused_while_a_cycle_is_in_flight() {
     let log = Log::default();
     let (mut e, _) = new_engine(&log);
     e.session_create(&Caller::ROOT, "s").unwrap();
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     let generation = e.generation();
     let err = e.session_create(&Caller::ROOT, "t").unwrap_err();
     assert_eq!(err.to_string(), "creating a session is not allowed in state prepared");
@@ -409,7 +396,7 @@ fn a_region_too_small_for_the_data_fails_the_reboot_not_the_host() {
     let fd = memfd::from_bytes("big", b"x").unwrap();
     let keep = fd.as_fd().try_clone_to_owned().unwrap();
     e.session_preserve(&Caller::ROOT, "s", 1, fd).unwrap();
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     std::fs::File::from(keep).set_len(1 << 20).unwrap();
     let err = e.reboot(&Caller::ROOT).unwrap_err();
     assert!(
@@ -443,7 +430,7 @@ fn nothing_changes_once_the_handover_is_written() {
     let log = Log::default();
     let (mut e, _) = new_engine(&log);
     e.session_create(&Caller::ROOT, "s").unwrap();
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.reboot(&Caller::ROOT).unwrap();
     assert!(e.handed_over());
     let generation = e.generation();
@@ -455,6 +442,23 @@ fn nothing_changes_once_the_handover_is_written() {
     assert!(e.session_create(&Caller::ROOT, "t").is_err());
     assert!(e.session_finish(&Caller::ROOT, "s").is_err());
     assert_eq!(e.generation(), generation);
+}
+
+/// `prepare` arguments naming a kernel image sent as descriptor 0.
+fn kernel_args(name: &str, cmdline: Option<&str>) -> PrepareArgs {
+    PrepareArgs {
+        kernel: Some(ImageFile {
+            fd: 0,
+            name: name.into(),
+        }),
+        cmdline: cmdline.map(Into::into),
+        ..Default::default()
+    }
+}
+
+/// `path` opened for reading, as the one descriptor of a request.
+fn open(path: &std::path::Path) -> Vec<std::os::fd::OwnedFd> {
+    vec![std::fs::File::open(path).unwrap().into()]
 }
 
 fn bzimage() -> tempfile::NamedTempFile {
@@ -482,19 +486,15 @@ fn the_target_command_line_must_carry_what_the_backend_needs() {
     );
 
     let image = bzimage();
-    let args = PrepareArgs {
-        kernel: Some(image.path().display().to_string()),
-        cmdline: Some("console=ttyS0".into()),
-        ..Default::default()
-    };
-    let report = e.check(&Caller::ROOT, &args);
+    let args = kernel_args("vmlinuz", Some("console=ttyS0"));
+    let report = e.check(&Caller::ROOT, &args, open(image.path()));
     assert!(!report.ok);
     let cmdline = report.items.iter().find(|i| i.name == "command line").unwrap();
     assert!(
         !cmdline.ok && cmdline.detail.contains("liveupdate=on memmap=64M$0x30000000"),
         "{cmdline:?}"
     );
-    let err = e.prepare(&Caller::ROOT, &args).unwrap_err();
+    let err = e.prepare(&Caller::ROOT, &args, open(image.path())).unwrap_err();
     assert!(
         err.to_string()
             .starts_with("the target command line lacks liveupdate=on memmap=64M$0x30000000"),
@@ -508,7 +508,7 @@ fn the_target_command_line_must_carry_what_the_backend_needs() {
         reuse_cmdline: true,
         ..Default::default()
     };
-    e.prepare(&Caller::ROOT, &reuse).unwrap();
+    e.prepare(&Caller::ROOT, &reuse, open(image.path())).unwrap();
     let update = e.record().update.clone().unwrap();
     assert_eq!(
         update.target.unwrap().cmdline,
@@ -523,7 +523,7 @@ fn the_target_command_line_must_carry_what_the_backend_needs() {
 fn state_of_a_subsystem_the_new_luod_does_not_run_is_reported_not_dropped() {
     let log = Log::default();
     let (mut e, _) = new_engine(&log);
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.reboot(&Caller::ROOT).unwrap();
     // The new luod runs only subsystem "a" (no "b").
     let mut registry = Registry::new();

@@ -4,6 +4,7 @@
 //! `k` fails, the undo of steps `k-1..0` runs in reverse and the record is not
 //! changed. Only the last step writes the new record generation.
 
+use super::images::{self, Images};
 use super::{Caller, Engine, EngineError, hex, now};
 use crate::kernel::{Handoff, KernelLoad, RebootOutcome, memfd};
 use crate::protocol::{PrepareArgs, TransitionReport};
@@ -13,7 +14,7 @@ use crate::record::{
 use crate::region::Region;
 use crate::state::{Event, State, transition};
 use crate::subsystem::{Blobs, PrepareContext};
-use sha2::{Digest, Sha256};
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 /// What a successful `reboot` means for luod.
@@ -24,19 +25,32 @@ pub enum Rebooted {
     Simulated(TransitionReport),
 }
 
-fn sha256_file(path: &str) -> Result<[u8; 32], EngineError> {
-    let mut file = std::fs::File::open(path).map_err(|e| EngineError::Io(format!("cannot read {path}: {e}")))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut file, &mut buf)
-            .map_err(|e| EngineError::Io(format!("cannot read {path}: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+/// A target kernel a request gave: its images, checked as files and as a
+/// kernel, and the command line it boots with.
+#[derive(Debug)]
+pub(super) struct Target {
+    pub images: Images,
+    pub cmdline: String,
+}
+
+impl Target {
+    /// What the record keeps: the names the client gave, the digests (read
+    /// from the descriptors now), the command line.
+    pub fn record(&self) -> Result<KernelImage, EngineError> {
+        Ok(KernelImage {
+            kernel: self.images.kernel.name.clone(),
+            kernel_sha256: self.images.kernel.sha256()?,
+            initrd: self.images.initrd.as_ref().map(|i| i.name.clone()),
+            initrd_sha256: self.images.initrd.as_ref().map(|i| i.sha256()).transpose()?,
+            cmdline: self.cmdline.clone(),
+        })
     }
-    Ok(h.finalize().into())
+
+    /// Refuses when an image changed since the request came.
+    pub fn unchanged(&self) -> Result<(), EngineError> {
+        self.images.kernel.unchanged()?;
+        self.images.initrd.as_ref().map_or(Ok(()), |i| i.unchanged())
+    }
 }
 
 fn sections(blobs: Blobs) -> Vec<Section> {
@@ -51,10 +65,18 @@ fn sections(blobs: Blobs) -> Vec<Section> {
 }
 
 impl<R: Region> Engine<R> {
-    /// The target kernel `args` describe, with digests; `None` when no kernel is given.
-    pub(super) fn target_image(&self, args: &PrepareArgs) -> Result<Option<KernelImage>, EngineError> {
-        let Some(kernel) = &args.kernel else {
-            if args.initrd.is_some() || args.cmdline.is_some() || args.reuse_cmdline {
+    /// The target kernel `args` describe, with the images `fds` carries
+    /// (checked as files and as a kernel, not yet read whole); `None` when no
+    /// kernel is given. `what` names the request for messages.
+    pub(super) fn target(
+        &self,
+        what: &str,
+        args: &PrepareArgs,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Option<Target>, EngineError> {
+        let images = images::take(what, args, fds)?;
+        let Some(images) = images else {
+            if args.cmdline.is_some() || args.reuse_cmdline {
                 return Err(EngineError::InvalidArgument(
                     "--initrd, --cmdline and --reuse-cmdline need --kernel".into(),
                 ));
@@ -90,19 +112,13 @@ impl<R: Region> Engine<R> {
                 self.kernel.name()
             )));
         }
-        crate::kernel::emulated::check_image(std::path::Path::new(kernel))?;
-        let initrd_sha256 = args.initrd.as_deref().map(sha256_file).transpose()?;
-        Ok(Some(KernelImage {
-            kernel: kernel.clone(),
-            kernel_sha256: sha256_file(kernel)?,
-            initrd: args.initrd.clone(),
-            initrd_sha256,
-            cmdline,
-        }))
+        self.kernel.check_image(&images.kernel.name, images.kernel.fd())?;
+        Ok(Some(Target { images, cmdline }))
     }
 
-    /// A backend with a real kexec needs a target (unless one is loaded already).
-    pub(super) fn require_target(&self, target: Option<KernelImage>) -> Result<Option<KernelImage>, EngineError> {
+    /// A backend with a real kexec needs a target (unless the kernel has one
+    /// loaded already); a backend that copies at freeze always loads it itself.
+    pub(super) fn require_target(&self, target: Option<Target>) -> Result<Option<Target>, EngineError> {
         if target.is_none() && self.copies_at_freeze() {
             // Its record sits in memory that may survive a warm reset: only
             // the nonce on a command line luod wrote tells the kexec apart.
@@ -114,7 +130,7 @@ impl<R: Region> Engine<R> {
                 super::HANDOVER_PARAM
             )));
         }
-        if target.is_none() && !self.kernel.simulates_kexec() && !crate::kernel::kexec::loaded() {
+        if target.is_none() && !self.kernel.simulates_kexec() && !self.kernel.kexec_loaded() {
             return Err(EngineError::InvalidArgument(format!(
                 "the {} backend reboots by kexec: give the target with --kernel K (--cmdline S | --reuse-cmdline)",
                 self.kernel.name()
@@ -152,32 +168,50 @@ impl<R: Region> Engine<R> {
     }
 
     /// `normal -> prepared`: load the target kernel, prepare every subsystem.
-    pub fn prepare(&mut self, caller: &Caller, args: &PrepareArgs) -> Result<TransitionReport, EngineError> {
+    /// `fds` are the kernel image and initrd `args` names, as the client sent them.
+    pub fn prepare(
+        &mut self,
+        caller: &Caller,
+        args: &PrepareArgs,
+        fds: Vec<OwnedFd>,
+    ) -> Result<TransitionReport, EngineError> {
         let started = Instant::now();
+        // Before anything touches them (or drops them): a file of a FUSE
+        // filesystem could block luod.
+        let fds = images::screen(fds, caller.pid, |i| images::describe(args, i))?;
         Self::require_privileged(caller, "prepare")?;
         self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Prepare)?;
         self.check_bytes_now()?;
-        let mut target = self.target_image(args).and_then(|t| self.require_target(t))?;
-        // A one-time nonce on the target's command line: the next boot is
-        // taken for this cycle's kexec only if it shows it (handover.rs).
-        let nonce = match target.as_mut() {
-            Some(t) => {
-                let nonce = super::handover::new_nonce()?;
-                t.cmdline = super::handover::stamp_cmdline(&t.cmdline, &nonce);
-                Some(nonce)
+        let target = self.target("prepare", args, fds).and_then(|t| self.require_target(t))?;
+        let mut nonce = None;
+        let target = match target {
+            Some(mut t) => {
+                // A one-time nonce on the target's command line: the next
+                // boot is taken for this cycle's kexec only if it shows it
+                // (handover.rs).
+                let fresh = super::handover::new_nonce()?;
+                t.cmdline = super::handover::stamp_cmdline(&t.cmdline, &fresh);
+                nonce = Some(fresh);
+                // Digest, load, then make sure the files did not change in
+                // between: the record names what was loaded.
+                let image = t.record()?;
+                let load = KernelLoad {
+                    kernel: t.images.kernel.fd(),
+                    kernel_name: &t.images.kernel.name,
+                    initrd: t.images.initrd.as_ref().map(|i| i.fd()),
+                    cmdline: &t.cmdline,
+                };
+                self.kernel.load_kernel(&load)?;
+                if let Err(e) = t.unchanged() {
+                    self.unload_quietly(true);
+                    return Err(e);
+                }
+                Some(image)
             }
             None => None,
         };
-        if let Some(t) = &target {
-            let load = KernelLoad {
-                kernel: t.kernel.clone().into(),
-                initrd: t.initrd.clone().map(Into::into),
-                cmdline: t.cmdline.clone(),
-            };
-            self.kernel.load_kernel(&load)?;
-        }
         let (files, bytes) = self.preserved_totals();
         let ctx = PrepareContext {
             target_cmdline: target.as_ref().map(|t| t.cmdline.clone()),

@@ -202,7 +202,7 @@ mod tests {
              slot B: empty)); luod changes nothing until the region is restored or the record discarded"
         );
         assert_eq!(err.kind(), crate::protocol::ErrorKind::Record);
-        assert!(e.prepare(&Caller::ROOT, &Default::default()).is_err());
+        assert!(e.prepare(&Caller::ROOT, &Default::default(), Vec::new()).is_err());
         assert_eq!(e.store.region().0, bytes, "nothing written");
         assert!(e.notes()[0].starts_with("the handover record cannot be read: memory (64 KiB) holds data"));
         let user = Caller {

@@ -80,7 +80,7 @@ fn a_vmm_veto_reaches_the_caller_and_no_vm_is_paused() {
         VmCall::Prepare => Some(VmAnswer::Veto("guest is running a firmware update".into())),
         _ => ok(c),
     });
-    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap_err();
+    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Vetoed);
     assert_eq!(
         err.to_string(),
@@ -97,7 +97,7 @@ fn a_vmm_that_hangs_in_freeze_fails_it_and_the_other_vms_resume() {
     let (mut e, _) = open(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap());
     let (rx0, _t0) = register(&mut e, "vm0", ok);
     let (_rx1, _t1) = register(&mut e, "stuck", |c| if c == VmCall::Freeze { None } else { ok(c) });
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     let started = std::time::Instant::now();
     let err = e.freeze(&Caller::ROOT).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(2), "bounded by the VM timeout");
@@ -125,7 +125,7 @@ fn a_vmm_that_dies_fails_the_step_naming_its_vm() {
     let ram = memfd::from_bytes("d", &[1u8; 10]).unwrap();
     e.vm_register(&Caller::ROOT, "dead", &[1], vec![ram], luod_end).unwrap();
     drop(vmm_end);
-    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap_err();
+    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap_err();
     assert!(
         err.to_string().starts_with("subsystem kvm failed prepare: VM dead: "),
         "{err}"
@@ -137,7 +137,7 @@ fn a_vmm_that_dies_fails_the_step_naming_its_vm() {
 fn a_vm_goes_through_the_update_and_its_new_vmm_claims_memory_and_state() {
     let (mut e, _) = open(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap());
     let (_rx, _t) = register(&mut e, "vm0", ok);
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.freeze(&Caller::ROOT).unwrap();
     e.reboot(&Caller::ROOT).unwrap();
 
@@ -160,7 +160,7 @@ fn a_vm_goes_through_the_update_and_its_new_vmm_claims_memory_and_state() {
 fn an_unclaimed_vm_can_be_abandoned_so_finish_goes_on() {
     let (mut e, _) = open(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap());
     let (_rx, _t) = register(&mut e, "gone", ok);
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.reboot(&Caller::ROOT).unwrap();
     let (mut e, _) = open(e.into_store());
     assert!(e.finish(&Caller::ROOT).is_err());
@@ -220,7 +220,7 @@ fn a_vmm_reconnecting_after_a_luod_restart_is_attached_to_its_vm() {
     let park = SharedPark::default();
     let mut e = open_parked(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap(), &park);
     let (_rx, _t) = register(&mut e, "vm0", ok);
-    e.prepare(&Caller::ROOT, &PrepareArgs::default()).unwrap();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     // luod restarts: the table is empty, the record has the VM's session,
     // the park has its memory.
     let mut e = open_parked(e.into_store(), &park);

@@ -20,7 +20,7 @@ use crate::region::Region;
 use crate::state::State;
 use crate::subsystem::{Blob, PrepareContext, Subsystem, SubsystemError};
 use serde::{Deserialize, Serialize};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -271,6 +271,14 @@ impl<R: Region> Engine<R> {
         fds: Vec<OwnedFd>,
         conn: UnixStream,
     ) -> Result<(), EngineError> {
+        // Before anything touches them: guest RAM must be memfds. Anything
+        // else is closed off the engine lock (a FUSE file's close waits on
+        // its server).
+        if let Some(other) = fds.iter().find(|fd| !crate::kernel::memfd::is_memfd(fd.as_fd())) {
+            let what = crate::kernel::memfd::describe(other.as_fd());
+            super::close_elsewhere(fds);
+            return Err(KernelError::Unsupported { what }.into());
+        }
         self.require_live()?;
         let session = SessionName::new(vm_session(name))?;
         let vms = self.vms()?.clone();

@@ -39,7 +39,7 @@ pub struct Emulated {
     name: &'static str,
     mode: KexecMode,
     sessions: BTreeMap<SessionName, BTreeMap<u64, File>>,
-    loaded: Option<KernelLoad>,
+    loaded: bool,
     park: Option<Box<dyn FdPark>>,
 }
 
@@ -55,7 +55,7 @@ impl Emulated {
             name,
             mode,
             sessions: BTreeMap::new(),
-            loaded: None,
+            loaded: false,
             park,
         }
     }
@@ -250,26 +250,31 @@ impl Kernel for Emulated {
         self.forget_all()
     }
 
-    fn load_kernel(&mut self, load: &KernelLoad) -> Result<(), KernelError> {
-        check_image(&load.kernel)?;
-        if let Some(initrd) = &load.initrd {
-            std::fs::File::open(initrd).map_err(|e| KernelError::Load {
-                path: initrd.display().to_string(),
-                reason: e.to_string(),
-            })?;
+    fn check_image(&self, name: &str, image: BorrowedFd<'_>) -> Result<(), KernelError> {
+        kexec::check_image(name, image)
+    }
+
+    fn kexec_loaded(&self) -> bool {
+        match self.mode {
+            KexecMode::Simulated => self.loaded,
+            KexecMode::Real => kexec::loaded(),
         }
+    }
+
+    fn load_kernel(&mut self, load: &KernelLoad<'_>) -> Result<(), KernelError> {
+        kexec::check_image(load.kernel_name, load.kernel)?;
         if self.mode == KexecMode::Real {
-            kexec::load(&load.kernel, load.initrd.as_deref(), &load.cmdline)?;
+            kexec::load(load)?;
         }
-        self.loaded = Some(load.clone());
+        self.loaded = true;
         Ok(())
     }
 
     fn unload_kernel(&mut self) -> Result<(), KernelError> {
-        if self.mode == KexecMode::Real && self.loaded.is_some() {
+        if self.mode == KexecMode::Real && self.loaded {
             kexec::unload()?;
         }
-        self.loaded = None;
+        self.loaded = false;
         Ok(())
     }
 
@@ -286,33 +291,6 @@ impl Kernel for Emulated {
             KexecMode::Real => Err(kexec::reboot_into_loaded()),
         }
     }
-}
-
-/// Checks that `path` is a readable x86 bzImage (boot protocol 2.06 or
-/// later), the check `kexec_file_load` would make first.
-pub fn check_image(path: &std::path::Path) -> Result<(), KernelError> {
-    let load_err = |reason: String| KernelError::Load {
-        path: path.display().to_string(),
-        reason,
-    };
-    let mut header = [0u8; 0x210];
-    let file = std::fs::File::open(path).map_err(|e| load_err(e.to_string()))?;
-    std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0)
-        .map_err(|_| load_err("the file is too short to be a kernel image".into()))?;
-    if &header[0x202..0x206] != b"HdrS" {
-        return Err(load_err(
-            "not a bzImage (no \"HdrS\" boot header at offset 0x202)".into(),
-        ));
-    }
-    let version = u16::from_le_bytes([header[0x206], header[0x207]]);
-    if version < 0x0206 {
-        return Err(load_err(format!(
-            "boot protocol {}.{:02} is too old for kexec_file_load (need 2.06)",
-            version >> 8,
-            version & 0xff
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! A fake kernel for tests of the logic above the kernel interface: the
-//! userspace emulation plus failures injected per operation.
+//! userspace emulation plus failures injected per operation, and a kexec
+//! whose "image loaded" state the test controls.
 
 use super::emulated::Emulated;
 use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome};
 use crate::names::SessionName;
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// An operation of the [`Kernel`] trait, for failure injection.
@@ -19,6 +21,8 @@ pub enum Op {
     RetrieveFd,
     /// `finish_session`.
     FinishSession,
+    /// `check_image`.
+    CheckImage,
     /// `load_kernel`.
     LoadKernel,
     /// `reboot`.
@@ -28,23 +32,40 @@ pub enum Op {
 /// Failures to inject, shared with the test that set them.
 pub type Failures = Arc<Mutex<HashMap<Op, KernelError>>>;
 
-/// The emulation with injected failures. `load_kernel` accepts any path.
+/// The emulation with injected failures. `check_image` makes the real
+/// bzImage check unless a failure is injected; `load_kernel` loads nothing
+/// and sets the "image loaded" flag.
 #[derive(Debug)]
 pub struct FakeKernel {
     inner: Emulated,
     failures: Failures,
     real_kexec: bool,
+    kexec_loaded: Arc<AtomicBool>,
 }
 
 impl FakeKernel {
-    /// A fake kernel and the handle that injects failures into it.
+    /// A fake kernel whose kexec is simulated (as the file backend's), and
+    /// the handle that injects failures into it.
     pub fn new() -> (Self, Failures) {
+        Self::build(false, Arc::default())
+    }
+
+    /// A fake kernel whose kexec is real (as the LUO and reserved-memory
+    /// backends'): `prepare` needs a target unless `kexec_loaded` says an
+    /// image is loaded already. `load_kernel` sets the flag, `unload_kernel`
+    /// clears it; `reboot` always fails (there is nothing to kexec into).
+    pub fn real_kexec(kexec_loaded: Arc<AtomicBool>) -> (Self, Failures) {
+        Self::build(true, kexec_loaded)
+    }
+
+    fn build(real_kexec: bool, kexec_loaded: Arc<AtomicBool>) -> (Self, Failures) {
         let failures = Failures::default();
         (
             FakeKernel {
                 inner: Emulated::new("fake", super::emulated::KexecMode::Simulated, None),
                 failures: failures.clone(),
-                real_kexec: false,
+                real_kexec,
+                kexec_loaded,
             },
             failures,
         )
@@ -110,16 +131,26 @@ impl Kernel for FakeKernel {
     fn discard_all(&mut self) -> Result<(), KernelError> {
         self.inner.discard_all()
     }
-    fn load_kernel(&mut self, _load: &KernelLoad) -> Result<(), KernelError> {
-        self.check(Op::LoadKernel)
+    fn check_image(&self, name: &str, image: BorrowedFd<'_>) -> Result<(), KernelError> {
+        self.check(Op::CheckImage)?;
+        self.inner.check_image(name, image)
+    }
+    fn kexec_loaded(&self) -> bool {
+        self.kexec_loaded.load(Ordering::SeqCst)
+    }
+    fn load_kernel(&mut self, _load: &KernelLoad<'_>) -> Result<(), KernelError> {
+        self.check(Op::LoadKernel)?;
+        self.kexec_loaded.store(true, Ordering::SeqCst);
+        Ok(())
     }
     fn unload_kernel(&mut self) -> Result<(), KernelError> {
+        self.kexec_loaded.store(false, Ordering::SeqCst);
         Ok(())
     }
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
         self.check(Op::Reboot)?;
         if self.real_kexec {
-            return Err(KernelError::Reboot("the fake kernel cannot kexec".into()));
+            return Err(KernelError::Reboot("the fake kernel has nothing to kexec into".into()));
         }
         self.inner.reboot()
     }

@@ -5,11 +5,10 @@
 //! kernel parses the image itself, so a bad image fails at load time, which
 //! luod does at `prepare`.
 
-use super::KernelError;
+use super::{KernelError, KernelLoad};
 use nix::errno::Errno;
 use std::ffi::CString;
-use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// `KEXEC_FILE_UNLOAD`.
 const KEXEC_FILE_UNLOAD: libc::c_ulong = 0x1;
@@ -40,29 +39,26 @@ pub fn explain_load_errno(errno: Errno) -> String {
     }
 }
 
-/// Loads `kernel` (and `initrd`) with `cmdline` for the next `reboot(KEXEC)`.
-pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<(), KernelError> {
-    let err = |path: &Path, reason: String| KernelError::Load {
-        path: path.display().to_string(),
+/// Loads the kernel image (and initrd) `load` names for the next
+/// `reboot(KEXEC)`, with `kexec_file_load(2)` on the descriptors.
+pub fn load(load: &KernelLoad<'_>) -> Result<(), KernelError> {
+    let err = |reason: String| KernelError::Load {
+        path: load.kernel_name.to_string(),
         reason,
     };
-    let kfile = std::fs::File::open(kernel).map_err(|e| err(kernel, e.to_string()))?;
-    let ifile = initrd
-        .map(|p| std::fs::File::open(p).map_err(|e| err(p, e.to_string())))
-        .transpose()?;
-    let cmdline = CString::new(cmdline).map_err(|_| err(kernel, "the command line contains a NUL byte".into()))?;
+    let cmdline = CString::new(load.cmdline).map_err(|_| err("the command line contains a NUL byte".into()))?;
     let cmdline_len = cmdline.as_bytes_with_nul().len();
-    let (initrd_fd, flags) = match &ifile {
+    let (initrd_fd, flags) = match load.initrd {
         Some(f) => (f.as_raw_fd(), 0),
         None => (-1, KEXEC_FILE_NO_INITRAMFS),
     };
-    // SAFETY: the fds are open for the duration of the call (owned by `kfile`
-    // and `ifile`, which outlive it); `cmdline` is a NUL-terminated buffer of
+    // SAFETY: the fds are borrowed from `load` for the duration of the call,
+    // so they stay open; `cmdline` is a NUL-terminated buffer of
     // `cmdline_len` bytes that outlives the call; the kernel only reads them.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_kexec_file_load,
-            kfile.as_raw_fd(),
+            load.kernel.as_raw_fd(),
             initrd_fd,
             cmdline_len,
             cmdline.as_ptr(),
@@ -70,7 +66,42 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<(), K
         )
     };
     if rc != 0 {
-        return Err(err(kernel, explain_load_errno(Errno::last())));
+        return Err(err(explain_load_errno(Errno::last())));
+    }
+    Ok(())
+}
+
+/// Checks that `image` is an x86 bzImage (boot protocol 2.06 or later), the
+/// check `kexec_file_load` would make first. Reads its first 0x210 bytes
+/// with `pread`, so the file offset does not matter; `name` is what the
+/// client calls it.
+pub fn check_image(name: &str, image: BorrowedFd<'_>) -> Result<(), KernelError> {
+    let load_err = |reason: String| KernelError::Load {
+        path: name.to_string(),
+        reason,
+    };
+    let mut header = [0u8; 0x210];
+    let mut got = 0;
+    while got < header.len() {
+        match nix::sys::uio::pread(image, &mut header[got..], got as libc::off_t) {
+            Ok(0) => return Err(load_err("the file is too short to be a kernel image".into())),
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(load_err(format!("cannot read it: {e} ({})", e.desc()))),
+        }
+    }
+    if &header[0x202..0x206] != b"HdrS" {
+        return Err(load_err(
+            "not a bzImage (no \"HdrS\" boot header at offset 0x202)".into(),
+        ));
+    }
+    let version = u16::from_le_bytes([header[0x206], header[0x207]]);
+    if version < 0x0206 {
+        return Err(load_err(format!(
+            "boot protocol {}.{:02} is too old for kexec_file_load (need 2.06)",
+            version >> 8,
+            version & 0xff
+        )));
     }
     Ok(())
 }

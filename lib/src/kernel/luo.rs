@@ -443,8 +443,16 @@ impl Kernel for Luo {
         Ok(())
     }
 
-    fn load_kernel(&mut self, load: &KernelLoad) -> Result<(), KernelError> {
-        kexec::load(&load.kernel, load.initrd.as_deref(), &load.cmdline)
+    fn check_image(&self, name: &str, image: BorrowedFd<'_>) -> Result<(), KernelError> {
+        kexec::check_image(name, image)
+    }
+
+    fn kexec_loaded(&self) -> bool {
+        kexec::loaded()
+    }
+
+    fn load_kernel(&mut self, load: &KernelLoad<'_>) -> Result<(), KernelError> {
+        kexec::load(load)
     }
 
     fn unload_kernel(&mut self) -> Result<(), KernelError> {

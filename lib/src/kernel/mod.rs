@@ -22,15 +22,18 @@ pub mod uapi;
 use crate::names::SessionName;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
-/// What `prepare` loads for kexec.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelLoad {
-    /// Kernel image path.
-    pub kernel: std::path::PathBuf,
-    /// Initrd path.
-    pub initrd: Option<std::path::PathBuf>,
+/// What `prepare` loads for kexec: the files a client sent as descriptors
+/// (luod never opens a path a client names).
+#[derive(Debug, Clone, Copy)]
+pub struct KernelLoad<'a> {
+    /// The kernel image, a regular file open for reading.
+    pub kernel: BorrowedFd<'a>,
+    /// What the client calls it, for messages.
+    pub kernel_name: &'a str,
+    /// The initrd, a regular file open for reading.
+    pub initrd: Option<BorrowedFd<'a>>,
     /// Command line.
-    pub cmdline: String,
+    pub cmdline: &'a str,
 }
 
 /// How the contents of preserved files reach the next kernel.
@@ -89,6 +92,16 @@ pub enum KernelError {
     Unsupported {
         /// What the file is (its /proc/self/fd link).
         what: String,
+    },
+    /// A memfd that is not open read-write: luod could not read it at the
+    /// handover (`O_PATH`, write-only), or would hand back a writable file
+    /// for a read-only one (every backend restores memfds read-write).
+    #[error("cannot preserve {what}: it is open {mode}; only a memfd open read-write (O_RDWR) can be preserved")]
+    NotReadWrite {
+        /// What the file is (its /proc/self/fd link).
+        what: String,
+        /// How it is open (`with O_PATH`, `write-only`, `read-only`).
+        mode: &'static str,
     },
     /// The file was already taken back.
     #[error("session {session} token {token} was already retrieved")]
@@ -192,8 +205,16 @@ pub trait Kernel: Send + std::fmt::Debug {
     fn recover(&mut self) -> Result<Vec<(SessionName, u64)>, KernelError>;
     /// Drops every session and file: the state a freshly booted kernel is in.
     fn discard_all(&mut self) -> Result<(), KernelError>;
-    /// Loads the target kernel for kexec (`kexec_file_load`).
-    fn load_kernel(&mut self, load: &KernelLoad) -> Result<(), KernelError>;
+    /// Checks that `image` is a kernel this kernel can kexec, before anything
+    /// is loaded (the check `kexec_file_load` makes first). `name` is what
+    /// the client calls it, for the message.
+    fn check_image(&self, name: &str, image: BorrowedFd<'_>) -> Result<(), KernelError>;
+    /// True when a kexec image is loaded already (`/sys/kernel/kexec_loaded`),
+    /// so that `prepare` needs no `--kernel`.
+    fn kexec_loaded(&self) -> bool;
+    /// Loads the target kernel for kexec (`kexec_file_load`, which takes the
+    /// descriptors).
+    fn load_kernel(&mut self, load: &KernelLoad<'_>) -> Result<(), KernelError>;
     /// Unloads it.
     fn unload_kernel(&mut self) -> Result<(), KernelError>;
     /// Reboots into the loaded kernel. A real kexec does not return on success.

@@ -5,9 +5,12 @@
 //!
 //! A connection starts with [`Request::Hello`] carrying [`PROTOCOL_VERSION`];
 //! luod answers [`Response::Hello`] or refuses a version it does not speak.
-//! Each request then gets exactly one response. A request that carries a file
-//! descriptor (`SessionPreserve`) sends it with `SCM_RIGHTS` on the frame's
-//! first byte; a response that returns one (`Fd`) does the same.
+//! Each request then gets exactly one response. A request that carries file
+//! descriptors (`SessionPreserve`, `VmRegister`, and `Prepare`/`Check` with a
+//! target kernel) sends them with `SCM_RIGHTS` on the frame's first byte; a
+//! response that returns one (`Fd`) does the same. luod never opens a path a
+//! client names: files come as descriptors the client opened with its own
+//! rights.
 
 pub mod client;
 pub mod frame;
@@ -18,18 +21,35 @@ use crate::subsystem::StepError;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; luod refuses a client that speaks another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: `Prepare`/`Check` send the kernel image and initrd as descriptors
+/// ([`ImageFile`]) instead of paths.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default path of luod's socket.
 pub const DEFAULT_SOCKET: &str = "/run/luod/luod.sock";
 
+/// A file sent with a request as a descriptor (`SCM_RIGHTS`), opened by the
+/// client with its own rights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFile {
+    /// Position of its descriptor among those sent with the frame (0-based).
+    pub fd: u32,
+    /// What the client calls it (its path on the client's side): shown in
+    /// answers and kept in the record, never opened by luod.
+    pub name: String,
+}
+
 /// What `prepare` (and `check`) is asked to do about the target kernel.
+///
+/// The kernel image and the initrd travel as descriptors with the frame;
+/// luod accepts only regular files open for reading.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareArgs {
     /// Kernel image to load for kexec.
-    pub kernel: Option<String>,
+    pub kernel: Option<ImageFile>,
     /// Initrd to load with it.
-    pub initrd: Option<String>,
+    pub initrd: Option<ImageFile>,
     /// Command line for the target kernel.
     pub cmdline: Option<String>,
     /// Use the running kernel's command line, plus what the backend needs.
@@ -48,9 +68,10 @@ pub enum Request {
     },
     /// State, sessions, subsystems, last cycle.
     Status,
-    /// Preflight: what `prepare` with these arguments would find; changes nothing.
+    /// Preflight: what `prepare` with these arguments would find; changes
+    /// nothing. The images' descriptors travel with the frame.
     Check(PrepareArgs),
-    /// `normal -> prepared`.
+    /// `normal -> prepared`. The images' descriptors travel with the frame.
     Prepare(PrepareArgs),
     /// `prepared -> frozen`.
     Freeze,
@@ -364,7 +385,7 @@ pub struct CycleSummary {
     pub id: u64,
     /// `finished`, `cancelled`, or `in-progress`.
     pub outcome: String,
-    /// Target kernel path, if one was loaded.
+    /// Target kernel, by the name the client gave at `prepare`, if one was loaded.
     pub target_kernel: Option<String>,
     /// Transition timestamps.
     pub timestamps: Timestamps,

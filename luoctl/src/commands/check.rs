@@ -8,6 +8,7 @@ use crate::exit::ExitCode;
 use crate::output::{self, Details, Text};
 use liveupdate::protocol::{CheckItem, CheckReport, Request, Response};
 use serde::Serialize;
+use std::os::fd::{AsFd, BorrowedFd};
 
 /// `check`'s options: the same target kernel `prepare` would get.
 #[derive(Debug, clap::Args)]
@@ -25,10 +26,12 @@ struct ItemsJson<'a> {
 
 /// Asks luod what `prepare` would find and prints every item.
 pub fn run(args: &CheckArgs, ctx: &Ctx) -> Result<(), Failed> {
-    let req = Request::Check(args.kernel.to_protocol("check")?);
-    let report = match ctx.call("check", &req)? {
-        Response::Check(r) => r,
-        other => return Err(unexpected("check", &req, &other).into()),
+    let (args, files) = args.kernel.open("check")?;
+    let req = Request::Check(args);
+    let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+    let report = match ctx.call_fds("check", &req, &fds)? {
+        (Response::Check(r), _) => r,
+        (other, _) => return Err(unexpected("check", &req, &other).into()),
     };
     if report.ok {
         if ctx.json() {

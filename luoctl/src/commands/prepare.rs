@@ -1,10 +1,13 @@
 //! `luoctl prepare`: start a cycle (normal -> prepared).
 
-use super::{Ctx, Failed, print_transition, transition};
+use super::{Ctx, Failed, print_transition, unexpected};
 use crate::error::Failure;
 use crate::exit::ExitCode;
 use clap::ArgGroup;
-use liveupdate::protocol::{PrepareArgs, Request};
+use liveupdate::protocol::{ImageFile, PrepareArgs, Request};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The target kernel, shared by `prepare` and `check`.
@@ -32,34 +35,51 @@ pub struct KernelArgs {
 }
 
 impl KernelArgs {
-    /// The protocol's arguments. Paths are made absolute (luod does not share
-    /// our working directory) and must exist; luod checks the rest.
-    pub fn to_protocol(&self, what: &str) -> Result<PrepareArgs, Failure> {
-        Ok(PrepareArgs {
-            kernel: self.kernel.as_deref().map(|p| image(what, "--kernel", p)).transpose()?,
-            initrd: self.initrd.as_deref().map(|p| image(what, "--initrd", p)).transpose()?,
+    /// The protocol's arguments and the image files to send with them.
+    ///
+    /// luoctl opens `--kernel` and `--initrd` with the caller's own rights
+    /// and sends them as descriptors (the kernel first, then the initrd):
+    /// luod never opens a path a client names. An image the caller cannot
+    /// open fails here, naming the path, and luod is not asked; luod judges
+    /// what was opened (only a regular file will do). The names sent are the
+    /// absolute paths, for display and the record.
+    pub fn open(&self, what: &str) -> Result<(PrepareArgs, Vec<File>), Failure> {
+        let mut files = Vec::new();
+        let mut send = |option: &str, path: &Path| -> Result<ImageFile, Failure> {
+            let (name, file) = open_image(what, option, path)?;
+            files.push(file);
+            Ok(ImageFile {
+                fd: (files.len() - 1) as u32,
+                name,
+            })
+        };
+        let kernel = self.kernel.as_deref().map(|p| send("--kernel", p)).transpose()?;
+        let initrd = self.initrd.as_deref().map(|p| send("--initrd", p)).transpose()?;
+        let args = PrepareArgs {
+            kernel,
+            initrd,
             cmdline: self.cmdline.clone(),
             reuse_cmdline: self.reuse_cmdline,
-        })
+        };
+        Ok((args, files))
     }
 }
 
-/// `path` made absolute, after checking that it names an existing file.
-fn image(what: &str, option: &str, path: &Path) -> Result<String, Failure> {
-    let fail = |msg: String| Failure::new(what, ExitCode::InvalidArgument, msg);
-    let abs = std::path::absolute(path).map_err(|e| fail(format!("{option} {}: {e}", path.display())))?;
-    match std::fs::metadata(&abs) {
-        Ok(m) if m.is_dir() => return Err(fail(format!("{option} {} is a directory", abs.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(fail(format!("{option} {} does not exist", abs.display())));
-        }
-        // Anything else (e.g. a root-only /boot) is for luod, which reads
-        // the image with its own privileges, to judge.
-        _ => {}
-    }
-    abs.into_os_string()
-        .into_string()
-        .map_err(|p| fail(format!("{option} {} is not valid UTF-8", Path::new(&p).display())))
+/// Opens an image for reading with the caller's rights: its absolute path
+/// (the name luod shows and records) and the open file.
+///
+/// `O_NONBLOCK` so that a FIFO does not block luoctl's own open (luod
+/// then refuses it, as anything but a regular file), `O_NOCTTY` so that a
+/// terminal does not become ours.
+fn open_image(what: &str, option: &str, path: &Path) -> Result<(String, File), Failure> {
+    let fail = |msg: String| Failure::new(what, ExitCode::LocalIo, msg);
+    let abs = std::path::absolute(path).map_err(|e| fail(format!("cannot open {option} {}: {e}", path.display())))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&abs)
+        .map_err(|e| fail(format!("cannot open {option} {}: {e}", abs.display())))?;
+    Ok((abs.display().to_string(), file))
 }
 
 /// `prepare`'s options.
@@ -72,8 +92,13 @@ pub struct PrepareCmd {
 
 /// Asks luod to prepare and prints what happened.
 pub fn run(args: &PrepareCmd, ctx: &Ctx) -> Result<(), Failed> {
-    let req = Request::Prepare(args.kernel.to_protocol("prepare")?);
-    let report = transition(ctx, "prepare", &req)?;
+    let (args, files) = args.kernel.open("prepare")?;
+    let req = Request::Prepare(args);
+    let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+    let report = match ctx.call_fds("prepare", &req, &fds)? {
+        (liveupdate::protocol::Response::Transition(r), _) => r,
+        (other, _) => return Err(unexpected("prepare", &req, &other).into()),
+    };
     print_transition(ctx, "prepare", &report);
     Ok(())
 }
@@ -82,41 +107,81 @@ pub fn run(args: &PrepareCmd, ctx: &Ctx) -> Result<(), Failed> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_missing_kernel_image_is_refused_before_asking_luod() {
-        let args = KernelArgs {
-            kernel: Some("/nonexistent/vmlinuz".into()),
+    fn kernel(path: &str) -> KernelArgs {
+        KernelArgs {
+            kernel: Some(path.into()),
             initrd: None,
             cmdline: Some("console=ttyS0".into()),
             reuse_cmdline: false,
-        };
-        let f = args.to_protocol("prepare").unwrap_err();
-        assert_eq!(f.code, ExitCode::InvalidArgument);
-        assert_eq!(f.message, "--kernel /nonexistent/vmlinuz does not exist");
+        }
     }
 
     #[test]
-    fn relative_image_paths_become_absolute() {
+    fn a_kernel_image_luoctl_cannot_open_is_refused_before_asking_luod() {
+        let f = kernel("/nonexistent/vmlinuz").open("prepare").unwrap_err();
+        assert_eq!(f.code, ExitCode::LocalIo);
+        assert_eq!(
+            f.message,
+            "cannot open --kernel /nonexistent/vmlinuz: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn images_travel_as_descriptors_named_by_their_absolute_paths() {
         let dir = std::env::current_dir().unwrap();
         let args = KernelArgs {
             kernel: Some("Cargo.toml".into()),
-            initrd: None,
+            initrd: Some("src/main.rs".into()),
             cmdline: None,
             reuse_cmdline: true,
         };
-        let p = args.to_protocol("prepare").unwrap();
-        assert_eq!(p.kernel, Some(dir.join("Cargo.toml").to_string_lossy().into_owned()));
+        let (p, files) = args.open("prepare").unwrap();
+        let name = |f: &str| dir.join(f).display().to_string();
+        assert_eq!(
+            (p.kernel, p.initrd),
+            (
+                Some(ImageFile {
+                    fd: 0,
+                    name: name("Cargo.toml")
+                }),
+                Some(ImageFile {
+                    fd: 1,
+                    name: name("src/main.rs")
+                })
+            )
+        );
         assert!(p.reuse_cmdline);
+        assert_eq!(files.len(), 2);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("Cargo.toml")).unwrap().len() as u64,
+            files[0].metadata().unwrap().len()
+        );
     }
 
     #[test]
-    fn no_kernel_means_no_target() {
+    fn a_fifo_does_not_block_luoctls_own_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Without O_NONBLOCK this open would wait for a writer forever; luod
+        // refuses the FIFO once it gets it.
+        let (p, files) = kernel(fifo.to_str().unwrap()).open("check").unwrap();
+        assert_eq!(p.kernel.unwrap().name, fifo.display().to_string());
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+            &files[0].metadata().unwrap().file_type()
+        ));
+    }
+
+    #[test]
+    fn no_kernel_means_no_target_and_no_descriptor() {
         let args = KernelArgs {
             kernel: None,
             initrd: None,
             cmdline: None,
             reuse_cmdline: false,
         };
-        assert_eq!(args.to_protocol("prepare").unwrap(), PrepareArgs::default());
+        let (p, files) = args.open("prepare").unwrap();
+        assert_eq!(p, PrepareArgs::default());
+        assert!(files.is_empty());
     }
 }

@@ -442,8 +442,18 @@ fn cmd_probe(o: &Opts) -> Result<()> {
 fn cmd_kexec(o: &Opts) -> Result<()> {
     let kernel = PathBuf::from(o.req("kernel")?);
     let initrd = o.get("initrd").map(PathBuf::from);
+    let open = |p: &PathBuf| std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()));
+    let kfile = open(&kernel)?;
+    let ifile = initrd.as_ref().map(open).transpose()?;
     let started = Instant::now();
-    kexec::load(&kernel, initrd.as_deref(), o.req("cmdline")?).map_err(|e| e.to_string())?;
+    let name = kernel.display().to_string();
+    let load = liveupdate::kernel::KernelLoad {
+        kernel: kfile.as_fd(),
+        kernel_name: &name,
+        initrd: ifile.as_ref().map(|f| f.as_fd()),
+        cmdline: o.req("cmdline")?,
+    };
+    kexec::load(&load).map_err(|e| e.to_string())?;
     println!(
         "kexec: kexec_file_load took {:.1} ms",
         started.elapsed().as_secs_f64() * 1e3
