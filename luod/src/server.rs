@@ -647,10 +647,12 @@ fn dispatch<R: Region>(
         Request::SessionPreserve { .. } | Request::VmRegister { .. } | Request::Prepare(_) | Request::Check(_)
     );
     if !wants_fd && !fds.is_empty() {
+        let count = fds.len();
+        // Not dropped here, under the engine lock: a FUSE file's close waits on its server.
+        liveupdate::engine::close_elsewhere(fds);
         return err(EngineError::InvalidArgument(format!(
-            "{} takes no file descriptor but {} came with it",
+            "{} takes no file descriptor but {count} came with it",
             req.kind(),
-            fds.len()
         )));
     }
     let r = match req {
@@ -692,6 +694,7 @@ fn dispatch<R: Region>(
         }
         Request::SessionPreserve { name, token } => {
             if fds.len() != 1 {
+                liveupdate::engine::close_elsewhere(std::mem::take(&mut fds));
                 return err(EngineError::MissingFd(
                     "session-preserve needs exactly one file descriptor (sent with SCM_RIGHTS)",
                 ));
