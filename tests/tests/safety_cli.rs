@@ -32,7 +32,7 @@ fn json_session_and_vm_without_a_subcommand_print_a_json_usage_error() {
     let cases = [
         (
             vec!["--json", "session"],
-            "luoctl session needs a subcommand: create, list, preserve, retrieve, finish",
+            "luoctl session needs a subcommand: create, list, preserve, retrieve, finish, evict",
             "luoctl session",
         ),
         (
