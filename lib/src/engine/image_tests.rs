@@ -157,9 +157,16 @@ fn prepare_loads_the_sent_image_and_records_the_clients_name_and_the_digest() {
     fds.extend(open(&initrd));
     let report = e.prepare(&Caller::ROOT, &args, fds).unwrap();
     let want: [u8; 32] = Sha256::digest(std::fs::read(&image).unwrap()).into();
+    let nonce = e.record().update.as_ref().unwrap().nonce.clone().unwrap();
     assert_eq!(
         report.notes,
-        [format!("loaded /boot/vmlinuz-next (sha256 {})", hex(&want))]
+        [
+            format!("loaded /boot/vmlinuz-next (sha256 {})", hex(&want)),
+            format!(
+                "the target command line carries luod.handover={nonce}: only a boot that shows it takes this \
+                 update's handover"
+            )
+        ]
     );
     let target = e.record().update.as_ref().unwrap().target.clone().unwrap();
     assert_eq!(
@@ -182,13 +189,17 @@ fn check_digests_the_image_only_for_a_caller_that_may_prepare() {
     let root = e.check(&Caller::ROOT, &args, open(&image));
     assert_eq!(
         item(&root, "target kernel").detail,
-        format!("/boot/vmlinuz-next loads (sha256 {}), cmdline \"quiet\"", hex(&want))
+        format!(
+            "/boot/vmlinuz-next loads (sha256 {}), cmdline \"quiet luod.handover=<nonce>\" (prepare chooses the \
+             nonce: a boot whose command line lacks it never takes the update's handover)",
+            hex(&want)
+        )
     );
     let user = e.check(&USER, &args, open(&image));
     assert_eq!(
         item(&user, "target kernel").detail,
         "/boot/vmlinuz-next is a kernel image luod can load (1024 bytes; digested only for a caller that may \
-         prepare), cmdline \"quiet\""
+         prepare), cmdline \"quiet luod.handover=<nonce>\""
     );
 }
 

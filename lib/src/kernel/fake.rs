@@ -40,6 +40,9 @@ pub struct FakeKernel {
     inner: Emulated,
     failures: Failures,
     real_kexec: bool,
+    /// How preserved files cross the kexec: `Kernel` plays LUO, `Copy` the
+    /// file and reserved-memory backends.
+    handoff: Handoff,
     kexec_loaded: Arc<AtomicBool>,
 }
 
@@ -54,8 +57,13 @@ impl FakeKernel {
     /// backends'): `prepare` needs a target unless `kexec_loaded` says an
     /// image is loaded already. `load_kernel` sets the flag, `unload_kernel`
     /// clears it; `reboot` always fails (there is nothing to kexec into).
+    ///
+    /// It plays the LUO backend: the kernel carries the files (no copy at
+    /// `freeze`), so an image loaded outside luod is a valid target.
     pub fn real_kexec(kexec_loaded: Arc<AtomicBool>) -> (Self, Failures) {
-        Self::build(true, kexec_loaded)
+        let (mut fake, failures) = Self::build(true, kexec_loaded);
+        fake.handoff = Handoff::Kernel;
+        (fake, failures)
     }
 
     fn build(real_kexec: bool, kexec_loaded: Arc<AtomicBool>) -> (Self, Failures) {
@@ -65,6 +73,7 @@ impl FakeKernel {
                 inner: Emulated::new("fake", super::emulated::KexecMode::Simulated, None),
                 failures: failures.clone(),
                 real_kexec,
+                handoff: Handoff::Copy,
                 kexec_loaded,
             },
             failures,
@@ -95,7 +104,7 @@ impl Kernel for FakeKernel {
         "fake"
     }
     fn handoff(&self) -> Handoff {
-        Handoff::Copy
+        self.handoff
     }
     fn simulates_kexec(&self) -> bool {
         !self.real_kexec
