@@ -2,7 +2,7 @@
 //! with or without a user namespace of their own, or with `CAP_SYS_BOOT`.
 //! Used by the `safety_*` tests, which run as root as CI does.
 
-use crate::{Luod, binary};
+use crate::Luod;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -42,8 +42,7 @@ pub fn share_dir(dir: &Path) {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
     for name in ["luoctl", "luo-test-client"] {
         let to = dir.join(name);
-        std::fs::copy(binary(name), &to).expect("copy a client binary");
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).expect("chmod a client binary");
+        crate::copy_binary(name, &to);
     }
 }
 

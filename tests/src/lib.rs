@@ -68,6 +68,24 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Copies the workspace binary `name` to `to`, mode 0755, for a test that
+/// runs it as another user from a directory that user can reach.
+///
+/// The copy is made by `cp`, never by this process: a file open for writing
+/// here would be inherited by every child a parallel test forks until that
+/// child's `exec`, and running the copy meanwhile fails with `ETXTBSY`.
+pub fn copy_binary(name: &str, to: &Path) {
+    let status = Command::new("cp")
+        .arg(binary(name))
+        .arg(to)
+        .stdin(Stdio::null())
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "cp {name} to {} failed: {status}", to.display());
+    std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod 0755 {}: {e}", to.display()));
+}
+
 /// Runs `cargo build --bins` once per test process for the profile directory
 /// `profile_dir` (`target/debug` or `target/release`).
 fn build_binaries(profile_dir: &Path) -> Result<(), String> {

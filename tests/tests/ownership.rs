@@ -25,8 +25,7 @@ fn luod_shared_with_nobody() -> Luod {
     let luod = Luod::new("8M").arg("--socket-group").arg(NOBODY.to_string()).launched();
     std::fs::set_permissions(luod.dir(), std::fs::Permissions::from_mode(0o755)).expect("chmod 0755 the directory");
     let client = luod.dir().join("luo-test-client");
-    std::fs::copy(binary("luo-test-client"), &client).expect("copy the test client");
-    std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).expect("chmod the test client");
+    liveupdate_tests::copy_binary("luo-test-client", &client);
     let mut c = luod.client();
     c.create("root-vm").expect("root creates root-vm");
     c.preserve("root-vm", 1, memfd_with("root-vm", &pattern(1, 4096)).as_fd())

@@ -101,8 +101,7 @@ fn open_the_way_for_nobody(luod: &Luod) {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
     }
     let probe = luod.dir().join("luo-holder-probe");
-    std::fs::copy(binary("luo-holder-probe"), &probe).expect("copy the probe");
-    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).expect("chmod the probe");
+    liveupdate_tests::copy_binary("luo-holder-probe", &probe);
 }
 
 /// How many times luod's log (which the holder writes to) has `needle`.

@@ -37,8 +37,7 @@ fn shared_luod() -> Luod {
     let luod = Luod::new("8M").arg("--socket-group").arg(NOBODY.to_string()).launched();
     std::fs::set_permissions(luod.dir(), std::fs::Permissions::from_mode(0o755)).expect("chmod 0755 the directory");
     let luoctl = luod.dir().join("luoctl");
-    std::fs::copy(binary("luoctl"), &luoctl).expect("copy luoctl");
-    std::fs::set_permissions(&luoctl, std::fs::Permissions::from_mode(0o755)).expect("chmod luoctl");
+    liveupdate_tests::copy_binary("luoctl", &luoctl);
     luod
 }
 
@@ -382,8 +381,10 @@ fn luod_reads_the_image_from_the_descriptor_and_records_the_name_the_client_gave
     };
     let sha = sha256_hex(&bytes);
     assert_eq!(
-        report.notes,
-        [format!("loaded /nonexistent/vmlinuz-next (sha256 {sha})")]
+        report.notes.first().map(String::as_str),
+        Some(format!("loaded /nonexistent/vmlinuz-next (sha256 {sha})").as_str()),
+        "{:?}",
+        report.notes
     );
     let status = c.status();
     assert_eq!(status.state, State::Prepared);
@@ -531,7 +532,9 @@ const FUSE_INIT: u32 = 26;
 const FUSE_INTERRUPT: u32 = 36;
 
 impl StalledFuse {
-    fn mount(mountpoint: &Path) -> StalledFuse {
+    /// Mounts it; only `luod_pid`'s `FLUSH`es are left unanswered (see
+    /// [`serve_fuse`]).
+    fn mount(mountpoint: &Path, luod_pid: i32) -> StalledFuse {
         std::fs::write(mountpoint, b"").expect("create the mount point");
         let dev: OwnedFd = std::fs::OpenOptions::new()
             .read(true)
@@ -558,7 +561,7 @@ impl StalledFuse {
         let stalled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let server = {
             let (stop, stalled) = (stop.clone(), stalled.clone());
-            std::thread::spawn(move || serve_fuse(dev, &stop, &stalled))
+            std::thread::spawn(move || serve_fuse(dev, &stop, &stalled, luod_pid))
         };
         StalledFuse {
             mountpoint: mountpoint.to_path_buf(),
@@ -598,7 +601,22 @@ impl Drop for StalledFuse {
     }
 }
 
-fn serve_fuse(dev: OwnedFd, stop: &std::sync::atomic::AtomicBool, stalled: &std::sync::Mutex<Vec<u32>>) {
+/// The thread group of the task `tid` (a FUSE request names the thread).
+fn tgid_of(tid: u32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Serves the FUSE connection. A `FLUSH` from any process but luod is
+/// answered: every child that the test process (or a parallel test) forks
+/// holds a copy of the test's own open file until its `exec` closes it, and
+/// that close flushes too; luod's `FLUSH`es are the ones counted.
+fn serve_fuse(dev: OwnedFd, stop: &std::sync::atomic::AtomicBool, stalled: &std::sync::Mutex<Vec<u32>>, luod_pid: i32) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let mut buf = vec![0u8; (1 << 20) + 4096];
     let started = Instant::now();
@@ -652,6 +670,7 @@ fn serve_fuse(dev: OwnedFd, stop: &std::sync::atomic::AtomicBool, stalled: &std:
             FUSE_OPEN => reply(0, &[0u8; 16]),
             FUSE_RELEASE => reply(0, &[]),
             FUSE_FORGET | FUSE_INTERRUPT => {}
+            FUSE_FLUSH if tgid_of(u32_at(32)) != Some(luod_pid) => reply(0, &[]),
             FUSE_READ | FUSE_FLUSH | FUSE_STATFS => stalled.lock().expect("stalled").push(opcode),
             _ => reply(-libc::ENOSYS, &[]),
         }
@@ -661,7 +680,7 @@ fn serve_fuse(dev: OwnedFd, stop: &std::sync::atomic::AtomicBool, stalled: &std:
 #[test]
 fn an_image_on_a_fuse_filesystem_is_refused_without_luod_touching_it() {
     let luod = shared_luod();
-    let mut fuse = StalledFuse::mount(&luod.dir().join("fuse-image"));
+    let mut fuse = StalledFuse::mount(&luod.dir().join("fuse-image"), luod.pid());
     let fd = fuse.open();
     let mut c = luod.client();
     let before = c.status();
@@ -709,7 +728,7 @@ fn an_image_on_a_fuse_filesystem_is_refused_without_luod_touching_it() {
 fn a_fuse_file_sent_to_preserve_or_as_guest_ram_is_refused_without_luod_waiting_on_it() {
     let luod = shared_luod();
     let mountpoint = luod.dir().join("fuse-ram");
-    let mut fuse = StalledFuse::mount(&mountpoint);
+    let mut fuse = StalledFuse::mount(&mountpoint, luod.pid());
     let fd = fuse.open();
     let mut c = luod.client();
     c.create("vm0").expect("create vm0");

@@ -34,8 +34,7 @@ fn luod_with(flags: &[&str]) -> Luod {
     std::fs::set_permissions(luod.dir(), std::fs::Permissions::from_mode(0o755)).expect("chmod the directory");
     for bin in ["luo-test-client", "luoctl"] {
         let copy = luod.dir().join(bin);
-        std::fs::copy(binary(bin), &copy).expect("copy a binary");
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod a binary");
+        liveupdate_tests::copy_binary(bin, &copy);
     }
     let mut c = luod.client();
     c.create("root-vm").expect("root creates root-vm");
