@@ -121,26 +121,10 @@ pub(super) fn judge(handover: Option<&Handover>, host: &HostInfo) -> Judgement {
     }
 }
 
-/// `nanos` since the epoch as `2026-11-30T01:02:03Z`.
+/// `nanos` since the epoch as `2026-11-30T01:02:03Z` (RFC 3339, UTC).
 pub(super) fn utc(nanos: u64) -> String {
-    let secs = nanos / 1_000_000_000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days, for days >= 0.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(nanos);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// Writes `bytes` to a new file `stale-handover-BOOT.record` in `dir`
