@@ -5,6 +5,7 @@
 //! record: `normal`, a note, an event, nothing handed out, the record kept
 //! aside. A record without a nonce (format 1) keeps the boot id rule.
 
+use super::test_support::bzimage;
 use super::*;
 use crate::kernel::fake::FakeKernel;
 use crate::kernel::memfd;
@@ -86,16 +87,6 @@ fn start(store: RecordStore<MemRegion>, host: HostInfo, state_dir: &std::path::P
         options,
     )
     .unwrap()
-}
-
-/// A file the image check takes for a bzImage.
-fn bzimage() -> tempfile::NamedTempFile {
-    let image = tempfile::NamedTempFile::new().unwrap();
-    let mut bz = vec![0u8; 0x400];
-    bz[0x202..0x206].copy_from_slice(b"HdrS");
-    bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    std::fs::write(image.path(), &bz).unwrap();
-    image
 }
 
 /// Boot 1: a session with one file, prepare (`--reuse-cmdline`), freeze:

@@ -2,6 +2,7 @@
 //! and of what goes through the kernel interface: the image check, the
 //! "kexec image loaded" probe, the load itself. Over the fake kernel.
 
+use super::test_support::host;
 use super::*;
 use crate::kernel::KernelError;
 use crate::kernel::fake::{Failures, FakeKernel, Op};
@@ -13,15 +14,6 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-fn host() -> HostInfo {
-    HostInfo {
-        boot_id: "boot-1".into(),
-        kernel_release: "6.19.0-test".into(),
-        cmdline: "console=ttyS0".into(),
-        started: now(),
-    }
-}
 
 fn engine(kernel: FakeKernel) -> Engine<MemRegion> {
     let store = RecordStore::new(MemRegion::zeroed(8 << 20)).unwrap();

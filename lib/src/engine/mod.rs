@@ -415,6 +415,8 @@ mod image_tests;
 #[cfg(test)]
 mod quota_tests;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod vm_tests;

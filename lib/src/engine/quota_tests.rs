@@ -1,6 +1,7 @@
 //! Per-uid quotas, root's eviction and finish of another uid's session, and
 //! the events they record, over the fake kernel and an in-memory region.
 
+use super::test_support::host;
 use super::*;
 use crate::kernel::fake::FakeKernel;
 use crate::kernel::memfd;
@@ -32,15 +33,6 @@ const SMALL: Quotas = Quotas {
     files: 3,
     bytes: 10_000,
 };
-
-fn host() -> HostInfo {
-    HostInfo {
-        boot_id: "boot-1".into(),
-        kernel_release: "6.19.0-test".into(),
-        cmdline: "console=ttyS0".into(),
-        started: now(),
-    }
-}
 
 fn open(store: RecordStore<MemRegion>) -> Engine<MemRegion> {
     let mut e = Engine::open(Box::new(FakeKernel::new().0), Registry::new(), store, host()).unwrap();

@@ -2,6 +2,8 @@
 //! transitions, undo and persistence. The same paths run end to end against
 //! luod in `tests/`.
 
+use super::test_support::bzimage;
+use super::test_support::host;
 use super::*;
 use crate::kernel::fake::{Failures, FakeKernel, Op};
 use crate::kernel::{KernelError, memfd};
@@ -69,15 +71,6 @@ impl Subsystem for Probe {
     fn finish(&mut self) -> Result<(), SubsystemError> {
         self.push("finish");
         Ok(())
-    }
-}
-
-fn host() -> HostInfo {
-    HostInfo {
-        boot_id: "boot-1".into(),
-        kernel_release: "6.19.0-test".into(),
-        cmdline: "console=ttyS0".into(),
-        started: now(),
     }
 }
 
@@ -459,15 +452,6 @@ fn kernel_args(name: &str, cmdline: Option<&str>) -> PrepareArgs {
 /// `path` opened for reading, as the one descriptor of a request.
 fn open(path: &std::path::Path) -> Vec<std::os::fd::OwnedFd> {
     vec![std::fs::File::open(path).unwrap().into()]
-}
-
-fn bzimage() -> tempfile::NamedTempFile {
-    let image = tempfile::NamedTempFile::new().unwrap();
-    let mut bz = vec![0u8; 0x400];
-    bz[0x202..0x206].copy_from_slice(b"HdrS");
-    bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    std::fs::write(image.path(), &bz).unwrap();
-    image
 }
 
 #[test]
