@@ -1,9 +1,7 @@
 //! `luoctl session evict NAME`: root releases another uid's session.
 
-use super::super::{Ctx, Failed, unexpected};
-use super::create::SessionJson;
-use crate::output;
-use liveupdate::protocol::{Request, Response};
+use super::super::{Ctx, Failed};
+use liveupdate::protocol::Request;
 
 /// `session evict`'s arguments.
 #[derive(Debug, clap::Args)]
@@ -14,21 +12,10 @@ pub struct EvictArgs {
 
 /// Asks luod to evict the session.
 pub fn run(args: &EvictArgs, ctx: &Ctx) -> Result<(), Failed> {
-    let what = format!("session evict {}", args.name);
     let req = Request::SessionEvict {
         name: args.name.clone(),
     };
-    match ctx.call(&what, &req)? {
-        Response::Done => {}
-        other => return Err(unexpected(&what, &req, &other).into()),
-    }
-    if ctx.json() {
-        output::json_success(SessionJson { session: &args.name });
-    } else {
-        output::print(&format!(
-            "evicted session {} (recorded; `luoctl history` shows it)\n",
-            args.name
-        ));
-    }
-    Ok(())
+    let what = format!("session evict {}", args.name);
+    let done = format!("evicted session {} (recorded; `luoctl history` shows it)", args.name);
+    super::session_request(ctx, &what, req, &args.name, &done)
 }

@@ -1,9 +1,7 @@
 //! `luoctl session finish NAME`.
 
-use super::super::{Ctx, Failed, unexpected};
-use super::create::SessionJson;
-use crate::output;
-use liveupdate::protocol::{Request, Response};
+use super::super::{Ctx, Failed};
+use liveupdate::protocol::Request;
 
 /// `session finish`'s arguments.
 #[derive(Debug, clap::Args)]
@@ -14,18 +12,12 @@ pub struct FinishArgs {
 
 /// Asks luod to close the session.
 pub fn run(args: &FinishArgs, ctx: &Ctx) -> Result<(), Failed> {
-    let what = format!("session finish {}", args.name);
     let req = Request::SessionFinish {
         name: args.name.clone(),
     };
-    match ctx.call(&what, &req)? {
-        Response::Done => {}
-        other => return Err(unexpected(&what, &req, &other).into()),
-    }
-    if ctx.json() {
-        output::json_success(SessionJson { session: &args.name });
-    } else {
-        output::print(&format!("finished session {}\n", args.name));
-    }
-    Ok(())
+    let (what, done) = (
+        format!("session finish {}", args.name),
+        format!("finished session {}", args.name),
+    );
+    super::session_request(ctx, &what, req, &args.name, &done)
 }

@@ -9,8 +9,11 @@ pub mod list;
 pub mod preserve;
 pub mod retrieve;
 
-use super::{Ctx, Failed};
+use super::{Ctx, Failed, unexpected};
+use crate::output;
 use clap::Subcommand;
+use liveupdate::protocol::{Request, Response};
+use serde::Serialize;
 use std::num::IntErrorKind;
 
 /// The session subcommands.
@@ -102,4 +105,27 @@ mod tests {
             Err("0x10000000000000000 is larger than the largest token, 0xffffffffffffffff".to_string())
         );
     }
+}
+
+/// `session create|finish|evict --json`: `{"ok": true, "session": NAME}`.
+#[derive(Debug, Serialize)]
+pub struct SessionJson<'a> {
+    /// The session's name.
+    pub session: &'a str,
+}
+
+/// Sends `req`, a request about session `name` that luod answers with
+/// `Done`, and reports it: `{"ok": true, "session": NAME}` with `--json`,
+/// else `done` (a line of text).
+fn session_request(ctx: &Ctx, what: &str, req: Request, name: &str, done: &str) -> Result<(), Failed> {
+    match ctx.call(what, &req)? {
+        Response::Done => {}
+        other => return Err(unexpected(what, &req, &other).into()),
+    }
+    if ctx.json() {
+        output::json_success(SessionJson { session: name });
+    } else {
+        output::print(&format!("{done}\n"));
+    }
+    Ok(())
 }
