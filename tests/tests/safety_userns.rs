@@ -327,14 +327,26 @@ fn every_privileged_request_is_refused_alike_in_every_state_and_roots_sessions_s
             // Root's sessions and events are invisible to both.
             let status = luoctl_json_as(who, &luod, &["status"]);
             assert_eq!(
-                (&status["sessions"], status["state"].as_str(), status["generation"].as_u64()),
-                (&serde_json::json!([]), Some(state.to_string().as_str()), Some(before.generation)),
+                (
+                    &status["sessions"],
+                    status["state"].as_str(),
+                    status["generation"].as_u64()
+                ),
+                (
+                    &serde_json::json!([]),
+                    Some(state.to_string().as_str()),
+                    Some(before.generation)
+                ),
                 "status as {who:?} in {state:?}: {status}"
             );
             let list = luoctl_json_as(who, &luod, &["session", "list"]);
             assert_eq!(list["sessions"], serde_json::json!([]), "{who:?} in {state:?}: {list}");
             let history = luoctl_json_as(who, &luod, &["history"]);
-            assert_eq!(history["events"], serde_json::json!([]), "{who:?} in {state:?}: {history}");
+            assert_eq!(
+                history["events"],
+                serde_json::json!([]),
+                "{who:?} in {state:?}: {history}"
+            );
             let replies = client_as(
                 who,
                 &luod,
@@ -353,7 +365,11 @@ fn every_privileged_request_is_refused_alike_in_every_state_and_roots_sessions_s
                 replies[0]
             );
             assert_refused_reply(&replies[1], ErrorKind::NotFound, "no session named root-vm", who);
-            assert_survived(&mut luod, &before, &format!("the visibility checks as {who:?} in {state:?}"));
+            assert_survived(
+                &mut luod,
+                &before,
+                &format!("the visibility checks as {who:?} in {state:?}"),
+            );
         }
     }
     // Updated: root takes back both files, byte for byte, and finishes.
@@ -441,7 +457,11 @@ fn a_fifo_a_directory_a_device_or_an_unreadable_file_as_kernel_gets_one_prompt_e
     for (image, why) in &refused {
         let out = luod.luoctl(&["prepare", "--kernel", path(image), "--cmdline", "quiet"]);
         assert_eq!(out.status.code(), Some(10), "{}", attack::stderr(&out));
-        assert!(attack::stderr(&out).starts_with(&format!("luoctl: prepare: {why}; ")), "{}", attack::stderr(&out));
+        assert!(
+            attack::stderr(&out).starts_with(&format!("luoctl: prepare: {why}; ")),
+            "{}",
+            attack::stderr(&out)
+        );
         assert_survived(&mut luod, &before, &format!("root's prepare with {}", image.display()));
     }
     full_cycle(&mut luod, &set);
@@ -548,7 +568,12 @@ fn the_holder_socket_and_every_file_luod_created_are_closed_to_the_attacker() {
             let n_lines = luod.log().lines().filter(|l| l.starts_with(&refused)).count();
             (n_lines == n + 1).then_some(n_lines)
         });
-        assert_eq!(lines, Some(n + 1), "one log line per refused connection:\n{}", luod.log());
+        assert_eq!(
+            lines,
+            Some(n + 1),
+            "one log line per refused connection:\n{}",
+            luod.log()
+        );
         assert_survived(&mut luod, &before, &format!("the probe as {who:?} on a 0666 socket"));
     }
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).expect("chmod 0600");
@@ -562,5 +587,298 @@ fn the_holder_socket_and_every_file_luod_created_are_closed_to_the_attacker() {
     luod.kill();
     luod.start();
     assert_eq!(root_status_promptly(&mut luod), before);
+    full_cycle(&mut luod, &set);
+}
+
+// ---- item 8 ----------------------------------------------------------------
+
+/// What `luo-raw-client MODE` printed, run as `who`: luod's answer to the
+/// broken frame, milliseconds until it came, and what the next read found.
+fn raw_client_output(out: &Output, who: Who) -> (Response, u64, String) {
+    assert!(
+        out.status.success(),
+        "luo-raw-client as {who:?} failed ({}): {}",
+        out.status,
+        attack::stderr(out)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the raw client's JSON");
+    (
+        serde_json::from_value(v["reply"].clone()).expect("a response"),
+        v["ms"].as_u64().expect("ms"),
+        v["then"].as_str().expect("then").to_string(),
+    )
+}
+
+fn raw_client(who: Who, luod: &Luod, mode: &str) -> Command {
+    let socket = luod.socket();
+    attack::command_as(who, &luod.dir().join("luo-raw-client"), &[path(&socket), mode])
+}
+
+#[test]
+fn a_trickled_frame_is_cut_off_at_the_whole_frame_deadline() {
+    let (mut luod, set) = shared_luod(&["--client-timeout", "1"]);
+    let before = root_status_promptly(&mut luod);
+    for ns in BOTH {
+        let who = attacker(ns);
+        let child = raw_client(who, &luod, "trickle")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn luo-raw-client");
+        // While the frame trickles in, root is served.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_survived(&mut luod, &before, &format!("during the trickle of {who:?}"));
+        let out = child.wait_with_output().expect("luo-raw-client's output");
+        let (reply, ms, then) = raw_client_output(&out, who);
+        let Response::Error(e) = reply else {
+            panic!("{who:?}: expected a protocol error, got {reply:?}")
+        };
+        assert_eq!(e.kind, ErrorKind::Protocol, "{who:?}");
+        let got: usize = e
+            .message
+            .strip_prefix("frame not complete within 1 s (")
+            .and_then(|m| m.strip_suffix(" of 204 bytes received); closing the connection"))
+            .unwrap_or_else(|| panic!("{who:?}: {}", e.message))
+            .parse()
+            .expect("bytes received");
+        // 4 bytes of length, then about 10 a second; a busy machine may
+        // delay the sender's wake-ups, never the deadline.
+        assert!(
+            (4..=20).contains(&got),
+            "{who:?}: {got} bytes arrived in about a second"
+        );
+        assert!((900..4000).contains(&ms), "{who:?}: cut off after {ms} ms");
+        assert!(then == "closed" || then == "reset", "{who:?}: then {then}");
+        assert_survived(&mut luod, &before, &format!("the trickle of {who:?}"));
+    }
+    full_cycle(&mut luod, &set);
+}
+
+/// A connection held open by the test client running as `who`; closed when
+/// dropped (its stdin closes and it exits).
+struct Held(Child);
+
+impl Held {
+    fn open(who: Who, luod: &Luod) -> Held {
+        use std::io::BufRead;
+        let socket = luod.socket();
+        let mut child = attack::command_as(who, &attack::test_client(luod.dir()), &[path(&socket), "--hold"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the test client");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the client's answer");
+        assert_eq!(line, "[]\n", "{who:?} connected and was greeted");
+        Held(child)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_per_uid_connection_cap_counts_a_user_namespace_as_its_uid() {
+    let (mut luod, set) = shared_luod(&["--max-connections", "8", "--max-connections-per-uid", "2"]);
+    let before = root_status_promptly(&mut luod);
+    let refusal = format!(
+        "luoctl: status: uid {NOBODY} has 2 connections to luod open, the most one user may have \
+         (--max-connections-per-uid); close one and try again\n"
+    );
+    for ns in BOTH {
+        let who = attacker(ns);
+        let held = [Held::open(who, &luod), Held::open(who, &luod)];
+        // Neither the same attacker nor the other one gets a third.
+        for other in BOTH {
+            let got = luoctl_as(attacker(other), &luod, &["status"]);
+            assert_eq!(
+                (got.0, got.1.as_str()),
+                (5, refusal.as_str()),
+                "{:?} while {who:?} holds 2",
+                attacker(other)
+            );
+        }
+        assert_survived(&mut luod, &before, &format!("{who:?} holding its 2 connections"));
+        drop(held);
+        let back = poll(Duration::from_secs(5), || {
+            (luoctl_as(who, &luod, &["status"]).0 == 0).then_some(())
+        });
+        assert!(back.is_some(), "{who:?} gets in once its connections closed");
+        assert_survived(&mut luod, &before, &format!("{who:?} after its connections closed"));
+    }
+    full_cycle(&mut luod, &set);
+}
+
+// ---- item 9 ----------------------------------------------------------------
+
+/// `fd` opened again through `/proc/self/fd` with `flags`.
+fn reopen(fd: BorrowedFd<'_>, flags: nix::fcntl::OFlag) -> OwnedFd {
+    let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    nix::fcntl::open(
+        &path,
+        flags | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .expect("reopen")
+}
+
+#[test]
+fn each_quota_and_a_memfd_not_open_read_write_are_refused_alike() {
+    use nix::fcntl::OFlag;
+    let (mut luod, set) = shared_luod(&[
+        "--max-sessions-per-uid",
+        "2",
+        "--max-files-per-uid",
+        "3",
+        "--max-bytes-per-uid",
+        "10000",
+    ]);
+    let empty = luod.dir().join("empty");
+    std::fs::write(&empty, b"").expect("write an empty file");
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o644)).expect("chmod 0644");
+    let create = |name: &str| Request::SessionCreate { name: name.into() };
+    let preserve = |name: &str, token| Request::SessionPreserve {
+        name: name.into(),
+        token,
+    };
+    let finish = |name: &str| Request::SessionFinish { name: name.into() };
+    let ram = memfd_with("ram", &pattern(3, 8192));
+
+    for ns in BOTH {
+        let who = attacker(ns);
+        let start = root_status_promptly(&mut luod);
+        let replies = client_as(
+            who,
+            &luod,
+            None,
+            &[
+                create("a"),
+                create("b"),
+                create("c"),
+                preserve("a", 1),
+                preserve("a", 2),
+                preserve("a", 3),
+            ],
+        );
+        assert_done(&replies[..2], who);
+        assert_refused_reply(
+            &replies[2],
+            ErrorKind::QuotaExceeded,
+            "quota exceeded: uid 65534 holds 2 session(s), and 1 more would pass its quota of 2 (luod \
+             --max-sessions-per-uid)",
+            who,
+        );
+        assert_done(&replies[3..5], who);
+        assert_refused_reply(
+            &replies[5],
+            ErrorKind::QuotaExceeded,
+            "quota exceeded: uid 65534 holds 8192 bytes of preserved files, and 4096 more would pass its quota of \
+             10000 (luod --max-bytes-per-uid)",
+            who,
+        );
+        // The files quota, through luoctl: exit 19.
+        let file = ["session", "preserve", "b", "--token", "1", "--file", path(&empty)];
+        assert_eq!(luoctl_as(who, &luod, &file).0, 0, "an empty file fits in the bytes");
+        let file = ["session", "preserve", "b", "--token", "2", "--file", path(&empty)];
+        let got = luoctl_as(who, &luod, &file);
+        assert_eq!(
+            (got.0, got.1.as_str()),
+            (
+                19,
+                "luoctl: session preserve b token 2: quota exceeded: uid 65534 holds 3 preserved file(s), and 1 \
+                 more would pass its quota of 3 (luod --max-files-per-uid); finish a session you no longer need, or \
+                 ask the operator to raise luod --max-files-per-uid\n"
+            ),
+            "{who:?}"
+        );
+        let status = root_status_promptly(&mut luod);
+        let seen: Vec<(String, u32, Vec<u64>)> = status
+            .sessions
+            .iter()
+            .map(|s| (s.name.clone(), s.owner_uid, s.files.iter().map(|f| f.token).collect()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("root-vm".to_string(), 0, vec![1, 2]),
+                ("a".to_string(), NOBODY, vec![1, 2]),
+                ("b".to_string(), NOBODY, vec![1])
+            ],
+            "{who:?}: nothing of the refused requests was added"
+        );
+        assert_eq!(
+            (status.state, status.generation),
+            (State::Normal, start.generation + 5),
+            "{who:?}: only the 5 accepted requests were recorded"
+        );
+        assert_done(&client_as(who, &luod, None, &[finish("a"), finish("b")]), who);
+        let status = root_status_promptly(&mut luod);
+        assert_eq!(sessions_seen(&status.sessions), sessions_of(&set), "{who:?}");
+
+        // Only a memfd open read-write is preserved.
+        assert_done(&client_as(who, &luod, None, &[create("m")]), who);
+        let with_m = root_status_promptly(&mut luod);
+        for (flags, mode) in [
+            (OFlag::O_PATH, "with O_PATH"),
+            (OFlag::O_WRONLY, "write-only"),
+            (OFlag::O_RDONLY, "read-only"),
+        ] {
+            let fd = reopen(ram.as_fd(), flags);
+            let replies = client_as(who, &luod, Some(fd.as_fd()), &[preserve("m", 1)]);
+            assert_refused_reply(
+                &replies[0],
+                ErrorKind::InvalidArgument,
+                &format!(
+                    "cannot preserve /memfd:luod:ram (deleted): it is open {mode}; only a memfd open read-write \
+                     (O_RDWR) can be preserved"
+                ),
+                who,
+            );
+            assert_survived(&mut luod, &with_m, &format!("{who:?} preserving a memfd open {mode}"));
+        }
+        let fd = reopen(ram.as_fd(), OFlag::O_RDWR);
+        let replies = client_as(who, &luod, Some(fd.as_fd()), &[preserve("m", 1), finish("m")]);
+        assert_done(&replies, who);
+        let status = root_status_promptly(&mut luod);
+        assert_eq!(sessions_seen(&status.sessions), sessions_of(&set), "{who:?}");
+    }
+    full_cycle(&mut luod, &set);
+}
+
+// ---- item 10 ---------------------------------------------------------------
+
+#[test]
+fn bytes_after_a_message_are_a_protocol_error() {
+    let (mut luod, set) = shared_luod(&[]);
+    let before = root_status_promptly(&mut luod);
+    for ns in BOTH {
+        let who = attacker(ns);
+        for mode in ["trailing-hello", "trailing-status"] {
+            let out = run_promptly(
+                raw_client(who, &luod, mode),
+                &format!("luo-raw-client {mode} as {who:?}"),
+            );
+            let (reply, _, then) = raw_client_output(&out, who);
+            match reply {
+                Response::Error(e) => assert_eq!(
+                    (e.kind, e.message.as_str()),
+                    (
+                        ErrorKind::Protocol,
+                        "malformed frame: 3 bytes follow the message; closing the connection"
+                    ),
+                    "{mode} as {who:?}"
+                ),
+                other => panic!("{mode} as {who:?}: expected a protocol error, got {other:?}"),
+            }
+            assert!(then == "closed" || then == "reset", "{mode} as {who:?}: then {then}");
+            assert_survived(&mut luod, &before, &format!("{mode} as {who:?}"));
+        }
+    }
     full_cycle(&mut luod, &set);
 }
