@@ -12,8 +12,9 @@
 //!   `--kernel` of `check`/`prepare`: one prompt error;
 //! - items 3 and 4: the fd holder's socket refused (mode, then
 //!   `SO_PEERCRED`), and no file luod created can be opened;
-//! - item 8: a trickled frame cut off at the whole-frame deadline, and the
-//!   per-uid connection cap;
+//! - item 8: a trickled frame cut off at the whole-frame deadline, a
+//!   silent connection closed at the same deadline, and the per-uid and the
+//!   overall connection caps;
 //! - item 9: each per-uid quota with its exact error, and a memfd reopened
 //!   write-only, read-only or `O_PATH` refused at `session preserve`;
 //! - item 10: bytes after a message in a frame.
@@ -22,12 +23,14 @@
 //! `luo-test-client`, `luo-raw-client` and `luo-holder-probe` from the
 //! test's directory (`tests/src/attack.rs`).
 
-use liveupdate::protocol::{ErrorKind, Request, Response, StatusReport};
+use liveupdate::protocol::frame;
+use liveupdate::protocol::{ErrorKind, PROTOCOL_VERSION, Request, Response, StatusReport};
 use liveupdate::state::State;
 use liveupdate_tests::attack::{self, NOBODY, Who};
 use liveupdate_tests::*;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -650,6 +653,24 @@ fn a_trickled_frame_is_cut_off_at_the_whole_frame_deadline() {
         assert!((900..4000).contains(&ms), "{who:?}: cut off after {ms} ms");
         assert!(then == "closed" || then == "reset", "{who:?}: then {then}");
         assert_survived(&mut luod, &before, &format!("the trickle of {who:?}"));
+
+        // A connection that never says hello gets the same deadline.
+        let out = raw_client(who, &luod, "silent").output().expect("run luo-raw-client");
+        let (reply, ms, then) = raw_client_output(&out, who);
+        match reply {
+            Response::Error(e) => assert_eq!(
+                (e.kind, e.message.as_str()),
+                (
+                    ErrorKind::Protocol,
+                    "nothing received within 1 s of connecting; a client says hello first"
+                ),
+                "{who:?}"
+            ),
+            other => panic!("{who:?}: expected a protocol error, got {other:?}"),
+        }
+        assert!((900..4000).contains(&ms), "{who:?}: closed after {ms} ms");
+        assert_eq!(then, "closed", "{who:?}");
+        assert_survived(&mut luod, &before, &format!("the silent connection of {who:?}"));
     }
     full_cycle(&mut luod, &set);
 }
@@ -712,7 +733,37 @@ fn the_per_uid_connection_cap_counts_a_user_namespace_as_its_uid() {
         assert!(back.is_some(), "{who:?} gets in once its connections closed");
         assert_survived(&mut luod, &before, &format!("{who:?} after its connections closed"));
     }
+
+    // The overall cap: root fills it; neither attacker gets in, and root
+    // still has its reserve (uid 0 on the host only).
+    let full = "luoctl: status: luod serves at most 8 connections at once (--max-connections) and all are in use; \
+                try again later\n";
+    let roots: Vec<UnixStream> = (0..8).map(|_| greeted(&luod)).collect();
+    for ns in BOTH {
+        let who = attacker(ns);
+        let got = luoctl_as(who, &luod, &["status"]);
+        assert_eq!((got.0, got.1.as_str()), (5, full), "{who:?} with the cap used up");
+        assert_survived(&mut luod, &before, &format!("{who:?} with the cap used up"));
+    }
+    drop(roots);
     full_cycle(&mut luod, &set);
+}
+
+/// A raw connection of root that said hello (luod has accepted it and
+/// counts it).
+fn greeted(luod: &Luod) -> UnixStream {
+    let sock = UnixStream::connect(luod.socket()).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let hello = Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "raw".into(),
+    };
+    frame::send(&sock, &hello, &[]).expect("send hello");
+    match frame::recv::<Response>(&sock).expect("hello answer").0 {
+        Response::Hello { .. } => sock,
+        other => panic!("hello answered {other:?}"),
+    }
 }
 
 // ---- item 9 ----------------------------------------------------------------

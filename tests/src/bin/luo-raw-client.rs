@@ -9,11 +9,13 @@
 //!   completes;
 //! - `trailing-hello`: a hello whose frame carries 3 bytes after the message;
 //! - `trailing-status`: a proper hello, then a status whose frame carries 3
-//!   bytes after the message.
+//!   bytes after the message;
+//! - `silent`: connects and sends nothing.
 //!
 //! Prints one JSON object on stdout: `{"reply": RESPONSE, "ms": N, "then":
 //! AFTER}`, where RESPONSE is luod's answer to the broken frame, N the
-//! milliseconds from sending the broken frame's first byte to that answer, and AFTER
+//! milliseconds from sending the broken frame's first byte (`silent`: from
+//! connecting) to that answer, and AFTER
 //! what the next read found (`"closed"`, `"reset"`, or what else came).
 //! Exits 2 on a usage error or when it cannot connect, 3 when no answer came.
 
@@ -53,7 +55,7 @@ fn then(sock: &UnixStream) -> String {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [socket, mode] = args.as_slice() else {
-        eprintln!("usage: luo-raw-client SOCKET trickle|trailing-hello|trailing-status");
+        eprintln!("usage: luo-raw-client SOCKET trickle|trailing-hello|trailing-status|silent");
         return ExitCode::from(2);
     };
     let sock = match UnixStream::connect(socket) {
@@ -81,6 +83,7 @@ fn main() -> ExitCode {
                 }
             }));
         }
+        "silent" => started = Instant::now(),
         "trailing-hello" => {
             started = Instant::now();
             frame::send_raw(&sock, &with_trailing_bytes(&hello()), &[]).expect("send");
