@@ -933,3 +933,49 @@ fn bytes_after_a_message_are_a_protocol_error() {
     }
     full_cycle(&mut luod, &set);
 }
+
+// ---- the attackers ---------------------------------------------------------
+
+/// `(uid, CapEff, user namespace)` of a process run as `who`, as it sees itself.
+fn identity(who: Who) -> (String, u64, String) {
+    let cmd = attack::command_as(
+        who,
+        Path::new("sh"),
+        &["-c", "cat /proc/self/status && readlink /proc/self/ns/user"],
+    );
+    let out = run_promptly(cmd, &format!("sh as {who:?}"));
+    assert!(out.status.success(), "{who:?}: {}", attack::stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+            .trim()
+            .to_string()
+    };
+    let cap_eff = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff");
+    let ns = text.lines().last().expect("the namespace").to_string();
+    (field("Uid:"), cap_eff, ns)
+}
+
+#[test]
+fn the_attacker_in_its_own_user_namespace_is_root_there_with_every_capability() {
+    let ours = std::fs::read_link("/proc/self/ns/user")
+        .expect("our user namespace")
+        .display()
+        .to_string();
+    let (uid, cap_eff, ns) = identity(attacker(false));
+    assert_eq!(
+        (uid.as_str(), cap_eff, ns.as_str()),
+        ("65534\t65534\t65534\t65534", 0, ours.as_str())
+    );
+    let (uid, cap_eff, ns) = identity(attacker(true));
+    assert_eq!(uid, "0\t0\t0\t0", "root inside");
+    const CAP_SYS_BOOT: u32 = 22;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_DAC_OVERRIDE: u32 = 1;
+    for cap in [CAP_SYS_BOOT, CAP_SYS_ADMIN, CAP_DAC_OVERRIDE] {
+        assert_ne!(cap_eff & (1 << cap), 0, "capability {cap} in CapEff {cap_eff:#x}");
+    }
+    assert_ne!(ns, ours, "a user namespace of its own");
+}
