@@ -25,7 +25,6 @@
 use crate::protocol::frame::{self, FrameError};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -612,24 +611,46 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
     bound
 }
 
-/// The stop signals, read from a signalfd so the loop sees them between
-/// requests: blocked in this thread, every other signal unblocked (a holder
-/// forked by luod inherits luod's blocked set). SIGHUP is ignored: the
+/// The stop signals, as bytes on a socket pair each: signal-hook's handler
+/// writes one when the signal comes, so the loop sees it between requests.
+/// (Not a signalfd: a kernel built without `CONFIG_SIGNALFD` has none.)
+/// Every signal is unblocked once the handlers are in place: a holder forked
+/// or started by luod inherits luod's blocked set. SIGHUP is ignored: the
 /// holder outlives luod, and when luod dies while the holder is stopped
 /// (SIGSTOP, a debugger) the kernel sends the holder's orphaned process
 /// group SIGHUP, which would otherwise end it with every file.
-fn stop_signals() -> io::Result<SignalFd> {
+struct StopSignals {
+    /// Read ends, with the signal each stands for.
+    pipes: Vec<(UnixStream, &'static str)>,
+}
+
+impl StopSignals {
+    /// The name of a signal that came, if one did (reads its byte).
+    fn received(&self, ready: &[bool]) -> Option<&'static str> {
+        self.pipes.iter().zip(ready).find_map(|((pipe, name), ready)| {
+            let mut byte = [0u8; 1];
+            (*ready && matches!(std::io::Read::read(&mut &*pipe, &mut byte), Ok(1))).then_some(*name)
+        })
+    }
+}
+
+fn stop_signals() -> io::Result<StopSignals> {
     // SAFETY: SIG_IGN installs no handler, so no code of ours runs in a
     // signal context; nothing in this process relies on SIGHUP.
     unsafe { nix::sys::signal::signal(Signal::SIGHUP, nix::sys::signal::SigHandler::SigIgn) }?;
-    let mut stop = SigSet::empty();
-    stop.add(Signal::SIGTERM);
-    stop.add(Signal::SIGINT);
-    stop.thread_set_mask()?;
-    Ok(SignalFd::with_flags(
-        &stop,
-        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
-    )?)
+    let mut pipes = Vec::new();
+    for (signal, name) in [
+        (signal_hook::consts::SIGTERM, "SIGTERM"),
+        (signal_hook::consts::SIGINT, "SIGINT"),
+    ] {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        signal_hook::low_level::pipe::register(signal, write)?;
+        pipes.push((read, name));
+    }
+    SigSet::empty().thread_set_mask()?;
+    Ok(StopSignals { pipes })
 }
 
 /// The holder process: serves the socket at `path` (see the module
@@ -691,10 +712,12 @@ fn serve(path: &Path, owner: u32) -> io::Result<()> {
     };
     loop {
         let (sig, new, conn) = {
-            let mut fds = vec![
-                PollFd::new(signals.as_fd(), PollFlags::POLLIN),
-                PollFd::new(h.listener.as_fd(), PollFlags::POLLIN),
-            ];
+            let mut fds: Vec<PollFd<'_>> = signals
+                .pipes
+                .iter()
+                .map(|(pipe, _)| PollFd::new(pipe.as_fd(), PollFlags::POLLIN))
+                .collect();
+            fds.push(PollFd::new(h.listener.as_fd(), PollFlags::POLLIN));
             if let Some(c) = &h.active {
                 fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
             }
@@ -703,12 +726,10 @@ fn serve(path: &Path, owner: u32) -> io::Result<()> {
                 Err(e) => return Err(e.into()),
             }
             let ready = |i: usize| fds.get(i).is_some_and(|f| f.revents().is_none_or(|r| !r.is_empty()));
-            (ready(0), ready(1), ready(2))
+            let n = signals.pipes.len();
+            ((0..n).map(ready).collect::<Vec<_>>(), ready(n), ready(n + 1))
         };
-        if sig && let Ok(Some(info)) = signals.read_signal() {
-            let name = Signal::try_from(info.ssi_signo as i32)
-                .map(|s| s.as_str())
-                .unwrap_or("a signal");
+        if let Some(name) = signals.received(&sig) {
             log(format_args!(
                 "{name} received; exiting, {} parked file descriptor(s) are closed",
                 h.parked.len()
