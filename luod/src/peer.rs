@@ -65,17 +65,22 @@ struct ProcView {
     euid: u32,
     /// Effective capabilities (relative to the process's user namespace).
     cap_eff: u64,
-    /// The process's user namespace (device, inode of `/proc/PID/ns/user`).
-    userns: (u64, u64),
+    /// The process's user namespace (device, inode of `/proc/PID/ns/user`);
+    /// `None` on a kernel without user namespaces (`CONFIG_USER_NS` off),
+    /// where every process lives in the initial one.
+    userns: Option<(u64, u64)>,
 }
 
 fn read_proc(pid: i32) -> std::io::Result<Option<ProcView>> {
     let Some(status) = read_proc_file(&format!("/proc/{pid}/status"))? else {
         return Ok(None);
     };
-    let ns = match std::fs::metadata(format!("/proc/{pid}/ns/user")) {
-        Ok(ns) => ns,
+    let userns = match std::fs::metadata(format!("/proc/{pid}/ns/user")) {
+        Ok(ns) => Some((ns.dev(), ns.ino())),
         Err(e) if scarce(&e) => return Err(e),
+        // No user namespaces in this kernel: luod's own is missing too, and
+        // there is only the initial one.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && own_userns().is_none() => None,
         Err(_) => return Ok(None),
     };
     let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
@@ -83,11 +88,7 @@ fn read_proc(pid: i32) -> std::io::Result<Option<ProcView>> {
         let cap_eff = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
         // Uid: real, effective, saved, filesystem.
         let euid = field("Uid:")?.split_whitespace().nth(1)?.parse().ok()?;
-        Some(ProcView {
-            euid,
-            cap_eff,
-            userns: (ns.dev(), ns.ino()),
-        })
+        Some(ProcView { euid, cap_eff, userns })
     };
     Ok(parsed())
 }
@@ -102,7 +103,7 @@ fn own_userns() -> Option<(u64, u64)> {
 /// and is uid 0 there, or has `CAP_SYS_BOOT` with the same effective uid it
 /// connected with (not a set-uid program it executed since).
 fn judge(view: &ProcView, connected_uid: u32) -> bool {
-    if Some(view.userns) != own_userns() {
+    if view.userns != own_userns() {
         return false;
     }
     connected_uid == 0 || (view.euid == connected_uid && view.cap_eff & (1 << CAP_SYS_BOOT) != 0)
@@ -194,15 +195,19 @@ mod tests {
         let view = ProcView {
             euid: 0,
             cap_eff: u64::MAX,
-            userns: (0, 1),
+            userns: Some((0, 1)),
         };
         assert!(!judge(&view, 0));
         assert!(!judge(&view, 65534));
+        // A process whose namespace could not be read, on a kernel that has
+        // user namespaces (this one), is not in luod's either.
+        let unknown = ProcView { userns: None, ..view };
+        assert!(!judge(&unknown, 0));
     }
 
     #[test]
     fn cap_sys_boot_counts_only_with_the_uid_the_process_connected_with() {
-        let userns = own_userns().expect("own user namespace");
+        let userns = Some(own_userns().expect("own user namespace"));
         let view = ProcView {
             euid: 1000,
             cap_eff: 1 << CAP_SYS_BOOT,
