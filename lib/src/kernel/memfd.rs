@@ -29,16 +29,18 @@ pub fn describe(fd: BorrowedFd<'_>) -> String {
         .unwrap_or_else(|e| format!("fd {} ({e})", fd.as_raw_fd()))
 }
 
-/// True when `fd` is a memfd: named like one, and on the kernel's internal
-/// memfd mount (a file of any other filesystem, e.g. a FUSE one, can carry
-/// the name). Reads `/proc` only, never the file's filesystem.
+/// True when `fd` is a memfd: a file on the kernel's internal memfd mount.
+/// The name is not enough (a file of any other filesystem, e.g. a FUSE one,
+/// can be called `memfd:x`) and not needed: a memfd the kernel's LUO hands
+/// back after a kexec is on that mount but shows as `/ (deleted)`. Reads
+/// `/proc` only, never the file's filesystem.
 pub fn is_memfd(fd: BorrowedFd<'_>) -> bool {
-    if !describe(fd).starts_with("/memfd:") {
-        return false;
-    }
     let mounts = memfd_mounts();
-    // Without /proc/self/fdinfo, the name is all there is.
-    mounts.is_empty() || mount_id(fd).is_some_and(|id| mounts.contains(&id))
+    if mounts.is_empty() {
+        // Without /proc/self/fdinfo, the name is all there is.
+        return describe(fd).starts_with("/memfd:");
+    }
+    mount_id(fd).is_some_and(|id| mounts.contains(&id))
 }
 
 /// The id of the mount `fd`'s file is on (`mnt_id` in `/proc/self/fdinfo`),
