@@ -4,7 +4,7 @@
 use crate::args::{Args, Backend};
 use crate::backend::{self, StartError};
 use crate::peer;
-use liveupdate::engine::{Caller, Engine, EngineError, Rebooted, SIMULATED_KEXEC_EXIT};
+use liveupdate::engine::{Caller, Engine, EngineError, Rebooted, SIMULATED_KEXEC_EXIT, Snapshot};
 use liveupdate::protocol::frame::{self, FrameError};
 use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response, SessionInfo};
 use liveupdate::region::Region;
@@ -14,10 +14,44 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-type Shared<R> = Arc<Mutex<Engine<R>>>;
+/// The engine, which runs changes one at a time, and the snapshot of its
+/// committed state that read requests are answered from without waiting
+/// for it.
+struct Shared<R: Region> {
+    engine: Mutex<Engine<R>>,
+    snapshot: RwLock<Arc<Snapshot>>,
+}
+
+impl<R: Region> Shared<R> {
+    fn new(engine: Engine<R>) -> Self {
+        let snapshot = RwLock::new(Arc::new(engine.snapshot()));
+        Shared {
+            engine: Mutex::new(engine),
+            snapshot,
+        }
+    }
+
+    /// The state as of the last change.
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs one change on the engine, showing it as in progress meanwhile,
+    /// then publishes the engine's new state for readers.
+    fn change<T>(&self, kind: &str, run: impl FnOnce(&mut Engine<R>) -> T) -> T {
+        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        let out = {
+            let _running = engine.progress().clone().begin(kind);
+            run(&mut engine)
+        };
+        let next = Arc::new(engine.snapshot());
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = next;
+        out
+    }
+}
 
 /// Exit status requested by a thread (-1: keep running).
 static EXIT: AtomicI32 = AtomicI32::new(-1);
@@ -70,7 +104,7 @@ fn serve_engine<R: Region + 'static>(
         engine.state(),
         engine.generation()
     );
-    let engine: Shared<R> = Arc::new(Mutex::new(engine));
+    let engine = Arc::new(Shared::new(engine));
     if let Some(Ok(n)) = liveupdate::systemd::Notifier::from_env()
         && let Err(e) = n.notify("READY=1", &[])
     {
@@ -134,7 +168,7 @@ fn serve_engine<R: Region + 'static>(
         let _ = std::fs::remove_file(&args.socket);
     }
     // Hold the engine lock while exiting so no request is half-served.
-    let _guard = engine.lock().unwrap_or_else(|p| p.into_inner());
+    let _guard = engine.engine.lock().unwrap_or_else(|p| p.into_inner());
     tracing::info!("luod exits with status {code}");
     Ok(code as u8)
 }
@@ -581,9 +615,9 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
             fds: mut out_fds,
             exit,
             keep_conn,
-        } = {
-            let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
-            dispatch(&mut engine, &caller, req, fds, &conn)
+        } = match read(&engine.snapshot(), &caller, &req, &fds) {
+            Some(outcome) => outcome,
+            None => engine.change(kind, |engine| dispatch(engine, &caller, req, fds, &conn)),
         };
         let resp = fit(kind, resp);
         if matches!(resp, Response::Error(_)) {
@@ -633,7 +667,42 @@ impl From<Response> for Outcome {
     }
 }
 
-/// Runs one request.
+/// Answers a read request (`status`, `history`, `session-list`,
+/// `session-list-from`, `vm-list`) from the snapshot, without waiting for
+/// a change in progress; `None` for any other request (and for a read that
+/// came with descriptors, which the engine refuses).
+fn read(snapshot: &Snapshot, caller: &Caller, req: &Request, fds: &[OwnedFd]) -> Option<Outcome> {
+    if !fds.is_empty() {
+        return None;
+    }
+    let resp = match req {
+        Request::Status => Response::Status(snapshot.status(caller)),
+        Request::History => Response::History(snapshot.history_report(caller)),
+        Request::SessionList => Response::Sessions(snapshot.session_list(caller)),
+        Request::SessionListFrom { start } => {
+            let all = snapshot.session_list(caller);
+            let skip = usize::try_from(*start).unwrap_or(usize::MAX);
+            let left = all.len().saturating_sub(skip);
+            let page = fitting(all.into_iter().skip(skip), SESSION_PAGE_BUDGET);
+            if page.is_empty() && left > 0 {
+                // An empty page means "no more": never send one when there are.
+                return Some(Outcome::from(Response::Error(
+                    EngineError::Io(format!(
+                        "session {start} of the list alone does not fit in one answer ({} bytes)",
+                        frame::MAX_FRAME_LEN
+                    ))
+                    .to_reply(),
+                )));
+            }
+            Response::Sessions(page)
+        }
+        Request::VmList => Response::Vms(snapshot.vm_list(caller)),
+        _ => return None,
+    };
+    Some(Outcome::from(resp))
+}
+
+/// Runs one request that may change state (or came with descriptors).
 fn dispatch<R: Region>(
     engine: &mut Engine<R>,
     caller: &Caller,
@@ -657,10 +726,15 @@ fn dispatch<R: Region>(
     }
     let r = match req {
         Request::Hello { .. } => Err(EngineError::InvalidArgument("hello was already exchanged".into())),
-        Request::Status => Ok(Response::Status(engine.status(caller))),
+        Request::Status
+        | Request::History
+        | Request::SessionList
+        | Request::SessionListFrom { .. }
+        | Request::VmList => {
+            return read(&engine.snapshot(), caller, &req, &[]).expect("a read request");
+        }
         // The target kernel's images come as descriptors the client opened.
         Request::Check(args) => Ok(Response::Check(engine.check(caller, &args, std::mem::take(&mut fds)))),
-        Request::History => Ok(Response::History(engine.history_report(caller))),
         Request::Prepare(args) => engine
             .prepare(caller, &args, std::mem::take(&mut fds))
             .map(Response::Transition),
@@ -677,21 +751,6 @@ fn dispatch<R: Region>(
             };
         }
         Request::SessionCreate { name } => engine.session_create(caller, &name).map(|()| Response::Done),
-        Request::SessionList => Ok(Response::Sessions(engine.session_list(caller))),
-        Request::SessionListFrom { start } => {
-            let all = engine.session_list(caller);
-            let skip = usize::try_from(start).unwrap_or(usize::MAX);
-            let left = all.len().saturating_sub(skip);
-            let page = fitting(all.into_iter().skip(skip), SESSION_PAGE_BUDGET);
-            if page.is_empty() && left > 0 {
-                // An empty page means "no more": never send one when there are.
-                return err(EngineError::Io(format!(
-                    "session {start} of the list alone does not fit in one answer ({} bytes)",
-                    frame::MAX_FRAME_LEN
-                )));
-            }
-            Ok(Response::Sessions(page))
-        }
         Request::SessionPreserve { name, token } => {
             if fds.len() != 1 {
                 liveupdate::engine::close_elsewhere(std::mem::take(&mut fds));
@@ -743,7 +802,6 @@ fn dispatch<R: Region>(
             };
         }
         Request::VmAbandon { name } => engine.vm_abandon(caller, &name).map(|()| Response::Done),
-        Request::VmList => Ok(Response::Vms(engine.vm_list(caller))),
         Request::DiscardRecord => engine.discard_record(caller).map(Response::RecordDiscarded),
         Request::SessionEvict { name } => engine.session_evict(caller, &name).map(|()| Response::Done),
     };

@@ -414,6 +414,9 @@ pub struct StatusReport {
     pub live_updates: u64,
     /// Notes from startup (e.g. why the region's content was not used).
     pub notes: Vec<String>,
+    /// The change luod is making right now (a `freeze` waiting for a VM),
+    /// if any: `status` answers from the last committed state meanwhile.
+    pub in_progress: Option<crate::progress::Progress>,
 }
 
 /// Answer to `history`.

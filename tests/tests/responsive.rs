@@ -1,0 +1,107 @@
+//! luod answers reads while a change waits: `status`, `history`,
+//! `session list` and `vm list` come from the snapshot of the last committed
+//! state, and `status` shows the change in progress (step, since when, what
+//! it waits for).
+
+use liveupdate::kernel::memfd;
+use liveupdate::protocol::client::Client;
+use liveupdate::protocol::{VmAnswer, VmCall};
+use liveupdate::state::State;
+use liveupdate_tests::Luod;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+/// Registers VM `name` whose VMM answers `prepare` and then never answers
+/// again (it hangs at `freeze`), until the returned sender is dropped.
+fn hung_at_freeze(luod: &Luod, name: &str) -> std::sync::mpsc::Sender<()> {
+    let ram = memfd::from_bytes(name, &[7; 4096]).expect("memfd");
+    let client = Client::connect(&luod.socket(), "hung-vmm").expect("connect");
+    let mut conn = client.register_vm(name, &[(1, ram.as_fd())]).expect("register");
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let _ram = ram;
+        while let Ok(Some(call)) = conn.next_call() {
+            if call == VmCall::Freeze {
+                // Hang: keep the connection open, answer nothing.
+                let _ = rx.recv();
+                return;
+            }
+            if conn.answer(VmAnswer::Ok { state: None }).is_err() {
+                return;
+            }
+        }
+    });
+    tx
+}
+
+#[test]
+fn status_answers_promptly_while_a_freeze_waits_on_a_hung_vmm_and_shows_it() {
+    let luod = Luod::new("8M").arg("--vm-timeout").arg("5").launched();
+    let _hang = hung_at_freeze(&luod, "vm0");
+    let out = luod.luoctl(&["prepare"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let socket = luod.socket();
+    let started = Instant::now();
+    let freeze = std::thread::spawn(move || {
+        let mut c = liveupdate_tests::Conn::new(Client::connect(&socket, "freeze").expect("connect"));
+        c.freeze()
+    });
+
+    // Within the 5 s the freeze waits, status shows it waiting for vm0.
+    let mut seen = None;
+    while started.elapsed() < Duration::from_secs(4) {
+        let asked = Instant::now();
+        let status = luod.status();
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(1), "status took {took:?} during the freeze");
+        if let Some(p) = status.in_progress.clone()
+            && p.waiting_for.as_deref() == Some("VM vm0 (freeze)")
+        {
+            seen = Some((status, p));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, p) = seen.expect("status showed the freeze waiting for vm0");
+    assert_eq!(p.step, "freeze");
+    assert_eq!(status.state, State::Prepared, "the last committed state");
+    assert!(p.since <= liveupdate::engine::now(), "since {} is in the past", p.since);
+
+    // The other reads answer promptly too.
+    for args in [&["history"][..], &["session", "list"], &["vm", "list"]] {
+        let asked = Instant::now();
+        let out = luod.luoctl(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{args:?} took {:?}",
+            asked.elapsed()
+        );
+    }
+    let human = luod.luoctl(&["status"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("in progress   freeze since ") && text.contains(", waiting for VM vm0 (freeze)"),
+        "{text}"
+    );
+
+    // The freeze fails after the VM timeout; the state stays prepared and
+    // nothing shows in progress any more.
+    let reply = freeze.join().expect("freeze thread");
+    let err = reply.expect_err("the hung VMM fails the freeze");
+    assert!(
+        err.message.contains("VM vm0: its VMM did not answer freeze within 5 s"),
+        "{}",
+        err.message
+    );
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    let after = luod.status();
+    assert_eq!(after.state, State::Prepared);
+    assert_eq!(after.in_progress, None);
+}
