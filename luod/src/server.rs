@@ -676,7 +676,7 @@ fn read(snapshot: &Snapshot, caller: &Caller, req: &Request, fds: &[OwnedFd]) ->
         return None;
     }
     let resp = match req {
-        Request::Status => Response::Status(snapshot.status(caller)),
+        Request::Status => Response::Status(Box::new(snapshot.status(caller))),
         Request::History => Response::History(snapshot.history_report(caller)),
         Request::SessionList => Response::Sessions(snapshot.session_list(caller)),
         Request::SessionListFrom { start } => {

@@ -201,7 +201,7 @@ pub enum Response {
         server: String,
     },
     /// Answer to `Status`.
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     /// Answer to `Check`.
     Check(CheckReport),
     /// Answer to a transition.

@@ -13,7 +13,7 @@ pub struct StatusArgs {}
 pub fn run(_args: &StatusArgs, ctx: &Ctx) -> Result<(), Failed> {
     let req = Request::Status;
     let report = match ctx.call("status", &req)? {
-        Response::Status(r) => r,
+        Response::Status(r) => *r,
         other => return Err(unexpected("status", &req, &other).into()),
     };
     if ctx.json() {
