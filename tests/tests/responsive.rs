@@ -105,3 +105,67 @@ fn status_answers_promptly_while_a_freeze_waits_on_a_hung_vmm_and_shows_it() {
     assert_eq!(after.state, State::Prepared);
     assert_eq!(after.in_progress, None);
 }
+
+/// Threads of process `pid` (`Threads:` of /proc/PID/status).
+fn threads(pid: i32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a Threads: line")
+}
+
+/// A connection that said hello (luod accepted it), then stays idle.
+fn greeted(luod: &Luod) -> std::os::unix::net::UnixStream {
+    use liveupdate::protocol::frame;
+    use liveupdate::protocol::{PROTOCOL_VERSION, Request, Response};
+    let sock = std::os::unix::net::UnixStream::connect(luod.socket()).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let hello = Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "idle".into(),
+    };
+    frame::send(&sock, &hello, &[]).expect("send hello");
+    match frame::recv::<Response>(&sock).expect("hello answer").0 {
+        Response::Hello { .. } => sock,
+        other => panic!("hello answered {other:?}"),
+    }
+}
+
+#[test]
+fn a_thousand_idle_connections_cost_no_thread() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // This process and luod (which inherits it) need a descriptor for each.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    assert!(
+        hard >= 2200,
+        "the test needs RLIMIT_NOFILE of 2200 at least, the hard limit is {hard}"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    let luod = Luod::new("8M").arg("--max-connections").arg("2000").launched();
+    let pid = luod.pid();
+    let first = greeted(&luod);
+    luod.status();
+    let before = threads(pid);
+
+    let idle: Vec<_> = (0..1000).map(|_| greeted(&luod)).collect();
+    let after = threads(pid);
+    assert!(
+        after <= before,
+        "luod had {before} threads with one connection and {after} with 1001 idle ones"
+    );
+    // Its threads: main (the event loop), signals, 4 workers, the engine, and
+    // the few the backend starts; none per connection.
+    assert!(after < 16, "luod runs {after} threads");
+    let asked = Instant::now();
+    let status = luod.status();
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "status took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(status.state, State::Normal);
+    drop((first, idle));
+}

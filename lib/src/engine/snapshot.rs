@@ -23,7 +23,11 @@ pub struct Snapshot {
     backend: String,
     region: String,
     subsystems: Vec<String>,
+    /// The engine's notes, then the park's as of the snapshot.
     notes: Vec<String>,
+    /// The park's notes, read live: its watcher adds one when the holder
+    /// is replaced, with no request.
+    park_notes: Option<crate::holder::ParkNotes>,
     vms: Vec<VmRow>,
     progress: ProgressCell,
 }
@@ -77,7 +81,11 @@ impl<R: Region> Engine<R> {
             backend: self.kernel.name().to_string(),
             region: self.store.region().describe(),
             subsystems: self.registry.names(),
-            notes: self.notes.iter().cloned().chain(self.kernel.park_notes()).collect(),
+            notes: match self.kernel.park_notes_cell() {
+                Some(_) => self.notes.clone(),
+                None => self.notes.iter().cloned().chain(self.kernel.park_notes()).collect(),
+            },
+            park_notes: self.kernel.park_notes_cell(),
             vms,
             progress: self.registry.progress().clone(),
         }
@@ -124,7 +132,13 @@ impl Snapshot {
             subsystems: self.subsystems.clone(),
             last_cycle,
             live_updates: self.record.live_updates,
-            notes: self.notes.clone(),
+            notes: match &self.park_notes {
+                Some(cell) => {
+                    let park = cell.lock().unwrap_or_else(|p| p.into_inner());
+                    self.notes.iter().chain(park.iter()).cloned().collect()
+                }
+                None => self.notes.clone(),
+            },
             in_progress: self.progress.get(),
         }
     }

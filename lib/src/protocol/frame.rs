@@ -373,7 +373,11 @@ mod tests {
                 if i >= 3 {
                     assert_eq!(
                         reader.late(Duration::from_secs(1)).to_string(),
-                        format!("frame not complete within 1 s ({} of {} bytes received)", i + 1, bytes.len())
+                        format!(
+                            "frame not complete within 1 s ({} of {} bytes received)",
+                            i + 1,
+                            bytes.len()
+                        )
                     );
                 }
             } else {
