@@ -169,3 +169,66 @@ fn a_thousand_idle_connections_cost_no_thread() {
     assert_eq!(status.state, State::Normal);
     drop((first, idle));
 }
+
+/// A server on a socket of its own that accepts connections and, when
+/// `hello` is set, answers the hello, then never answers anything.
+fn silent_server(hello: bool) -> (tempfile::TempDir, std::path::PathBuf) {
+    use liveupdate::protocol::frame;
+    use liveupdate::protocol::{PROTOCOL_VERSION, Request, Response};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("luod.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            if hello && matches!(frame::recv::<Request>(&conn), Ok((Request::Hello { .. }, _))) {
+                let reply = Response::Hello {
+                    version: PROTOCOL_VERSION,
+                    server: "silent".into(),
+                };
+                let _ = frame::send(&conn, &reply, &[]);
+            }
+            held.push(conn);
+        }
+    });
+    (dir, path)
+}
+
+#[test]
+fn luoctl_gives_up_on_a_read_luod_never_answers_after_the_short_timeout() {
+    let (_dir, socket) = silent_server(true);
+    let started = Instant::now();
+    let out = liveupdate_tests::luoctl_command(&socket)
+        .arg("status")
+        .output()
+        .expect("run luoctl");
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(8), "the timeout exit code");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "luoctl: status: luod did not answer status within 10 s; luod may be stuck or overloaded: see its log \
+         and `luoctl status`; --timeout SECS waits longer\n"
+    );
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(14),
+        "gave up after {took:?}"
+    );
+}
+
+#[test]
+fn luoctl_timeout_sets_the_wait_for_every_answer_and_json_names_it() {
+    let (_dir, socket) = silent_server(false);
+    let started = Instant::now();
+    let out = liveupdate_tests::luoctl_command(&socket)
+        .args(["--json", "--timeout", "1", "freeze"])
+        .output()
+        .expect("run luoctl");
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(8));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(json["error"]["kind"], "timeout");
+    assert_eq!(json["error"]["code"], 8);
+    assert_eq!(json["error"]["message"], "luod did not answer hello within 1 s");
+    assert!(took < Duration::from_secs(4), "gave up after {took:?}");
+}
