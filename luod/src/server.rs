@@ -577,18 +577,17 @@ impl Events {
             EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT,
             fd as u64,
         );
-        // The stream stays open while parked: the fd is valid for epoll.
-        // SAFETY: `fd` is the descriptor of `conn.stream`, which the map
-        // keeps open until the event loop takes it out again; the borrow
-        // is used only for the epoll_ctl call below.
-        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        {
-            let mut p = self.lock();
-            if let Some(at) = conn.deadline {
-                p.deadlines.push(std::cmp::Reverse((at, fd)));
-            }
-            p.conns.insert(fd, conn);
+        // Parked before it is armed, and armed under the lock: the event
+        // loop cannot take it out (and close it) in between.
+        let mut p = self.lock();
+        if let Some(at) = conn.deadline {
+            p.deadlines.push(std::cmp::Reverse((at, fd)));
         }
+        p.conns.insert(fd, conn);
+        // SAFETY: `fd` is the descriptor of the stream just put in the map,
+        // which keeps it open while `p` (the map's lock) is held, and the
+        // borrow ends with the epoll_ctl call below, under that lock.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         let armed = if registered {
             self.epoll.modify(borrowed, &mut event)
         } else {
@@ -596,7 +595,7 @@ impl Events {
         };
         if let Err(e) = armed {
             tracing::warn!("cannot watch a client's connection: {e}; it is closed");
-            self.lock().conns.remove(&fd);
+            p.conns.remove(&fd);
         }
     }
 
@@ -605,23 +604,22 @@ impl Events {
         self.lock().conns.remove(&fd)
     }
 
-    /// Takes out the connections whose deadline passed; returns how long
-    /// until the next one (at most a second).
-    fn expired(&self, now: Instant) -> (Vec<Box<Conn>>, Duration) {
+    /// Takes out the connections whose deadline passed, each to `late`;
+    /// returns how long until the next one (at most a second).
+    fn expired(&self, now: Instant, mut late: impl FnMut(Box<Conn>)) -> Duration {
         let mut p = self.lock();
-        let mut late = Vec::new();
         while let Some(std::cmp::Reverse((at, fd))) = p.deadlines.peek().copied() {
             if at > now {
-                return (late, (at - now).min(Duration::from_secs(1)));
+                return (at - now).min(Duration::from_secs(1));
             }
             p.deadlines.pop();
             if p.conns.get(&fd).is_some_and(|c| c.deadline == Some(at))
                 && let Some(c) = p.conns.remove(&fd)
             {
-                late.push(c);
+                late(c);
             }
         }
-        (late, Duration::from_secs(1))
+        Duration::from_secs(1)
     }
 }
 
@@ -711,10 +709,9 @@ fn run_loop(listener: &UnixListener, events: &Events, limits: &Arc<Limits>, jobs
                 let _ = jobs.send(Job::Readable(conn));
             }
         }
-        let (late, next) = events.expired(Instant::now());
-        for conn in late {
+        let next = events.expired(Instant::now(), |conn| {
             let _ = jobs.send(Job::Late(conn));
-        }
+        });
         wait = next.min(timeout);
     }
 }
