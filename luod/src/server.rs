@@ -699,20 +699,46 @@ fn run_loop(listener: &UnixListener, events: &Events, limits: &Arc<Limits>, jobs
                 0
             }
         };
+        // Connections first: one a client closed frees its place here, at
+        // once, before the connections that wait to be accepted are counted.
+        let mut accept = false;
         for event in &ready[..n] {
             if event.data() == LISTENER {
-                accept_all(listener, limits, jobs, &mut backoff);
-                if EXIT.load(Ordering::SeqCst) >= 0 {
-                    return;
-                }
+                accept = true;
             } else if let Some(conn) = events.take(event.data() as std::os::fd::RawFd) {
-                let _ = jobs.send(Job::Readable(conn));
+                // Half a frame then the end: the pool logs it as before.
+                if conn.reader.started() || !closed(&conn.stream) {
+                    let _ = jobs.send(Job::Readable(conn));
+                }
+            }
+        }
+        if accept {
+            accept_all(listener, limits, jobs, &mut backoff);
+            if EXIT.load(Ordering::SeqCst) >= 0 {
+                return;
             }
         }
         let next = events.expired(Instant::now(), |conn| {
             let _ = jobs.send(Job::Late(conn));
         });
         wait = next.min(timeout);
+    }
+}
+
+/// True when the client closed `stream` with nothing left to read (or it
+/// broke); looks without waiting and takes nothing from it.
+fn closed(stream: &UnixStream) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    let mut byte = [0u8; 1];
+    match recv(
+        stream.as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+        Err(_) => true,
     }
 }
 
