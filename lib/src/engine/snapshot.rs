@@ -213,3 +213,120 @@ impl Snapshot {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{HostInfo, now};
+    use crate::kernel::fake::FakeKernel;
+    use crate::kernel::memfd;
+    use crate::progress::Progress;
+    use crate::record::RecordStore;
+    use crate::region::MemRegion;
+    use crate::subsystem::{Blob, PrepareContext, Registry, Subsystem, SubsystemError};
+    use std::sync::{Arc, Mutex};
+
+    /// A subsystem that notes what the progress cell shows while it freezes.
+    #[derive(Debug, Default)]
+    struct Probe {
+        cell: ProgressCell,
+        seen: Arc<Mutex<Option<Progress>>>,
+    }
+
+    impl Subsystem for Probe {
+        fn name(&self) -> &str {
+            "probe"
+        }
+        fn set_progress(&mut self, progress: ProgressCell) {
+            self.cell = progress;
+        }
+        fn prepare(&mut self, _: &PrepareContext) -> Result<Option<Blob>, SubsystemError> {
+            Ok(None)
+        }
+        fn freeze(&mut self) -> Result<Option<Blob>, SubsystemError> {
+            *self.seen.lock().unwrap() = self.cell.get();
+            Ok(None)
+        }
+        fn cancel(&mut self) -> Result<(), SubsystemError> {
+            Ok(())
+        }
+        fn unfreeze(&mut self) -> Result<(), SubsystemError> {
+            Ok(())
+        }
+        fn restore(&mut self, _: Option<&Blob>) -> Result<(), SubsystemError> {
+            Ok(())
+        }
+        fn finish(&mut self) -> Result<(), SubsystemError> {
+            Ok(())
+        }
+    }
+
+    fn engine() -> (Engine<MemRegion>, Arc<Mutex<Option<Progress>>>) {
+        let probe = Probe::default();
+        let seen = probe.seen.clone();
+        let mut registry = Registry::new();
+        registry.register(Box::new(probe)).unwrap();
+        let host = HostInfo {
+            boot_id: "boot-1".into(),
+            kernel_release: "6.19.0-test".into(),
+            cmdline: "console=ttyS0".into(),
+            started: now(),
+        };
+        let store = RecordStore::new(MemRegion::zeroed(8 << 20)).unwrap();
+        let engine = Engine::open(Box::new(FakeKernel::new().0), registry, store, host).unwrap();
+        (engine, seen)
+    }
+
+    const USER: Caller = Caller {
+        uid: 1000,
+        pid: 1,
+        privileged: false,
+    };
+
+    #[test]
+    fn a_snapshot_keeps_the_state_it_was_taken_in_and_filters_like_the_engine() {
+        let (mut e, _) = engine();
+        e.session_create(&Caller::ROOT, "root-s").unwrap();
+        e.session_create(&USER, "user-s").unwrap();
+        let fd = memfd::from_bytes("t", b"abc").unwrap();
+        e.session_preserve(&USER, "user-s", 1, fd).unwrap();
+        let before = e.snapshot();
+        for caller in [Caller::ROOT, USER] {
+            assert_eq!(before.status(&caller), e.status(&caller));
+            assert_eq!(before.history_report(&caller), e.history_report(&caller));
+            assert_eq!(before.session_list(&caller), e.session_list(&caller));
+            assert_eq!(before.vm_list(&caller), e.vm_list(&caller));
+        }
+        let names = |s: &StatusReport| s.sessions.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&before.status(&Caller::ROOT)), ["root-s", "user-s"]);
+        assert_eq!(names(&before.status(&USER)), ["user-s"]);
+
+        e.prepare(&Caller::ROOT, &Default::default(), Vec::new()).unwrap();
+        assert_eq!(before.state(), State::Normal, "a copy: the change does not show in it");
+        assert_eq!(e.snapshot().state(), State::Prepared);
+    }
+
+    #[test]
+    fn a_change_in_progress_shows_in_every_snapshot_with_the_subsystem_it_waits_for() {
+        let (mut e, seen) = engine();
+        e.prepare(&Caller::ROOT, &Default::default(), Vec::new()).unwrap();
+        let snapshot = e.snapshot();
+        assert_eq!(snapshot.status(&Caller::ROOT).in_progress, None);
+        {
+            let _running = e.progress().clone().begin("freeze");
+            assert_eq!(
+                snapshot.status(&USER).in_progress.map(|p| p.step),
+                Some("freeze".into())
+            );
+            e.freeze(&Caller::ROOT).unwrap();
+        }
+        let during = seen
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the probe saw the freeze in progress");
+        assert_eq!(during.step, "freeze");
+        assert_eq!(during.waiting_for.as_deref(), Some("subsystem probe"));
+        assert_eq!(snapshot.status(&Caller::ROOT).in_progress, None, "over");
+    }
+}
