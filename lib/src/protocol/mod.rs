@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// 2: `Prepare`/`Check` send the kernel image and initrd as descriptors
 /// ([`ImageFile`]) instead of paths.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `StatusReport` ends with `in_progress` (the change luod is making).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default path of luod's socket.
 pub const DEFAULT_SOCKET: &str = "/run/luod/luod.sock";
