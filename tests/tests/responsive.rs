@@ -230,3 +230,42 @@ fn luoctl_timeout_sets_the_wait_for_every_answer_and_json_names_it() {
     assert_eq!(json["error"]["message"], "luod did not answer hello within 1 s");
     assert!(took < Duration::from_secs(4), "gave up after {took:?}");
 }
+
+#[test]
+fn clients_trickling_frames_hold_no_worker_and_status_stays_prompt() {
+    use std::io::Write;
+    let luod = Luod::new("8M").arg("--client-timeout").arg("3").launched();
+    let pid = luod.pid();
+    // Five times as many tricklers as luod has workers, each sending its
+    // hello's 4-byte length and then one byte every 100 ms.
+    let tricklers: Vec<_> = (0..20)
+        .map(|_| {
+            let mut sock = std::os::unix::net::UnixStream::connect(luod.socket()).expect("connect");
+            std::thread::spawn(move || {
+                let _ = sock.write_all(&200u32.to_le_bytes());
+                for _ in 0..15 {
+                    if sock.write_all(&[1]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let threads_then = threads(pid);
+    for _ in 0..10 {
+        let asked = Instant::now();
+        assert_eq!(luod.status().state, State::Normal);
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "status took {:?} among 20 tricklers",
+            asked.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(threads_then < 16, "luod runs {threads_then} threads with 20 tricklers");
+    for t in tricklers {
+        t.join().expect("trickler");
+    }
+}
