@@ -52,7 +52,16 @@ pub trait FdPark: Send + std::fmt::Debug {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The cell its notes are kept in, when they can change without a
+    /// request (the holder's watcher writes there), so `status` reads them
+    /// live; `None` when [`notes`](Self::notes) only changes with requests.
+    fn notes_cell(&self) -> Option<ParkNotes> {
+        None
+    }
 }
+
+/// Notes about the park, written by the thread that watches the holder.
+pub type ParkNotes = Arc<Mutex<VecDeque<String>>>;
 
 /// Files sent in one reply of `FetchAll`.
 const BATCH: usize = frame::MAX_FDS_PER_FRAME;
@@ -556,6 +565,10 @@ impl FdPark for HolderClient {
     fn notes(&self) -> Vec<String> {
         let notes = self.notes.lock().unwrap_or_else(|p| p.into_inner());
         notes.iter().cloned().collect()
+    }
+
+    fn notes_cell(&self) -> Option<ParkNotes> {
+        Some(Arc::clone(&self.notes))
     }
 }
 

@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod holder;
 pub mod kernel;
 pub mod names;
+pub mod progress;
 pub mod protocol;
 pub mod record;
 pub mod region;

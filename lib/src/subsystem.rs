@@ -46,6 +46,10 @@ pub enum SubsystemError {
 /// `prepare`, `unfreeze` undoes `freeze`. Undo callbacks should not fail; when
 /// they do, the registry reports it and carries on undoing the others.
 pub trait Subsystem: Send {
+    /// Receives the cell where the running change shows what it waits for
+    /// (the `kvm` subsystem names the VM it calls). Most need nothing.
+    fn set_progress(&mut self, _progress: crate::progress::ProgressCell) {}
+
     /// Unique name; the key of the subsystem's section in the record.
     fn name(&self) -> &str;
     /// Heavy work while workloads still run; may veto with a reason.
@@ -143,6 +147,7 @@ pub type Blobs = Vec<(String, Blob)>;
 #[derive(Default)]
 pub struct Registry {
     subsystems: Vec<Box<dyn Subsystem>>,
+    progress: crate::progress::ProgressCell,
 }
 
 impl fmt::Debug for Registry {
@@ -167,8 +172,15 @@ impl Registry {
         if self.subsystems.iter().any(|x| x.name() == s.name()) {
             return Err(DuplicateSubsystem(s.name().to_string()));
         }
+        let mut s = s;
+        s.set_progress(self.progress.clone());
         self.subsystems.push(s);
         Ok(())
+    }
+
+    /// The cell where the running change shows the subsystem it waits for.
+    pub fn progress(&self) -> &crate::progress::ProgressCell {
+        &self.progress
     }
 
     /// Names in registration order.
@@ -227,6 +239,7 @@ impl Registry {
     /// open so `finish` can be retried once the cause is fixed).
     pub fn finish(&mut self) -> Result<(), StepError> {
         for s in &mut self.subsystems {
+            self.progress.waiting_for(|| format!("subsystem {}", s.name()));
             if let Err(error) = s.finish() {
                 return Err(StepError {
                     step: Step::Finish,
@@ -248,6 +261,7 @@ impl Registry {
         let mut blobs = Vec::new();
         for k in 0..self.subsystems.len() {
             let s = self.subsystems[k].as_mut();
+            self.progress.waiting_for(|| format!("subsystem {}", s.name()));
             match call(s) {
                 Ok(Some(blob)) => blobs.push((s.name().to_string(), blob)),
                 Ok(None) => {}
@@ -270,6 +284,7 @@ impl Registry {
     fn undo(&mut self, upto: usize, step: Step) -> Vec<UndoFailure> {
         let mut failures = Vec::new();
         for s in self.subsystems[..upto].iter_mut().rev() {
+            self.progress.waiting_for(|| format!("subsystem {} ({step})", s.name()));
             let r = match step {
                 Step::Cancel => s.cancel(),
                 Step::Unfreeze => s.unfreeze(),

@@ -61,6 +61,7 @@ impl Failure {
                         Some("luod may have exited or restarted; see its log, then retry"),
                     ),
                     ClientError::Version { .. } => (ExitCode::Protocol, None),
+                    ClientError::Timeout { .. } => (ExitCode::Timeout, None),
                     ClientError::Unexpected { .. } => {
                         (ExitCode::Internal, Some("luoctl and luod may be different versions"))
                     }

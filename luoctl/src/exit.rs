@@ -35,6 +35,9 @@ pub enum ExitCode {
     /// (`session preserve --file`, `session retrieve --output`,
     /// `prepare`/`check --kernel`/`--initrd`).
     LocalIo = 7,
+    /// luod did not answer within luoctl's timeout for the request (short
+    /// for reads, long for transitions; `--timeout` sets it).
+    Timeout = 8,
     /// luod: an argument is invalid (e.g. a session name, a kernel image).
     InvalidArgument = 10,
     /// luod: the command is not allowed in the current state.
@@ -60,7 +63,7 @@ pub enum ExitCode {
 
 impl ExitCode {
     /// Every code, in numeric order (for the reference table and tests).
-    pub const ALL: [ExitCode; 18] = [
+    pub const ALL: [ExitCode; 19] = [
         ExitCode::Success,
         ExitCode::Internal,
         ExitCode::Usage,
@@ -69,6 +72,7 @@ impl ExitCode {
         ExitCode::Protocol,
         ExitCode::Connection,
         ExitCode::LocalIo,
+        ExitCode::Timeout,
         ExitCode::InvalidArgument,
         ExitCode::WrongState,
         ExitCode::PermissionDenied,
@@ -98,6 +102,7 @@ impl ExitCode {
             ExitCode::Protocol => "protocol",
             ExitCode::Connection => "connection",
             ExitCode::LocalIo => "local-io",
+            ExitCode::Timeout => "timeout",
             ExitCode::InvalidArgument => "invalid-argument",
             ExitCode::WrongState => "wrong-state",
             ExitCode::PermissionDenied => "permission-denied",
@@ -171,6 +176,7 @@ mod tests {
                 (5, "protocol"),
                 (6, "connection"),
                 (7, "local-io"),
+                (8, "timeout"),
                 (10, "invalid-argument"),
                 (11, "wrong-state"),
                 (12, "permission-denied"),

@@ -4,7 +4,7 @@
 use crate::args::{Args, Backend};
 use crate::backend::{self, StartError};
 use crate::peer;
-use liveupdate::engine::{Caller, Engine, EngineError, Rebooted, SIMULATED_KEXEC_EXIT};
+use liveupdate::engine::{Caller, Engine, EngineError, Rebooted, SIMULATED_KEXEC_EXIT, Snapshot};
 use liveupdate::protocol::frame::{self, FrameError};
 use liveupdate::protocol::{ErrorKind, ErrorReply, PROTOCOL_VERSION, Request, Response, SessionInfo};
 use liveupdate::region::Region;
@@ -14,10 +14,44 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-type Shared<R> = Arc<Mutex<Engine<R>>>;
+/// The engine, which runs changes one at a time, and the snapshot of its
+/// committed state that read requests are answered from without waiting
+/// for it.
+struct Shared<R: Region> {
+    engine: Mutex<Engine<R>>,
+    snapshot: RwLock<Arc<Snapshot>>,
+}
+
+impl<R: Region> Shared<R> {
+    fn new(engine: Engine<R>) -> Self {
+        let snapshot = RwLock::new(Arc::new(engine.snapshot()));
+        Shared {
+            engine: Mutex::new(engine),
+            snapshot,
+        }
+    }
+
+    /// The state as of the last change.
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs one change on the engine, showing it as in progress meanwhile,
+    /// then publishes the engine's new state for readers.
+    fn change<T>(&self, kind: &str, run: impl FnOnce(&mut Engine<R>) -> T) -> T {
+        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        let out = {
+            let _running = engine.progress().clone().begin(kind);
+            run(&mut engine)
+        };
+        let next = Arc::new(engine.snapshot());
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = next;
+        out
+    }
+}
 
 /// Exit status requested by a thread (-1: keep running).
 static EXIT: AtomicI32 = AtomicI32::new(-1);
@@ -70,7 +104,7 @@ fn serve_engine<R: Region + 'static>(
         engine.state(),
         engine.generation()
     );
-    let engine: Shared<R> = Arc::new(Mutex::new(engine));
+    let engine = Arc::new(Shared::new(engine));
     if let Some(Ok(n)) = liveupdate::systemd::Notifier::from_env()
         && let Err(e) = n.notify("READY=1", &[])
     {
@@ -92,49 +126,25 @@ fn serve_engine<R: Region + 'static>(
         args.max_connections as usize,
         args.max_connections_per_uid as usize,
     ));
-    let mut backoff = AcceptBackoff::default();
-    loop {
-        if EXIT.load(Ordering::SeqCst) >= 0 {
-            break;
-        }
-        let conn = match listener.accept() {
-            Ok((c, _)) => {
-                backoff.recovered();
-                c
-            }
-            Err(e) => {
-                backoff.failed(&e);
-                continue;
-            }
-        };
-        if EXIT.load(Ordering::SeqCst) >= 0 {
-            break;
-        }
-        let Some(slot) = limits.admit(&conn) else {
-            continue;
-        };
-        let engine = engine.clone();
-        let socket = args.socket.clone();
-        let spawned = std::thread::Builder::new().name("luod-client".into()).spawn(move || {
-            let _slot = slot;
-            serve(conn, &engine, timeout);
-            if EXIT.load(Ordering::SeqCst) >= 0 {
-                let _ = UnixStream::connect(&socket);
-            }
-        });
-        if let Err(e) = spawned {
-            // The closure (and with it the connection and its slot) is dropped.
-            tracing::warn!("cannot start a thread for a client: {e}; its connection is closed");
-            backoff.pause();
-        }
-    }
+    let events = Arc::new(Events::new(timeout).map_err(|e| StartError::Io {
+        what: "cannot create the epoll instance for",
+        path: args.socket.display().to_string(),
+        source: e.into(),
+    })?);
+    let (jobs, changes) = start_threads(&engine, &events, args.socket.clone()).map_err(|e| StartError::Io {
+        what: "cannot start the threads that serve",
+        path: args.socket.display().to_string(),
+        source: e,
+    })?;
+    run_loop(&listener, &events, &limits, &jobs, timeout);
+    drop((jobs, changes));
     let code = EXIT.load(Ordering::SeqCst).max(0);
     // Only the socket this luod bound: never a file put there since.
     if std::fs::symlink_metadata(&args.socket).is_ok_and(|m| (m.dev(), m.ino()) == bound) {
         let _ = std::fs::remove_file(&args.socket);
     }
     // Hold the engine lock while exiting so no request is half-served.
-    let _guard = engine.lock().unwrap_or_else(|p| p.into_inner());
+    let _guard = engine.engine.lock().unwrap_or_else(|p| p.into_inner());
     tracing::info!("luod exits with status {code}");
     Ok(code as u8)
 }
@@ -485,37 +495,330 @@ fn fitting(sessions: impl Iterator<Item = SessionInfo>, budget: usize) -> Vec<Se
     out
 }
 
-/// Serves one connection until it closes or breaks the protocol.
-fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
-    // A client that does not read its answers cannot pin this thread.
-    let _ = conn.set_write_timeout(Some(timeout));
-    let caller = match peer::caller(&conn) {
-        Ok(c) => c,
-        Err(e) => {
-            CREDENTIAL_FAILURES.event(|n| {
-                tracing::warn!(
-                    "cannot tell who is connecting: {e}; refused {n} connection(s) for this (next report in {} s at the earliest)",
-                    LOG_INTERVAL.as_secs()
-                )
-            });
-            let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
-            let msg = format!("luod cannot tell who is connecting: {e}; try again");
-            let _ = frame::send(&conn, &protocol_error(msg), &[]);
+/// Threads that serve connections between the event loop and the engine:
+/// they learn who connected, read what arrived, answer hellos and reads
+/// from the snapshot, and send answers. A fixed number, whatever the
+/// number of connections.
+const WORKERS: usize = 4;
+
+/// The epoll key of the listening socket (a connection's key is its fd).
+const LISTENER: u64 = u64::MAX;
+
+/// A connection between its requests: parked in the event loop, or being
+/// served by one thread.
+struct Conn {
+    stream: UnixStream,
+    caller: Caller,
+    greeted: bool,
+    /// The frame arriving, kept between reads.
+    reader: frame::FrameReader,
+    /// When the frame that began must be whole, or (before the hello) when
+    /// the first byte must have come; `None` while idle after the hello.
+    deadline: Option<Instant>,
+    /// When the frame being read began to arrive.
+    frame_started: Option<Instant>,
+    /// Registered with epoll already (re-armed with `modify`).
+    registered: bool,
+    _slot: Slot,
+}
+
+/// Work for the threads of the pool.
+enum Job {
+    /// A connection just accepted (when it was).
+    New(UnixStream, Slot, Instant),
+    /// Something arrived on a parked connection, or it closed.
+    Readable(Box<Conn>),
+    /// A parked connection's deadline passed.
+    Late(Box<Conn>),
+}
+
+/// A request that may change state, for the engine's thread.
+struct Change {
+    conn: Box<Conn>,
+    req: Request,
+    fds: Vec<OwnedFd>,
+}
+
+/// The event loop's epoll instance and its parked connections.
+struct Events {
+    epoll: nix::sys::epoll::Epoll,
+    parked: Mutex<Parked>,
+    timeout: Duration,
+}
+
+#[derive(Default)]
+struct Parked {
+    conns: HashMap<std::os::fd::RawFd, Box<Conn>>,
+    /// Deadlines of parked connections, soonest first (stale ones skipped).
+    deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, std::os::fd::RawFd)>>,
+}
+
+impl Events {
+    fn new(timeout: Duration) -> nix::Result<Self> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags};
+        Ok(Events {
+            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+            parked: Mutex::new(Parked::default()),
+            timeout,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Parked> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands `conn` back to the event loop until something arrives on it
+    /// or its deadline passes. A connection epoll refuses is closed.
+    fn park(&self, mut conn: Box<Conn>) {
+        use nix::sys::epoll::{EpollEvent, EpollFlags};
+        let fd = conn.stream.as_raw_fd();
+        let registered = std::mem::replace(&mut conn.registered, true);
+        let mut event = EpollEvent::new(
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT,
+            fd as u64,
+        );
+        // Parked before it is armed, and armed under the lock: the event
+        // loop cannot take it out (and close it) in between.
+        let mut p = self.lock();
+        if let Some(at) = conn.deadline {
+            p.deadlines.push(std::cmp::Reverse((at, fd)));
+        }
+        p.conns.insert(fd, conn);
+        // SAFETY: `fd` is the descriptor of the stream just put in the map,
+        // which keeps it open while `p` (the map's lock) is held, and the
+        // borrow ends with the epoll_ctl call below, under that lock.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let armed = if registered {
+            self.epoll.modify(borrowed, &mut event)
+        } else {
+            self.epoll.add(borrowed, event)
+        };
+        if let Err(e) = armed {
+            tracing::warn!("cannot watch a client's connection: {e}; it is closed");
+            p.conns.remove(&fd);
+        }
+    }
+
+    /// Takes out the parked connection `fd`, if it is parked.
+    fn take(&self, fd: std::os::fd::RawFd) -> Option<Box<Conn>> {
+        self.lock().conns.remove(&fd)
+    }
+
+    /// Takes out the connections whose deadline passed, each to `late`;
+    /// returns how long until the next one (at most a second).
+    fn expired(&self, now: Instant, mut late: impl FnMut(Box<Conn>)) -> Duration {
+        let mut p = self.lock();
+        while let Some(std::cmp::Reverse((at, fd))) = p.deadlines.peek().copied() {
+            if at > now {
+                return (at - now).min(Duration::from_secs(1));
+            }
+            p.deadlines.pop();
+            if p.conns.get(&fd).is_some_and(|c| c.deadline == Some(at))
+                && let Some(c) = p.conns.remove(&fd)
+            {
+                late(c);
+            }
+        }
+        Duration::from_secs(1)
+    }
+}
+
+type Jobs = std::sync::mpsc::Sender<Job>;
+type Changes = std::sync::mpsc::Sender<Change>;
+
+/// Starts the pool's threads and the engine's thread.
+fn start_threads<R: Region + 'static>(
+    shared: &Arc<Shared<R>>,
+    events: &Arc<Events>,
+    socket: std::path::PathBuf,
+) -> std::io::Result<(Jobs, Changes)> {
+    let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
+    let (changes, change_rx) = std::sync::mpsc::channel::<Change>();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    for _ in 0..WORKERS {
+        let (job_rx, shared, events, changes) = (job_rx.clone(), shared.clone(), events.clone(), changes.clone());
+        std::thread::Builder::new().name("luod-worker".into()).spawn(move || {
+            loop {
+                let job = match job_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                };
+                work(job, &shared, &events, &changes);
+            }
+        })?;
+    }
+    let (shared, events) = (shared.clone(), events.clone());
+    std::thread::Builder::new().name("luod-engine".into()).spawn(move || {
+        while let Ok(Change { conn, req, fds }) = change_rx.recv() {
+            let kind = req.kind();
+            let outcome = shared.change(kind, |engine| dispatch(engine, &conn.caller, req, fds, &conn.stream));
+            if outcome.keep_conn {
+                // The kvm subsystem has its own duplicate: the loop lets go.
+                let _ = events.epoll.delete(&conn.stream);
+            }
+            if answer(conn, kind, outcome, &events) {
+                // Wake the event loop, which sees EXIT.
+                let _ = UnixStream::connect(&socket);
+                return;
+            }
+        }
+    })?;
+    Ok((jobs, changes))
+}
+
+/// The event loop: accepts connections and watches the parked ones; hands
+/// each that has something to read, or whose deadline passed, to the pool.
+/// Returns when luod must exit.
+fn run_loop(listener: &UnixListener, events: &Events, limits: &Arc<Limits>, jobs: &Jobs, timeout: Duration) {
+    use nix::sys::epoll::{EpollEvent, EpollFlags};
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::warn!("cannot make the listening socket non-blocking: {e}");
+    }
+    if let Err(e) = events
+        .epoll
+        .add(listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))
+    {
+        tracing::error!("cannot watch the listening socket: {e}; luod stops");
+        EXIT.store(1, Ordering::SeqCst);
+        return;
+    }
+    let mut backoff = AcceptBackoff::default();
+    let mut ready = vec![EpollEvent::empty(); 256];
+    let mut wait = Duration::from_secs(1);
+    loop {
+        if EXIT.load(Ordering::SeqCst) >= 0 {
             return;
         }
-    };
-    let mut greeted = false;
+        let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+        let n = match events.epoll.wait(&mut ready, ms) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => {
+                tracing::error!("epoll_wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                0
+            }
+        };
+        // Connections first: one a client closed frees its place here, at
+        // once, before the connections that wait to be accepted are counted.
+        let mut accept = false;
+        for event in &ready[..n] {
+            if event.data() == LISTENER {
+                accept = true;
+            } else if let Some(conn) = events.take(event.data() as std::os::fd::RawFd) {
+                // Half a frame then the end: the pool logs it as before.
+                if conn.reader.started() || !closed(&conn.stream) {
+                    let _ = jobs.send(Job::Readable(conn));
+                }
+            }
+        }
+        if accept {
+            accept_all(listener, limits, jobs, &mut backoff);
+            if EXIT.load(Ordering::SeqCst) >= 0 {
+                return;
+            }
+        }
+        let next = events.expired(Instant::now(), |conn| {
+            let _ = jobs.send(Job::Late(conn));
+        });
+        wait = next.min(timeout);
+    }
+}
+
+/// True when the client closed `stream` with nothing left to read (or it
+/// broke); looks without waiting and takes nothing from it.
+fn closed(stream: &UnixStream) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    let mut byte = [0u8; 1];
+    match recv(
+        stream.as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+        Err(_) => true,
+    }
+}
+
+/// Accepts every pending connection; admitted ones go to the pool.
+fn accept_all(listener: &UnixListener, limits: &Arc<Limits>, jobs: &Jobs, backoff: &mut AcceptBackoff) {
     loop {
-        // An idle client may wait as long as it likes (a VMM keeps its
-        // connection); once a frame starts, the whole of it must come within
-        // `timeout`, so a client that trickles bytes cannot pin a thread.
-        // Before its hello, a connection is not idle but silent: it gets
-        // `timeout` to start, so silent connections cannot hold the places.
-        let _ = conn.set_read_timeout(if greeted { None } else { Some(timeout) });
-        let mut first = [0u8; 1];
-        match nix::sys::socket::recv(conn.as_raw_fd(), &mut first, nix::sys::socket::MsgFlags::MSG_PEEK) {
-            Ok(0) => return,
-            Err(nix::errno::Errno::EAGAIN) if !greeted => {
+        let conn = match listener.accept() {
+            Ok((c, _)) => {
+                backoff.recovered();
+                c
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                backoff.failed(&e);
+                return;
+            }
+        };
+        if EXIT.load(Ordering::SeqCst) >= 0 {
+            return;
+        }
+        if let Err(e) = conn.set_nonblocking(false) {
+            tracing::warn!("cannot make a client's connection blocking: {e}; it is closed");
+            continue;
+        }
+        if let Some(slot) = limits.admit(&conn) {
+            let _ = jobs.send(Job::New(conn, slot, Instant::now()));
+        }
+    }
+}
+
+/// One job of the pool.
+fn work<R: Region>(job: Job, shared: &Shared<R>, events: &Events, changes: &Changes) {
+    let timeout = events.timeout;
+    match job {
+        Job::New(stream, slot, accepted) => {
+            // A client that does not read its answers cannot pin a thread.
+            let _ = stream.set_write_timeout(Some(timeout));
+            let caller = match peer::caller(&stream) {
+                Ok(c) => c,
+                Err(e) => {
+                    CREDENTIAL_FAILURES.event(|n| {
+                        tracing::warn!(
+                            "cannot tell who is connecting: {e}; refused {n} connection(s) for this (next report in {} s at the earliest)",
+                            LOG_INTERVAL.as_secs()
+                        )
+                    });
+                    let _ = stream.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+                    let msg = format!("luod cannot tell who is connecting: {e}; try again");
+                    let _ = frame::send(&stream, &protocol_error(msg), &[]);
+                    return;
+                }
+            };
+            // Before its hello, a connection is not idle but silent: it gets
+            // `timeout` to start, so silent connections cannot hold the places.
+            events.park(Box::new(Conn {
+                stream,
+                caller,
+                greeted: false,
+                reader: frame::FrameReader::default(),
+                deadline: Some(accepted + timeout),
+                frame_started: None,
+                registered: false,
+                _slot: slot,
+            }));
+        }
+        Job::Late(conn) => {
+            let caller = conn.caller;
+            let _ = conn.stream.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+            if conn.reader.started() {
+                // Once a frame starts, the whole of it must come within
+                // `timeout`, so a client that trickles bytes is cut off.
+                let e = conn.reader.late(timeout);
+                tracing::info!(
+                    "client pid {} uid {}: {e}; closing the connection",
+                    caller.pid,
+                    caller.uid
+                );
+                let resp = protocol_error(format!("{e}; closing the connection"));
+                send_logged(&conn.stream, &caller, "a broken frame", &resp, &[]);
+            } else {
                 let msg = format!(
                     "nothing received within {} s of connecting; a client says hello first",
                     timeout.as_secs()
@@ -525,90 +828,129 @@ fn serve<R: Region>(conn: UnixStream, engine: &Shared<R>, timeout: Duration) {
                     caller.pid,
                     caller.uid
                 );
-                let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
-                send_logged(&conn, &caller, "a silent connection", &protocol_error(msg), &[]);
-                return;
+                send_logged(&conn.stream, &caller, "a silent connection", &protocol_error(msg), &[]);
             }
-            Err(_) => return,
-            Ok(_) => {}
         }
-        let (req, fds): (Request, Vec<OwnedFd>) = match frame::recv_within(&conn, timeout) {
-            Ok(m) => m,
-            Err(FrameError::Closed) => return,
-            Err(e) => {
-                tracing::info!(
-                    "client pid {} uid {}: {e}; closing the connection",
-                    caller.pid,
-                    caller.uid
-                );
-                let _ = conn.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
-                let resp = protocol_error(format!("{e}; closing the connection"));
-                send_logged(&conn, &caller, "a broken frame", &resp, &[]);
-                return;
-            }
-        };
-        if !greeted {
-            match req {
-                Request::Hello { version, client } if version == PROTOCOL_VERSION => {
-                    tracing::debug!("client {client} pid {} uid {} connected", caller.pid, caller.uid);
-                    greeted = true;
-                    let hello = Response::Hello {
-                        version: PROTOCOL_VERSION,
-                        server: format!("luod {}", env!("CARGO_PKG_VERSION")),
-                    };
-                    if !send_logged(&conn, &caller, "hello", &hello, &[]) {
-                        return;
+        Job::Readable(mut conn) => {
+            let caller = conn.caller;
+            let (req, fds) = match conn.reader.read::<Request>(&conn.stream) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    if conn.reader.started() && conn.frame_started.is_none() {
+                        // The frame's deadline runs from its first bytes.
+                        let now = Instant::now();
+                        conn.frame_started = Some(now);
+                        conn.deadline = Some(now + timeout);
                     }
-                    continue;
+                    events.park(conn);
+                    return;
                 }
-                Request::Hello { version, .. } => {
-                    let msg = format!(
-                        "luod speaks protocol version {PROTOCOL_VERSION}, the client {version}; use matching luod and client versions"
+                Err(FrameError::Closed) => return,
+                Err(e) => {
+                    tracing::info!(
+                        "client pid {} uid {}: {e}; closing the connection",
+                        caller.pid,
+                        caller.uid
                     );
-                    send_logged(&conn, &caller, "hello", &protocol_error(msg), &[]);
+                    let _ = conn.stream.set_write_timeout(Some(REFUSAL_SEND_TIMEOUT));
+                    let resp = protocol_error(format!("{e}; closing the connection"));
+                    send_logged(&conn.stream, &caller, "a broken frame", &resp, &[]);
                     return;
                 }
-                other => {
-                    let msg = format!("the first request must be hello, not {}", other.kind());
-                    send_logged(&conn, &caller, other.kind(), &protocol_error(msg), &[]);
-                    return;
-                }
-            }
-        }
-        let kind = req.kind();
-        let Outcome {
-            resp,
-            fds: mut out_fds,
-            exit,
-            keep_conn,
-        } = {
-            let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
-            dispatch(&mut engine, &caller, req, fds, &conn)
-        };
-        let resp = fit(kind, resp);
-        if matches!(resp, Response::Error(_)) {
-            // An answer too large to send goes with none of its files.
-            out_fds.clear();
-        }
-        match &resp {
-            Response::Error(e) => tracing::info!("{kind} from uid {} refused: {}", caller.uid, e.message),
-            _ if !matches!(kind, "status" | "history" | "session-list" | "check" | "vm-list") => {
-                tracing::info!("{kind} from uid {} done", caller.uid)
-            }
-            _ => {}
-        }
-        let fds: Vec<_> = out_fds.iter().map(|f| f.as_fd()).collect();
-        let sent = send_logged(&conn, &caller, kind, &resp, &fds);
-        if let Some(code) = exit {
-            EXIT.store(code, Ordering::SeqCst);
-            return;
-        }
-        if !sent || keep_conn {
-            // A registered VMM's connection now belongs to the kvm
-            // subsystem, which sends it calls; this thread stops reading.
-            return;
+            };
+            // An idle client may wait as long as it likes (a VMM keeps its
+            // connection) once it said hello.
+            conn.deadline = None;
+            conn.frame_started = None;
+            request(conn, req, fds, shared, events, changes);
         }
     }
+}
+
+/// Serves one whole request: the hello, a read from the snapshot, or a
+/// change handed to the engine's thread.
+fn request<R: Region>(
+    mut conn: Box<Conn>,
+    req: Request,
+    fds: Vec<OwnedFd>,
+    shared: &Shared<R>,
+    events: &Events,
+    changes: &Changes,
+) {
+    let caller = conn.caller;
+    if !conn.greeted {
+        match req {
+            Request::Hello { version, client } if version == PROTOCOL_VERSION => {
+                tracing::debug!("client {client} pid {} uid {} connected", caller.pid, caller.uid);
+                conn.greeted = true;
+                let hello = Response::Hello {
+                    version: PROTOCOL_VERSION,
+                    server: format!("luod {}", env!("CARGO_PKG_VERSION")),
+                };
+                if send_logged(&conn.stream, &caller, "hello", &hello, &[]) {
+                    events.park(conn);
+                }
+            }
+            Request::Hello { version, .. } => {
+                let msg = format!(
+                    "luod speaks protocol version {PROTOCOL_VERSION}, the client {version}; use matching luod and client versions"
+                );
+                send_logged(&conn.stream, &caller, "hello", &protocol_error(msg), &[]);
+            }
+            other => {
+                let msg = format!("the first request must be hello, not {}", other.kind());
+                send_logged(&conn.stream, &caller, other.kind(), &protocol_error(msg), &[]);
+            }
+        }
+        return;
+    }
+    match read(&shared.snapshot(), &caller, &req, &fds) {
+        Some(outcome) => {
+            answer(conn, req.kind(), outcome, events);
+        }
+        None => {
+            if let Err(e) = changes.send(Change { conn, req, fds }) {
+                tracing::error!("the engine's thread is gone; a request is dropped");
+                drop(e);
+            }
+        }
+    }
+}
+
+/// Sends the answer to one request and parks the connection again, unless
+/// it was handed to the engine or luod must exit. True when luod must exit.
+fn answer(conn: Box<Conn>, kind: &'static str, outcome: Outcome, events: &Events) -> bool {
+    let caller = conn.caller;
+    let Outcome {
+        resp,
+        fds: mut out_fds,
+        exit,
+        keep_conn,
+    } = outcome;
+    let resp = fit(kind, resp);
+    if matches!(resp, Response::Error(_)) {
+        // An answer too large to send goes with none of its files.
+        out_fds.clear();
+    }
+    match &resp {
+        Response::Error(e) => tracing::info!("{kind} from uid {} refused: {}", caller.uid, e.message),
+        _ if !matches!(kind, "status" | "history" | "session-list" | "check" | "vm-list") => {
+            tracing::info!("{kind} from uid {} done", caller.uid)
+        }
+        _ => {}
+    }
+    let fds: Vec<_> = out_fds.iter().map(|f| f.as_fd()).collect();
+    let sent = send_logged(&conn.stream, &caller, kind, &resp, &fds);
+    if let Some(code) = exit {
+        EXIT.store(code, Ordering::SeqCst);
+        return true;
+    }
+    if sent && !keep_conn {
+        events.park(conn);
+    }
+    // A registered VMM's connection now belongs to the kvm subsystem,
+    // which sends it calls; the loop no longer watches it.
+    false
 }
 
 /// What one request produced.
@@ -633,7 +975,42 @@ impl From<Response> for Outcome {
     }
 }
 
-/// Runs one request.
+/// Answers a read request (`status`, `history`, `session-list`,
+/// `session-list-from`, `vm-list`) from the snapshot, without waiting for
+/// a change in progress; `None` for any other request (and for a read that
+/// came with descriptors, which the engine refuses).
+fn read(snapshot: &Snapshot, caller: &Caller, req: &Request, fds: &[OwnedFd]) -> Option<Outcome> {
+    if !fds.is_empty() {
+        return None;
+    }
+    let resp = match req {
+        Request::Status => Response::Status(Box::new(snapshot.status(caller))),
+        Request::History => Response::History(snapshot.history_report(caller)),
+        Request::SessionList => Response::Sessions(snapshot.session_list(caller)),
+        Request::SessionListFrom { start } => {
+            let all = snapshot.session_list(caller);
+            let skip = usize::try_from(*start).unwrap_or(usize::MAX);
+            let left = all.len().saturating_sub(skip);
+            let page = fitting(all.into_iter().skip(skip), SESSION_PAGE_BUDGET);
+            if page.is_empty() && left > 0 {
+                // An empty page means "no more": never send one when there are.
+                return Some(Outcome::from(Response::Error(
+                    EngineError::Io(format!(
+                        "session {start} of the list alone does not fit in one answer ({} bytes)",
+                        frame::MAX_FRAME_LEN
+                    ))
+                    .to_reply(),
+                )));
+            }
+            Response::Sessions(page)
+        }
+        Request::VmList => Response::Vms(snapshot.vm_list(caller)),
+        _ => return None,
+    };
+    Some(Outcome::from(resp))
+}
+
+/// Runs one request that may change state (or came with descriptors).
 fn dispatch<R: Region>(
     engine: &mut Engine<R>,
     caller: &Caller,
@@ -657,10 +1034,15 @@ fn dispatch<R: Region>(
     }
     let r = match req {
         Request::Hello { .. } => Err(EngineError::InvalidArgument("hello was already exchanged".into())),
-        Request::Status => Ok(Response::Status(engine.status(caller))),
+        Request::Status
+        | Request::History
+        | Request::SessionList
+        | Request::SessionListFrom { .. }
+        | Request::VmList => {
+            return read(&engine.snapshot(), caller, &req, &[]).expect("a read request");
+        }
         // The target kernel's images come as descriptors the client opened.
         Request::Check(args) => Ok(Response::Check(engine.check(caller, &args, std::mem::take(&mut fds)))),
-        Request::History => Ok(Response::History(engine.history_report(caller))),
         Request::Prepare(args) => engine
             .prepare(caller, &args, std::mem::take(&mut fds))
             .map(Response::Transition),
@@ -677,21 +1059,6 @@ fn dispatch<R: Region>(
             };
         }
         Request::SessionCreate { name } => engine.session_create(caller, &name).map(|()| Response::Done),
-        Request::SessionList => Ok(Response::Sessions(engine.session_list(caller))),
-        Request::SessionListFrom { start } => {
-            let all = engine.session_list(caller);
-            let skip = usize::try_from(start).unwrap_or(usize::MAX);
-            let left = all.len().saturating_sub(skip);
-            let page = fitting(all.into_iter().skip(skip), SESSION_PAGE_BUDGET);
-            if page.is_empty() && left > 0 {
-                // An empty page means "no more": never send one when there are.
-                return err(EngineError::Io(format!(
-                    "session {start} of the list alone does not fit in one answer ({} bytes)",
-                    frame::MAX_FRAME_LEN
-                )));
-            }
-            Ok(Response::Sessions(page))
-        }
         Request::SessionPreserve { name, token } => {
             if fds.len() != 1 {
                 liveupdate::engine::close_elsewhere(std::mem::take(&mut fds));
@@ -743,7 +1110,6 @@ fn dispatch<R: Region>(
             };
         }
         Request::VmAbandon { name } => engine.vm_abandon(caller, &name).map(|()| Response::Done),
-        Request::VmList => Ok(Response::Vms(engine.vm_list(caller))),
         Request::DiscardRecord => engine.discard_record(caller).map(Response::RecordDiscarded),
         Request::SessionEvict { name } => engine.session_evict(caller, &name).map(|()| Response::Done),
     };

@@ -397,7 +397,7 @@ impl Conn {
     /// `status`.
     pub fn status(&mut self) -> StatusReport {
         match self.call(&Request::Status) {
-            Ok(Response::Status(s)) => s,
+            Ok(Response::Status(s)) => *s,
             other => panic!("status answered {other:?}"),
         }
     }

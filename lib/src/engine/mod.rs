@@ -11,6 +11,7 @@ mod handover;
 mod images;
 mod quotas;
 mod sessions;
+mod snapshot;
 mod startup;
 mod transitions;
 mod unreadable;
@@ -21,6 +22,7 @@ pub use error::EngineError;
 pub use handover::{HANDOVER_PARAM, STALE_EVENT, stamp_cmdline};
 pub use images::MAX_IMAGE_SIZE;
 pub use quotas::{Quota, Quotas, SESSION_EVICTED, SESSION_FINISHED_BY_ROOT};
+pub use snapshot::Snapshot;
 pub use startup::{HostInfo, StartOptions};
 pub use transitions::Rebooted;
 pub use vms::{Claimed, KVM, Kvm, SharedVms, VmSaved, VmTable, vm_session};
@@ -29,8 +31,8 @@ pub use vms::{Claimed, KVM, Kvm, SharedVms, VmSaved, VmTable, vm_session};
 pub const SIMULATED_KEXEC_EXIT: i32 = 75;
 
 use crate::kernel::Kernel;
-use crate::protocol::{CheckItem, CheckReport, CycleSummary, FileInfo, PrepareArgs, SessionInfo, StatusReport};
-use crate::record::{Cycle, HandoverRecord, RecordStore, SessionRecord, UnixNanos};
+use crate::protocol::{CheckItem, CheckReport, CycleSummary, PrepareArgs, StatusReport};
+use crate::record::{Cycle, HandoverRecord, RecordStore, UnixNanos};
 use crate::region::Region;
 use crate::state::{Event, State};
 use crate::subsystem::Registry;
@@ -188,53 +190,9 @@ impl<R: Region> Engine<R> {
         }
     }
 
-    fn session_info(s: &SessionRecord) -> SessionInfo {
-        SessionInfo {
-            name: s.name.to_string(),
-            owner_uid: s.owner_uid,
-            files: s
-                .fds
-                .iter()
-                .map(|f| FileInfo {
-                    token: f.token,
-                    size: f.size,
-                    retrieved: f.retrieved,
-                })
-                .collect(),
-            incoming: s.incoming,
-        }
-    }
-
     /// `status`: everything a caller may see.
     pub fn status(&self, caller: &Caller) -> StatusReport {
-        let sessions = self
-            .record
-            .sessions
-            .iter()
-            .filter(|s| caller.privileged || s.owner_uid == caller.uid)
-            .map(Self::session_info)
-            .collect();
-        let last_cycle = match &self.record.update {
-            Some(u) => Some(CycleSummary {
-                id: u.id,
-                outcome: "in-progress".into(),
-                target_kernel: u.target.as_ref().map(|t| t.kernel.clone()),
-                timestamps: u.timestamps.clone(),
-                blackout_ns: blackout(&u.timestamps),
-            }),
-            None => self.record.history.last().map(summary),
-        };
-        StatusReport {
-            state: self.record.state,
-            backend: self.kernel.name().to_string(),
-            region: self.store.region().describe(),
-            generation: self.generation,
-            sessions,
-            subsystems: self.registry.names(),
-            last_cycle,
-            live_updates: self.record.live_updates,
-            notes: self.notes.iter().cloned().chain(self.kernel.park_notes()).collect(),
-        }
+        self.snapshot().status(caller)
     }
 
     /// `history`: past cycles, oldest first.
@@ -390,7 +348,7 @@ pub fn blackout(t: &crate::record::Timestamps) -> Option<u64> {
     Some(t.updated?.saturating_sub(t.freeze_started?))
 }
 
-fn summary(c: &Cycle) -> CycleSummary {
+pub(super) fn summary(c: &Cycle) -> CycleSummary {
     CycleSummary {
         id: c.id,
         outcome: match c.outcome {

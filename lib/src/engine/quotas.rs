@@ -92,7 +92,7 @@ pub const SESSION_FINISHED_BY_ROOT: &str = "session-finished-by-root";
 
 /// The start of a session event's detail: who owned the session. An
 /// unprivileged caller sees the events about its own sessions by it.
-fn owner_prefix(uid: u32) -> String {
+pub(super) fn owner_prefix(uid: u32) -> String {
     format!("owner uid {uid};")
 }
 
@@ -256,16 +256,6 @@ impl<R: Region> Engine<R> {
     /// `history`: the cycles, and the events the caller may see (root: all;
     /// others: those it caused and those about its own sessions).
     pub fn history_report(&self, caller: &Caller) -> HistoryReport {
-        let own = owner_prefix(caller.uid);
-        HistoryReport {
-            cycles: self.record.history.clone(),
-            events: self
-                .record
-                .events
-                .iter()
-                .filter(|e| caller.privileged || e.uid == caller.uid || e.detail.starts_with(&own))
-                .cloned()
-                .collect(),
-        }
+        self.snapshot().history_report(caller)
     }
 }

@@ -109,12 +109,7 @@ impl<R: Region> Engine<R> {
 
     /// The caller's sessions.
     pub fn session_list(&self, caller: &Caller) -> Vec<SessionInfo> {
-        self.record
-            .sessions
-            .iter()
-            .filter(|s| s.owner_uid == caller.uid)
-            .map(Self::session_info)
-            .collect()
+        self.snapshot().session_list(caller)
     }
 
     /// Takes back a preserved file after an update. Only in `updated`.

@@ -70,6 +70,13 @@ impl VmTable {
         self.vms.is_empty()
     }
 
+    /// Each VM's name, owner, tokens and VMM connection, in order.
+    pub(super) fn rows(&self) -> impl Iterator<Item = (&str, u32, &[u64], Option<&UnixStream>)> {
+        self.vms
+            .iter()
+            .map(|v| (v.name.as_str(), v.owner_uid, v.tokens.as_slice(), v.conn.as_ref()))
+    }
+
     /// Forgets VM `name` (its session ended); its VMM's connection closes.
     pub(super) fn forget(&mut self, name: &str) {
         self.vms.retain(|v| v.name != name);
@@ -87,10 +94,20 @@ pub struct Claimed {
     pub fds: Vec<OwnedFd>,
 }
 
+/// The VMs a record's `kvm` section saved at `freeze`.
+pub(super) fn saved_vms_of(record: &crate::record::HandoverRecord) -> Vec<VmSaved> {
+    record
+        .subsystems
+        .iter()
+        .find(|s| s.name == KVM && s.version == KVM_BLOB_VERSION)
+        .and_then(|s| postcard::from_bytes(&s.blob).ok())
+        .unwrap_or_default()
+}
+
 /// A [`VmTable`] shared between the engine and the `kvm` subsystem.
 pub type SharedVms = Arc<Mutex<VmTable>>;
 
-fn lock(vms: &SharedVms) -> std::sync::MutexGuard<'_, VmTable> {
+pub(super) fn lock(vms: &SharedVms) -> std::sync::MutexGuard<'_, VmTable> {
     vms.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -99,18 +116,23 @@ fn lock(vms: &SharedVms) -> std::sync::MutexGuard<'_, VmTable> {
 pub struct Kvm {
     vms: SharedVms,
     timeout: Duration,
+    progress: crate::progress::ProgressCell,
 }
 
 impl Kvm {
     /// The subsystem over `vms`, waiting at most `timeout` for each answer.
     pub fn new(vms: SharedVms, timeout: Duration) -> Self {
-        Kvm { vms, timeout }
+        Kvm {
+            vms,
+            timeout,
+            progress: Default::default(),
+        }
     }
 }
 
 /// True when the VMM closed its end of `conn` (or the connection broke);
 /// looks without waiting and without taking anything from the stream.
-fn peer_closed(conn: &UnixStream) -> bool {
+pub(super) fn peer_closed(conn: &UnixStream) -> bool {
     use nix::sys::socket::{MsgFlags, recv};
     use std::os::fd::AsRawFd;
     let mut byte = [0u8; 1];
@@ -167,6 +189,8 @@ impl Kvm {
         let mut table = lock(&self.vms);
         let mut saved = Vec::new();
         for k in 0..table.vms.len() {
+            self.progress
+                .waiting_for(|| format!("VM {} ({})", table.vms[k].name, step.as_str()));
             match call(&mut table.vms[k], step, self.timeout) {
                 Ok(state) => {
                     let vm = &mut table.vms[k];
@@ -180,6 +204,8 @@ impl Kvm {
                 }
                 Err(e) => {
                     for vm in table.vms[..k].iter_mut().rev() {
+                        self.progress
+                            .waiting_for(|| format!("VM {} ({})", vm.name, undo.as_str()));
                         if let Err(u) = call(vm, undo, self.timeout) {
                             tracing::error!("while undoing {}: {u}", step.as_str());
                         }
@@ -197,7 +223,11 @@ impl Kvm {
             .vms
             .iter_mut()
             .rev()
-            .filter_map(|vm| call(vm, undo, self.timeout).err())
+            .filter_map(|vm| {
+                self.progress
+                    .waiting_for(|| format!("VM {} ({})", vm.name, undo.as_str()));
+                call(vm, undo, self.timeout).err()
+            })
             .map(|e| e.to_string())
             .collect();
         if failures.is_empty() {
@@ -211,6 +241,9 @@ impl Kvm {
 impl Subsystem for Kvm {
     fn name(&self) -> &str {
         KVM
+    }
+    fn set_progress(&mut self, progress: crate::progress::ProgressCell) {
+        self.progress = progress;
     }
     fn prepare(&mut self, _ctx: &PrepareContext) -> Result<Option<Blob>, SubsystemError> {
         self.forward(VmCall::Prepare, VmCall::Cancel).map(|_| None)
@@ -253,12 +286,7 @@ impl<R: Region> Engine<R> {
 
     /// The VMs carried by the update in flight (the record's `kvm` section).
     pub fn saved_vms(&self) -> Vec<VmSaved> {
-        self.record
-            .subsystems
-            .iter()
-            .find(|s| s.name == KVM && s.version == KVM_BLOB_VERSION)
-            .and_then(|s| postcard::from_bytes(&s.blob).ok())
-            .unwrap_or_default()
+        saved_vms_of(&self.record)
     }
 
     /// Registers a VM (its memfds, one per token) or, with no fds and the
@@ -391,50 +419,14 @@ impl<R: Region> Engine<R> {
 
     /// The VMs: registered ones and, in `updated`, those awaiting a claim.
     pub fn vm_list(&self, caller: &Caller) -> Vec<VmInfo> {
-        let visible = |uid: u32| caller.privileged || uid == caller.uid;
-        if self.record.state == State::Updated {
-            return self
-                .saved_vms()
-                .into_iter()
-                .filter(|v| visible(v.owner_uid))
-                .map(|v| {
-                    let session = self
-                        .record
-                        .sessions
-                        .iter()
-                        .find(|s| s.name.as_str() == vm_session(&v.name));
-                    let phase = match session {
-                        None => "abandoned",
-                        Some(s) if s.fds.iter().all(|f| f.retrieved) => "claimed",
-                        Some(_) => "awaiting-claim",
-                    };
-                    VmInfo {
-                        name: v.name,
-                        owner_uid: v.owner_uid,
-                        tokens: v.tokens,
-                        phase: phase.into(),
-                    }
-                })
-                .collect();
-        }
-        let Some(vms) = &self.vms else { return Vec::new() };
-        let mut table = lock(vms);
-        for vm in &mut table.vms {
-            if vm.conn.as_ref().is_some_and(peer_closed) {
-                vm.conn = None;
+        if let Some(vms) = &self.vms {
+            for vm in &mut lock(vms).vms {
+                if vm.conn.as_ref().is_some_and(peer_closed) {
+                    vm.conn = None;
+                }
             }
         }
-        table
-            .vms
-            .iter()
-            .filter(|v| visible(v.owner_uid))
-            .map(|v| VmInfo {
-                name: v.name.clone(),
-                owner_uid: v.owner_uid,
-                tokens: v.tokens.clone(),
-                phase: if v.conn.is_some() { "registered" } else { "disconnected" }.into(),
-            })
-            .collect()
+        self.snapshot().vm_list(caller)
     }
 
     /// VMs of the update that no VMM claimed yet (for `finish`).

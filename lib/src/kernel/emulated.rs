@@ -282,6 +282,10 @@ impl Kernel for Emulated {
         self.park.as_ref().map(|p| p.notes()).unwrap_or_default()
     }
 
+    fn park_notes_cell(&self) -> Option<crate::holder::ParkNotes> {
+        self.park.as_ref().and_then(|p| p.notes_cell())
+    }
+
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
         match self.mode {
             KexecMode::Simulated => {

@@ -166,4 +166,8 @@ impl Kernel for FakeKernel {
     fn park_notes(&self) -> Vec<String> {
         self.inner.park_notes()
     }
+
+    fn park_notes_cell(&self) -> Option<crate::holder::ParkNotes> {
+        self.inner.park_notes_cell()
+    }
 }

@@ -463,6 +463,10 @@ impl Kernel for Luo {
         self.park.notes()
     }
 
+    fn park_notes_cell(&self) -> Option<crate::holder::ParkNotes> {
+        self.park.notes_cell()
+    }
+
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
         if self.record_session.is_none() {
             return Err(KernelError::Reboot(

@@ -224,4 +224,10 @@ pub trait Kernel: Send + std::fmt::Debug {
     fn park_notes(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Where the park's notes live when they change without a request
+    /// (see [`FdPark::notes_cell`](crate::holder::FdPark::notes_cell)).
+    fn park_notes_cell(&self) -> Option<crate::holder::ParkNotes> {
+        None
+    }
 }

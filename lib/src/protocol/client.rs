@@ -5,6 +5,7 @@ use super::{ErrorReply, PROTOCOL_VERSION, Request, Response, VmAnswer, VmCall};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Why a call to luod did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,14 @@ pub enum ClientError {
         /// luod's version string.
         server: String,
     },
+    /// luod did not answer within the client's timeout for the request.
+    #[error("luod did not answer {request} within {secs} s")]
+    Timeout {
+        /// The request kind.
+        request: &'static str,
+        /// The timeout, in seconds.
+        secs: u64,
+    },
     /// luod answered something that does not fit the request.
     #[error("luod answered {got} to a {request} request")]
     Unexpected {
@@ -57,6 +66,10 @@ impl ClientError {
             }),
             ClientError::Server(e) if !e.hint.is_empty() => Some(e.hint.clone()),
             ClientError::Version { .. } => Some("use a client built with the same version as luod".to_string()),
+            ClientError::Timeout { .. } => Some(
+                "luod may be stuck or overloaded: see its log and `luoctl status`; --timeout SECS waits longer"
+                    .to_string(),
+            ),
             _ => None,
         }
     }
@@ -67,11 +80,20 @@ impl ClientError {
 pub struct Client {
     sock: UnixStream,
     server: String,
+    /// How long a request may wait for its answer (`None`: for ever).
+    timeout: Option<Duration>,
 }
 
 impl Client {
     /// Connects to the socket at `path` and says hello.
     pub fn connect(path: &Path, name: &str) -> Result<Client, ClientError> {
+        Client::connect_within(path, name, None)
+    }
+
+    /// Like [`Client::connect`], luod's hello awaited at most `timeout`
+    /// ([`ClientError::Timeout`]), which then applies to every request
+    /// until [`Client::set_timeout`] changes it.
+    pub fn connect_within(path: &Path, name: &str, timeout: Option<Duration>) -> Result<Client, ClientError> {
         let sock = UnixStream::connect(path).map_err(|source| ClientError::Connect {
             path: path.to_path_buf(),
             source,
@@ -79,7 +101,9 @@ impl Client {
         let mut c = Client {
             sock,
             server: String::new(),
+            timeout: None,
         };
+        c.set_timeout(timeout)?;
         let hello = Request::Hello {
             version: PROTOCOL_VERSION,
             client: name.to_string(),
@@ -90,6 +114,15 @@ impl Client {
             other => return Err(unexpected(&hello, &other)),
         }
         Ok(c)
+    }
+
+    /// How long each later request may wait for its answer (and to be
+    /// sent); `None` waits for ever.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.sock.set_read_timeout(timeout).map_err(FrameError::Io)?;
+        self.sock.set_write_timeout(timeout).map_err(FrameError::Io)?;
+        self.timeout = timeout;
+        Ok(())
     }
 
     /// luod's version string.
@@ -105,7 +138,21 @@ impl Client {
     /// Sends a request with file descriptors attached; returns the response
     /// and the descriptors that came back with it.
     pub fn call_fds(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>), ClientError> {
+        let late = |e: &FrameError| match (e, self.timeout) {
+            (FrameError::Io(io), Some(t))
+                if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                Some(ClientError::Timeout {
+                    request: req.kind(),
+                    secs: t.as_secs(),
+                })
+            }
+            _ => None,
+        };
         if let Err(e) = frame::send(&self.sock, req, fds) {
+            if let Some(t) = late(&e) {
+                return Err(t);
+            }
             // luod may have refused the connection and closed it before
             // reading (too many connections): its reason is still waiting.
             if let FrameError::Io(io) = &e
@@ -119,7 +166,10 @@ impl Client {
             }
             return Err(e.into());
         }
-        let (resp, fds): (Response, Vec<OwnedFd>) = frame::recv(&self.sock)?;
+        let (resp, fds): (Response, Vec<OwnedFd>) = match frame::recv(&self.sock) {
+            Ok(m) => m,
+            Err(e) => return Err(late(&e).unwrap_or(e.into())),
+        };
         match resp {
             Response::Error(e) => Err(ClientError::Server(Box::new(e))),
             other => Ok((other, fds)),

@@ -189,35 +189,11 @@ fn fill(
                 Err(e) => return Err(FrameError::Io(e)),
             }
         }
-        // Room for the kernel's most (SCM_MAX_FD): never truncated, so every
-        // descriptor that arrives gets an owner, and extra ones are closed.
-        let mut cmsg_space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
-        let mut iov = [IoSliceMut::new(&mut buf[got..])];
-        let msg = match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(FrameError::Io(e.into())),
+        let bytes = match recv_chunk(sock, &mut buf[got..], fds, MsgFlags::empty())? {
+            Some(n) => n,
+            None => continue,
         };
-        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-        for c in msg.cmsgs().map_err(|e| FrameError::Io(e.into()))? {
-            if let ControlMessageOwned::ScmRights(received) = c {
-                for raw in received {
-                    // SAFETY: the kernel just installed `raw` in our fd table
-                    // for this SCM_RIGHTS message; nothing else owns it, so
-                    // wrapping it gives it exactly one owner that closes it.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                }
-            }
-        }
-        if truncated {
-            return Err(FrameError::FdsTruncated);
-        }
-        if msg.bytes == 0 {
+        if bytes == 0 {
             if before == 0 && got == 0 {
                 return Err(FrameError::Closed);
             }
@@ -226,9 +202,130 @@ fn fill(
                 want: total,
             });
         }
-        got += msg.bytes;
+        got += bytes;
     }
     Ok(())
+}
+
+/// One `recvmsg` into `buf`, its descriptors appended to `fds`: the bytes
+/// received (0 at the end of the stream), or `None` when interrupted.
+fn recv_chunk(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: MsgFlags,
+) -> Result<Option<usize>, FrameError> {
+    // Room for the kernel's most (SCM_MAX_FD): never truncated, so every
+    // descriptor that arrives gets an owner, and extra ones are closed.
+    let mut cmsg_space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = match recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg_space),
+        MsgFlags::MSG_CMSG_CLOEXEC | flags,
+    ) {
+        Ok(m) => m,
+        Err(nix::errno::Errno::EINTR) => return Ok(None),
+        Err(e) => return Err(FrameError::Io(e.into())),
+    };
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    for c in msg.cmsgs().map_err(|e| FrameError::Io(e.into()))? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            for raw in received {
+                // SAFETY: the kernel just installed `raw` in our fd table
+                // for this SCM_RIGHTS message; nothing else owns it, so
+                // wrapping it gives it exactly one owner that closes it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+    }
+    if truncated {
+        return Err(FrameError::FdsTruncated);
+    }
+    Ok(Some(msg.bytes))
+}
+
+/// Assembles one frame at a time from whatever has arrived on a socket,
+/// without ever waiting: an event loop reads a connection when it is
+/// readable and keeps the partial frame here meanwhile, so a client that
+/// trickles bytes holds no thread. The caller enforces the frame's deadline
+/// ([`FrameReader::late`]).
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    header: [u8; 4],
+    /// Allocated once the length arrived (and was checked).
+    payload: Option<Vec<u8>>,
+    /// Bytes of the frame received, its length included.
+    got: usize,
+    fds: Vec<OwnedFd>,
+}
+
+impl FrameReader {
+    /// True once a frame has begun to arrive.
+    pub fn started(&self) -> bool {
+        self.got > 0 || !self.fds.is_empty()
+    }
+
+    /// The error for a frame still incomplete after `limit`.
+    pub fn late(&self, limit: Duration) -> FrameError {
+        FrameError::Deadline {
+            secs: limit.as_secs(),
+            got: self.got,
+            want: self.payload.as_ref().map_or(4, |p| 4 + p.len()),
+        }
+    }
+
+    /// Reads what has arrived (`MSG_DONTWAIT`): a whole frame's message and
+    /// descriptors, or `None` when more must come. The same errors as
+    /// [`recv`]; afterwards the reader is ready for the next frame.
+    pub fn read<T: DeserializeOwned>(&mut self, sock: &UnixStream) -> Result<Option<(T, Vec<OwnedFd>)>, FrameError> {
+        loop {
+            if self.got >= 4 && self.payload.is_none() {
+                let len = u32::from_le_bytes(self.header);
+                if len > MAX_FRAME_LEN {
+                    return Err(FrameError::TooLarge { len });
+                }
+                // Bounded by MAX_FRAME_LEN above, so the allocation is at most 1 MiB.
+                self.payload = Some(vec![0u8; len as usize]);
+            }
+            if let Some(p) = &self.payload
+                && self.got == 4 + p.len()
+            {
+                let fds = std::mem::take(&mut self.fds);
+                let payload = self.payload.take().unwrap_or_default();
+                self.got = 0;
+                if fds.len() > MAX_FDS_PER_FRAME {
+                    return Err(FrameError::TooManyFds { count: fds.len() });
+                }
+                let (msg, rest) = postcard::take_from_bytes(&payload).map_err(FrameError::Malformed)?;
+                if !rest.is_empty() {
+                    return Err(FrameError::TrailingBytes { extra: rest.len() });
+                }
+                return Ok(Some((msg, fds)));
+            }
+            let (buf, want) = match &mut self.payload {
+                Some(p) => {
+                    let want = 4 + p.len();
+                    (&mut p[self.got - 4..], want)
+                }
+                None => (&mut self.header[self.got..], 4),
+            };
+            let bytes = match recv_chunk(sock, buf, &mut self.fds, MsgFlags::MSG_DONTWAIT) {
+                Ok(Some(n)) => n,
+                Ok(None) => continue,
+                Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if bytes == 0 {
+                if !self.started() {
+                    return Err(FrameError::Closed);
+                }
+                return Err(FrameError::Truncated { got: self.got, want });
+            }
+            self.got += bytes;
+        }
+    }
 }
 
 /// Waits at most `left` for `sock` to have something to read (or to be
@@ -254,6 +351,45 @@ mod tests {
     use crate::protocol::{Request, Response};
     use std::io::Write;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn a_frame_reader_assembles_a_trickled_frame_and_reports_how_far_it_got() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut bytes = Vec::new();
+        let mut w = &a;
+        let req = Request::SessionCreate { name: "vm0".into() };
+        let payload = postcard::to_allocvec(&req).unwrap();
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let mut reader = FrameReader::default();
+        assert!(reader.read::<Request>(&b).unwrap().is_none(), "nothing arrived yet");
+        assert!(!reader.started());
+        for (i, byte) in bytes.iter().enumerate() {
+            w.write_all(&[*byte]).unwrap();
+            let got = reader.read::<Request>(&b).unwrap();
+            if i + 1 < bytes.len() {
+                assert!(got.is_none(), "after {} bytes", i + 1);
+                assert!(reader.started());
+                if i >= 3 {
+                    assert_eq!(
+                        reader.late(Duration::from_secs(1)).to_string(),
+                        format!(
+                            "frame not complete within 1 s ({} of {} bytes received)",
+                            i + 1,
+                            bytes.len()
+                        )
+                    );
+                }
+            } else {
+                let (msg, fds) = got.expect("the whole frame");
+                assert_eq!(msg, req);
+                assert!(fds.is_empty());
+            }
+        }
+        assert!(!reader.started(), "ready for the next frame");
+        drop(a);
+        assert!(matches!(reader.read::<Request>(&b), Err(FrameError::Closed)));
+    }
 
     #[test]
     fn a_request_and_its_fd_cross_the_socket() {

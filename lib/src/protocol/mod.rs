@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// 2: `Prepare`/`Check` send the kernel image and initrd as descriptors
 /// ([`ImageFile`]) instead of paths.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `StatusReport` ends with `in_progress` (the change luod is making).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default path of luod's socket.
 pub const DEFAULT_SOCKET: &str = "/run/luod/luod.sock";
@@ -201,7 +202,7 @@ pub enum Response {
         server: String,
     },
     /// Answer to `Status`.
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     /// Answer to `Check`.
     Check(CheckReport),
     /// Answer to a transition.
@@ -414,6 +415,9 @@ pub struct StatusReport {
     pub live_updates: u64,
     /// Notes from startup (e.g. why the region's content was not used).
     pub notes: Vec<String>,
+    /// The change luod is making right now (a `freeze` waiting for a VM),
+    /// if any: `status` answers from the last committed state meanwhile.
+    pub in_progress: Option<crate::progress::Progress>,
 }
 
 /// Answer to `history`.

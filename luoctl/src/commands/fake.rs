@@ -55,6 +55,7 @@ impl FakeLuod {
         Ctx {
             socket: self.dir.path().join("s"),
             mode: Mode::Human,
+            timeout: None,
         }
     }
 }

@@ -23,7 +23,7 @@ struct Finished<'a> {
 /// Asks luod to finish the cycle, then for its summary.
 pub fn run(_args: &FinishArgs, ctx: &Ctx) -> Result<(), Failed> {
     let what = "finish";
-    let mut client = ctx.connect(what)?;
+    let mut client = ctx.connect_for(what, &Request::Finish)?;
     let report = match client.call(&Request::Finish).map_err(|e| Failure::client(what, e))? {
         Response::Transition(r) => r,
         other => return Err(unexpected(what, &Request::Finish, &other).into()),

@@ -23,6 +23,7 @@ use liveupdate::protocol::client::Client;
 use liveupdate::protocol::{DEFAULT_SOCKET, Request, Response, TransitionReport};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Drive Linux kernel live updates through luod.
 ///
@@ -50,6 +51,35 @@ pub struct Global {
     /// Print the result, or the error, as one JSON object on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Seconds to wait for each of luod's answers, instead of the default
+    /// for the request's kind (reads 10, check 120, changes 600); 1 to 86400.
+    #[arg(long, global = true, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub timeout: Option<u64>,
+}
+
+/// How long luoctl waits for the answer to a read (and for luod's hello):
+/// luod answers reads from a snapshot, without waiting for a change.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long luoctl waits for `check` (luod reads the kernel image whole).
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long luoctl waits for a change (a transition calls every subsystem
+/// and VM, each with its own timeout; a session change waits for one in
+/// progress).
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// luoctl's timeout for the answer to `req`.
+pub fn timeout_for(req: &Request) -> Duration {
+    match req {
+        Request::Hello { .. }
+        | Request::Status
+        | Request::History
+        | Request::SessionList
+        | Request::SessionListFrom { .. }
+        | Request::VmList => READ_TIMEOUT,
+        Request::Check(_) => CHECK_TIMEOUT,
+        _ => CHANGE_TIMEOUT,
+    }
 }
 
 /// luoctl's commands.
@@ -126,6 +156,8 @@ pub struct Ctx {
     pub socket: PathBuf,
     /// Human or JSON output.
     pub mode: Mode,
+    /// `--timeout`: one timeout for every answer.
+    pub timeout: Option<Duration>,
 }
 
 impl Ctx {
@@ -134,6 +166,7 @@ impl Ctx {
         Ctx {
             socket: global.socket.clone(),
             mode: if global.json { Mode::Json } else { Mode::Human },
+            timeout: global.timeout.map(Duration::from_secs),
         }
     }
 
@@ -145,12 +178,23 @@ impl Ctx {
     /// Connects to luod; `what` names the operation in the error.
     pub fn connect(&self, what: &str) -> Result<Client, Failure> {
         let name = concat!("luoctl ", env!("CARGO_PKG_VERSION"));
-        Client::connect(&self.socket, name).map_err(|e| Failure::client(what, e))
+        let hello = self.timeout.unwrap_or(READ_TIMEOUT);
+        Client::connect_within(&self.socket, name, Some(hello)).map_err(|e| Failure::client(what, e))
+    }
+
+    /// Connects, with the timeout for `req` set for what follows.
+    pub fn connect_for(&self, what: &str, req: &Request) -> Result<Client, Failure> {
+        let mut c = self.connect(what)?;
+        c.set_timeout(Some(self.timeout.unwrap_or_else(|| timeout_for(req))))
+            .map_err(|e| Failure::client(what, e))?;
+        Ok(c)
     }
 
     /// Connects, sends `req` and returns luod's answer.
     pub fn call(&self, what: &str, req: &Request) -> Result<Response, Failure> {
-        self.connect(what)?.call(req).map_err(|e| Failure::client(what, e))
+        self.connect_for(what, req)?
+            .call(req)
+            .map_err(|e| Failure::client(what, e))
     }
 
     /// Like [`Ctx::call`], with file descriptors both ways.
@@ -160,7 +204,7 @@ impl Ctx {
         req: &Request,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(Response, Vec<OwnedFd>), Failure> {
-        self.connect(what)?
+        self.connect_for(what, req)?
             .call_fds(req, fds)
             .map_err(|e| Failure::client(what, e))
     }

@@ -13,7 +13,7 @@ pub struct StatusArgs {}
 pub fn run(_args: &StatusArgs, ctx: &Ctx) -> Result<(), Failed> {
     let req = Request::Status;
     let report = match ctx.call("status", &req)? {
-        Response::Status(r) => r,
+        Response::Status(r) => *r,
         other => return Err(unexpected("status", &req, &other).into()),
     };
     if ctx.json() {
@@ -28,6 +28,18 @@ pub fn run(_args: &StatusArgs, ctx: &Ctx) -> Result<(), Failed> {
 pub fn render(r: &StatusReport, now: UnixNanos) -> Text {
     let mut t = Text::new();
     t.line(format!("state         {}", r.state));
+    if let Some(p) = &r.in_progress {
+        let mut line = format!(
+            "in progress   {} since {} ({})",
+            p.step,
+            output::timestamp(p.since),
+            output::ago(p.since, now)
+        );
+        if let Some(w) = &p.waiting_for {
+            line.push_str(&format!(", waiting for {w}"));
+        }
+        t.line(line);
+    }
     t.line(format!("backend       {}, region {}", r.backend, r.region));
     t.line(format!("record        generation {}", r.generation));
     t.line(format!("live updates  {}", r.live_updates));
@@ -170,10 +182,21 @@ mod tests {
             }),
             live_updates: 2,
             notes: vec![],
+            in_progress: Some(liveupdate::progress::Progress {
+                step: "freeze".into(),
+                since: now - 3 * s,
+                waiting_for: Some("VM vm0 (freeze)".into()),
+            }),
         };
         let text = render(&r, now);
         let out = text.as_str();
         assert!(out.starts_with("state         updated\n"), "{out}");
+        assert!(
+            out.contains(
+                "\nin progress   freeze since 2024-12-31T23:59:57.000Z (3s ago), waiting for VM vm0 (freeze)\n"
+            ),
+            "{out}"
+        );
         assert!(
             out.contains("  vm0   0      2      2.00 KiB  1,2     incoming, 1/2 retrieved\n"),
             "{out}"
