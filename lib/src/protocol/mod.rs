@@ -22,9 +22,12 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; luod refuses a client that speaks another one.
 ///
-/// 2: `Prepare`/`Check` send the kernel image and initrd as descriptors
-/// ([`ImageFile`]) instead of paths.
-/// 3: `StatusReport` ends with `in_progress` (the change luod is making).
+/// 1: the first release.
+/// 3 (2 was never released on its own): `Prepare`/`Check` send the kernel
+/// image and initrd as descriptors ([`ImageFile`]) instead of paths;
+/// `StatusReport` ends with `in_progress`; `History` answers a
+/// [`HistoryReport`] (cycles and events); new requests `SessionListFrom`,
+/// `SessionEvict`, `DiscardRecord`; new error kind `QuotaExceeded`.
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default path of luod's socket.
