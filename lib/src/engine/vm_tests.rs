@@ -261,3 +261,163 @@ fn a_vmm_whose_connection_closed_is_listed_disconnected_before_any_call() {
     assert_eq!(phases(&e), both("disconnected", "registered"));
     assert_eq!(phases(&e), both("disconnected", "registered"), "and it stays so");
 }
+
+fn hang_at_freeze(call: VmCall) -> Option<VmAnswer> {
+    if call == VmCall::Freeze { None } else { ok(call) }
+}
+
+/// The call timeout `open` gives the `kvm` subsystem.
+const TIMEOUT: Duration = Duration::from_millis(300);
+
+#[test]
+fn a_freeze_with_three_of_eight_vmms_hung_fails_after_one_timeout_and_the_others_resume() {
+    let (mut e, _) = open(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap());
+    let hung = ["vm1", "vm4", "vm6"];
+    let vmms: Vec<_> = (0..8)
+        .map(|k| {
+            let name = format!("vm{k}");
+            let script: Script = if hung.contains(&name.as_str()) {
+                hang_at_freeze
+            } else {
+                ok
+            };
+            (name.clone(), register(&mut e, &name, script))
+        })
+        .collect();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
+    let started = std::time::Instant::now();
+    let err = e.freeze(&Caller::ROOT).unwrap_err();
+    let elapsed = started.elapsed();
+    eprintln!("freeze, 8 VMs, 3 hung: failed after {elapsed:?} (VM timeout {TIMEOUT:?})");
+    assert!(elapsed >= TIMEOUT, "waited for the deadline: {elapsed:?}");
+    assert!(
+        elapsed < 2 * TIMEOUT,
+        "one timeout for all the hung VMMs, not one each: {elapsed:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::SubsystemFailed);
+    assert_eq!(
+        err.to_string(),
+        "subsystem kvm failed freeze: VM vm1: its VMM did not answer freeze within 0.3 s; \
+         VM vm4: its VMM did not answer freeze within 0.3 s; VM vm6: its VMM did not answer freeze within 0.3 s"
+    );
+    assert_eq!(e.state(), State::Prepared);
+    std::thread::sleep(Duration::from_millis(50));
+    for (name, (rx, _t)) in &vmms {
+        let want: &[VmCall] = if hung.contains(&name.as_str()) {
+            &[VmCall::Prepare, VmCall::Freeze]
+        } else {
+            &[VmCall::Prepare, VmCall::Freeze, VmCall::Unfreeze]
+        };
+        assert_eq!(calls(rx), want, "{name}");
+    }
+    let phases: Vec<_> = e.vm_list(&Caller::ROOT).into_iter().map(|v| v.phase).collect();
+    assert_eq!(
+        phases,
+        [
+            "registered",
+            "disconnected",
+            "registered",
+            "registered",
+            "disconnected",
+            "registered",
+            "disconnected",
+            "registered"
+        ]
+    );
+}
+
+/// A VMM that takes `delay` to answer every call.
+fn slow_vmm(sock: UnixStream, delay: Duration, seen: mpsc::Sender<VmCall>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        while let Ok((Response::VmCall(call), _)) = frame::recv::<Response>(&sock) {
+            let _ = seen.send(call);
+            std::thread::sleep(delay);
+            if frame::send(&sock, &Request::VmAnswer(ok(call).unwrap()), &[]).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn eight_vmms_that_each_take_most_of_the_timeout_are_called_at_once_exactly_once_each() {
+    let (mut e, _) = open(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap());
+    // Each answers after 100 ms: one after the other, 8 of them would take
+    // 0.8 s, more than twice the timeout.
+    let delay = Duration::from_millis(100);
+    let vmms: Vec<_> = (0..8)
+        .map(|k| {
+            let name = format!("vm{k}");
+            let (luod_end, vmm_end) = UnixStream::pair().unwrap();
+            let ram = memfd::from_bytes(&name, &[7u8; 4096]).unwrap();
+            e.vm_register(&Caller::ROOT, &name, &[1], vec![ram], luod_end).unwrap();
+            let (tx, rx) = mpsc::channel();
+            (rx, slow_vmm(vmm_end, delay, tx))
+        })
+        .collect();
+    for (step, want) in [("prepare", VmCall::Prepare), ("freeze", VmCall::Freeze)] {
+        let started = std::time::Instant::now();
+        if want == VmCall::Prepare {
+            e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
+        } else {
+            e.freeze(&Caller::ROOT).unwrap();
+        }
+        let elapsed = started.elapsed();
+        eprintln!("{step}, 8 VMs answering after {delay:?} each: {elapsed:?}");
+        assert!(elapsed < TIMEOUT, "{step}: the VMs were called at once: {elapsed:?}");
+        for (k, (rx, _)) in vmms.iter().enumerate() {
+            assert_eq!(calls(rx), [want], "vm{k} got {step} exactly once");
+        }
+    }
+    // Cancel from frozen: unfreeze every VM at once, then cancel every VM at once.
+    let started = std::time::Instant::now();
+    e.cancel(&Caller::ROOT).unwrap();
+    let elapsed = started.elapsed();
+    eprintln!("cancel (unfreeze + cancel), 8 VMs answering after {delay:?} each: {elapsed:?}");
+    assert!(elapsed < 2 * TIMEOUT, "cancel: {elapsed:?}");
+    for (k, (rx, _)) in vmms.iter().enumerate() {
+        assert_eq!(calls(rx), [VmCall::Unfreeze, VmCall::Cancel], "vm{k}");
+    }
+}
+
+#[test]
+fn when_one_vmm_vetoes_the_others_are_cancelled_at_once() {
+    let (mut e, _) = open(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap());
+    let (veto_rx, _tv) = register(&mut e, "vm0", |c| match c {
+        VmCall::Prepare => Some(VmAnswer::Veto("busy".into())),
+        _ => ok(c),
+    });
+    let delay = Duration::from_millis(150);
+    let others: Vec<_> = (1..6)
+        .map(|k| {
+            let name = format!("vm{k}");
+            let (luod_end, vmm_end) = UnixStream::pair().unwrap();
+            let ram = memfd::from_bytes(&name, &[7u8; 4096]).unwrap();
+            e.vm_register(&Caller::ROOT, &name, &[1], vec![ram], luod_end).unwrap();
+            let (tx, rx) = mpsc::channel();
+            (rx, slow_vmm(vmm_end, delay, tx))
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap_err();
+    let elapsed = started.elapsed();
+    // prepare (150 ms, in parallel) then cancel of the five (150 ms, in
+    // parallel): one after the other it would be 5 x 150 ms for the undo alone.
+    assert!(elapsed < Duration::from_millis(600), "{elapsed:?}");
+    assert_eq!(err.kind(), ErrorKind::Vetoed);
+    assert_eq!(err.to_string(), "subsystem kvm failed prepare: vetoed: VM vm0: busy");
+    assert_eq!(e.state(), State::Normal);
+    assert_eq!(calls(&veto_rx), [VmCall::Prepare]);
+    for (k, (rx, _)) in others.iter().enumerate() {
+        assert_eq!(calls(rx), [VmCall::Prepare, VmCall::Cancel], "vm{}", k + 1);
+    }
+}
+
+#[test]
+fn the_progress_report_names_the_vms_not_answered_yet() {
+    assert_eq!(super::vms::pending_text(&["vm0".into()], "freeze"), "VM vm0 (freeze)");
+    assert_eq!(
+        super::vms::pending_text(&["vm0".into(), "vm3".into()], "freeze"),
+        "VMs vm0, vm3 (freeze)"
+    );
+}

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Name of the subsystem (and of its section in the record).
 pub const KVM: &str = "kvm";
@@ -147,10 +147,11 @@ pub(super) fn peer_closed(conn: &UnixStream) -> bool {
     }
 }
 
-/// Sends `call` to `vm`'s VMM and waits for its answer. A VMM that does not
-/// answer in time, or answers out of turn, is disconnected: its stream could
-/// no longer be trusted to pair answers with calls.
-fn call(vm: &mut Vm, call: VmCall, timeout: Duration) -> Result<Option<Vec<u8>>, SubsystemError> {
+/// Sends `call` to `vm`'s VMM and waits for its answer until `deadline`
+/// (`timeout` is the step's whole allowance, for the message). A VMM that
+/// does not answer in time, or answers out of turn, is disconnected: its
+/// stream could no longer be trusted to pair answers with calls.
+fn call(vm: &mut Vm, call: VmCall, deadline: Instant, timeout: Duration) -> Result<Option<Vec<u8>>, SubsystemError> {
     let name = vm.name.clone();
     let what = call.as_str();
     let Some(conn) = vm.conn.as_ref() else {
@@ -158,9 +159,15 @@ fn call(vm: &mut Vm, call: VmCall, timeout: Duration) -> Result<Option<Vec<u8>>,
             "VM {name}: its VMM is not connected (it exited, or luod restarted and it has not registered again)"
         )));
     };
-    let _ = conn.set_read_timeout(Some(timeout));
-    let _ = conn.set_write_timeout(Some(timeout));
-    let result = frame::send(conn, &Response::VmCall(call), &[]).and_then(|()| frame::recv::<Request>(conn));
+    // A zero timeout means "none" to the socket: keep at least a millisecond.
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let _ = conn.set_write_timeout(Some(left()));
+    let result =
+        frame::send(conn, &Response::VmCall(call), &[]).and_then(|()| frame::recv_within::<Request>(conn, left()));
     let fail = |why: String| SubsystemError::Failed(format!("VM {name}: {why}"));
     let outcome = match result {
         Ok((Request::VmAnswer(VmAnswer::Ok { state }), _)) => return Ok(state),
@@ -169,6 +176,10 @@ fn call(vm: &mut Vm, call: VmCall, timeout: Duration) -> Result<Option<Vec<u8>>,
         }
         Ok((Request::VmAnswer(VmAnswer::Failed(reason)), _)) => return Err(fail(format!("{what} failed: {reason}"))),
         Ok((other, _)) => fail(format!("its VMM answered {} to {what}", other.kind())),
+        Err(FrameError::Deadline { .. }) => fail(format!(
+            "its VMM did not answer {what} within {} s",
+            timeout.as_secs_f32()
+        )),
         Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
             fail(format!(
                 "its VMM did not answer {what} within {} s",
@@ -182,52 +193,127 @@ fn call(vm: &mut Vm, call: VmCall, timeout: Duration) -> Result<Option<Vec<u8>>,
     Err(outcome)
 }
 
+/// What the progress report says while `pending` VMs have not answered `what`.
+pub(super) fn pending_text(pending: &[String], what: &str) -> String {
+    match pending {
+        [one] => format!("VM {one} ({what})"),
+        many => format!("VMs {} ({what})", many.join(", ")),
+    }
+}
+
+/// One error for the VMs that failed a step, in table order: a veto when
+/// every one of them vetoed, a failure otherwise.
+fn combine(mut errors: Vec<SubsystemError>) -> SubsystemError {
+    if errors.len() == 1 {
+        return errors.remove(0);
+    }
+    if errors.iter().all(|e| matches!(e, SubsystemError::Veto(_))) {
+        let reasons: Vec<String> = errors
+            .into_iter()
+            .map(|e| match e {
+                SubsystemError::Veto(t) | SubsystemError::Failed(t) => t,
+            })
+            .collect();
+        return SubsystemError::Veto(reasons.join("; "));
+    }
+    SubsystemError::Failed(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+}
+
 impl Kvm {
-    /// Calls `step` on every VM in order; on a failure at `k`, calls `undo`
-    /// on `k-1..0` (errors of the undo are logged: the failure is what counts).
-    fn forward(&self, step: VmCall, undo: VmCall) -> Result<Vec<VmSaved>, SubsystemError> {
-        let mut table = lock(&self.vms);
-        let mut saved = Vec::new();
-        for k in 0..table.vms.len() {
-            self.progress
-                .waiting_for(|| format!("VM {} ({})", table.vms[k].name, step.as_str()));
-            match call(&mut table.vms[k], step, self.timeout) {
-                Ok(state) => {
-                    let vm = &mut table.vms[k];
-                    vm.state = state.clone();
-                    saved.push(VmSaved {
-                        name: vm.name.clone(),
-                        owner_uid: vm.owner_uid,
-                        tokens: vm.tokens.clone(),
-                        state: state.unwrap_or_default(),
-                    });
-                }
-                Err(e) => {
-                    for vm in table.vms[..k].iter_mut().rev() {
-                        self.progress
-                            .waiting_for(|| format!("VM {} ({})", vm.name, undo.as_str()));
-                        if let Err(u) = call(vm, undo, self.timeout) {
-                            tracing::error!("while undoing {}: {u}", step.as_str());
-                        }
-                    }
-                    return Err(e);
-                }
-            }
+    /// Sends `what` to every VM of `vms` at once (one scoped thread per VM,
+    /// for this call only) and collects the answers against one deadline:
+    /// a hung VMM costs one timeout, whatever the number of VMs. The answers
+    /// come back in the order of `vms`; the progress report names the VMs
+    /// that have not answered yet.
+    fn call_all(&self, vms: Vec<&mut Vm>, what: VmCall) -> Vec<Result<Option<Vec<u8>>, SubsystemError>> {
+        if vms.is_empty() {
+            return Vec::new();
         }
-        Ok(saved)
+        let deadline = Instant::now() + self.timeout;
+        let pending = Mutex::new(vms.iter().map(|v| v.name.clone()).collect::<Vec<_>>());
+        self.progress
+            .waiting_for(|| pending_text(&pending.lock().unwrap_or_else(|p| p.into_inner()), what.as_str()));
+        let timeout = self.timeout;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = vms
+                .into_iter()
+                .map(|vm| {
+                    let pending = &pending;
+                    let progress = &self.progress;
+                    scope.spawn(move || {
+                        let answer = call(vm, what, deadline, timeout);
+                        let mut left = pending.lock().unwrap_or_else(|p| p.into_inner());
+                        left.retain(|n| *n != vm.name);
+                        if !left.is_empty() {
+                            progress.waiting_for(|| pending_text(&left, what.as_str()));
+                        }
+                        answer
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SubsystemError::Failed(format!(
+                            "a VM call ({}) panicked",
+                            what.as_str()
+                        )))
+                    })
+                })
+                .collect()
+        })
     }
 
+    /// Calls `step` on every VM at once; if any fails, calls `undo` on those
+    /// that succeeded, at once too (errors of the undo are logged: the
+    /// failure is what counts), and fails naming every VM that failed.
+    fn forward(&self, step: VmCall, undo: VmCall) -> Result<Vec<VmSaved>, SubsystemError> {
+        let mut table = lock(&self.vms);
+        let answers = self.call_all(table.vms.iter_mut().collect(), step);
+        let mut errors = Vec::new();
+        let mut succeeded = Vec::new();
+        for (k, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Ok(state) => {
+                    table.vms[k].state = state;
+                    succeeded.push(k);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            let undone: Vec<&mut Vm> = table
+                .vms
+                .iter_mut()
+                .enumerate()
+                .filter(|(k, _)| succeeded.contains(k))
+                .map(|(_, vm)| vm)
+                .collect();
+            for u in self.call_all(undone, undo).into_iter().filter_map(Result::err) {
+                tracing::error!("while undoing {}: {u}", step.as_str());
+            }
+            return Err(combine(errors));
+        }
+        Ok(table
+            .vms
+            .iter()
+            .map(|vm| VmSaved {
+                name: vm.name.clone(),
+                owner_uid: vm.owner_uid,
+                tokens: vm.tokens.clone(),
+                state: vm.state.clone().unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// Calls `undo` on every VM at once; fails naming every VM that failed.
     fn undo_all(&self, undo: VmCall) -> Result<(), SubsystemError> {
         let mut table = lock(&self.vms);
-        let failures: Vec<String> = table
-            .vms
-            .iter_mut()
-            .rev()
-            .filter_map(|vm| {
-                self.progress
-                    .waiting_for(|| format!("VM {} ({})", vm.name, undo.as_str()));
-                call(vm, undo, self.timeout).err()
-            })
+        let failures: Vec<String> = self
+            .call_all(table.vms.iter_mut().collect(), undo)
+            .into_iter()
+            .filter_map(Result::err)
             .map(|e| e.to_string())
             .collect();
         if failures.is_empty() {
