@@ -101,9 +101,10 @@ pub struct Args {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections_per_uid: u32,
 
-    /// Seconds a VMM may take to answer each call (prepare, freeze,
-    /// unfreeze, cancel); one that does not answer fails the step. More
-    /// than 0, at most 3600.
+    /// Seconds the VMMs may take to answer each call (prepare, freeze,
+    /// unfreeze, cancel): every VMM is called at once and all answers are
+    /// due by this one deadline; one that does not answer fails the step.
+    /// More than 0, at most 3600.
     #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     pub vm_timeout: f64,
 

@@ -3,11 +3,13 @@
 //! each VM back.
 //!
 //! A VM is a session named `vm-NAME` holding its guest-RAM memfds, plus a
-//! live connection to its VMM. At `prepare` and `freeze` luod sends the VMM a
-//! [`VmCall`] and waits for its [`VmAnswer`] for at most the call timeout; a
-//! VMM that vetoes, fails, hangs or disconnects fails the step, and the VMs
-//! already called are undone in reverse (`cancel`, `unfreeze`), so the other
-//! VMs resume. The state each VMM returns at `freeze` goes into the record
+//! live connection to its VMM. At `prepare` and `freeze` luod sends every
+//! VMM a [`VmCall`] at once (a scoped thread per VM, for the call only) and
+//! collects their [`VmAnswer`]s against one deadline, the call timeout: a
+//! hung VMM costs one timeout per step, not one per VM. A VMM that vetoes,
+//! fails, hangs or disconnects fails the step (the error names every such
+//! VM), and the VMs that answered are undone (`cancel`, `unfreeze`), all at
+//! once too, so they resume. The state each VMM returns at `freeze` goes into the record
 //! (the `kvm` section); in the new kernel `VmClaim` hands it back with the
 //! memfds.
 
@@ -120,7 +122,8 @@ pub struct Kvm {
 }
 
 impl Kvm {
-    /// The subsystem over `vms`, waiting at most `timeout` for each answer.
+    /// The subsystem over `vms`, waiting at most `timeout` for the answers
+    /// to each call (one deadline for all VMs).
     pub fn new(vms: SharedVms, timeout: Duration) -> Self {
         Kvm {
             vms,
