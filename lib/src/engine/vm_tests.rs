@@ -421,3 +421,46 @@ fn the_progress_report_names_the_vms_not_answered_yet() {
         "VMs vm0, vm3 (freeze)"
     );
 }
+
+#[test]
+fn while_a_freeze_waits_the_progress_report_names_only_the_vms_not_answered_yet() {
+    let (mut e, _) = open(RecordStore::new(MemRegion::zeroed(1 << 20)).unwrap());
+    let _vmms: Vec<_> = (0..4)
+        .map(|k| {
+            let script: Script = if k % 2 == 1 { hang_at_freeze } else { ok };
+            register(&mut e, &format!("vm{k}"), script)
+        })
+        .collect();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
+    let cell = e.progress().clone();
+    let _running = cell.clone().begin("freeze");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (cell, done) = (cell.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut seen: Vec<String> = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(w) = cell.get().and_then(|p| p.waiting_for)
+                    && seen.last() != Some(&w)
+                {
+                    seen.push(w);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        })
+    };
+    e.freeze(&Caller::ROOT).unwrap_err();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = watcher.join().unwrap();
+    assert!(
+        seen.iter().any(|w| w == "VMs vm1, vm3 (freeze)"),
+        "the two hung VMs shown for most of the timeout: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|w| w.contains("(freeze)") && w.contains("vm0") && w.contains("vm2") && !w.contains("vm1")),
+        "an answered VM is never shown without the hung ones: {seen:?}"
+    );
+}
