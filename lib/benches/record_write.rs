@@ -4,7 +4,7 @@
 //! Run with `cargo bench -p liveupdate --bench record_write`. It prints the
 //! best of several runs of each, the bandwidths, and the ratio
 //! `memcpy time / record write time` (1.0 = as fast as a bare copy; the
-//! target of issue 8 is at least 0.9; see the mapping figures below for why).
+//! target of issue 8 is at least 0.9, which `pread` does not reach; the mapping figures below say why).
 //!
 //! - baseline: `copy_from_slice` of 64 MiB between two heap buffers, both
 //!   already written once so no page fault is measured;
