@@ -156,6 +156,20 @@ pub fn refuse_symlink(what: &'static str, path: &Path) -> Result<(), FileError> 
     }
 }
 
+/// Refuses `path` (of metadata `meta`) when luod's uid does not own it.
+fn check_owner(what: &'static str, path: &Path, meta: &std::fs::Metadata) -> Result<(), FileError> {
+    let uid = own_uid();
+    if meta.uid() != uid {
+        return Err(FileError::WrongOwner {
+            what,
+            path: path.display().to_string(),
+            owner: meta.uid(),
+            uid,
+        });
+    }
+    Ok(())
+}
+
 /// Checks that an open file is a regular file owned by luod's uid, and makes
 /// its mode `0600` if it was wider.
 fn check_own_regular(what: &'static str, path: &Path, file: &File) -> Result<(), FileError> {
@@ -167,15 +181,7 @@ fn check_own_regular(what: &'static str, path: &Path, file: &File) -> Result<(),
             kind: kind_of(meta.file_type()),
         });
     }
-    let uid = own_uid();
-    if meta.uid() != uid {
-        return Err(FileError::WrongOwner {
-            what,
-            path: path.display().to_string(),
-            owner: meta.uid(),
-            uid,
-        });
-    }
+    check_owner(what, path, &meta)?;
     if meta.mode() & 0o7777 != FILE_MODE {
         tracing::info!(
             "{what} {} had mode {:04o}; making it {FILE_MODE:04o}",
@@ -294,15 +300,7 @@ pub fn private_dir(what: &'static str, path: &Path) -> Result<(), FileError> {
             kind: kind_of(meta.file_type()),
         });
     }
-    let uid = own_uid();
-    if meta.uid() != uid {
-        return Err(FileError::WrongOwner {
-            what,
-            path: path.display().to_string(),
-            owner: meta.uid(),
-            uid,
-        });
-    }
+    check_owner(what, path, &meta)?;
     if meta.mode() & 0o022 != 0 {
         return Err(FileError::Writable {
             what,
