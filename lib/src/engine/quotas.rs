@@ -109,17 +109,27 @@ impl<R: Region> Engine<R> {
 
     /// Size of each preserved file as it is now (`fstat`), by session and
     /// token; files the kernel interface does not hold keep their recorded size.
-    fn live_sizes(&self) -> BTreeMap<(SessionName, u64), u64> {
+    /// Only the sessions `wanted` picks are looked at (one `fstat` per file
+    /// of those, none for the others).
+    fn live_sizes_of(&self, wanted: impl Fn(&SessionName) -> bool) -> BTreeMap<(SessionName, u64), u64> {
         self.kernel
             .preserved()
             .into_iter()
+            .filter(|(name, _, _)| wanted(name))
             .filter_map(|(name, token, fd)| memfd::size(fd).ok().map(|size| ((name, token), size)))
             .collect()
     }
 
     /// Sessions, files and bytes `uid` holds now.
     fn usage(&self, uid: u32) -> (u64, u64, u64) {
-        let live = self.live_sizes();
+        let owned: std::collections::BTreeSet<&SessionName> = self
+            .record
+            .sessions
+            .iter()
+            .filter(|s| s.owner_uid == uid)
+            .map(|s| &s.name)
+            .collect();
+        let live = self.live_sizes_of(|name| owned.contains(name));
         let mut usage = (0, 0, 0);
         for s in self.record.sessions.iter().filter(|s| s.owner_uid == uid) {
             usage.0 += 1;
@@ -160,10 +170,19 @@ impl<R: Region> Engine<R> {
     /// Refuses a record in which a uid (other than 0) holds more bytes than
     /// its quota; `record`'s sizes must be current.
     pub(super) fn check_bytes(&self, record: &HandoverRecord) -> Result<(), EngineError> {
+        self.check_bytes_sized(record, |_, f| f.size)
+    }
+
+    /// [`check_bytes`](Self::check_bytes) with each file's size from `size`.
+    fn check_bytes_sized(
+        &self,
+        record: &HandoverRecord,
+        size: impl Fn(&SessionName, &crate::record::FdRecord) -> u64,
+    ) -> Result<(), EngineError> {
         let mut by_uid: BTreeMap<u32, (u64, Vec<String>)> = BTreeMap::new();
         for s in record.sessions.iter().filter(|s| s.owner_uid != 0) {
             let e = by_uid.entry(s.owner_uid).or_default();
-            e.0 = s.fds.iter().fold(e.0, |sum, f| sum.saturating_add(f.size));
+            e.0 = s.fds.iter().fold(e.0, |sum, f| sum.saturating_add(size(&s.name, f)));
             e.1.push(s.name.to_string());
         }
         match by_uid.into_iter().find(|(_, (bytes, _))| *bytes > self.quotas.bytes) {
@@ -178,10 +197,12 @@ impl<R: Region> Engine<R> {
     }
 
     /// [`check_bytes`](Self::check_bytes) with every file's size as it is now.
+    /// (No copy of the record: the sizes are looked up as the sums are made.)
     pub(super) fn check_bytes_now(&self) -> Result<(), EngineError> {
-        let mut now = self.record.clone();
-        self.refresh_sizes(&mut now);
-        self.check_bytes(&now)
+        let live = self.live_sizes_of(|_| true);
+        self.check_bytes_sized(&self.record, |name, f| {
+            live.get(&(name.clone(), f.token)).copied().unwrap_or(f.size)
+        })
     }
 
     /// The session named `name` of any owner: its index and owner.
@@ -203,7 +224,7 @@ impl<R: Region> Engine<R> {
         let mut next = self.record.clone();
         let removed = next.sessions.remove(i);
         if let Some((caller, action)) = event {
-            let live = self.live_sizes();
+            let live = self.live_sizes_of(|name| *name == session);
             let bytes: u64 = removed
                 .fds
                 .iter()
