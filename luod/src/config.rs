@@ -193,9 +193,12 @@ fn load_with(argv: Vec<OsString>, cli: &ArgMatches) -> Result<Loaded, ConfigErro
         from_file.insert(entry.key, entry.line);
     }
     merged.extend(argv.into_iter().skip(1));
-    let matches = Args::command()
-        .try_get_matches_from(merged)
-        .map_err(|e| ConfigError(format!("the configuration file and the command line do not fit together: {}", clap_reason(&e))))?;
+    let matches = Args::command().try_get_matches_from(merged).map_err(|e| {
+        ConfigError(format!(
+            "the configuration file and the command line do not fit together: {}",
+            clap_reason(&e)
+        ))
+    })?;
     let args = Args::from_arg_matches(&matches).map_err(|e| ConfigError(clap_reason(&e)))?;
     let effective = KEYS
         .iter()
@@ -239,7 +242,11 @@ struct FileEntry {
 
 /// The 1-based line of byte offset `at` in `text`.
 fn line_of(text: &str, at: usize) -> usize {
-    text.as_bytes()[..at.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Reads the file's keys and checks each value with its flag's own parser.
@@ -407,7 +414,9 @@ impl Loaded {
                 let value = if e.list {
                     serde_json::json!(e.values)
                 } else {
-                    e.values.first().map_or(serde_json::Value::Null, |v| serde_json::json!(v))
+                    e.values
+                        .first()
+                        .map_or(serde_json::Value::Null, |v| serde_json::json!(v))
                 };
                 serde_json::json!({
                     "key": e.key,
@@ -483,14 +492,21 @@ mod tests {
         std::fs::write(&path, &uncommented).unwrap();
         let listed: Vec<&str> = uncommented.lines().filter_map(|l| l.split(" = ").next()).collect();
         assert_eq!(listed, KEYS, "luod/luod.toml must list every key once, in KEYS order");
-        let with_file = load(vec!["luod".into(), "--config".into(), path.into()]).unwrap().unwrap();
+        let with_file = load(vec!["luod".into(), "--config".into(), path.into()])
+            .unwrap()
+            .unwrap();
         let defaults = load(vec!["luod".into(), "--config".into(), "/dev/null".into()])
             .unwrap()
             .unwrap();
         for (f, d) in with_file.effective.iter().zip(&defaults.effective) {
             // A flag without a default (socket-group, region) shows an example.
             if d.source != Source::Unset {
-                assert_eq!((f.key, &f.values), (d.key, &d.values), "the shipped default of {}", f.key);
+                assert_eq!(
+                    (f.key, &f.values),
+                    (d.key, &d.values),
+                    "the shipped default of {}",
+                    f.key
+                );
             }
         }
     }
@@ -544,7 +560,10 @@ mod tests {
             argv("preserve-device", "[\"0000:00:01.0\", \"0000:00:02.0\"]"),
             ["--preserve-device", "0000:00:01.0", "--preserve-device", "0000:00:02.0"]
         );
-        assert_eq!(argv("preserve-device", "\"0000:00:01.0\""), ["--preserve-device", "0000:00:01.0"]);
+        assert_eq!(
+            argv("preserve-device", "\"0000:00:01.0\""),
+            ["--preserve-device", "0000:00:01.0"]
+        );
         assert_eq!(argv("vm-timeout", "0.5"), ["--vm-timeout", "0.5"]);
         assert_eq!(argv("vm-timeout", "5.0"), ["--vm-timeout", "5"]);
         assert_eq!(argv("max-connections", "12"), ["--max-connections", "12"]);

@@ -33,7 +33,10 @@ fn check_json(config: &Path, extra: &[&str]) -> (i32, Value) {
     let mut args = vec!["--config", config.to_str().unwrap(), "--check-config", "--json"];
     args.extend_from_slice(extra);
     let (code, stdout, _) = run(luod(&args));
-    (code, serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}")))
+    (
+        code,
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}")),
+    )
 }
 
 fn key<'a>(json: &'a Value, key: &str) -> &'a Value {
@@ -91,16 +94,28 @@ fn a_bad_value_is_refused_naming_the_key_and_line_with_the_flags_own_reason() {
             "preserve-device = [\"0000:00:01.0\", \"nonsense\"]\n",
             "line 1: key `preserve-device`: \"nonsense\" is not valid: ",
         ),
-        ("socket = [\"/a\", \"/b\"]\n", "line 1: key `socket`: takes one value, not a list"),
-        ("client-timeout = true\n", "line 1: key `client-timeout`: takes a string or a number, not a boolean"),
-        ("[socket]\npath = \"/x\"\n", "line 1: key `socket`: takes a string or a number, not a table"),
+        (
+            "socket = [\"/a\", \"/b\"]\n",
+            "line 1: key `socket`: takes one value, not a list",
+        ),
+        (
+            "client-timeout = true\n",
+            "line 1: key `client-timeout`: takes a string or a number, not a boolean",
+        ),
+        (
+            "[socket]\npath = \"/x\"\n",
+            "line 1: key `socket`: takes a string or a number, not a table",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let cfg = write(dir.path(), &format!("c{i}.toml"), text);
         let (code, stdout, stderr) = run(luod(&["--config", cfg.to_str().unwrap(), "--check-config"]));
         let prefix = format!("luod: {} {want}", cfg.display());
         assert_eq!((code, stdout.as_str()), (2, ""), "{text}");
-        assert!(stderr.starts_with(&prefix) && stderr.ends_with('\n'), "{text}: {stderr:?} vs {prefix:?}");
+        assert!(
+            stderr.starts_with(&prefix) && stderr.ends_with('\n'),
+            "{text}: {stderr:?} vs {prefix:?}"
+        );
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         // With --json the refusal is a JSON object on stdout too.
         let (code, json) = check_json(&cfg, &[]);
@@ -112,7 +127,10 @@ fn a_bad_value_is_refused_naming_the_key_and_line_with_the_flags_own_reason() {
     let cfg = write(dir.path(), "syntax.toml", "socket = \"/x\"\nvm-timeout = \n");
     let (code, _, stderr) = run(luod(&["--config", cfg.to_str().unwrap(), "--check-config"]));
     assert_eq!(code, 2);
-    assert!(stderr.starts_with(&format!("luod: {} line 2: ", cfg.display())), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("luod: {} line 2: ", cfg.display())),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -131,18 +149,38 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
     assert_eq!(json["config_found"], true);
     let row = |k: &str| {
         let v = key(&json, k);
-        (v["value"].clone(), v["source"].as_str().unwrap().to_string(), v["line"].clone())
+        (
+            v["value"].clone(),
+            v["source"].as_str().unwrap().to_string(),
+            v["line"].clone(),
+        )
     };
-    assert_eq!(row("vm-timeout"), (Value::from("3"), "command line".into(), Value::Null));
+    assert_eq!(
+        row("vm-timeout"),
+        (Value::from("3"), "command line".into(), Value::Null)
+    );
     assert_eq!(row("client-timeout"), (Value::from("7"), "file".into(), Value::from(2)));
-    assert_eq!(row("socket"), (Value::from("/run/file.sock"), "file".into(), Value::from(3)));
+    assert_eq!(
+        row("socket"),
+        (Value::from("/run/file.sock"), "file".into(), Value::from(3))
+    );
     assert_eq!(
         row("preserve-device"),
-        (serde_json::json!(["0000:00:01.0", "0000:00:02.0"]), "file".into(), Value::from(4))
+        (
+            serde_json::json!(["0000:00:01.0", "0000:00:02.0"]),
+            "file".into(),
+            Value::from(4)
+        )
     );
     // A repeatable flag on the command line replaces the file's list.
-    assert_eq!(row("qemu-vm"), (serde_json::json!(["b=/run/b.qmp"]), "command line".into(), Value::Null));
-    assert_eq!(row("max-connections"), (Value::from("256"), "default".into(), Value::Null));
+    assert_eq!(
+        row("qemu-vm"),
+        (serde_json::json!(["b=/run/b.qmp"]), "command line".into(), Value::Null)
+    );
+    assert_eq!(
+        row("max-connections"),
+        (Value::from("256"), "default".into(), Value::Null)
+    );
     assert_eq!(row("region"), (Value::Null, "unset".into(), Value::Null));
     // The environment (LUOD_SOCKET) wins over the file as well.
     let (code, stdout, _) = run({
@@ -155,9 +193,18 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
     assert_eq!(key(&json, "socket")["value"], "/run/env.sock");
     assert_eq!(key(&json, "socket")["source"], "environment");
     // The human form: one `key = value  # source` line per key.
-    let (code, stdout, _) = run(luod(&["--config", cfg.to_str().unwrap(), "--check-config", "--vm-timeout", "3"]));
+    let (code, stdout, _) = run(luod(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--check-config",
+        "--vm-timeout",
+        "3",
+    ]));
     assert_eq!(code, 0);
-    assert_eq!(stdout.lines().next(), Some(format!("# luod configuration: {}", cfg.display()).as_str()));
+    assert_eq!(
+        stdout.lines().next(),
+        Some(format!("# luod configuration: {}", cfg.display()).as_str())
+    );
     let line = |k: &str| -> String {
         stdout
             .lines()

@@ -402,15 +402,26 @@ impl<R: Region> Engine<R> {
             Ok(None) => {
                 return (
                     false,
-                    format!("{} has no version string in its header: not known to be the running kernel", k.name),
+                    format!(
+                        "{} has no version string in its header: not known to be the running kernel",
+                        k.name
+                    ),
                 );
             }
-            Err(e) => return (false, format!("cannot read the header of {}: {e} ({})", k.name, e.desc())),
+            Err(e) => {
+                return (
+                    false,
+                    format!("cannot read the header of {}: {e} ({})", k.name, e.desc()),
+                );
+            }
         };
         if !crate::kernel::kexec::version_is_running(&header, &release, &build) {
             return (
                 false,
-                format!("{} is not the running kernel: it is {header:?}, the running one {running:?}", k.name),
+                format!(
+                    "{} is not the running kernel: it is {header:?}, the running one {running:?}",
+                    k.name
+                ),
             );
         }
         let digest = match k.sha256() {

@@ -94,7 +94,11 @@ impl<R: Region> Engine<R> {
     }
 
     /// [`target`](Self::target) with the images already taken.
-    pub(super) fn target_from(&self, args: &PrepareArgs, images: Option<Images>) -> Result<Option<Target>, EngineError> {
+    pub(super) fn target_from(
+        &self,
+        args: &PrepareArgs,
+        images: Option<Images>,
+    ) -> Result<Option<Target>, EngineError> {
         let Some(images) = images else {
             if args.kernel_sha256.is_some() || args.initrd_sha256.is_some() {
                 return Err(EngineError::InvalidArgument(

@@ -226,9 +226,21 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &bzimage_with_version(v), 0).unwrap();
         assert_eq!(image_version(f.as_fd()).unwrap().as_deref(), Some(v));
-        assert!(version_is_running(v, "7.3.0-luo", "#1 SMP PREEMPT_DYNAMIC Sat Nov 28 10:00:00 UTC 2026"));
-        assert!(!version_is_running(v, "7.3.0-luo", "#2 SMP PREEMPT_DYNAMIC Sat Nov 28 11:00:00 UTC 2026"));
-        assert!(!version_is_running(v, "7.3.1-luo", "#1 SMP PREEMPT_DYNAMIC Sat Nov 28 10:00:00 UTC 2026"));
+        assert!(version_is_running(
+            v,
+            "7.3.0-luo",
+            "#1 SMP PREEMPT_DYNAMIC Sat Nov 28 10:00:00 UTC 2026"
+        ));
+        assert!(!version_is_running(
+            v,
+            "7.3.0-luo",
+            "#2 SMP PREEMPT_DYNAMIC Sat Nov 28 11:00:00 UTC 2026"
+        ));
+        assert!(!version_is_running(
+            v,
+            "7.3.1-luo",
+            "#1 SMP PREEMPT_DYNAMIC Sat Nov 28 10:00:00 UTC 2026"
+        ));
         let none = tempfile::tempfile().unwrap();
         std::os::unix::fs::FileExt::write_all_at(&none, &bzimage_with_version(""), 0).unwrap();
         assert_eq!(image_version(none.as_fd()).unwrap(), None);

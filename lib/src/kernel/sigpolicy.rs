@@ -119,10 +119,7 @@ impl SignaturePolicy {
             self.lockdown.as_deref().unwrap_or("not available")
         )];
         if self.kexec_sig.is_some() {
-            facts.push(format!(
-                "CONFIG_KEXEC_SIG {}",
-                yes_no(self.kexec_sig, "set", "not set")
-            ));
+            facts.push(format!("CONFIG_KEXEC_SIG {}", yes_no(self.kexec_sig, "set", "not set")));
             facts.push(format!(
                 "CONFIG_KEXEC_SIG_FORCE {}",
                 yes_no(self.kexec_sig_force, "set", "not set")
@@ -143,8 +140,13 @@ impl SignaturePolicy {
     /// was refused, or `None` when it does not.
     pub fn explain_refusal(&self, errno: Errno) -> Option<String> {
         match errno {
-            Errno::EKEYREJECTED | Errno::ENOKEY | Errno::EBADMSG | Errno::ENODATA | Errno::EKEYREVOKED
-            | Errno::EKEYEXPIRED | Errno::ENOPKG => Some(format!(
+            Errno::EKEYREJECTED
+            | Errno::ENOKEY
+            | Errno::EBADMSG
+            | Errno::ENODATA
+            | Errno::EKEYREVOKED
+            | Errno::EKEYEXPIRED
+            | Errno::ENOPKG => Some(format!(
                 "the kernel verified the image's signature and refused it ({errno}): sign the image with a key the \
                  kernel trusts (its builtin, secondary or platform keyring), or load one that is signed; {}",
                 self.describe()
@@ -172,9 +174,11 @@ fn selected_lockdown(s: &str) -> Option<String> {
 /// Whether a kernel config sets `name` (`NAME=y`; `# NAME is not set` or
 /// absent: no).
 fn config_option(config: &str, name: &str) -> bool {
-    config
-        .lines()
-        .any(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix('=')).is_some_and(|v| v == "y"))
+    config.lines().any(|l| {
+        l.strip_prefix(name)
+            .and_then(|r| r.strip_prefix('='))
+            .is_some_and(|v| v == "y")
+    })
 }
 
 #[cfg(test)]

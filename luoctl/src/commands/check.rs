@@ -47,8 +47,12 @@ pub fn run(args: &CheckArgs, ctx: &Ctx) -> Result<(), Failed> {
             .map(|i| i.detail.clone())
             .unwrap_or_default();
         return Err(Failed {
-            failure: Failure::new("check", ExitCode::AlreadyOnTarget, format!("already on target: {detail}"))
-                .with_hint("nothing to update on this host"),
+            failure: Failure::new(
+                "check",
+                ExitCode::AlreadyOnTarget,
+                format!("already on target: {detail}"),
+            )
+            .with_hint("nothing to update on this host"),
             details: Details {
                 items: Some(report.items),
                 already_on_target: Some(true),
