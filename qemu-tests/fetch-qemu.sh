@@ -6,8 +6,9 @@
 # machine's QEMU (used by the rest of the harness) is untouched. Its
 # libraries are those of Debian 12.
 #
-# stdout: one line, the QEMU binary, followed by the -L firmware options to
-# pass it: `BINARY -L DIR -L DIR`.
+# stdout: one line, the path of a wrapper that runs this QEMU with its own
+# firmware (-L) and modules (QEMU_MODULE_DIR: the machine's 7.2 modules do
+# not load into 10.0) and passes every argument and descriptor on.
 #
 # Environment: LUO_CACHE, LUO_QEMU_SUITE (bookworm-backports).
 set -euo pipefail
@@ -41,4 +42,9 @@ if [ ! -f "$dir/.extracted" ]; then
 fi
 bin="$dir/root/usr/bin/qemu-system-x86_64"
 "$bin" --version >&2 || die "$bin does not run on this machine"
-echo "$bin -L $dir/root/usr/share/qemu -L $dir/root/usr/share/seabios" | tee "$latest"
+cat > "$dir/qemu-system-x86_64.new" <<WRAP
+#!/bin/sh
+QEMU_MODULE_DIR="$dir/root/usr/lib/x86_64-linux-gnu/qemu" exec "$bin" -L "$dir/root/usr/share/qemu" -L "$dir/root/usr/share/seabios" "\$@"
+WRAP
+chmod 0755 "$dir/qemu-system-x86_64.new" && mv "$dir/qemu-system-x86_64.new" "$dir/qemu-system-x86_64"
+echo "$dir/qemu-system-x86_64" | tee "$latest"

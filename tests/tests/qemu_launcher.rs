@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 struct Fixtures {
-    qemu10: Vec<String>,
+    qemu10: String,
     kernel: String,
     initrd: PathBuf,
     _dir: tempfile::TempDir,
@@ -47,7 +47,7 @@ fn fixtures() -> &'static Fixtures {
         let initrd = dir.path().join("initrd.gz");
         script("qemu-launcher/guest/make-initrd.sh", &[initrd.to_str().expect("utf-8")]);
         Fixtures {
-            qemu10: script("qemu-tests/fetch-qemu.sh", &[]).split(' ').map(str::to_string).collect(),
+            qemu10: script("qemu-tests/fetch-qemu.sh", &[]),
             kernel: script("qemu-tests/fetch-stock-kernel.sh", &[]),
             initrd,
             _dir: dir,
@@ -98,10 +98,10 @@ struct VmFiles {
 }
 
 impl VmFiles {
-    fn new(dir: &Path, name: &str, qemu: &[String], extra: &[&str]) -> VmFiles {
+    fn new(dir: &Path, name: &str, qemu: &str, extra: &[&str]) -> VmFiles {
         let f = fixtures();
         let serial = dir.join(format!("{name}.serial"));
-        let mut args: Vec<String> = qemu[1..].to_vec();
+        let mut args: Vec<String> = Vec::new();
         args.extend(
             [
                 "-nodefaults",
@@ -126,8 +126,7 @@ impl VmFiles {
         );
         args.extend(extra.iter().map(|s| s.to_string()));
         let toml = format!(
-            "qemu = {:?}\nmemory_mib = 64\nstate_mib = 4\ntimeout_secs = 30\nargs = {:?}\n",
-            qemu[0], args
+            "qemu = {qemu:?}\nmemory_mib = 128\nstate_mib = 4\ntimeout_secs = 30\nargs = {args:?}\n"
         );
         std::fs::write(dir.join(format!("{name}.toml")), toml).expect("config");
         VmFiles {
@@ -233,7 +232,7 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
     let _g = lock();
     let f = fixtures();
-    let mut luod = Luod::started("96M");
+    let mut luod = Luod::started("300M");
     let vm = VmFiles::new(luod.dir(), "web", &f.qemu10, &[]);
     let mut old = Launcher::start(&luod, &vm);
     assert!(old.wait_line("started fresh").contains("QEMU 10.0"), "{}", old.output());
@@ -292,9 +291,9 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
 fn prepare_is_vetoed_for_an_old_qemu_and_for_private_memory_and_nothing_pauses() {
     let _g = lock();
     let f = fixtures();
-    let luod = Luod::started("64M");
-    let old_qemu = vec!["/usr/bin/qemu-system-x86_64".to_string()];
-    let old = VmFiles::new(luod.dir(), "old", &old_qemu, &[]);
+    let luod = Luod::started("300M");
+    let old_qemu = "/usr/bin/qemu-system-x86_64";
+    let old = VmFiles::new(luod.dir(), "old", old_qemu, &[]);
     let private = VmFiles::new(
         luod.dir(),
         "private",
@@ -338,7 +337,7 @@ fn prepare_is_vetoed_for_an_old_qemu_and_for_private_memory_and_nothing_pauses()
 fn qemu_killed_during_freeze_fails_the_freeze_and_the_other_vm_resumes() {
     let _g = lock();
     let f = fixtures();
-    let luod = Luod::started("192M");
+    let luod = Luod::started("600M");
     let a = VmFiles::new(luod.dir(), "a", &f.qemu10, &[]);
     let b = VmFiles::new(luod.dir(), "b", &f.qemu10, &[]);
     let mut la = Launcher::start(&luod, &a);
@@ -377,7 +376,7 @@ fn qemu_killed_during_freeze_fails_the_freeze_and_the_other_vm_resumes() {
 fn a_failed_relaunch_keeps_the_vm_preserved_until_a_retry_restores_it() {
     let _g = lock();
     let f = fixtures();
-    let mut luod = Luod::started("96M");
+    let mut luod = Luod::started("300M");
     let disk = luod.dir().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
     let drive = format!("file={},if=virtio,format=raw", disk.display());
