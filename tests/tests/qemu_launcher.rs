@@ -291,7 +291,7 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
 fn prepare_is_vetoed_for_an_old_qemu_and_for_private_memory_and_nothing_pauses() {
     let _g = lock();
     let f = fixtures();
-    let luod = Luod::started("300M");
+    let luod = Luod::started("600M");
     let old_qemu = "/usr/bin/qemu-system-x86_64";
     let old = VmFiles::new(luod.dir(), "old", old_qemu, &[]);
     let private = VmFiles::new(
