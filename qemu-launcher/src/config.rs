@@ -105,7 +105,11 @@ impl VmConfig {
                 "args must not contain {a}: the launcher sets guest RAM (-m), the QMP socket and -incoming itself"
             ));
         }
-        if let Some(a) = cfg.args.iter().find(|a| a.starts_with("memory-backend=") || a.contains(",memory-backend=")) {
+        if let Some(a) = cfg
+            .args
+            .iter()
+            .find(|a| a.starts_with("memory-backend=") || a.contains(",memory-backend="))
+        {
             return Err(format!(
                 "args must not choose the RAM backend ({a}): the launcher backs guest RAM with a memfd luod preserves"
             ));
@@ -140,7 +144,10 @@ mod tests {
         );
         let e = VmConfig::parse("qemu = \"q\"\nmemory_mib = 64\nargs = [\"-machine\", \"q35,memory-backend=x\"]\n")
             .expect_err("refused");
-        assert!(e.starts_with("args must not choose the RAM backend (q35,memory-backend=x)"), "{e}");
+        assert!(
+            e.starts_with("args must not choose the RAM backend (q35,memory-backend=x)"),
+            "{e}"
+        );
     }
 
     #[test]

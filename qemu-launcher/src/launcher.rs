@@ -11,7 +11,7 @@
 //! handed over to the next kernel.
 
 use crate::config::VmConfig;
-use crate::qemu::{Checkpoint, CHECKPOINT_FORMAT, Launch, Qemu, QemuError};
+use crate::qemu::{CHECKPOINT_FORMAT, Checkpoint, Launch, Qemu, QemuError};
 use liveupdate::protocol::client::{Client, ClientError, VmConnection};
 use liveupdate::protocol::{ErrorKind, Request, Response, VmAnswer, VmCall};
 use liveupdate::state::State;
@@ -195,7 +195,8 @@ pub fn run(s: &Settings, cfg: &VmConfig, signals: &Signals) -> Outcome {
 }
 
 fn start_fresh<'a>(s: &'a Settings, cfg: &'a VmConfig, launch: &Launch<'_>) -> Result<Vm<'a>, String> {
-    let ram = memfd_sized(&format!("{}-ram", s.name), mib(cfg.memory_mib)).map_err(|e| format!("guest RAM memfd: {e}"))?;
+    let ram =
+        memfd_sized(&format!("{}-ram", s.name), mib(cfg.memory_mib)).map_err(|e| format!("guest RAM memfd: {e}"))?;
     let state =
         memfd_sized(&format!("{}-state", s.name), mib(cfg.state_mib)).map_err(|e| format!("state memfd: {e}"))?;
     let qemu = launch.start(ram.as_fd(), &[], false).map_err(|e| e.to_string())?;
@@ -259,7 +260,9 @@ fn restore<'a>(
     if let Err(why) = dry_run(s, cfg, launch, client) {
         return Err(failed(why));
     }
-    let claimed = client.claim_vm(&s.name).map_err(|e| failed(format!("claiming it from luod: {e}")))?;
+    let claimed = client
+        .claim_vm(&s.name)
+        .map_err(|e| failed(format!("claiming it from luod: {e}")))?;
     let mut ram = None;
     let mut state = None;
     for (token, fd) in claimed.ram {
@@ -278,9 +281,17 @@ fn restore<'a>(
         return Err(Outcome::Failed);
     };
     let cp: Checkpoint = match serde_json::from_slice(&claimed.state) {
-        Ok(cp @ Checkpoint { format: CHECKPOINT_FORMAT, .. }) => cp,
+        Ok(
+            cp @ Checkpoint {
+                format: CHECKPOINT_FORMAT,
+                ..
+            },
+        ) => cp,
         Ok(cp) => {
-            say(format!("VM {}: checkpoint format {} is not known to this launcher", s.name, cp.format));
+            say(format!(
+                "VM {}: checkpoint format {} is not known to this launcher",
+                s.name, cp.format
+            ));
             return Err(Outcome::Failed);
         }
         Err(e) => {
@@ -378,7 +389,9 @@ impl Vm<'_> {
             State::Updated => return Ok(Attach::Later),
             State::Prepared | State::Frozen if !self.registered => return Ok(Attach::Later),
             State::Prepared | State::Frozen => {
-                return c.reattach_vm(self.name(), &[RAM_TOKEN, STATE_TOKEN]).map(Attach::Attached);
+                return c
+                    .reattach_vm(self.name(), &[RAM_TOKEN, STATE_TOKEN])
+                    .map(Attach::Attached);
             }
             State::Normal if self.frozen => {
                 // luod came back without the cycle this VM was frozen for.
@@ -394,7 +407,9 @@ impl Vm<'_> {
         let ram = [(RAM_TOKEN, self.ram.as_fd()), (STATE_TOKEN, self.state.as_fd())];
         match c.register_vm(self.name(), &ram) {
             Ok(conn) => Ok(Attach::Attached(conn)),
-            Err(ClientError::Server(e)) if e.kind == ErrorKind::AlreadyExists || e.kind == ErrorKind::InvalidArgument => {
+            Err(ClientError::Server(e))
+                if e.kind == ErrorKind::AlreadyExists || e.kind == ErrorKind::InvalidArgument =>
+            {
                 // A registration of an earlier run (its session is still in
                 // luod's record): our memfds replace it.
                 let mut c = connect(self.s)?;
@@ -503,7 +518,11 @@ impl Vm<'_> {
                 say(format!("VM {}: QEMU exited ({status})", self.name()));
                 self.conn = None;
                 self.abandon();
-                return if status.success() { Outcome::Done } else { Outcome::QemuDied };
+                return if status.success() {
+                    Outcome::Done
+                } else {
+                    Outcome::QemuDied
+                };
             }
             if self.conn.is_none() && Instant::now() >= next_attach {
                 next_attach = Instant::now() + Duration::from_millis(200);

@@ -351,7 +351,11 @@ impl Qemu {
                 "QEMU {} ({}) is older than 8.2 and has no cpr-reboot migration mode; run QEMU 8.2 or newer \
                  (Debian 12: qemu-system-x86 from bookworm-backports)",
                 self.version(),
-                if v.package.is_empty() { "no package string" } else { v.package.as_str() }
+                if v.package.is_empty() {
+                    "no package string"
+                } else {
+                    v.package.as_str()
+                }
             )));
         }
         let memdevs = self.exec("query-memdev", None)?;
@@ -367,7 +371,10 @@ impl Qemu {
         }
         let status = self.exec("query-status", None)?;
         let run = status.get("status").and_then(Value::as_str).unwrap_or("");
-        if matches!(run, "inmigrate" | "postmigrate" | "finish-migrate" | "shutdown" | "internal-error" | "guest-panicked") {
+        if matches!(
+            run,
+            "inmigrate" | "postmigrate" | "finish-migrate" | "shutdown" | "internal-error" | "guest-panicked"
+        ) {
             return Ok(Some(format!("the VM is in state {run}, which cannot be checkpointed")));
         }
         let mig = self.exec("query-migrate", None)?;
@@ -406,7 +413,9 @@ impl Qemu {
             source,
         })?;
         let desc = reopen(state, true)?;
-        self.qmp.send_fd(STATE_FD_NAME, desc.as_fd()).map_err(|e| self.qmp_error(e))?;
+        self.qmp
+            .send_fd(STATE_FD_NAME, desc.as_fd())
+            .map_err(|e| self.qmp_error(e))?;
         self.exec("migrate", Some(json!({ "uri": format!("fd:{STATE_FD_NAME}") })))?;
         let deadline = Instant::now() + self.timeout;
         loop {
@@ -414,7 +423,10 @@ impl Qemu {
             match mig.get("status").and_then(Value::as_str).unwrap_or("none") {
                 "completed" => break,
                 "failed" | "cancelled" => {
-                    let why = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                    let why = mig
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
                     return Err(QemuError::Migration(format!("QEMU's checkpoint failed: {why}")));
                 }
                 _ if Instant::now() > deadline => {
@@ -429,11 +441,9 @@ impl Qemu {
         }
         // QEMU wrote through the description we gave it: its offset is the
         // length of the stream.
-        let written = nix::unistd::lseek(&desc, 0, nix::unistd::Whence::SeekCur).map_err(|e| {
-            QemuError::Io {
-                what: "reading the state's length".into(),
-                source: e.into(),
-            }
+        let written = nix::unistd::lseek(&desc, 0, nix::unistd::Whence::SeekCur).map_err(|e| QemuError::Io {
+            what: "reading the state's length".into(),
+            source: e.into(),
         })? as u64;
         let now = liveupdate::kernel::memfd::size(state).unwrap_or(size);
         if written > size || now != size {
@@ -474,8 +484,13 @@ impl Qemu {
             let mig = self.exec("query-migrate", None)?;
             let mstatus = mig.get("status").and_then(Value::as_str).unwrap_or("none").to_string();
             if mstatus == "failed" {
-                let why = mig.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
-                return Err(QemuError::Migration(format!("QEMU could not load the checkpoint: {why}")));
+                let why = mig
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
+                return Err(QemuError::Migration(format!(
+                    "QEMU could not load the checkpoint: {why}"
+                )));
             }
             let st = self.exec("query-status", None)?;
             let run = st.get("status").and_then(Value::as_str).unwrap_or("");

@@ -26,7 +26,10 @@ struct Fixtures {
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 fn script(path: &str, args: &[&str]) -> String {
@@ -37,7 +40,13 @@ fn script(path: &str, args: &[&str]) -> String {
         .output()
         .expect("run script");
     assert!(out.status.success(), "{path} failed: {}", out.status);
-    String::from_utf8(out.stdout).expect("utf-8").trim().lines().last().unwrap_or("").to_string()
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string()
 }
 
 fn fixtures() -> &'static Fixtures {
@@ -125,9 +134,7 @@ impl VmFiles {
             .map(str::to_string),
         );
         args.extend(extra.iter().map(|s| s.to_string()));
-        let toml = format!(
-            "qemu = {qemu:?}\nmemory_mib = 128\nstate_mib = 4\ntimeout_secs = 30\nargs = {args:?}\n"
-        );
+        let toml = format!("qemu = {qemu:?}\nmemory_mib = 128\nstate_mib = 4\ntimeout_secs = 30\nargs = {args:?}\n");
         std::fs::write(dir.join(format!("{name}.toml")), toml).expect("config");
         VmFiles {
             name: name.into(),
@@ -144,9 +151,11 @@ impl VmFiles {
     }
 
     fn wait_ticks(&self, after: u64) -> Tick {
-        wait_for(&format!("VM {} to tick past {after}", self.name), Duration::from_secs(120), || {
-            self.ticks().into_iter().rfind(|t| t.n > after)
-        })
+        wait_for(
+            &format!("VM {} to tick past {after}", self.name),
+            Duration::from_secs(120),
+            || self.ticks().into_iter().rfind(|t| t.n > after),
+        )
     }
 }
 
@@ -183,25 +192,35 @@ impl Launcher {
 
     fn wait_line(&mut self, needle: &str) -> String {
         let out = self.out.clone();
-        wait_for(&format!("luo-qemu to print {needle:?}"), Duration::from_secs(120), || {
-            let text = std::fs::read_to_string(&out).unwrap_or_default();
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let line = text.lines().find(|l| l.contains(needle)).map(str::to_string);
-                return Some(line.unwrap_or_else(|| panic!("luo-qemu exited ({status}):\n{}", self.output())));
-            }
-            text.lines().find(|l| l.contains(needle)).map(str::to_string)
-        })
+        wait_for(
+            &format!("luo-qemu to print {needle:?}"),
+            Duration::from_secs(120),
+            || {
+                let text = std::fs::read_to_string(&out).unwrap_or_default();
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    let line = text.lines().find(|l| l.contains(needle)).map(str::to_string);
+                    return Some(line.unwrap_or_else(|| panic!("luo-qemu exited ({status}):\n{}", self.output())));
+                }
+                text.lines().find(|l| l.contains(needle)).map(str::to_string)
+            },
+        )
     }
 
     fn wait_exit(&mut self) -> i32 {
-        let s = wait_for("luo-qemu to exit", Duration::from_secs(60), || self.child.try_wait().expect("wait"));
+        let s = wait_for("luo-qemu to exit", Duration::from_secs(60), || {
+            self.child.try_wait().expect("wait")
+        });
         s.code().unwrap_or(-1)
     }
 
     /// QEMU's pid, from the line that says it started.
     fn qemu_pid(&mut self) -> i32 {
         let line = self.wait_line(" pid ");
-        line.split(" pid ").nth(1).and_then(|r| r.split(' ').next()).and_then(|p| p.parse().ok()).expect("pid")
+        line.split(" pid ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .expect("pid")
     }
 
     fn stop(mut self) -> i32 {
@@ -249,7 +268,11 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
     assert!(cp.contains("was_running=true"), "{cp}");
     let last = vm.ticks().pop().expect("ticks before the update");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(vm.ticks().pop(), Some(last.clone()), "the guest is stopped after freeze");
+    assert_eq!(
+        vm.ticks().pop(),
+        Some(last.clone()),
+        "the guest is stopped after freeze"
+    );
     c.reboot().expect("reboot");
     drop(c);
     luod.expect_kexec_exit();
@@ -259,20 +282,35 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
     luod.start();
     assert_eq!(luod.status().state, State::Updated);
     assert_eq!(old.wait_exit(), 0, "{}", old.output());
-    assert!(old.output().contains("was handed over to the new kernel"), "{}", old.output());
+    assert!(
+        old.output().contains("was handed over to the new kernel"),
+        "{}",
+        old.output()
+    );
     let out = luod.luoctl(&["finish"]);
     assert_eq!(out.status.code(), Some(11), "finish waits for the VM");
-    assert!(stderr_of(&out).contains("1 VM(s) of the update were not restored: web"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("1 VM(s) of the update were not restored: web"),
+        "{}",
+        stderr_of(&out)
+    );
 
     let mut new = Launcher::start(&luod, &vm);
     let restored = new.wait_line("restored");
     assert!(restored.contains("checkpoint by QEMU 10.0.2"), "{restored}");
     let after = vm.wait_ticks(last.n + 5);
-    let next = vm.ticks().into_iter().find(|t| t.n == last.n + 1).expect("the tick after the last one");
+    let next = vm
+        .ticks()
+        .into_iter()
+        .find(|t| t.n == last.n + 1)
+        .expect("the tick after the last one");
     assert_eq!(next.boot, first.boot, "same boot id: the guest did not reboot");
     assert_eq!(after.boot, first.boot);
     assert_eq!(next.tmpfs, first.tmpfs, "the tmpfs file is intact");
-    assert!(next.up > last.up && next.up < last.up + 2.0, "uptime continues: {last:?} then {next:?}");
+    assert!(
+        next.up > last.up && next.up < last.up + 2.0,
+        "uptime continues: {last:?} then {next:?}"
+    );
     assert!(
         !vm.ticks().iter().any(|t| t.boot != first.boot),
         "no tick from another boot"
@@ -326,7 +364,10 @@ fn prepare_is_vetoed_for_an_old_qemu_and_for_private_memory_and_nothing_pauses()
     assert_eq!(after.state, State::Normal);
     assert_eq!(after.sessions, before.sessions, "preserved data unchanged");
     // Nothing paused: both guests keep ticking.
-    let (o, p) = (old.ticks().pop().expect("tick").n, private.ticks().pop().expect("tick").n);
+    let (o, p) = (
+        old.ticks().pop().expect("tick").n,
+        private.ticks().pop().expect("tick").n,
+    );
     old.wait_ticks(o + 3);
     private.wait_ticks(p + 3);
     assert_eq!(lo.stop(), 0);
@@ -360,7 +401,10 @@ fn qemu_killed_during_freeze_fails_the_freeze_and_the_other_vm_resumes() {
     killer.join().expect("killer");
     let err = stderr_of(&out);
     assert_ne!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("VM a: freeze failed: QEMU exited (signal: 9 (SIGKILL))"), "{err}");
+    assert!(
+        err.contains("VM a: freeze failed: QEMU exited (signal: 9 (SIGKILL))"),
+        "{err}"
+    );
     assert_eq!(luod.status().state, State::Prepared);
     // b was frozen and resumed: it ticks again.
     let tb = b.ticks().pop().expect("tick").n;
@@ -400,11 +444,18 @@ fn a_failed_relaunch_keeps_the_vm_preserved_until_a_retry_restores_it() {
     let mut failed = Launcher::start(&luod, &vm);
     assert_eq!(failed.wait_exit(), 3, "{}", failed.output());
     let text = failed.output();
-    assert!(text.contains("VM db: relaunch failed: QEMU exited (exit status: 1); QEMU said:"), "{text}");
+    assert!(
+        text.contains("VM db: relaunch failed: QEMU exited (exit status: 1); QEMU said:"),
+        "{text}"
+    );
     assert!(text.contains("disk.img"), "QEMU's reason names the image: {text}");
     assert!(text.contains("its RAM and state stay preserved by luod"), "{text}");
     let list = luod.luoctl(&["vm", "list"]);
-    assert!(String::from_utf8_lossy(&list.stdout).contains("awaiting-claim"), "{:?}", list);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("awaiting-claim"),
+        "{:?}",
+        list
+    );
     let out = luod.luoctl(&["finish"]);
     assert!(stderr_of(&out).contains("were not restored: db"), "{}", stderr_of(&out));
 
