@@ -192,21 +192,9 @@ impl Launch<'_> {
             .stdin(Stdio::null())
             .stderr(Stdio::piped());
         // SAFETY: the closure runs in the child between fork and exec and
-        // calls only async-signal-safe functions (fcntl, prctl) on
-        // descriptor numbers that are open in the parent, hence in the child.
+        // only calls `child_setup`, which is async-signal-safe.
         unsafe {
-            cmd.pre_exec(move || {
-                for fd in &keep {
-                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                // QEMU dies with its launcher: no VM runs unmanaged.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || child_setup(&keep));
         }
         let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
             qemu: self.qemu.to_path_buf(),
@@ -271,6 +259,23 @@ impl Launch<'_> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// In the child before exec: `keep` survives the exec, and QEMU dies with
+/// its launcher (no VM runs unmanaged). Only async-signal-safe calls.
+fn child_setup(keep: &[i32]) -> std::io::Result<()> {
+    for fd in keep {
+        // SAFETY: fcntl on a descriptor number open in the parent, hence in
+        // this child; F_SETFD with 0 only clears close-on-exec.
+        if unsafe { libc::fcntl(*fd, libc::F_SETFD, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn mode_and_capability(qmp: &mut Qmp) -> Result<(), QmpError> {
