@@ -539,3 +539,58 @@ impl Qemu {
         self.timeout
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ram_is_the_inherited_memfd_reopened_by_path_and_shared() {
+        let args = vec!["-accel".to_string(), "kvm".to_string()];
+        let l = Launch {
+            qemu: Path::new("/usr/bin/qemu-system-x86_64"),
+            name: "web",
+            memory_mib: 512,
+            args: &args,
+            qmp: Path::new("/run/luo-qemu/web.qmp"),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(
+            l.command_line(7, false),
+            [
+                "-name",
+                "web",
+                "-object",
+                "memory-backend-file,id=luo-ram,size=512M,mem-path=/proc/self/fd/7,share=on",
+                "-machine",
+                "memory-backend=luo-ram",
+                "-m",
+                "512M",
+                "-qmp",
+                "unix:/run/luo-qemu/web.qmp,server=on,wait=off",
+                "-accel",
+                "kvm"
+            ]
+        );
+        let incoming = l.command_line(7, true);
+        assert_eq!(incoming[10..12], ["-incoming", "defer"]);
+        assert_eq!(incoming.len(), 14);
+    }
+
+    #[test]
+    fn a_checkpoint_is_a_small_json_record() {
+        let cp = Checkpoint {
+            format: CHECKPOINT_FORMAT,
+            qemu: "10.0.2".into(),
+            state_bytes: 292_966,
+            was_running: true,
+            memory_mib: 128,
+        };
+        let text = serde_json::to_string(&cp).expect("encode");
+        assert_eq!(
+            text,
+            r#"{"format":1,"qemu":"10.0.2","state_bytes":292966,"was_running":true,"memory_mib":128}"#
+        );
+        assert_eq!(serde_json::from_str::<Checkpoint>(&text).expect("decode"), cp);
+    }
+}
