@@ -469,3 +469,56 @@ fn a_failed_relaunch_keeps_the_vm_preserved_until_a_retry_restores_it() {
     assert!(luod.luoctl(&["finish"]).status.success());
     assert_eq!(retry.stop(), 0);
 }
+
+#[test]
+fn a_running_migration_vetoes_prepare_with_qemus_status_and_prepare_works_once_it_is_cancelled() {
+    use liveupdate::subsystems::qmp::Qmp;
+    let _g = lock();
+    let f = fixtures();
+    let luod = Luod::started("300M");
+    let ops = luod.dir().join("ops.qmp");
+    let chardev = format!("socket,id=ops,path={},server=on,wait=off", ops.display());
+    let vm = VmFiles::new(
+        luod.dir(),
+        "mig",
+        &f.qemu10,
+        &["-chardev", &chardev, "-mon", "chardev=ops,mode=control"],
+    );
+    let mut l = Launcher::start(&luod, &vm);
+    l.wait_line("registered with luod");
+    vm.wait_ticks(3);
+    // The operator starts a (slow) migration on QEMU's second monitor.
+    let mut q = Qmp::connect(&ops, Duration::from_secs(30)).expect("operator's QMP");
+    q.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({ "max-bandwidth": 4096 })),
+    )
+    .expect("max-bandwidth");
+    q.execute("migrate", Some(serde_json::json!({ "uri": "exec:cat > /dev/null" })))
+        .expect("migrate");
+    let before = luod.status();
+    let out = luod.luoctl(&["prepare"]);
+    assert_eq!(out.status.code(), Some(13), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(
+            "vetoed: VM mig: a migration is running (QEMU's migration status: active); let it finish or cancel it \
+             (QMP migrate_cancel), then prepare again"
+        ),
+        "{err}"
+    );
+    assert_eq!(luod.status().sessions, before.sessions);
+    assert_eq!(luod.status().state, State::Normal);
+    q.execute("migrate_cancel", None).expect("migrate_cancel");
+    wait_for("the migration to end", Duration::from_secs(60), || {
+        let s = q.execute("query-migrate", None).expect("query-migrate");
+        (s["status"] == "cancelled").then_some(())
+    });
+    let out = luod.luoctl(&["prepare"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(luod.luoctl(&["cancel"]).status.success());
+    let t = vm.ticks().pop().expect("tick").n;
+    vm.wait_ticks(t + 3);
+    drop(q);
+    assert_eq!(l.stop(), 0);
+}
