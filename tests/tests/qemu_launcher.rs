@@ -522,3 +522,40 @@ fn a_running_migration_vetoes_prepare_with_qemus_status_and_prepare_works_once_i
     drop(q);
     assert_eq!(l.stop(), 0);
 }
+
+#[test]
+fn luod_killed_while_the_vm_is_frozen_comes_back_and_cancel_resumes_the_same_qemu() {
+    let _g = lock();
+    let f = fixtures();
+    let mut luod = Luod::started("300M");
+    let vm = VmFiles::new(luod.dir(), "keep", &f.qemu10, &[]);
+    let mut l = Launcher::start(&luod, &vm);
+    let pid = l.qemu_pid();
+    l.wait_line("registered with luod");
+    let first = vm.wait_ticks(3);
+    let mut c = luod.client();
+    c.prepare().expect("prepare");
+    c.freeze().expect("freeze");
+    drop(c);
+    l.wait_line("checkpointed");
+    let last = vm.ticks().pop().expect("tick");
+    luod.kill();
+    l.wait_line("luod closed the connection with the VM checkpointed");
+    luod.start();
+    assert_eq!(luod.status().state, State::Frozen);
+    // The launcher attaches again (same tokens, no fds) and cancel resumes it.
+    wait_for("the launcher to attach again", Duration::from_secs(30), || {
+        (l.output().matches("registered with luod").count() == 2).then_some(())
+    });
+    let out = luod.luoctl(&["cancel"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let next = vm.wait_ticks(last.n + 2);
+    assert_eq!(next.boot, first.boot);
+    assert!(l.output().contains("VM keep resumed after unfreeze"), "{}", l.output());
+    assert!(
+        l.output().contains(&format!("pid {pid}")) && !l.output().contains("restored"),
+        "the same QEMU"
+    );
+    assert_eq!(luod.status().state, State::Normal);
+    assert_eq!(l.stop(), 0);
+}
