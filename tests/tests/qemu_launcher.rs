@@ -298,6 +298,8 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
     let mut new = Launcher::start(&luod, &vm);
     let restored = new.wait_line("restored");
     assert!(restored.contains("checkpoint by QEMU 10.0.2"), "{restored}");
+    // The parts of the blackout the launcher measures.
+    eprintln!("{cp}\n{restored}");
     let after = vm.wait_ticks(last.n + 5);
     let next = vm
         .ticks()
