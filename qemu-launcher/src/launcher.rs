@@ -176,6 +176,13 @@ pub fn run(s: &Settings, cfg: &VmConfig, signals: &Signals) -> Outcome {
         qmp: &s.qmp,
         timeout: Duration::from_secs(cfg.timeout_secs),
     };
+    if phase.as_deref() == Some("registered") {
+        say(format!(
+            "VM {}: luod shows it registered by a running VMM: another luo-qemu runs this VM; stop that one first",
+            s.name
+        ));
+        return Outcome::Failed;
+    }
     let vm = if phase.as_deref() == Some("awaiting-claim") {
         match restore(s, cfg, &launch, &mut client, signals) {
             Ok(vm) => vm,
@@ -404,15 +411,30 @@ impl Vm<'_> {
             _ => {}
         }
         self.in_cycle = false;
+        if self.registered {
+            // luod restarted, or dropped our connection: attach again to the
+            // same registration (same tokens, no fds).
+            if let Ok(conn) = c.reattach_vm(self.name(), &[RAM_TOKEN, STATE_TOKEN]) {
+                return Ok(Attach::Attached(conn));
+            }
+        }
         let ram = [(RAM_TOKEN, self.ram.as_fd()), (STATE_TOKEN, self.state.as_fd())];
-        match c.register_vm(self.name(), &ram) {
+        match connect(self.s)?.register_vm(self.name(), &ram) {
             Ok(conn) => Ok(Attach::Attached(conn)),
             Err(ClientError::Server(e))
                 if e.kind == ErrorKind::AlreadyExists || e.kind == ErrorKind::InvalidArgument =>
             {
-                // A registration of an earlier run (its session is still in
-                // luod's record): our memfds replace it.
+                // A registration of an earlier run: its session is still in
+                // luod's record with no VMM attached (AlreadyExists), or luod
+                // still lists it with its VMM gone (`disconnected`). Its
+                // QEMU is gone (QEMU dies with its launcher): our memfds
+                // replace it. A VM another launcher runs is left alone.
                 let mut c = connect(self.s)?;
+                if e.kind == ErrorKind::InvalidArgument
+                    && phase_of(&mut c, self.name())?.as_deref() != Some("disconnected")
+                {
+                    return Err(ClientError::Server(e));
+                }
                 match c.call(&Request::VmAbandon {
                     name: self.name().to_string(),
                 })? {
@@ -504,6 +526,7 @@ impl Vm<'_> {
 
     fn serve(mut self, signals: &Signals) -> Outcome {
         let mut next_attach = Instant::now();
+        let mut last_error: Option<String> = None;
         loop {
             if signals.stop.load(Ordering::SeqCst) && !self.in_cycle {
                 say(format!("VM {}: stopping (signal): QEMU quits", self.name()));
@@ -535,8 +558,19 @@ impl Vm<'_> {
                         ));
                         self.registered = true;
                         self.conn = Some(c);
+                        last_error = None;
                     }
-                    Ok(Attach::Later) | Err(_) => {}
+                    Ok(Attach::Later) => {}
+                    Err(e) => {
+                        let text = e.to_string();
+                        if last_error.as_deref() != Some(text.as_str()) {
+                            say(format!(
+                                "VM {}: not registered with luod yet: {text} (retrying)",
+                                self.name()
+                            ));
+                            last_error = Some(text);
+                        }
+                    }
                     Ok(Attach::HandedOver) => {
                         say(format!(
                             "VM {} was handed over to the new kernel: the old QEMU quits",

@@ -534,6 +534,16 @@ fn luod_killed_while_the_vm_is_frozen_comes_back_and_cancel_resumes_the_same_qem
     let mut l = Launcher::start(&luod, &vm);
     let pid = l.qemu_pid();
     l.wait_line("registered with luod");
+    // A second launcher for the same VM is refused and changes nothing.
+    let mut twin = Launcher::start(&luod, &vm);
+    assert_eq!(twin.wait_exit(), 1, "{}", twin.output());
+    assert!(
+        twin.output().contains(
+            "VM keep: luod shows it registered by a running VMM: another luo-qemu runs this VM; stop that one first"
+        ),
+        "{}",
+        twin.output()
+    );
     let first = vm.wait_ticks(3);
     let mut c = luod.client();
     c.prepare().expect("prepare");
