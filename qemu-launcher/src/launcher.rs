@@ -402,8 +402,12 @@ impl Vm<'_> {
             }
             State::Normal if self.frozen => {
                 // luod came back without the cycle this VM was frozen for.
-                if let Err(e) = self.qemu.resume() {
-                    say(format!("VM {}: resuming after luod came back: {e}", self.name()));
+                match self.qemu.resume() {
+                    Ok(()) => say(format!(
+                        "VM {} resumed: luod came back without the cycle it was checkpointed for",
+                        self.name()
+                    )),
+                    Err(e) => say(format!("VM {}: resuming after luod came back: {e}", self.name())),
                 }
                 self.frozen = false;
                 self.in_cycle = false;
@@ -565,7 +569,7 @@ impl Vm<'_> {
                         let text = e.to_string();
                         if last_error.as_deref() != Some(text.as_str()) {
                             say(format!(
-                                "VM {}: not registered with luod yet: {text} (retrying)",
+                                "VM {}: waiting to register with luod: {text} (retrying)",
                                 self.name()
                             ));
                             last_error = Some(text);

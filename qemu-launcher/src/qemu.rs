@@ -239,6 +239,18 @@ impl Launch<'_> {
                     }
                     Err(QmpError::Connect { .. }) => {}
                     Err(source) => {
+                        // QEMU opens its monitor before it checks the rest of
+                        // its command line: a QEMU that closes the monitor
+                        // while starting is exiting; say why it did.
+                        let grace = Instant::now() + Duration::from_secs(5);
+                        while Instant::now() < grace {
+                            if let Ok(Some(status)) = child.try_wait() {
+                                std::thread::sleep(Duration::from_millis(50));
+                                let text = stderr.lock().unwrap_or_else(|p| p.into_inner()).join(" / ");
+                                return Err(QemuError::Exited { status, stderr: text });
+                            }
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                         let _ = child.kill();
                         let _ = child.wait();
                         return Err(QemuError::Qmp {

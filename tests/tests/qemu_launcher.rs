@@ -153,7 +153,7 @@ impl VmFiles {
     fn wait_ticks(&self, after: u64) -> Tick {
         wait_for(
             &format!("VM {} to tick past {after}", self.name),
-            Duration::from_secs(120),
+            Duration::from_secs(300),
             || self.ticks().into_iter().rfind(|t| t.n > after),
         )
     }
@@ -194,7 +194,7 @@ impl Launcher {
         let out = self.out.clone();
         wait_for(
             &format!("luo-qemu to print {needle:?}"),
-            Duration::from_secs(120),
+            Duration::from_secs(300),
             || {
                 let text = std::fs::read_to_string(&out).unwrap_or_default();
                 if let Ok(Some(status)) = self.child.try_wait() {
@@ -255,7 +255,7 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
     let vm = VmFiles::new(luod.dir(), "web", &f.qemu10, &[]);
     let mut old = Launcher::start(&luod, &vm);
     assert!(old.wait_line("started fresh").contains("QEMU 10.0"), "{}", old.output());
-    old.wait_line("registered with luod");
+    old.wait_line(" registered with luod (QEMU");
     let list = luod.luoctl(&["vm", "list"]);
     let text = String::from_utf8_lossy(&list.stdout).into_owned();
     assert!(text.contains("web") && text.contains("registered"), "{text}");
@@ -322,7 +322,7 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     // Registered again, for the next update.
     wait_for("the second registration", Duration::from_secs(30), || {
-        (new.output().matches("registered with luod").count() == 1).then_some(())
+        (new.output().matches("VM web registered with luod").count() == 1).then_some(())
     });
     assert_eq!(new.stop(), 0);
 }
@@ -341,9 +341,9 @@ fn prepare_is_vetoed_for_an_old_qemu_and_for_private_memory_and_nothing_pauses()
         &["-object", "memory-backend-ram,id=scratch,size=8M"],
     );
     let mut lo = Launcher::start(&luod, &old);
-    lo.wait_line("registered with luod");
+    lo.wait_line(" registered with luod (QEMU");
     let mut lp = Launcher::start(&luod, &private);
-    lp.wait_line("registered with luod");
+    lp.wait_line(" registered with luod (QEMU");
     old.wait_ticks(5);
     private.wait_ticks(5);
     let before = luod.status();
@@ -385,9 +385,9 @@ fn qemu_killed_during_freeze_fails_the_freeze_and_the_other_vm_resumes() {
     let b = VmFiles::new(luod.dir(), "b", &f.qemu10, &[]);
     let mut la = Launcher::start(&luod, &a);
     let qemu_a = la.qemu_pid();
-    la.wait_line("registered with luod");
+    la.wait_line(" registered with luod (QEMU");
     let mut lb = Launcher::start(&luod, &b);
-    lb.wait_line("registered with luod");
+    lb.wait_line(" registered with luod (QEMU");
     a.wait_ticks(5);
     b.wait_ticks(5);
     let mut c = luod.client();
@@ -428,7 +428,7 @@ fn a_failed_relaunch_keeps_the_vm_preserved_until_a_retry_restores_it() {
     let drive = format!("file={},if=virtio,format=raw", disk.display());
     let vm = VmFiles::new(luod.dir(), "db", &f.qemu10, &["-drive", &drive]);
     let mut old = Launcher::start(&luod, &vm);
-    old.wait_line("registered with luod");
+    old.wait_line(" registered with luod (QEMU");
     let first = vm.wait_ticks(5);
     let mut c = luod.client();
     c.prepare().expect("prepare");
@@ -487,7 +487,7 @@ fn a_running_migration_vetoes_prepare_with_qemus_status_and_prepare_works_once_i
         &["-chardev", &chardev, "-mon", "chardev=ops,mode=control"],
     );
     let mut l = Launcher::start(&luod, &vm);
-    l.wait_line("registered with luod");
+    l.wait_line(" registered with luod (QEMU");
     vm.wait_ticks(3);
     // The operator starts a (slow) migration on QEMU's second monitor.
     let mut q = Qmp::connect(&ops, Duration::from_secs(30)).expect("operator's QMP");
@@ -533,7 +533,7 @@ fn luod_killed_while_the_vm_is_frozen_comes_back_and_cancel_resumes_the_same_qem
     let vm = VmFiles::new(luod.dir(), "keep", &f.qemu10, &[]);
     let mut l = Launcher::start(&luod, &vm);
     let pid = l.qemu_pid();
-    l.wait_line("registered with luod");
+    l.wait_line(" registered with luod (QEMU");
     // A second launcher for the same VM is refused and changes nothing.
     let mut twin = Launcher::start(&luod, &vm);
     assert_eq!(twin.wait_exit(), 1, "{}", twin.output());
@@ -557,7 +557,7 @@ fn luod_killed_while_the_vm_is_frozen_comes_back_and_cancel_resumes_the_same_qem
     assert_eq!(luod.status().state, State::Frozen);
     // The launcher attaches again (same tokens, no fds) and cancel resumes it.
     wait_for("the launcher to attach again", Duration::from_secs(30), || {
-        (l.output().matches("registered with luod").count() == 2).then_some(())
+        (l.output().matches("VM keep registered with luod").count() == 2).then_some(())
     });
     let out = luod.luoctl(&["cancel"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
