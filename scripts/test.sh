@@ -10,6 +10,12 @@ cd "$(dirname "$0")/.."
 rc=0
 echo "== cargo build --workspace --bins (the integration tests drive luod and luoctl)"
 cargo build --workspace --bins --locked 2>&1 || rc=1
+if [ -x qemu-tests/setup.sh ]; then
+    # tests/tests/qemu_launcher.rs runs real QEMU guests inside cargo test:
+    # Debian's QEMU (7.2, the too-old case), busybox-static and cpio first.
+    echo "== qemu-tests/setup.sh (packages the QEMU launcher's tests need)"
+    qemu-tests/setup.sh || rc=1
+fi
 echo "== cargo test --workspace"
 cargo test --workspace --locked 2>&1 || rc=1
 

@@ -17,6 +17,10 @@ apt_private_init() {
   mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/archives/partial" \
            "$APT_DIR/sources.list.d" "$APT_DIR/preferences.d"
   local kr=/usr/share/keyrings/debian-archive-keyring.gpg
+  if [ -n "${LUO_APT_SOURCES:-}" ]; then
+    # A caller with its own APT_DIR may name its own suites (fetch-qemu.sh).
+    printf '%s\n' "$LUO_APT_SOURCES" > "$APT_DIR/sources.list.new.$$"
+  else
   cat > "$APT_DIR/sources.list.new.$$" <<SRC
 deb [signed-by=$kr] $LUO_DEBIAN_MIRROR $LUO_STOCK_RELEASE main
 deb [signed-by=$kr] $LUO_DEBIAN_MIRROR $LUO_STOCK_RELEASE-updates main
@@ -24,6 +28,7 @@ deb [signed-by=$kr] $LUO_DEBIAN_SECURITY_MIRROR $LUO_STOCK_RELEASE-security main
 deb [signed-by=$kr] $LUO_DEBIAN_MIRROR sid main
 deb [signed-by=$kr] $LUO_DEBIAN_MIRROR experimental main
 SRC
+  fi
   # A changed sources.list invalidates the "recently updated" stamp.
   if ! cmp -s "$APT_DIR/sources.list.new.$$" "$APT_DIR/sources.list"; then
     mv "$APT_DIR/sources.list.new.$$" "$APT_DIR/sources.list"

@@ -285,6 +285,28 @@ impl Qmp {
     /// Runs `command` with optional `arguments` (a JSON object) and returns
     /// its `return` value. Events that arrive before the reply are collected.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_with_fd(command, arguments, None)
+    }
+
+    /// Hands `fd` to QEMU under `name` (`getfd`, the descriptor sent with
+    /// `SCM_RIGHTS` on the command's bytes), for a later command that names
+    /// it (`migrate` with `fd:NAME`).
+    pub fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_with_fd("getfd", Some(json!({ "fdname": name })), Some(fd))
+            .map(drop)
+    }
+
+    /// Changes the deadline of each later command.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -295,7 +317,27 @@ impl Qmp {
         line.push('\n');
         let deadline = Instant::now() + self.timeout;
         let waiting_for = format!("the reply to {command}");
-        self.write_all(line.as_bytes(), deadline, &waiting_for)?;
+        let mut rest = line.as_bytes();
+        if let Some(fd) = fd {
+            // The descriptor rides on the first byte; the rest follows as usual.
+            let raw = [fd.as_raw_fd()];
+            let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+            let iov = [std::io::IoSlice::new(&rest[..1])];
+            nix::sys::socket::sendmsg::<()>(self.stream.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+                .map_err(|errno| match errno {
+                    Errno::EPIPE | Errno::ECONNRESET => QmpError::Closed {
+                        path: self.path.clone(),
+                        waiting_for: waiting_for.clone(),
+                    },
+                    errno => QmpError::Io {
+                        path: self.path.clone(),
+                        doing: "writing",
+                        errno,
+                    },
+                })?;
+            rest = &rest[1..];
+        }
+        self.write_all(rest, deadline, &waiting_for)?;
         loop {
             let msg = self.read_message(deadline, &waiting_for)?;
             let Value::Object(obj) = msg else {
