@@ -143,6 +143,9 @@ impl<R: Region> Engine<R> {
             state_dir: options.state_dir,
             unreadable: None,
             quotas: super::Quotas::DEFAULT,
+            hooks: None,
+            rollback: Default::default(),
+            carried_vms: Vec::new(),
         };
         if let Some(found) = unreadable {
             engine.notes.push(found.note.clone());
@@ -244,6 +247,7 @@ impl<R: Region> Engine<R> {
             self.notes.push(note);
         }
         next.state = State::Updated;
+        Self::booted_from(&mut next, &self.host.boot_id);
         if let Some(u) = next.update.as_mut() {
             u.timestamps.luod_started = Some(self.host.started);
             u.timestamps.updated = Some(now());

@@ -28,7 +28,10 @@ use serde::{Deserialize, Serialize};
 /// `StatusReport` ends with `in_progress`; `History` answers a
 /// [`HistoryReport`] (cycles and events); new requests `SessionListFrom`,
 /// `SessionEvict`, `DiscardRecord`; new error kind `QuotaExceeded`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: the history's cycles carry the record format 3 fields (previous
+/// kernel, rollback links, validation, hook summaries; outcome
+/// `rolled-back`); new requests `Rollback` and `FinishAccepting`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default path of luod's socket.
 pub const DEFAULT_SOCKET: &str = "/run/luod/luod.sock";
@@ -162,6 +165,13 @@ pub enum Request {
         /// Session name.
         name: String,
     },
+    /// `rollback` (privileged): prepare a cycle back to the kernel the last
+    /// update came from (checked against its recorded digests); freeze and
+    /// reboot follow as for any cycle.
+    Rollback,
+    /// `finish`, accepting an update whose validation (a `post-update`
+    /// hook) failed; the acceptance is recorded.
+    FinishAccepting,
 }
 
 impl Request {
@@ -190,6 +200,8 @@ impl Request {
             Request::SessionListFrom { .. } => "session-list-from",
             Request::DiscardRecord => "discard-record",
             Request::SessionEvict { .. } => "session-evict",
+            Request::Rollback => "rollback",
+            Request::FinishAccepting => "finish",
         }
     }
 }
