@@ -382,6 +382,8 @@ mod image_tests;
 #[cfg(test)]
 mod quota_tests;
 #[cfg(test)]
+mod rollback_tests;
+#[cfg(test)]
 mod test_support;
 #[cfg(test)]
 mod tests;
