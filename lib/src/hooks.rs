@@ -200,10 +200,7 @@ fn unsafe_owner(meta: &std::fs::Metadata) -> Option<String> {
     }
     let mode = meta.permissions().mode();
     if mode & 0o022 != 0 {
-        return Some(format!(
-            "group or others may write to it (mode {:04o})",
-            mode & 0o7777
-        ));
+        return Some(format!("group or others may write to it (mode {:04o})", mode & 0o7777));
     }
     None
 }
@@ -391,11 +388,9 @@ impl Hooks {
         if let Some(mut stdin) = child.stdin.take() {
             let input = input.to_vec();
             // A hook that does not read its stdin must not block luod.
-            let _ = std::thread::Builder::new()
-                .name("luod-hook-in".into())
-                .spawn(move || {
-                    let _ = stdin.write_all(&input);
-                });
+            let _ = std::thread::Builder::new().name("luod-hook-in".into()).spawn(move || {
+                let _ = stdin.write_all(&input);
+            });
         }
         let (tx, rx) = std::sync::mpsc::channel::<(bool, Option<String>)>();
         let mut readers = 0;
@@ -469,7 +464,10 @@ impl Hooks {
                 _ => done(format!("{s}"), false, last_line),
             },
             Err(()) => done(
-                format!("timed out after {} (luod --hook-timeout); killed", humantime::format_duration(self.timeout)),
+                format!(
+                    "timed out after {} (luod --hook-timeout); killed",
+                    humantime::format_duration(self.timeout)
+                ),
                 false,
                 last_line,
             ),
@@ -517,7 +515,10 @@ mod tests {
 
     /// Hooks run only from root's files: these tests run as root, as CI runs them.
     fn require_root() {
-        assert!(nix::unistd::geteuid().is_root(), "run as root: hooks must belong to root");
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "run as root: hooks must belong to root"
+        );
     }
 
     #[test]
@@ -536,7 +537,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         hook(dir.path(), Phase::PrePrepare, "20-b", "echo b; exit 0");
         hook(dir.path(), Phase::PrePrepare, "10-a", "echo a");
-        hook(dir.path(), Phase::PrePrepare, "30-c", "echo 'first line' >&2; echo 'not enough memory' >&2; exit 3");
+        hook(
+            dir.path(),
+            Phase::PrePrepare,
+            "30-c",
+            "echo 'first line' >&2; echo 'not enough memory' >&2; exit 3",
+        );
         hook(dir.path(), Phase::PrePrepare, "40-d", "echo never");
         hook(dir.path(), Phase::PrePrepare, ".hidden", "exit 1");
         hook(dir.path(), Phase::PrePrepare, "50-e~", "exit 1");
@@ -579,13 +585,21 @@ mod tests {
     fn a_hook_past_its_timeout_is_killed_with_what_it_started() {
         require_root();
         let dir = tempfile::tempdir().unwrap();
-        hook(dir.path(), Phase::PreFreeze, "slow", "echo starting >&2; sleep 30 & sleep 30");
+        hook(
+            dir.path(),
+            Phase::PreFreeze,
+            "slow",
+            "echo starting >&2; sleep 30 & sleep 30",
+        );
         let mut h = hooks(dir.path());
         h.timeout = Duration::from_millis(300);
         let started = Instant::now();
         let out = h.run(Phase::PreFreeze, &HookContext::default(), &ProgressCell::default());
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-        assert_eq!(out.runs[0].status, "timed out after 300ms (luod --hook-timeout); killed");
+        assert_eq!(
+            out.runs[0].status,
+            "timed out after 300ms (luod --hook-timeout); killed"
+        );
         assert_eq!(out.failure.unwrap().reason, "starting");
     }
 
@@ -594,7 +608,12 @@ mod tests {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("ran");
-        let p = hook(dir.path(), Phase::PrePrepare, "10-x", &format!("touch {}", marker.display()));
+        let p = hook(
+            dir.path(),
+            Phase::PrePrepare,
+            "10-x",
+            &format!("touch {}", marker.display()),
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o775)).unwrap();
         let out = hooks(dir.path()).run(Phase::PrePrepare, &HookContext::default(), &ProgressCell::default());
         assert!(!marker.exists());

@@ -115,7 +115,14 @@ fn history(version: u32) -> Vec<Cycle> {
             hooks: if v3 {
                 vec![
                     hook("pre-prepare", "10-drain", true, "exit 0", 1200, "drained"),
-                    hook("post-update", "50-vms-healthy", false, "exit 1", 3000, "vm web-01 does not answer ping"),
+                    hook(
+                        "post-update",
+                        "50-vms-healthy",
+                        false,
+                        "exit 1",
+                        3000,
+                        "vm web-01 does not answer ping",
+                    ),
                 ]
             } else {
                 Vec::new()
@@ -140,7 +147,14 @@ fn history(version: u32) -> Vec<Cycle> {
             rolled_back_by: None,
             validation: None,
             hooks: if v3 {
-                vec![hook("pre-freeze", "20-quiesce", false, "timed out after 60s (luod --hook-timeout); killed", 60_000, "")]
+                vec![hook(
+                    "pre-freeze",
+                    "20-quiesce",
+                    false,
+                    "timed out after 60s (luod --hook-timeout); killed",
+                    60_000,
+                    "",
+                )]
             } else {
                 Vec::new()
             },

@@ -94,7 +94,15 @@ fn preserve_file(luod: &Luod, session: &str, token: u64, bytes: &[u8]) -> PathBu
     ok(luod, &["session", "create", session]);
     ok(
         luod,
-        &["session", "preserve", session, "--token", &token.to_string(), "--file", path.to_str().unwrap()],
+        &[
+            "session",
+            "preserve",
+            session,
+            "--token",
+            &token.to_string(),
+            "--file",
+            path.to_str().unwrap(),
+        ],
     );
     path
 }
@@ -120,7 +128,18 @@ fn every_phase_runs_in_lexical_order_with_the_cycle_in_its_environment_and_stdin
     luod.start();
     // post-update runs before any change is served: the retrieve waits behind it.
     let out = luod.dir().join("s-1.out");
-    ok(&luod, &["session", "retrieve", "s", "--token", "1", "--output", out.to_str().unwrap()]);
+    ok(
+        &luod,
+        &[
+            "session",
+            "retrieve",
+            "s",
+            "--token",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"carried bytes");
     ok(&luod, &["finish"]);
 
@@ -133,8 +152,7 @@ fn every_phase_runs_in_lexical_order_with_the_cycle_in_its_environment_and_stdin
     ]
     .iter()
     .flat_map(|(phase, state, kernel)| {
-        ["10-first", "20-second"]
-            .map(|h| format!("{phase} {h} cycle=1 state={state} kernel={kernel} backend=file"))
+        ["10-first", "20-second"].map(|h| format!("{phase} {h} cycle=1 state={state} kernel={kernel} backend=file"))
     })
     .collect();
     assert_eq!(lines.lines().collect::<Vec<_>>(), want);
@@ -153,7 +171,12 @@ fn every_phase_runs_in_lexical_order_with_the_cycle_in_its_environment_and_stdin
         (Some("pre-freeze"), Some(1), Some("prepared"), Some(k), Some(1), Some(1))
     );
     assert_eq!(stdin["kernel_sha256"].as_str().map(str::len), Some(64));
-    assert!(stdin["cmdline"].as_str().unwrap().starts_with("console=ttyS0 luod.handover="));
+    assert!(
+        stdin["cmdline"]
+            .as_str()
+            .unwrap()
+            .starts_with("console=ttyS0 luod.handover=")
+    );
 
     // The history keeps a summary of each, in order.
     let h = json(&luod, &["history"]);
@@ -178,7 +201,11 @@ fn every_phase_runs_in_lexical_order_with_the_cycle_in_its_environment_and_stdin
         .collect();
     assert_eq!(hooks, want);
     // And their output is in luod's log.
-    assert!(luod.log().contains("post-update hook 10-first: 10-first done"), "{}", luod.log());
+    assert!(
+        luod.log().contains("post-update hook 10-first: 10-first done"),
+        "{}",
+        luod.log()
+    );
     let text = ok(&luod, &["history"]);
     assert!(text.contains("#1: hook post-finish/20-second exit 0 in"), "{text}");
 }
@@ -231,7 +258,12 @@ fn a_failing_pre_prepare_hook_vetoes_with_its_last_stderr_line_and_on_failure_ho
 #[test]
 fn a_failing_pre_freeze_hook_vetoes_the_freeze_and_the_cycle_keeps_its_summary() {
     let (luod, root) = luod_with_hooks(&[]);
-    hook(&root, "pre-freeze", "10-quiesce", "echo 'database still writing' >&2; exit 1");
+    hook(
+        &root,
+        "pre-freeze",
+        "10-quiesce",
+        "echo 'database still writing' >&2; exit 1",
+    );
     let luod = luod.launched();
     ok(&luod, &["prepare"]);
     let (code, _, stderr) = parts(luod.luoctl(&["freeze"]));
@@ -245,15 +277,30 @@ fn a_failing_pre_freeze_hook_vetoes_the_freeze_and_the_cycle_keeps_its_summary()
     let h = json(&luod, &["history"]);
     let run = &h["cycles"][0]["hooks"][0];
     assert_eq!(
-        (run["phase"].as_str(), run["ok"].as_bool(), run["status"].as_str(), run["last_line"].as_str()),
-        (Some("pre-freeze"), Some(false), Some("exit 1"), Some("database still writing"))
+        (
+            run["phase"].as_str(),
+            run["ok"].as_bool(),
+            run["status"].as_str(),
+            run["last_line"].as_str()
+        ),
+        (
+            Some("pre-freeze"),
+            Some(false),
+            Some("exit 1"),
+            Some("database still writing")
+        )
     );
 }
 
 #[test]
 fn a_hook_past_its_timeout_is_killed_and_vetoes() {
     let (luod, root) = luod_with_hooks(&["--hook-timeout", "0.5"]);
-    hook(&root, "pre-prepare", "10-slow", "echo 'waiting for the load balancer' >&2; sleep 30");
+    hook(
+        &root,
+        "pre-prepare",
+        "10-slow",
+        "echo 'waiting for the load balancer' >&2; sleep 30",
+    );
     let luod = luod.launched();
     let started = Instant::now();
     let (code, _, stderr) = parts(luod.luoctl(&["prepare"]));
@@ -264,7 +311,8 @@ fn a_hook_past_its_timeout_is_killed_and_vetoes() {
         "{stderr}"
     );
     assert!(
-        luod.log().contains("pre-prepare hook 10-slow: timed out after 500ms (luod --hook-timeout); killed"),
+        luod.log()
+            .contains("pre-prepare hook 10-slow: timed out after 500ms (luod --hook-timeout); killed"),
         "{}",
         luod.log()
     );
@@ -338,8 +386,13 @@ fn status_stays_prompt_while_a_hook_runs_and_shows_it() {
     let seen = poll(Duration::from_secs(10), || {
         let started = Instant::now();
         let s = luod.status();
-        assert!(started.elapsed() < Duration::from_secs(1), "status took {:?}", started.elapsed());
-        s.in_progress.filter(|p| p.waiting_for.as_deref() == Some("hook pre-prepare/10-slow"))
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "status took {:?}",
+            started.elapsed()
+        );
+        s.in_progress
+            .filter(|p| p.waiting_for.as_deref() == Some("hook pre-prepare/10-slow"))
     })
     .expect("status shows the hook running");
     assert_eq!(seen.step, "prepare");
@@ -351,7 +404,12 @@ fn status_stays_prompt_while_a_hook_runs_and_shows_it() {
 #[test]
 fn a_failed_validation_holds_finish_until_the_operator_accepts_it() {
     let (luod, root) = luod_with_hooks(&[]);
-    hook(&root, "post-update", "50-vms", "echo 'vm0 does not answer its health check' >&2; exit 3");
+    hook(
+        &root,
+        "post-update",
+        "50-vms",
+        "echo 'vm0 does not answer its health check' >&2; exit 3",
+    );
     let mut luod = luod.launched();
     preserve_file(&luod, "s", 1, b"x");
     ok(&luod, &["prepare"]);
@@ -375,7 +433,18 @@ fn a_failed_validation_holds_finish_until_the_operator_accepts_it() {
         status.notes
     );
     let out = luod.dir().join("s.out");
-    ok(&luod, &["session", "retrieve", "s", "--token", "1", "--output", out.to_str().unwrap()]);
+    ok(
+        &luod,
+        &[
+            "session",
+            "retrieve",
+            "s",
+            "--token",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    );
     let before = luod.status();
     let (code, _, stderr) = parts(luod.luoctl(&["finish"]));
     assert_eq!(code, EXIT_VETOED, "{stderr}");
@@ -400,7 +469,12 @@ fn a_failed_validation_holds_finish_until_the_operator_accepts_it() {
             c["validation"]["reason"].as_str(),
             c["validation"]["accepted_by"].as_u64()
         ),
-        (Some("finished"), Some("50-vms"), Some("vm0 does not answer its health check"), Some(0))
+        (
+            Some("finished"),
+            Some("50-vms"),
+            Some("vm0 does not answer its health check"),
+            Some(0)
+        )
     );
     assert_eq!(c["hooks"].as_array().unwrap().len(), 1, "post-update ran once: {c}");
     // Nothing to accept any more.

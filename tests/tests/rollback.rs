@@ -71,8 +71,28 @@ fn update(luod: &mut Luod, k1: &Path, bytes: &[u8]) {
     let input = luod.dir().join("s.in");
     std::fs::write(&input, bytes).unwrap();
     ok(luod, &["session", "create", "s"]);
-    ok(luod, &["session", "preserve", "s", "--token", "1", "--file", input.to_str().unwrap()]);
-    let out = ok(luod, &["prepare", "--kernel", k1.to_str().unwrap(), "--cmdline", "console=ttyS0 kernel=1"]);
+    ok(
+        luod,
+        &[
+            "session",
+            "preserve",
+            "s",
+            "--token",
+            "1",
+            "--file",
+            input.to_str().unwrap(),
+        ],
+    );
+    let out = ok(
+        luod,
+        &[
+            "prepare",
+            "--kernel",
+            k1.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 kernel=1",
+        ],
+    );
     let k0 = luod.dir().join("vmlinuz-0");
     assert!(
         out.contains(&format!("note: a rollback of this cycle goes back to {}", k0.display())),
@@ -85,7 +105,18 @@ fn update(luod: &mut Luod, k1: &Path, bytes: &[u8]) {
 fn retrieve(luod: &Luod) -> Vec<u8> {
     let out = luod.dir().join("s.out");
     let _ = std::fs::remove_file(&out);
-    ok(luod, &["session", "retrieve", "s", "--token", "1", "--output", out.to_str().unwrap()]);
+    ok(
+        luod,
+        &[
+            "session",
+            "retrieve",
+            "s",
+            "--token",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    );
     std::fs::read(&out).unwrap()
 }
 
@@ -120,7 +151,10 @@ fn luoctl_rollback_goes_back_to_the_previous_kernel_carrying_the_files_and_histo
     let out = ok(&luod, &["rollback"]);
     let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with("  note:")).collect();
     assert_eq!(lines.len(), 3, "{out}");
-    assert!(lines[0].starts_with("rollback: updated -> prepared (record generation"), "{out}");
+    assert!(
+        lines[0].starts_with("rollback: updated -> prepared (record generation"),
+        "{out}"
+    );
     assert!(lines[1].starts_with("rollback (freeze): prepared -> frozen"), "{out}");
     assert!(lines[2].starts_with("rollback (reboot): frozen -> updated"), "{out}");
     assert!(
@@ -142,7 +176,10 @@ fn luoctl_rollback_goes_back_to_the_previous_kernel_carrying_the_files_and_histo
     );
     let h = json(&luod, &["history"]);
     assert_eq!(h["cycles"][0]["previous"]["kernel"].as_str(), Some(k0.as_str()));
-    assert_eq!(h["cycles"][0]["previous"]["cmdline"].as_str(), Some("console=ttyS0 kernel=0"));
+    assert_eq!(
+        h["cycles"][0]["previous"]["cmdline"].as_str(),
+        Some("console=ttyS0 kernel=0")
+    );
     let text = ok(&luod, &["history"]);
     assert!(text.contains("rolled-back (by #2)"), "{text}");
     assert!(text.contains("finished (rollback of #1)"), "{text}");
@@ -160,11 +197,26 @@ fn rollback_after_finish_on_the_same_boot_and_json_reports_each_step() {
     let input = luod.dir().join("s.in");
     std::fs::write(&input, b"second").unwrap();
     ok(&luod, &["session", "create", "s"]);
-    ok(&luod, &["session", "preserve", "s", "--token", "1", "--file", input.to_str().unwrap()]);
+    ok(
+        &luod,
+        &[
+            "session",
+            "preserve",
+            "s",
+            "--token",
+            "1",
+            "--file",
+            input.to_str().unwrap(),
+        ],
+    );
     let v = json(&luod, &["rollback"]);
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(
-        (v["prepare"]["from"].as_str(), v["freeze"]["to"].as_str(), v["reboot"]["to"].as_str()),
+        (
+            v["prepare"]["from"].as_str(),
+            v["freeze"]["to"].as_str(),
+            v["reboot"]["to"].as_str()
+        ),
         (Some("normal"), Some("frozen"), Some("updated"))
     );
     luod.expect_kexec_exit();
@@ -196,7 +248,10 @@ fn rollback_is_refused_when_the_previous_image_changed_and_nothing_changes() {
         )),
         "{stderr}"
     );
-    assert!(stderr.contains("put the original back, or prepare an update to the kernel you want"), "{stderr}");
+    assert!(
+        stderr.contains("put the original back, or prepare an update to the kernel you want"),
+        "{stderr}"
+    );
     assert_unchanged(&before, &luod.status());
     assert_eq!(json(&luod, &["status"])["generation"], recorded["generation"]);
     // Still carried: the files come back as they were.
@@ -226,7 +281,12 @@ fn a_failed_validation_with_rollback_auto_goes_back_at_once() {
     // The new kernel's luod validates, fails, rolls back and kexecs (simulated) by itself.
     luod.launch_no_wait();
     luod.expect_kexec_exit();
-    assert!(luod.log().contains("rolling back to the previous kernel (--rollback auto)"), "{}", luod.log());
+    assert!(
+        luod.log()
+            .contains("rolling back to the previous kernel (--rollback auto)"),
+        "{}",
+        luod.log()
+    );
     luod.start();
     let status = poll(Duration::from_secs(10), || {
         let s = json(&luod, &["history"]);

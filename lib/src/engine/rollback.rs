@@ -167,7 +167,10 @@ impl<R: Region> Engine<R> {
         use crate::protocol::ErrorKind as K;
         if self.hooks.is_none()
             || self.handed_over
-            || matches!(kind, K::WrongState | K::PermissionDenied | K::InvalidArgument | K::Protocol)
+            || matches!(
+                kind,
+                K::WrongState | K::PermissionDenied | K::InvalidArgument | K::Protocol
+            )
         {
             return;
         }
@@ -196,11 +199,10 @@ impl<R: Region> Engine<R> {
     /// hooks, once per cycle. A failure is recorded as the cycle's failed
     /// validation.
     pub fn post_update(&mut self) -> AfterValidation {
-        let ran = self
-            .record
-            .update
-            .as_ref()
-            .is_none_or(|u| u.hooks.iter().any(|h| h.phase == Phase::PostUpdate.as_str()) || u.validation.is_some());
+        let ran =
+            self.record.update.as_ref().is_none_or(|u| {
+                u.hooks.iter().any(|h| h.phase == Phase::PostUpdate.as_str()) || u.validation.is_some()
+            });
         if self.record.state != State::Updated || ran || self.hooks.is_none() {
             return AfterValidation::Serve;
         }
@@ -318,7 +320,11 @@ impl<R: Region> Engine<R> {
             kernel_sha256,
             initrd: initrd.map(|p| p.display().to_string()),
             initrd_sha256,
-            cmdline: self.rollback.cmdline.clone().unwrap_or_else(|| self.host.cmdline.clone()),
+            cmdline: self
+                .rollback
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| self.host.cmdline.clone()),
         })
     }
 
@@ -342,7 +348,12 @@ impl<R: Region> Engine<R> {
                     .record
                     .sessions
                     .iter()
-                    .flat_map(|s| s.fds.iter().filter(|f| f.retrieved).map(move |f| format!("{}/{}", s.name, f.token)))
+                    .flat_map(|s| {
+                        s.fds
+                            .iter()
+                            .filter(|f| f.retrieved)
+                            .map(move |f| format!("{}/{}", s.name, f.token))
+                    })
                     .collect();
                 if !taken.is_empty() {
                     return refuse(format!(
@@ -399,10 +410,9 @@ impl<R: Region> Engine<R> {
         let from = self.record.state;
         let (of, previous) = self.rollback_plan()?;
         // The images, opened by luod on root's word, must be what was recorded.
-        let (kernel_fd, digest) =
-            open_trusted(Path::new(&previous.kernel), "the previous kernel").map_err(|e| {
-                EngineError::RollbackRefused(format!("{e}: it must be there as it was when cycle {of} recorded it"))
-            })?;
+        let (kernel_fd, digest) = open_trusted(Path::new(&previous.kernel), "the previous kernel").map_err(|e| {
+            EngineError::RollbackRefused(format!("{e}: it must be there as it was when cycle {of} recorded it"))
+        })?;
         if digest != previous.kernel_sha256 {
             return Err(EngineError::RollbackRefused(format!(
                 "the previous kernel {} changed since cycle {of} recorded it (sha256 {} now, {} recorded): \

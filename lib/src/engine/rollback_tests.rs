@@ -109,7 +109,11 @@ fn prepare_records_the_running_kernel_and_rollback_goes_back_to_it_carrying_ever
     let u = e.record().update.clone().unwrap();
     let previous = u.previous.clone().unwrap();
     assert_eq!(
-        (previous.kernel.as_str(), previous.kernel_sha256, previous.cmdline.as_str()),
+        (
+            previous.kernel.as_str(),
+            previous.kernel_sha256,
+            previous.cmdline.as_str()
+        ),
         (k0.to_str().unwrap(), sha(&k0), "console=ttyS0 k0")
     );
     let booted = e.record().booted.clone().unwrap();
@@ -118,7 +122,10 @@ fn prepare_records_the_running_kernel_and_rollback_goes_back_to_it_carrying_ever
 
     // Nothing taken back yet: the rollback carries the incoming files again.
     let report = e.rollback(&Caller::ROOT).unwrap();
-    assert_eq!((report.from, report.to, report.files), (State::Updated, State::Prepared, 2));
+    assert_eq!(
+        (report.from, report.to, report.files),
+        (State::Updated, State::Prepared, 2)
+    );
     let u = e.record().update.clone().unwrap();
     assert_eq!((u.id, u.rollback_of), (2, Some(1)));
     let target = u.target.clone().unwrap();
@@ -126,11 +133,18 @@ fn prepare_records_the_running_kernel_and_rollback_goes_back_to_it_carrying_ever
         (target.kernel.as_str(), target.kernel_sha256),
         (k0.to_str().unwrap(), sha(&k0))
     );
-    assert!(target.cmdline.starts_with("console=ttyS0 k0 luod.handover="), "{}", target.cmdline);
+    assert!(
+        target.cmdline.starts_with("console=ttyS0 k0 luod.handover="),
+        "{}",
+        target.cmdline
+    );
     // Its own rollback would go back to k1, the kernel this boot runs.
     assert_eq!(u.previous.unwrap().kernel_sha256, sha(&k1));
     let c1 = e.record().history.last().unwrap().clone();
-    assert_eq!((c1.id, c1.outcome, c1.rolled_back_by), (1, Outcome::RolledBack, Some(2)));
+    assert_eq!(
+        (c1.id, c1.outcome, c1.rolled_back_by),
+        (1, Outcome::RolledBack, Some(2))
+    );
     assert!(e.record().sessions.iter().all(|s| !s.incoming));
 
     e.freeze(&Caller::ROOT).unwrap();
@@ -143,11 +157,16 @@ fn prepare_records_the_running_kernel_and_rollback_goes_back_to_it_carrying_ever
     assert_eq!(read(fd), b"device state");
     e.finish(&Caller::ROOT).unwrap();
     let h = e.history();
-    let view: Vec<(u64, Outcome, Option<u64>, Option<u64>)> =
-        h.iter().map(|c| (c.id, c.outcome, c.rollback_of, c.rolled_back_by)).collect();
+    let view: Vec<(u64, Outcome, Option<u64>, Option<u64>)> = h
+        .iter()
+        .map(|c| (c.id, c.outcome, c.rollback_of, c.rolled_back_by))
+        .collect();
     assert_eq!(
         view,
-        [(1, Outcome::RolledBack, None, Some(2)), (2, Outcome::Finished, Some(1), None)]
+        [
+            (1, Outcome::RolledBack, None, Some(2)),
+            (2, Outcome::Finished, Some(1), None)
+        ]
     );
     assert_eq!(e.record().live_updates, 2);
     // A rollback is not rolled back in turn.
@@ -277,7 +296,12 @@ fn a_failed_validation_holds_finish_until_accepted_and_is_recorded() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let hooks = dir.path().join("hooks");
-    hook(&hooks, "post-update", "50-check", "echo checking; echo 'vm0 does not answer' >&2; exit 4");
+    hook(
+        &hooks,
+        "post-update",
+        "50-check",
+        "echo checking; echo 'vm0 does not answer' >&2; exit 4",
+    );
     let k0 = bzimage(dir.path(), "k0", 0);
     let k1 = bzimage(dir.path(), "k1", 1);
     let e = engine(store(), &k0, Some(&hooks), false);
@@ -288,7 +312,10 @@ fn a_failed_validation_holds_finish_until_accepted_and_is_recorded() {
     let u = e.record().update.clone().unwrap();
     assert_eq!(u.hooks.iter().filter(|h| h.phase == "post-update").count(), 1);
     let v = u.validation.unwrap();
-    assert_eq!((v.hook.as_str(), v.reason.as_str(), v.accepted_by), ("50-check", "vm0 does not answer", None));
+    assert_eq!(
+        (v.hook.as_str(), v.reason.as_str(), v.accepted_by),
+        ("50-check", "vm0 does not answer", None)
+    );
     let before = e.generation();
     let err = e.finish(&Caller::ROOT).unwrap_err();
     assert_eq!(
@@ -305,7 +332,10 @@ fn a_failed_validation_holds_finish_until_accepted_and_is_recorded() {
     assert_eq!((c.outcome, v.accepted_by), (Outcome::Finished, Some(0)));
     assert!(v.accepted_at.is_some());
     assert_eq!(
-        c.hooks.iter().map(|h| (h.phase.as_str(), h.status.as_str())).collect::<Vec<_>>(),
+        c.hooks
+            .iter()
+            .map(|h| (h.phase.as_str(), h.status.as_str()))
+            .collect::<Vec<_>>(),
         [("post-update", "exit 4")]
     );
 }
@@ -322,5 +352,8 @@ fn with_auto_rollback_a_failed_validation_asks_for_the_rollback() {
     let mut e = engine(e.into_store(), &k0, Some(&hooks), true);
     assert_eq!(e.post_update(), AfterValidation::RollBack);
     e.rollback(&Caller::ROOT).unwrap();
-    assert_eq!(e.record().history.last().unwrap().validation.as_ref().unwrap().reason, "exit 1");
+    assert_eq!(
+        e.record().history.last().unwrap().validation.as_ref().unwrap().reason,
+        "exit 1"
+    );
 }

@@ -331,7 +331,10 @@ impl<R: Region> Engine<R> {
         }
         match previous_line {
             Some(p) => notes.push(format!("a rollback of this cycle goes back to {p}")),
-            None => notes.push("luod could not record the running kernel: a rollback of this cycle will be refused (see luod's log)".into()),
+            None => notes.push(
+                "luod could not record the running kernel: a rollback of this cycle will be refused (see luod's log)"
+                    .into(),
+            ),
         }
         Ok(self.report(from, started, notes))
     }
