@@ -431,6 +431,10 @@ impl<R: Region> Engine<R> {
             initrd: None,
             cmdline: Some(previous.cmdline.clone()),
             reuse_cmdline: false,
+            // Pinned too: what is loaded is what was recorded, whatever
+            // happens to the file between the digest above and the load.
+            kernel_sha256: Some(previous.kernel_sha256),
+            initrd_sha256: None,
         };
         if let (Some(path), Some(sha)) = (&previous.initrd, &previous.initrd_sha256) {
             let (fd, digest) = open_trusted(Path::new(path), "the previous initrd").map_err(|e| {
@@ -449,6 +453,7 @@ impl<R: Region> Engine<R> {
                 fd: 1,
                 name: path.clone(),
             });
+            args.initrd_sha256 = Some(*sha);
         }
         let target = self.target("rollback", &args, fds)?;
         let carried = if from == State::Updated {
@@ -460,7 +465,7 @@ impl<R: Region> Engine<R> {
             self.carry_incoming()?;
         }
         self.carried_vms = carried;
-        let done = self.prepare_target(caller, from, State::Prepared, target, Some(of), started);
+        let done = self.prepare_target(&args, from, State::Prepared, target, Some(of), started);
         if done.is_err() {
             self.carried_vms.clear();
         }

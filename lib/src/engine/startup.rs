@@ -146,6 +146,7 @@ impl<R: Region> Engine<R> {
             hooks: None,
             rollback: Default::default(),
             carried_vms: Vec::new(),
+            sysfs_root: std::path::PathBuf::from("/sys"),
         };
         if let Some(found) = unreadable {
             engine.notes.push(found.note.clone());
