@@ -253,6 +253,21 @@ impl<R: Region> Engine<R> {
         }
     }
 
+    /// After a restart of luod: a failed validation nobody accepted yet is
+    /// said again in `status` notes.
+    pub(super) fn note_failed_validation(&mut self) {
+        if let Some(v) = self.record.update.as_ref().and_then(|u| u.validation.as_ref())
+            && v.accepted_by.is_none()
+            && self.record.state == State::Updated
+        {
+            self.notes.push(format!(
+                "the update failed validation: post-update hook {}: {}; `luoctl rollback` goes back to the previous \
+                 kernel, `luoctl finish --accept-failed-validation` keeps this one",
+                v.hook, v.reason
+            ));
+        }
+    }
+
     /// Refuses `finish` while the validation failed and nobody accepted
     /// it; with `accept`, records the acceptance in `next`.
     pub(super) fn check_validation(

@@ -161,6 +161,7 @@ impl<R: Region> Engine<R> {
             }
             Judgement::SameBoot => engine.resume_same_kernel()?,
         }
+        engine.note_failed_validation();
         Ok(engine)
     }
 
