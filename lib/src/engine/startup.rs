@@ -143,6 +143,9 @@ impl<R: Region> Engine<R> {
             state_dir: options.state_dir,
             unreadable: None,
             quotas: super::Quotas::DEFAULT,
+            hooks: None,
+            rollback: Default::default(),
+            carried_vms: Vec::new(),
             sysfs_root: std::path::PathBuf::from("/sys"),
         };
         if let Some(found) = unreadable {
@@ -158,6 +161,7 @@ impl<R: Region> Engine<R> {
             }
             Judgement::SameBoot => engine.resume_same_kernel()?,
         }
+        engine.note_failed_validation();
         Ok(engine)
     }
 
@@ -245,6 +249,7 @@ impl<R: Region> Engine<R> {
             self.notes.push(note);
         }
         next.state = State::Updated;
+        Self::booted_from(&mut next, &self.host.boot_id);
         if let Some(u) = next.update.as_mut() {
             u.timestamps.luod_started = Some(self.host.started);
             u.timestamps.updated = Some(now());
