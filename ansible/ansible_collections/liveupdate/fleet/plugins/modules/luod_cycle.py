@@ -13,9 +13,9 @@ description:
   - Runs one step of luod's live-update cycle with luoctl on the managed
     host. M(liveupdate.fleet.luod_update) chains the steps across the kexec;
     use this module directly to drive the steps yourself.
-  - Every failure message is luoctl's own error line
+  - "Every failure message is luoctl's own error line
     (C(luoctl: WHAT: MESSAGE; HINT)), with its exit code and kind in
-    RV(luoctl).
+    RV(luoctl)."
   - O(step=check) runs C(luoctl check) with the target kernel and says
     whether the host is on the pinned kernel already.
   - O(step=prepare) verifies the pinned digests, then runs C(luoctl prepare)
@@ -24,15 +24,15 @@ description:
     process, so that the blackout is not lengthened by a round trip. A
     failed freeze or a reboot the kernel refused is followed by
     C(luoctl cancel), so the host goes back to C(normal). With a real kexec
-    the answer of C(luoctl reboot) may never arrive (exit 6, C(connection)):
-    that is reported as RV(rebooting).
+    the answer of C(luoctl reboot) may never arrive (exit 6, C(connection)),
+    which is reported as RV(rebooting).
   - O(step=validate) requires state C(updated), then runs every
     O(validate) command and fetches O(validate_url).
   - O(step=finish), O(step=cancel), O(step=rollback) run that luoctl
     command. C(rollback) needs a luoctl that has it.
 version_added: "0.1.0"
 author:
-  - liveupdate developers
+  - liveupdate developers (!UNKNOWN)
 options:
   step:
     description: The step to run.
@@ -81,9 +81,11 @@ options:
     type: path
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
     details: O(step=check) runs; the other steps change nothing and report C(changed).
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
 '''
 

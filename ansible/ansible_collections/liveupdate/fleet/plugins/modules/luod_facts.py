@@ -16,10 +16,10 @@ description:
     running kernel's release.
   - The facts land in C(ansible_facts.luod).
   - Fails with luoctl's own error line when luoctl fails (for example luod
-    is not running: exit 4, C(unreachable)).
+    is not running, exit 4, C(unreachable)).
 version_added: "0.1.0"
 author:
-  - liveupdate developers
+  - liveupdate developers (!UNKNOWN)
 options:
   luoctl:
     description: The luoctl executable (a name looked up in E(PATH), or a path).
@@ -35,10 +35,13 @@ options:
     type: str
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
   facts:
+    description: Action returns an C(ansible_facts) dictionary that will update existing host facts.
     support: full
 '''
 

@@ -16,7 +16,7 @@ description:
     validation, then C(luoctl finish); or, when the validation fails, rolls
     back with C(luoctl rollback) (a live update to the previous kernel) and
     fails with the reason.
-  - This is an action plugin: a module cannot wait for its own host across
+  - This is an action plugin, since a module cannot wait for its own host across
     the kexec, so the controller runs M(liveupdate.fleet.luod_cycle) for each
     step and waits for the host in between (it resets the connection and
     retries until O(reboot_timeout), as M(ansible.builtin.reboot) does).
@@ -24,12 +24,12 @@ description:
     exit code and kind.
   - C(changed) is false when the host runs the target kernel already (the
     last finished live update loaded O(kernel_sha256) and the running
-    release is the one it came up in): nothing is run then.
+    release is the one it came up in), and nothing is run then.
   - A freeze that fails or a kexec the kernel refuses is followed by
-    C(luoctl cancel): the host is back in C(normal), nothing changed.
+    C(luoctl cancel), so the host is back in C(normal), nothing changed.
 version_added: "0.1.0"
 author:
-  - liveupdate developers
+  - liveupdate developers (!UNKNOWN)
 options:
   kernel:
     description: The target kernel image on the host.
@@ -75,13 +75,18 @@ options:
     type: path
 attributes:
   action:
+    description: Indicates this has a corresponding action plugin so some parts of the options can be executed on the controller.
     support: full
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
     details: Runs C(luoctl check) and reports whether the host would be updated; changes nothing.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
   platform:
+    description: Target OS/families that can be operated against.
+    support: full
     platforms: posix
 seealso:
   - module: liveupdate.fleet.luod_cycle

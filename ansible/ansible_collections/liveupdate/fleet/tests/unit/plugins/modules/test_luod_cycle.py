@@ -34,8 +34,8 @@ REBOOT_CUT = dict(rc=6, json=dict(ok=False, error=dict(
 
 
 def history_with(sha, to_release, outcome='finished'):
-    return ok(cycles=[dict(id=1, outcome=outcome, target=dict(kernel='/boot/k', kernel_sha256=sha, initrd=None,
-                                                                initrd_sha256=None, cmdline='x'),
+    target = dict(kernel='/boot/k', kernel_sha256=sha, initrd=None, initrd_sha256=None, cmdline='x')
+    return ok(cycles=[dict(id=1, outcome=outcome, target=target,
                            from_release='6.1.0', to_release=to_release, timestamps={}, blackout_ns=5,
                            sessions=0, files=0, bytes=0)], events=[])
 
