@@ -162,9 +162,12 @@ class ActionModule(ActionBase):
                 if not rollback:
                     raise HostFailure('%s; rollback is off: the host stays in state updated' % failure.msg,
                                       failure.result)
-                self._kexec(task_vars, timeout, step='rollback')
-                record['steps'].append('rollback')
-                self._step('finish', task_vars)
+                try:
+                    self._kexec(task_vars, timeout, step='rollback')
+                    record['steps'].append('rollback')
+                    self._step('finish', task_vars)
+                except HostFailure as second:
+                    raise HostFailure('%s; the rollback failed: %s' % (failure.msg, second.msg), second.result)
                 after = self._facts(task_vars)
                 record.update(kernel_after=after.get('running_kernel'), outcome='rolled-back', luod=after)
                 raise HostFailure('%s; rolled back to %s' % (failure.msg, after.get('running_kernel')), failure.result)
