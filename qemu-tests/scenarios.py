@@ -99,6 +99,8 @@ SCENARIOS = [
     Scenario("already_on_target", "luo", 2, False),
     Scenario("bench_vm_blackout", "luo", 11, False, timeout=900, bench=True),
     Scenario("demo", "luo", 2, True, demo=True),
+    Scenario("rollback_on_failed_validation", "luo", 3, True),
+    Scenario("ten_updates_in_a_row", "luo", 11, True, timeout=600),
 ]
 
 

@@ -10,6 +10,7 @@
 pub mod engine;
 pub mod fsutil;
 pub mod holder;
+pub mod hooks;
 pub mod kernel;
 pub mod names;
 pub mod progress;

@@ -5,7 +5,8 @@
 //! host in `prepared`), slot B generation 2 (the outgoing image at `reboot`,
 //! with two data extents). Each is a contract: every later luod must load it
 //! and find exactly the content below (a v1 record converted: no nonce, no
-//! events). Never regenerate one; a new format version adds the next file
+//! events; a v1 or v2 record converted: no previous kernel, rollback links,
+//! validation, hook summaries or `booted`). Never regenerate one; a new format version adds the next file
 //! beside them (see `docs/state-format.md`, "Compatibility").
 //!
 //! Each fixture was made once by `image` below while its version was the
@@ -13,8 +14,8 @@
 
 use liveupdate::names::SessionName;
 use liveupdate::record::{
-    Cycle, Event, FORMAT_VERSION, FdRecord, Handover, HandoverRecord, KernelImage, MAGIC, Outcome, RecordStore,
-    Section, SessionRecord, SlotStatus, Timestamps, Update,
+    Booted, Cycle, Event, FORMAT_VERSION, FdRecord, Handover, HandoverRecord, HookRun, KernelImage, MAGIC, Outcome,
+    RecordStore, Section, SessionRecord, SlotStatus, Timestamps, Update, Validation,
 };
 use liveupdate::region::{FileRegion, MemRegion};
 use liveupdate::state::State;
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 const REGION_LEN: usize = 64 << 10;
 
 /// Every format version with a fixture, oldest first.
-const VERSIONS: [u32; 2] = [1, 2];
+const VERSIONS: [u32; 3] = [1, 2, 3];
 
 fn fixture_path(version: u32) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/fixtures/record-v{version}.bin"))
@@ -52,11 +53,34 @@ fn target_kernel() -> KernelImage {
     }
 }
 
-fn history() -> Vec<Cycle> {
+/// The kernel cycle 1 came from (format 3 on).
+fn kernel_7_2_0_1() -> KernelImage {
+    KernelImage {
+        kernel: "/boot/vmlinuz-7.2.0-1-amd64".into(),
+        kernel_sha256: [0x21; 32],
+        initrd: Some("/boot/initrd.img-7.2.0-1-amd64".into()),
+        initrd_sha256: Some([0x22; 32]),
+        cmdline: "console=ttyS0 liveupdate=on".into(),
+    }
+}
+
+fn hook(phase: &str, name: &str, ok: bool, status: &str, ms: u64, last_line: &str) -> HookRun {
+    HookRun {
+        phase: phase.into(),
+        hook: name.into(),
+        ok,
+        status: status.into(),
+        duration_ns: ms * 1_000_000,
+        last_line: last_line.into(),
+    }
+}
+
+fn history(version: u32) -> Vec<Cycle> {
+    let v3 = version >= 3;
     vec![
         Cycle {
             id: 1,
-            outcome: Outcome::Finished,
+            outcome: if v3 { Outcome::RolledBack } else { Outcome::Finished },
             target: Some(KernelImage {
                 kernel: "/boot/vmlinuz-7.2.0-2-amd64".into(),
                 kernel_sha256: [0x11; 32],
@@ -79,6 +103,30 @@ fn history() -> Vec<Cycle> {
             sessions: 2,
             files: 3,
             bytes: 3 << 30,
+            previous: v3.then(kernel_7_2_0_1),
+            rollback_of: None,
+            rolled_back_by: v3.then_some(3),
+            validation: v3.then(|| Validation {
+                hook: "50-vms-healthy".into(),
+                reason: "vm web-01 does not answer ping".into(),
+                accepted_by: Some(0),
+                accepted_at: Some(T0 - 86_400 * SECOND + 55 * SECOND),
+            }),
+            hooks: if v3 {
+                vec![
+                    hook("pre-prepare", "10-drain", true, "exit 0", 1200, "drained"),
+                    hook(
+                        "post-update",
+                        "50-vms-healthy",
+                        false,
+                        "exit 1",
+                        3000,
+                        "vm web-01 does not answer ping",
+                    ),
+                ]
+            } else {
+                Vec::new()
+            },
         },
         Cycle {
             id: 2,
@@ -94,6 +142,22 @@ fn history() -> Vec<Cycle> {
             sessions: 0,
             files: 0,
             bytes: 0,
+            previous: None,
+            rollback_of: None,
+            rolled_back_by: None,
+            validation: None,
+            hooks: if v3 {
+                vec![hook(
+                    "pre-freeze",
+                    "20-quiesce",
+                    false,
+                    "timed out after 60s (luod --hook-timeout); killed",
+                    60_000,
+                    "",
+                )]
+            } else {
+                Vec::new()
+            },
         },
     ]
 }
@@ -114,6 +178,17 @@ fn prepared_record(version: u32) -> HandoverRecord {
                 ..Timestamps::default()
             },
             nonce: nonce(version),
+            previous: (version >= 3).then(|| KernelImage {
+                kernel: "/boot/vmlinuz-7.2.0-2-amd64".into(),
+                ..kernel_7_2_0_1()
+            }),
+            rollback_of: (version >= 3).then_some(1),
+            validation: None,
+            hooks: if version >= 3 {
+                vec![hook("pre-prepare", "10-drain", true, "exit 0", 800, "drained")]
+            } else {
+                Vec::new()
+            },
         }),
         sessions: vec![
             SessionRecord {
@@ -155,7 +230,7 @@ fn prepared_record(version: u32) -> HandoverRecord {
             },
         ],
         extents: Vec::new(),
-        history: history(),
+        history: history(version),
         live_updates: 1,
         next_cycle_id: 4,
         events: if version >= 2 {
@@ -169,6 +244,17 @@ fn prepared_record(version: u32) -> HandoverRecord {
         } else {
             Vec::new()
         },
+        booted: (version >= 3).then(|| Booted {
+            boot_id: "0c9a4f6e-5b21-4d87-9e13-7a2f8b6c4d05".into(),
+            cycle: 1,
+            image: Some(KernelImage {
+                kernel: "/boot/vmlinuz-7.2.0-2-amd64".into(),
+                kernel_sha256: [0x11; 32],
+                initrd: None,
+                initrd_sha256: None,
+                cmdline: "console=ttyS0 liveupdate=on".into(),
+            }),
+        }),
     }
 }
 

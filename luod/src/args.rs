@@ -35,6 +35,16 @@ pub enum FdStore {
     Holder,
 }
 
+/// What a failed validation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RollbackMode {
+    /// Wait for the operator (`luoctl rollback`, or `luoctl finish
+    /// --accept-failed-validation`).
+    Manual,
+    /// Roll back to the previous kernel at once.
+    Auto,
+}
+
 /// The live-update daemon.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
@@ -165,6 +175,37 @@ pub struct Args {
     /// Internal: run as the fd holder serving this socket.
     #[arg(long, hide = true)]
     pub holder: Option<PathBuf>,
+
+    /// Root of the hook directories (pre-prepare.d, pre-freeze.d,
+    /// post-update.d, post-finish.d, on-failure.d). Only files that belong
+    /// to root and that group and others cannot write are run.
+    #[arg(long, default_value = liveupdate::hooks::DEFAULT_ROOT)]
+    pub hooks_dir: PathBuf,
+
+    /// Seconds a hook may run before it is killed (and fails).
+    #[arg(long, default_value_t = 60.0, value_parser = parse_seconds)]
+    pub hook_timeout: f64,
+
+    /// What a failed validation (a post-update hook failing) does: `auto`
+    /// rolls back to the previous kernel at once; `manual` waits for
+    /// `luoctl rollback` or `luoctl finish --accept-failed-validation`.
+    #[arg(long, value_enum, default_value = "manual")]
+    pub rollback: RollbackMode,
+
+    /// Image of the running kernel, which a rollback goes back to, when this
+    /// boot did not come from a luod live update (default
+    /// /boot/vmlinuz-$(uname -r)).
+    #[arg(long)]
+    pub rollback_kernel: Option<PathBuf>,
+
+    /// Its initrd (default /boot/initrd.img-$(uname -r) when it exists and
+    /// --rollback-kernel is not given).
+    #[arg(long)]
+    pub rollback_initrd: Option<PathBuf>,
+
+    /// Its command line (default /proc/cmdline).
+    #[arg(long)]
+    pub rollback_cmdline: Option<String>,
 }
 
 /// The longest timeout luod accepts, in seconds (an hour).

@@ -183,6 +183,16 @@ fn open_engine<R: Region>(
         files: args.max_files_per_uid,
         bytes: args.max_bytes_per_uid,
     });
+    engine.set_hooks(liveupdate::hooks::Hooks {
+        root: args.hooks_dir.clone(),
+        timeout: std::time::Duration::from_secs_f64(args.hook_timeout),
+    });
+    engine.set_rollback(liveupdate::engine::RollbackConfig {
+        auto: args.rollback == crate::args::RollbackMode::Auto,
+        kernel: args.rollback_kernel.clone(),
+        initrd: args.rollback_initrd.clone(),
+        cmdline: args.rollback_cmdline.clone(),
+    });
     // What restore found in the new kernel, for `status`.
     if let Some(r) = iommu_report.get() {
         engine.add_note(r.summary());

@@ -649,6 +649,12 @@ fn start_threads<R: Region + 'static>(
     }
     let (shared, events) = (shared.clone(), events.clone());
     std::thread::Builder::new().name("luod-engine".into()).spawn(move || {
+        // In the new kernel, the post-update hooks come first: every
+        // client's retrieve or claim waits behind them (reads do not).
+        if post_update(&shared) {
+            let _ = UnixStream::connect(&socket);
+            return;
+        }
         while let Ok(Change { conn, req, fds }) = change_rx.recv() {
             let kind = req.kind();
             let outcome = shared.change(kind, |engine| dispatch(engine, &conn.caller, req, fds, &conn.stream));
@@ -664,6 +670,54 @@ fn start_threads<R: Region + 'static>(
         }
     })?;
     Ok((jobs, changes))
+}
+
+/// The post-update hooks and, when they fail with `--rollback auto`, the
+/// rollback's prepare, freeze and reboot. True when luod must exit (a
+/// simulated kexec).
+fn post_update<R: Region>(shared: &Shared<R>) -> bool {
+    use liveupdate::engine::AfterValidation;
+    if shared.change("post-update", |engine| engine.post_update()) != AfterValidation::RollBack {
+        return false;
+    }
+    let root = Caller {
+        uid: 0,
+        pid: 0,
+        privileged: true,
+    };
+    let step = |kind: &'static str, r: Result<(), EngineError>, engine: &mut Engine<R>| match r {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!("automatic rollback: {kind} failed: {e}");
+            engine.add_note(format!("the automatic rollback failed at {kind}: {e}"));
+            engine.failure_hooks(kind, e.kind(), &e.to_string());
+            false
+        }
+    };
+    tracing::warn!("rolling back to the previous kernel (--rollback auto)");
+    if !shared.change("rollback", |e| {
+        let r = e.rollback(&root).map(|_| ());
+        step("rollback", r, e)
+    }) {
+        return false;
+    }
+    if !shared.change("freeze", |e| {
+        let r = e.freeze(&root).map(|_| ());
+        step("freeze", r, e)
+    }) {
+        return false;
+    }
+    shared.change("reboot", |e| match e.reboot(&root) {
+        Ok(Rebooted::Simulated(_)) => {
+            tracing::info!("automatic rollback: simulated kexec done; luod exits");
+            EXIT.store(SIMULATED_KEXEC_EXIT, Ordering::SeqCst);
+            true
+        }
+        Err(err) => {
+            let r = Err(err);
+            step("reboot", r, e)
+        }
+    })
 }
 
 /// The event loop: accepts connections and watches the parked ones; hands
@@ -1015,7 +1069,7 @@ fn dispatch<R: Region>(
     engine: &mut Engine<R>,
     caller: &Caller,
     req: Request,
-    mut fds: Vec<OwnedFd>,
+    fds: Vec<OwnedFd>,
     conn: &UnixStream,
 ) -> Outcome {
     let err = |e: EngineError| Outcome::from(Response::Error(e.to_reply()));
@@ -1032,6 +1086,34 @@ fn dispatch<R: Region>(
             req.kind(),
         )));
     }
+    let step = req.kind();
+    let transition = matches!(
+        req,
+        Request::Prepare(_)
+            | Request::Freeze
+            | Request::Reboot
+            | Request::Finish
+            | Request::FinishAccepting
+            | Request::Cancel
+            | Request::Rollback
+    );
+    let outcome = dispatch_request(engine, caller, req, fds, conn);
+    if transition && let Response::Error(e) = &outcome.resp {
+        // The on-failure hooks, once the failure is known (on luod's engine
+        // thread: reads are still answered meanwhile).
+        engine.failure_hooks(step, e.kind, &e.message);
+    }
+    outcome
+}
+
+fn dispatch_request<R: Region>(
+    engine: &mut Engine<R>,
+    caller: &Caller,
+    req: Request,
+    mut fds: Vec<OwnedFd>,
+    conn: &UnixStream,
+) -> Outcome {
+    let err = |e: EngineError| Outcome::from(Response::Error(e.to_reply()));
     let r = match req {
         Request::Hello { .. } => Err(EngineError::InvalidArgument("hello was already exchanged".into())),
         Request::Status
@@ -1048,6 +1130,8 @@ fn dispatch<R: Region>(
             .map(Response::Transition),
         Request::Freeze => engine.freeze(caller).map(Response::Transition),
         Request::Finish => engine.finish(caller).map(Response::Transition),
+        Request::FinishAccepting => engine.finish_accepting(caller, true).map(Response::Transition),
+        Request::Rollback => engine.rollback(caller).map(Response::Transition),
         Request::Cancel => engine.cancel(caller).map(Response::Transition),
         Request::Reboot => {
             return match engine.reboot(caller) {

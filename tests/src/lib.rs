@@ -231,6 +231,12 @@ impl Luod {
         }
     }
 
+    /// Spawns luod without waiting for it to serve (for a luod expected to
+    /// exit on its own, such as an automatic rollback's simulated kexec).
+    pub fn launch_no_wait(&mut self) {
+        self.spawn();
+    }
+
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "luod is running already");
         let log = File::options()

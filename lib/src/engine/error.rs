@@ -136,6 +136,28 @@ pub enum EngineError {
         /// The digest of the file luod got.
         actual: [u8; 32],
     },
+    /// A `pre-*` hook failed (or was refused): the step is vetoed.
+    #[error("{phase} hook {hook} vetoed: {reason}")]
+    HookVeto {
+        /// The phase.
+        phase: &'static str,
+        /// The hook's file name.
+        hook: String,
+        /// Its last line of output, or how it ended.
+        reason: String,
+    },
+    /// The update failed its validation (a `post-update` hook) and nobody
+    /// accepted it.
+    #[error("the update failed validation: post-update hook {hook}: {reason}")]
+    ValidationFailed {
+        /// The hook.
+        hook: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// `rollback` cannot go back (no previous kernel, changed or gone, wrong state).
+    #[error("rollback refused: {0}")]
+    RollbackRefused(String),
 }
 
 impl EngineError {
@@ -166,6 +188,8 @@ impl EngineError {
             E::RecordReadable(_) => ErrorKind::WrongState,
             E::QuotaExceeded { .. } | E::QuotaOverrun { .. } => ErrorKind::QuotaExceeded,
             E::DigestMismatch { .. } => ErrorKind::DigestMismatch,
+            E::HookVeto { .. } | E::ValidationFailed { .. } => ErrorKind::Vetoed,
+            E::RollbackRefused(_) => ErrorKind::WrongState,
         }
     }
 
@@ -245,6 +269,11 @@ impl EngineError {
                  (`luoctl cancel` first when frozen); or restart luod with a larger --max-bytes-per-uid",
                 sessions.join(", ")
             ),
+            E::HookVeto { phase, hook, .. } => format!(
+                "fix what hook {hook} reports (its output is in luod's log), then try again; the hook is in the {phase}.d directory of luod's --hooks-dir"
+            ),
+            E::ValidationFailed { .. } => "`luoctl rollback` goes back to the previous kernel; `luoctl finish --accept-failed-validation` keeps this one".into(),
+            E::RollbackRefused(_) => "`luoctl history` shows the cycles and the kernels they came from".into(),
             _ => String::new(),
         }
     }

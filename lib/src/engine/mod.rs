@@ -10,6 +10,7 @@ mod error;
 mod handover;
 mod images;
 mod quotas;
+mod rollback;
 mod sessions;
 mod snapshot;
 mod startup;
@@ -22,6 +23,7 @@ pub use error::EngineError;
 pub use handover::{HANDOVER_PARAM, STALE_EVENT, stamp_cmdline};
 pub use images::MAX_IMAGE_SIZE;
 pub use quotas::{Quota, Quotas, SESSION_EVICTED, SESSION_FINISHED_BY_ROOT};
+pub use rollback::{AfterValidation, HOOK_EVENT, RollbackConfig};
 pub use snapshot::Snapshot;
 pub use startup::{HostInfo, StartOptions};
 pub use transitions::Rebooted;
@@ -85,6 +87,12 @@ pub struct Engine<R: Region> {
     quotas: Quotas,
     /// Where sysfs is (the kexec signature policy is read there).
     sysfs_root: std::path::PathBuf,
+    /// Operator hooks (none in tests that do not set them).
+    hooks: Option<crate::hooks::Hooks>,
+    /// Rollback settings.
+    rollback: RollbackConfig,
+    /// VMs a rollback from `updated` carries (never claimed in this kernel).
+    carried_vms: Vec<VmSaved>,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -504,6 +512,7 @@ pub(super) fn summary(c: &Cycle) -> CycleSummary {
         outcome: match c.outcome {
             crate::record::Outcome::Finished => "finished".into(),
             crate::record::Outcome::Cancelled => "cancelled".into(),
+            crate::record::Outcome::RolledBack => "rolled-back".into(),
         },
         target_kernel: c.target.as_ref().map(|t| t.kernel.clone()),
         timestamps: c.timestamps.clone(),
@@ -524,6 +533,8 @@ mod image_tests;
 mod pin_tests;
 #[cfg(test)]
 mod quota_tests;
+#[cfg(test)]
+mod rollback_tests;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]

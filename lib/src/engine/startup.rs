@@ -144,6 +144,9 @@ impl<R: Region> Engine<R> {
             unreadable: None,
             quotas: super::Quotas::DEFAULT,
             sysfs_root: std::path::PathBuf::from("/sys"),
+            hooks: None,
+            rollback: Default::default(),
+            carried_vms: Vec::new(),
         };
         if let Some(found) = unreadable {
             engine.notes.push(found.note.clone());
@@ -245,6 +248,7 @@ impl<R: Region> Engine<R> {
             self.notes.push(note);
         }
         next.state = State::Updated;
+        Self::booted_from(&mut next, &self.host.boot_id);
         if let Some(u) = next.update.as_mut() {
             u.timestamps.luod_started = Some(self.host.started);
             u.timestamps.updated = Some(now());

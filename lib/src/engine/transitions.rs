@@ -214,12 +214,52 @@ impl<R: Region> Engine<R> {
         let to = transition(from, Event::Prepare)?;
         self.check_bytes_now()?;
         let target = self.target("prepare", args, fds).and_then(|t| self.require_target(t))?;
+        // A pinned target: the files luod got must be the ones pinned,
+        // before anything runs or loads.
+        if let Some(t) = &target {
+            t.verify_pins(args)?;
+        }
+        self.prepare_target(caller, from, to, target, None, started)
+    }
+
+    /// The rest of `prepare` (and of `rollback`, with `rollback_of`): the
+    /// `pre-prepare` hooks, the nonce, the load, the subsystems, the record.
+    pub(super) fn prepare_target(
+        &mut self,
+        _caller: &Caller,
+        from: State,
+        to: State,
+        target: Option<Target>,
+        rollback_of: Option<u64>,
+        started: Instant,
+    ) -> Result<TransitionReport, EngineError> {
+        let mut ctx = self.hook_context();
+        ctx.cycle = Some(self.record.next_cycle_id);
+        ctx.rollback_of = rollback_of;
+        if let Some(t) = &target {
+            ctx.kernel = Some(t.images.kernel.name.clone());
+            ctx.initrd = t.images.initrd.as_ref().map(|i| i.name.clone());
+            ctx.cmdline = Some(t.cmdline.clone());
+        }
+        let (hook_runs, failure) = self.run_hooks(crate::hooks::Phase::PrePrepare, &ctx);
+        if let Some(f) = failure {
+            return Err(EngineError::HookVeto {
+                phase: f.phase.as_str(),
+                hook: f.hook,
+                reason: f.reason,
+            });
+        }
+        // What a rollback of this cycle goes back to.
+        let previous = match self.running_kernel() {
+            Ok(p) => Some(p),
+            Err(why) => {
+                tracing::warn!("cycle {}: a rollback will be refused: {why}", self.record.next_cycle_id);
+                None
+            }
+        };
         let mut nonce = None;
         let target = match target {
             Some(mut t) => {
-                // A pinned target: the files luod got must be the ones
-                // pinned, before anything loads.
-                t.verify_pins(args)?;
                 // A one-time nonce on the target's command line: the next
                 // boot is taken for this cycle's kexec only if it shows it
                 // (handover.rs).
@@ -258,8 +298,37 @@ impl<R: Region> Engine<R> {
             }
         };
         let mut next = self.record.clone();
+        if let Some(mut u) = next.update.take() {
+            // A rollback from `updated`: cycle N went through, and this one takes it back.
+            u.timestamps.finished = Some(now());
+            let (sessions, files, bytes) = carried(&next);
+            let by = next.next_cycle_id;
+            push_history(
+                &mut next,
+                Cycle {
+                    id: u.id,
+                    outcome: Outcome::RolledBack,
+                    target: u.target.take(),
+                    from_release: u.from_release,
+                    to_release: self.host.kernel_release.clone(),
+                    timestamps: u.timestamps,
+                    sessions,
+                    files,
+                    bytes,
+                    previous: u.previous,
+                    rollback_of: u.rollback_of,
+                    rolled_back_by: Some(by),
+                    validation: u.validation,
+                    hooks: u.hooks,
+                },
+            );
+            next.live_updates += 1;
+        }
         next.state = to;
-        next.subsystems = sections(blobs);
+        let mut subsystems = sections(blobs);
+        self.merge_carried_vms(&mut subsystems);
+        next.subsystems = subsystems;
+        let previous_line = previous.as_ref().map(|p| p.kernel.clone());
         next.update = Some(Update {
             id: next.next_cycle_id,
             from_release: self.host.kernel_release.clone(),
@@ -269,6 +338,10 @@ impl<R: Region> Engine<R> {
                 ..Default::default()
             },
             nonce,
+            previous,
+            rollback_of,
+            validation: None,
+            hooks: hook_runs,
         });
         next.next_cycle_id += 1;
         self.refresh_sizes(&mut next);
@@ -290,6 +363,13 @@ impl<R: Region> Engine<R> {
                 ));
             }
         }
+        match previous_line {
+            Some(p) => notes.push(format!("a rollback of this cycle goes back to {p}")),
+            None => notes.push(
+                "luod could not record the running kernel: a rollback of this cycle will be refused (see luod's log)"
+                    .into(),
+            ),
+        }
         Ok(self.report(from, started, notes))
     }
 
@@ -307,6 +387,15 @@ impl<R: Region> Engine<R> {
         let from = self.record.state;
         let to = transition(from, Event::Freeze)?;
         self.check_bytes_now()?;
+        let (hook_runs, failure) = self.run_hooks(crate::hooks::Phase::PreFreeze, &self.hook_context());
+        if let Some(f) = failure {
+            self.record_hooks(hook_runs);
+            return Err(EngineError::HookVeto {
+                phase: f.phase.as_str(),
+                hook: f.hook,
+                reason: f.reason,
+            });
+        }
         let freeze_started = now();
         let blobs = self.registry.freeze()?;
         let mut next = self.record.clone();
@@ -318,6 +407,12 @@ impl<R: Region> Engine<R> {
                 version: blob.version,
                 blob: blob.data,
             });
+        }
+        self.merge_carried_vms(&mut next.subsystems);
+        if let Some(u) = next.update.as_mut() {
+            for r in hook_runs {
+                crate::record::push_hook(&mut u.hooks, r);
+            }
         }
         if let Some(u) = next.update.as_mut() {
             u.timestamps.freeze_started = Some(freeze_started);
@@ -468,11 +563,19 @@ impl<R: Region> Engine<R> {
     /// `updated -> normal`: subsystems finish, sessions end, the cycle goes
     /// into the history.
     pub fn finish(&mut self, caller: &Caller) -> Result<TransitionReport, EngineError> {
+        self.finish_accepting(caller, false)
+    }
+
+    /// `finish`; with `accept`, also when the update failed its validation
+    /// (the acceptance is recorded in the cycle).
+    pub fn finish_accepting(&mut self, caller: &Caller, accept: bool) -> Result<TransitionReport, EngineError> {
         let started = Instant::now();
         Self::require_privileged(caller, "finish")?;
         self.require_live()?;
         let from = self.record.state;
         let to = transition(from, Event::Finish)?;
+        let mut next = self.record.clone();
+        self.check_validation(caller, accept, &mut next)?;
         let unclaimed = self.unclaimed_vms();
         if !unclaimed.is_empty() {
             return Err(EngineError::VmsNotRestored(unclaimed));
@@ -499,12 +602,13 @@ impl<R: Region> Engine<R> {
             }
         }
         let report_before = self.report(from, started, Vec::new());
-        let mut next = self.record.clone();
         next.state = to;
         next.sessions.clear();
         next.subsystems.clear();
+        self.carried_vms.clear();
         if let Some(mut u) = next.update.take() {
             u.timestamps.finished = Some(now());
+            Self::mark_rolled_back(&mut next, &u);
             push_history(
                 &mut next,
                 Cycle {
@@ -517,11 +621,35 @@ impl<R: Region> Engine<R> {
                     sessions: report_before.sessions,
                     files: report_before.files,
                     bytes: report_before.bytes,
+                    previous: u.previous,
+                    rollback_of: u.rollback_of,
+                    rolled_back_by: None,
+                    validation: u.validation,
+                    hooks: u.hooks,
                 },
             );
         }
         next.live_updates += 1;
         self.commit(next)?;
+        // post-finish: after the cycle is closed; their summaries join it in the history.
+        let mut ctx = self.hook_context();
+        if let Some(c) = self.record.history.last() {
+            ctx.cycle = Some(c.id);
+            ctx.rollback_of = c.rollback_of;
+            ctx.kernel = c.target.as_ref().map(|t| t.kernel.clone());
+        }
+        let (runs, _) = self.run_hooks(crate::hooks::Phase::PostFinish, &ctx);
+        if !runs.is_empty() {
+            let mut next = self.record.clone();
+            if let Some(c) = next.history.last_mut() {
+                for r in runs {
+                    crate::record::push_hook(&mut c.hooks, r);
+                }
+            }
+            if let Err(e) = self.commit(next) {
+                tracing::error!("cannot record the post-finish hooks: {e}");
+            }
+        }
         let mut report = self.report(from, started, notes);
         (report.sessions, report.files, report.bytes) =
             (report_before.sessions, report_before.files, report_before.bytes);
@@ -548,6 +676,7 @@ impl<R: Region> Engine<R> {
         let mut next = self.record.clone();
         let loaded = next.update.as_ref().is_some_and(|u| u.target.is_some());
         self.unload_quietly(loaded);
+        self.carried_vms.clear();
         next.state = to;
         next.handover = None;
         next.subsystems.clear();
@@ -568,12 +697,26 @@ impl<R: Region> Engine<R> {
                     sessions,
                     files,
                     bytes,
+                    previous: u.previous,
+                    rollback_of: u.rollback_of,
+                    rolled_back_by: None,
+                    validation: u.validation,
+                    hooks: u.hooks,
                 },
             );
         }
         self.commit(next)?;
         Ok(self.report(from, started, notes))
     }
+}
+
+/// Sessions, files and bytes the record carries.
+fn carried(record: &HandoverRecord) -> (u32, u32, u64) {
+    (
+        record.sessions.len() as u32,
+        record.sessions.iter().map(|s| s.fds.len() as u32).sum(),
+        record.sessions.iter().flat_map(|s| &s.fds).map(|f| f.size).sum(),
+    )
 }
 
 fn push_history(record: &mut HandoverRecord, cycle: Cycle) {

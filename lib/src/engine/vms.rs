@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 /// Name of the subsystem (and of its section in the record).
 pub const KVM: &str = "kvm";
 /// Version of the `kvm` section's blob.
-const KVM_BLOB_VERSION: u32 = 1;
+pub(super) const KVM_BLOB_VERSION: u32 = 1;
 
 /// The session that holds a VM's memory.
 pub fn vm_session(name: &str) -> String {

@@ -31,6 +31,9 @@ use serde::{Deserialize, Serialize};
 /// 4: [`PrepareArgs`] ends with the pinned digests `kernel_sha256` and
 /// `initrd_sha256`; [`CheckReport`] ends with `already_on_target`; new error
 /// kind `DigestMismatch`.
+/// 4 (also): the history's cycles carry the record format 3 fields (previous
+/// kernel, rollback links, validation, hook summaries; outcome
+/// `rolled-back`); new requests `Rollback` and `FinishAccepting`.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default path of luod's socket.
@@ -170,6 +173,13 @@ pub enum Request {
         /// Session name.
         name: String,
     },
+    /// `rollback` (privileged): prepare a cycle back to the kernel the last
+    /// update came from (checked against its recorded digests); freeze and
+    /// reboot follow as for any cycle.
+    Rollback,
+    /// `finish`, accepting an update whose validation (a `post-update`
+    /// hook) failed; the acceptance is recorded.
+    FinishAccepting,
 }
 
 impl Request {
@@ -198,6 +208,8 @@ impl Request {
             Request::SessionListFrom { .. } => "session-list-from",
             Request::DiscardRecord => "discard-record",
             Request::SessionEvict { .. } => "session-evict",
+            Request::Rollback => "rollback",
+            Request::FinishAccepting => "finish",
         }
     }
 }

@@ -20,7 +20,7 @@
 //! here works on untrusted bytes: no indexing that can fail, no arithmetic
 //! that can overflow, no allocation sized by the input.
 
-use super::{FORMAT_VERSION, HEADER_LEN, HandoverRecord, MAGIC, MAX_RECORD_LEN, OLDEST_READABLE, RecordError, v1};
+use super::{FORMAT_VERSION, HEADER_LEN, HandoverRecord, MAGIC, MAX_RECORD_LEN, OLDEST_READABLE, RecordError, v1, v2};
 
 const OFF_VERSION: usize = 8;
 const OFF_GENERATION: usize = 16;
@@ -161,10 +161,11 @@ pub(crate) fn decode_slot(slot: &[u8], region_len: u64) -> Result<Option<SlotRec
 }
 
 /// Decodes a payload of format `version`, which must be exactly one record,
-/// into the current model (a format 1 record is converted).
+/// into the current model (a format 1 or 2 record is converted).
 pub(crate) fn decode_payload(version: u32, payload: &[u8]) -> Result<HandoverRecord, RecordError> {
     match version {
-        1 => decode_exact::<v1::HandoverRecord>(payload).map(HandoverRecord::from),
+        1 => decode_exact::<v1::HandoverRecord>(payload).map(|v1| HandoverRecord::from(v2::HandoverRecord::from(v1))),
+        2 => decode_exact::<v2::HandoverRecord>(payload).map(HandoverRecord::from),
         _ => decode_exact::<HandoverRecord>(payload),
     }
 }
@@ -273,7 +274,7 @@ mod tests {
         ));
         assert_eq!(
             err.to_string(),
-            "record has format version 3 but this luod reads format versions 1 to 2: use a luod built for format version 3"
+            "record has format version 4 but this luod reads format versions 1 to 3: use a luod built for format version 4"
         );
     }
 
@@ -351,6 +352,7 @@ mod tests {
             let _ = decode_slot(&bytes, 4096);
             let _ = decode_payload(1, &bytes);
             let _ = decode_payload(2, &bytes);
+            let _ = decode_payload(3, &bytes);
         }
 
         #[test]

@@ -16,6 +16,7 @@ mod copy;
 mod model;
 mod store;
 mod v1;
+mod v2;
 
 pub use model::*;
 pub use store::RecordStore;
@@ -24,7 +25,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 /// Format version of the record (independent of the crate version).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Oldest format version this luod still reads (and converts).
 pub const OLDEST_READABLE: u32 = 1;

@@ -1,11 +1,15 @@
-//! The handover record's content, format version 2.
+//! The handover record's content, format version 3.
 //!
 //! Postcard is not self-describing: any change to these types (a field added,
 //! removed, reordered or retyped) is a new format version. The types an
 //! older version wrote differently live frozen in `v{N}.rs`, and the decoder
 //! converts such a record into this model (see `docs/state-format.md`,
 //! "Compatibility"). Format 2 added [`Handover::nonce`], [`Update::nonce`]
-//! and [`HandoverRecord::events`].
+//! and [`HandoverRecord::events`]. Format 3 added the previous kernel, the
+//! rollback links, the validation state and the hook summaries of a cycle
+//! ([`Update::previous`], [`Update::rollback_of`], [`Update::validation`],
+//! [`Update::hooks`], the same in [`Cycle`]), [`Outcome::RolledBack`] and
+//! [`HandoverRecord::booted`].
 
 use crate::names::SessionName;
 use crate::state::State;
@@ -42,6 +46,61 @@ pub struct HandoverRecord {
     /// session, discarding an unreadable record, a stale handover set
     /// aside), oldest first, at most [`EVENTS_LIMIT`]. Format 2 on.
     pub events: Vec<Event>,
+    /// The kernel this boot came to by a luod kexec (set when luod comes up
+    /// `updated`), so that a later cycle knows what it rolls back to.
+    /// Format 3 on.
+    pub booted: Option<Booted>,
+}
+
+/// The boot a luod kexec led to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Booted {
+    /// `/proc/sys/kernel/random/boot_id` of that boot.
+    pub boot_id: String,
+    /// The cycle whose kexec it was.
+    pub cycle: u64,
+    /// The kernel it loaded (`None` when the target was loaded outside luod).
+    pub image: Option<KernelImage>,
+}
+
+/// A hook luod ran, as the history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRun {
+    /// Phase (`pre-prepare`, `pre-freeze`, `post-update`, `post-finish`, `on-failure`).
+    pub phase: String,
+    /// File name of the hook in the phase's directory.
+    pub hook: String,
+    /// True when it exited 0.
+    pub ok: bool,
+    /// How it ended (`exit 0`, `exit 3`, `timed out after 5 s`, `killed by signal 9`, `refused: ...`).
+    pub status: String,
+    /// How long it ran, in nanoseconds.
+    pub duration_ns: u64,
+    /// Its last line of output (stderr, or stdout when stderr was empty).
+    pub last_line: String,
+}
+
+/// A failed validation (a `post-update` hook failed) and its acceptance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Validation {
+    /// The hook that failed.
+    pub hook: String,
+    /// Its reason (its last line of output, or how it ended).
+    pub reason: String,
+    /// Uid of the operator who accepted the update regardless, if one did.
+    pub accepted_by: Option<u32>,
+    /// When they accepted it.
+    pub accepted_at: Option<UnixNanos>,
+}
+
+/// How many hook summaries a cycle keeps (the oldest go first).
+pub const HOOKS_LIMIT: usize = 64;
+
+/// Appends a hook summary, dropping the oldest beyond [`HOOKS_LIMIT`].
+pub fn push_hook(hooks: &mut Vec<HookRun>, run: HookRun) {
+    hooks.push(run);
+    let excess = hooks.len().saturating_sub(HOOKS_LIMIT);
+    hooks.drain(..excess);
 }
 
 /// How many events the record keeps (the oldest go first).
@@ -92,6 +151,7 @@ impl HandoverRecord {
             live_updates: 0,
             next_cycle_id: 1,
             events: Vec::new(),
+            booted: None,
         }
     }
 }
@@ -127,6 +187,16 @@ pub struct Update {
     /// command line, so the next boot can prove it came from this cycle's
     /// kexec. `None` in format 1 records.
     pub nonce: Option<String>,
+    /// The kernel running when the cycle was prepared, with its digests:
+    /// what `rollback` goes back to. `None` when luod could not find it
+    /// (and before format 3).
+    pub previous: Option<KernelImage>,
+    /// Set when this cycle is the rollback of cycle N.
+    pub rollback_of: Option<u64>,
+    /// Set when a `post-update` hook failed in the new kernel.
+    pub validation: Option<Validation>,
+    /// The hooks run for this cycle, in order.
+    pub hooks: Vec<HookRun>,
 }
 
 /// A kernel image loaded for kexec.
@@ -222,6 +292,10 @@ pub enum Outcome {
     Finished,
     /// `cancel` abandoned it before the reboot.
     Cancelled,
+    /// The host went through the update, then `rollback` took it back to
+    /// the previous kernel (by the cycle [`Cycle::rolled_back_by`]).
+    #[serde(rename = "rolled-back")]
+    RolledBack,
 }
 
 /// A cycle in the history.
@@ -245,4 +319,14 @@ pub struct Cycle {
     pub files: u32,
     /// Bytes carried.
     pub bytes: u64,
+    /// The kernel running when the cycle was prepared (format 3 on).
+    pub previous: Option<KernelImage>,
+    /// Set when this cycle was the rollback of cycle N.
+    pub rollback_of: Option<u64>,
+    /// Set when this cycle was rolled back by cycle N.
+    pub rolled_back_by: Option<u64>,
+    /// A failed validation, and whether an operator accepted it.
+    pub validation: Option<Validation>,
+    /// The hooks run for this cycle, in order.
+    pub hooks: Vec<HookRun>,
 }

@@ -454,6 +454,23 @@ pub(crate) mod tests {
                     ..Timestamps::default()
                 },
                 nonce: Some("c0ffee".into()),
+                previous: Some(KernelImage {
+                    kernel: "/boot/vmlinuz-7.2.0".into(),
+                    kernel_sha256: [0x12; 32],
+                    initrd: None,
+                    initrd_sha256: None,
+                    cmdline: "console=ttyS0".into(),
+                }),
+                rollback_of: None,
+                validation: None,
+                hooks: vec![crate::record::HookRun {
+                    phase: "pre-prepare".into(),
+                    hook: "10-check".into(),
+                    ok: true,
+                    status: "exit 0".into(),
+                    duration_ns: 1_000_000,
+                    last_line: "ok".into(),
+                }],
             }),
             sessions: vec![SessionRecord {
                 name: SessionName::new("vm-1").unwrap(),
@@ -490,10 +507,21 @@ pub(crate) mod tests {
                 sessions: 1,
                 files: 2,
                 bytes: 8000,
+                previous: None,
+                rollback_of: Some(7),
+                rolled_back_by: None,
+                validation: Some(crate::record::Validation {
+                    hook: "50-vms".into(),
+                    reason: "vm0 did not answer".into(),
+                    accepted_by: Some(0),
+                    accepted_at: Some(1_700_000_000_000_000_000),
+                }),
+                hooks: Vec::new(),
             }],
             live_updates: 8,
             next_cycle_id: 10,
             events: Vec::new(),
+            booted: None,
         }
     }
 

@@ -1,13 +1,15 @@
 //! The handover record as format version 1 wrote it. Frozen: these types
 //! never change again. A v1 payload decodes into them and converts into the
-//! current model (`From<v1::HandoverRecord>` below).
+//! format 2's types (`From<v1::HandoverRecord>` below), which convert into
+//! the current model in turn (`v2.rs`).
 //!
 //! Only the types that format 2 changed are copied here; the others are the
 //! current model's, whose encoding format 2 left as it was. A later format
 //! that changes one of those copies it here first (the v1 fixture test in
 //! `lib/tests/record_compat.rs` fails otherwise).
 
-use super::model::{self, Cycle, Extent, KernelImage, Section, SessionRecord, Timestamps};
+use super::model::{self, Extent, KernelImage, Section, SessionRecord, Timestamps};
+use super::v2::{self, Cycle};
 use crate::state::State;
 use serde::{Deserialize, Serialize};
 
@@ -43,9 +45,9 @@ pub struct Update {
     pub timestamps: Timestamps,
 }
 
-impl From<HandoverRecord> for model::HandoverRecord {
+impl From<HandoverRecord> for v2::HandoverRecord {
     fn from(v1: HandoverRecord) -> Self {
-        model::HandoverRecord {
+        v2::HandoverRecord {
             state: v1.state,
             backend: v1.backend,
             handover: v1.handover.map(|h| model::Handover {
@@ -54,7 +56,7 @@ impl From<HandoverRecord> for model::HandoverRecord {
                 kernel_release: h.kernel_release,
                 nonce: None,
             }),
-            update: v1.update.map(|u| model::Update {
+            update: v1.update.map(|u| v2::Update {
                 id: u.id,
                 from_release: u.from_release,
                 target: u.target,

@@ -7,9 +7,14 @@ use crate::output::{self, Text};
 use liveupdate::protocol::{CycleSummary, Request, Response, TransitionReport};
 use serde::Serialize;
 
-/// `finish` takes no arguments.
+/// `finish`'s options.
 #[derive(Debug, clap::Args)]
-pub struct FinishArgs {}
+pub struct FinishArgs {
+    /// Keep the update although its validation (a post-update hook) failed;
+    /// the acceptance is recorded in the cycle.
+    #[arg(long)]
+    pub accept_failed_validation: bool,
+}
 
 /// `finish --json`: the transition report and the cycle it closed.
 #[derive(Debug, Serialize)]
@@ -21,12 +26,17 @@ struct Finished<'a> {
 }
 
 /// Asks luod to finish the cycle, then for its summary.
-pub fn run(_args: &FinishArgs, ctx: &Ctx) -> Result<(), Failed> {
+pub fn run(args: &FinishArgs, ctx: &Ctx) -> Result<(), Failed> {
     let what = "finish";
-    let mut client = ctx.connect_for(what, &Request::Finish)?;
-    let report = match client.call(&Request::Finish).map_err(|e| Failure::client(what, e))? {
+    let req = if args.accept_failed_validation {
+        Request::FinishAccepting
+    } else {
+        Request::Finish
+    };
+    let mut client = ctx.connect_for(what, &req)?;
+    let report = match client.call(&req).map_err(|e| Failure::client(what, e))? {
         Response::Transition(r) => r,
-        other => return Err(unexpected(what, &Request::Finish, &other).into()),
+        other => return Err(unexpected(what, &req, &other).into()),
     };
     // The cycle is closed whatever happens next: the summary is a bonus.
     let cycle = match client.call(&Request::Status) {

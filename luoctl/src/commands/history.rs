@@ -4,7 +4,7 @@ use super::{Ctx, Failed, unexpected};
 use crate::output::{self, Text};
 use liveupdate::engine::{blackout, hex};
 use liveupdate::protocol::{HistoryReport, Request, Response};
-use liveupdate::record::{Cycle, Event, Outcome, Timestamps};
+use liveupdate::record::{Cycle, Event, HookRun, KernelImage, Outcome, Timestamps, Validation};
 use serde::Serialize;
 
 /// `history` takes no arguments.
@@ -16,7 +16,7 @@ pub struct HistoryArgs {}
 pub struct CycleJson {
     /// Cycle id.
     pub id: u64,
-    /// `finished` or `cancelled`.
+    /// `finished`, `cancelled` or `rolled-back`.
     pub outcome: &'static str,
     /// The target kernel, or `null`.
     pub target: Option<TargetJson>,
@@ -34,6 +34,27 @@ pub struct CycleJson {
     pub files: u32,
     /// Bytes carried.
     pub bytes: u64,
+    /// The kernel running when the cycle was prepared (what a rollback goes
+    /// back to), or `null`.
+    pub previous: Option<TargetJson>,
+    /// The cycle this one rolled back, or `null`.
+    pub rollback_of: Option<u64>,
+    /// The cycle that rolled this one back, or `null`.
+    pub rolled_back_by: Option<u64>,
+    /// A failed validation (`hook`, `reason`, `accepted_by`, `accepted_at`), or `null`.
+    pub validation: Option<Validation>,
+    /// The hooks run for the cycle, in order (`phase`, `hook`, `ok`, `status`, `duration_ns`, `last_line`).
+    pub hooks: Vec<HookRun>,
+}
+
+fn target_json(t: &KernelImage) -> TargetJson {
+    TargetJson {
+        kernel: t.kernel.clone(),
+        kernel_sha256: hex(&t.kernel_sha256),
+        initrd: t.initrd.clone(),
+        initrd_sha256: t.initrd_sha256.as_ref().map(|d| hex(d)),
+        cmdline: t.cmdline.clone(),
+    }
 }
 
 /// A target kernel, digests in hex.
@@ -55,6 +76,7 @@ fn outcome(o: Outcome) -> &'static str {
     match o {
         Outcome::Finished => "finished",
         Outcome::Cancelled => "cancelled",
+        Outcome::RolledBack => "rolled-back",
     }
 }
 
@@ -63,13 +85,7 @@ impl From<&Cycle> for CycleJson {
         CycleJson {
             id: c.id,
             outcome: outcome(c.outcome),
-            target: c.target.as_ref().map(|t| TargetJson {
-                kernel: t.kernel.clone(),
-                kernel_sha256: hex(&t.kernel_sha256),
-                initrd: t.initrd.clone(),
-                initrd_sha256: t.initrd_sha256.as_ref().map(|d| hex(d)),
-                cmdline: t.cmdline.clone(),
-            }),
+            target: c.target.as_ref().map(target_json),
             from_release: c.from_release.clone(),
             to_release: c.to_release.clone(),
             timestamps: c.timestamps.clone(),
@@ -77,6 +93,11 @@ impl From<&Cycle> for CycleJson {
             sessions: c.sessions,
             files: c.files,
             bytes: c.bytes,
+            previous: c.previous.as_ref().map(target_json),
+            rollback_of: c.rollback_of,
+            rolled_back_by: c.rolled_back_by,
+            validation: c.validation.clone(),
+            hooks: c.hooks.clone(),
         }
     }
 }
@@ -148,9 +169,16 @@ fn render_cycles(cycles: &[Cycle]) -> Text {
                 (Some(t), true) => t.kernel.clone(),
                 (None, true) => c.from_release.clone(),
             };
+            let mut o = outcome(c.outcome).to_string();
+            if let Some(by) = c.rolled_back_by {
+                o.push_str(&format!(" (by #{by})"));
+            }
+            if let Some(of) = c.rollback_of {
+                o.push_str(&format!(" (rollback of #{of})"));
+            }
             vec![
                 c.id.to_string(),
-                outcome(c.outcome).to_string(),
+                o,
                 ts.prepared.map(output::timestamp).unwrap_or_else(dash),
                 ended.map(output::timestamp).unwrap_or_else(dash),
                 blackout(ts).map(output::duration).unwrap_or_else(dash),
@@ -167,6 +195,33 @@ fn render_cycles(cycles: &[Cycle]) -> Text {
         ],
         &rows,
     );
+    for c in cycles {
+        if let Some(v) = &c.validation {
+            let accepted = match v.accepted_by {
+                Some(uid) => format!(" (accepted by uid {uid})"),
+                None => String::new(),
+            };
+            t.line(format!(
+                "  #{}: validation failed: post-update hook {}: {}{accepted}",
+                c.id, v.hook, v.reason
+            ));
+        }
+        for h in &c.hooks {
+            let last = if h.last_line.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", h.last_line)
+            };
+            t.line(format!(
+                "  #{}: hook {}/{} {} in {}{last}",
+                c.id,
+                h.phase,
+                h.hook,
+                h.status,
+                output::duration(h.duration_ns)
+            ));
+        }
+    }
     t
 }
 
@@ -197,6 +252,11 @@ mod tests {
             sessions: 1,
             files: 2,
             bytes: 4096,
+            previous: None,
+            rollback_of: None,
+            rolled_back_by: None,
+            validation: None,
+            hooks: Vec::new(),
         };
         let v = serde_json::to_value(CycleJson::from(&c)).unwrap();
         assert_eq!(v["outcome"], "finished");

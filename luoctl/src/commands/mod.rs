@@ -11,6 +11,7 @@ pub mod freeze;
 pub mod history;
 pub mod prepare;
 pub mod reboot;
+pub mod rollback;
 pub mod session;
 pub mod status;
 pub mod vm;
@@ -109,6 +110,8 @@ pub enum Command {
     Vm(vm::VmCommand),
     /// Give up a handover record luod cannot read, and the files it keeps for it; needs --yes.
     DiscardRecord(discard_record::DiscardRecordArgs),
+    /// Live-update back to the kernel the last update came from (prepare, freeze, reboot).
+    Rollback(rollback::RollbackArgs),
 }
 
 impl Command {
@@ -126,6 +129,7 @@ impl Command {
             Command::Session(c) => c.run(ctx),
             Command::Vm(c) => c.run(ctx),
             Command::DiscardRecord(a) => discard_record::run(a, ctx),
+            Command::Rollback(a) => rollback::run(a, ctx),
         }
     }
 }
