@@ -8,8 +8,10 @@ kernel's systemd would, and it comes up `updated`. So the whole flow runs:
 staging with digest checks, preflight, check, prepare with the pinned digest,
 freeze, reboot, the wait for the host, health gates, finish, the skip of
 hosts already on the target, abort by stop file, resume, and the report.
-What it cannot show: a real kexec (the kernel release stays the same) and a
-rollback (which needs a luoctl with `rollback`); the QEMU fleet scenario does.
+A failed health gate rolls the host back with `luoctl rollback` (a second
+simulated kexec, to the image luod was given as `--rollback-kernel`). What
+it cannot show: a real kexec (the kernel release stays the same); the QEMU
+fleet scenario will.
 
 The steps share one fleet and run in order, each starting from the state the
 one before left.
@@ -41,8 +43,9 @@ SIMULATED_KEXEC_EXIT = 75
 class Host(object):
     """A luod on a file-backed region, started again after each simulated kexec."""
 
-    def __init__(self, root, name):
+    def __init__(self, root, name, previous):
         self.name = name
+        self.previous = previous
         self.dir = os.path.join(root, name)
         os.makedirs(self.dir)
         self.socket = os.path.join(self.dir, 'luod.sock')
@@ -59,7 +62,9 @@ class Host(object):
             with open(self.log, 'ab') as log:
                 self.proc = subprocess.Popen(
                     [LUOD, '--backend', 'file', '--socket', self.socket, '--state-dir', os.path.join(self.dir, 'state'),
-                     '--region', os.path.join(self.dir, 'region'), '--region-size', '8M'],
+                     '--region', os.path.join(self.dir, 'region'), '--region-size', '8M',
+                     '--hooks-dir', os.path.join(self.dir, 'hooks.d'), '--rollback-kernel', self.previous,
+                     '--rollback-cmdline', 'console=ttyS0'],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             self.starts += 1
             rc = self.proc.wait()
@@ -100,10 +105,16 @@ class Host(object):
 
 def bzimage(path):
     """A file luod's file backend takes as a kernel image: a bzImage boot
-    header ("HdrS" at 0x202, boot protocol 2.15) and random contents."""
+    header ("HdrS" at 0x202, boot protocol 2.15) whose version string (at
+    0x200 + the pointer at 0x20E) is the running kernel's (`uname -r`, then
+    `uname -v`), as a rebuilt or updated kernel of the same release would
+    have, and random contents, so each image has its own digest."""
     data = bytearray(os.urandom(64 * 1024))
     data[0x202:0x206] = b'HdrS'
     data[0x206:0x208] = (0x020F).to_bytes(2, 'little')
+    data[0x20E:0x210] = (0x0300).to_bytes(2, 'little')
+    version = ('%s (fleet-test@localhost) %s' % (os.uname().release, os.uname().version)).encode() + b'\0'
+    data[0x500:0x500 + len(version)] = version
     with open(path, 'wb') as f:
         f.write(bytes(data))
     return hashlib.sha256(bytes(data)).hexdigest()
@@ -112,9 +123,11 @@ def bzimage(path):
 class Fleet(object):
     def __init__(self, root):
         self.root = root
-        self.hosts = dict((name, Host(root, name)) for name in HOSTS)
+        self.previous = os.path.join(root, 'vmlinuz-running')
+        self.previous_sha = bzimage(self.previous)
         self.kernel = os.path.join(root, 'vmlinuz-new')
         self.sha = bzimage(self.kernel)
+        self.hosts = dict((name, Host(root, name, self.previous)) for name in HOSTS)
         self.report_dir = os.path.join(root, 'report')
         self.stop_file = os.path.join(self.report_dir, 'STOP')
         self.fail_marker = os.path.join(root, 'h2-unhealthy')
@@ -247,7 +260,7 @@ def test_4_the_stop_file_aborts_after_the_first_batch(fleet):
     untouched(fleet.hosts['h3'])
 
 
-def test_5_resume_skips_the_updated_host_and_stops_at_a_failed_health_gate(fleet):
+def test_5_resume_skips_the_updated_host_and_rolls_back_at_a_failed_health_gate(fleet):
     os.remove(fleet.stop_file)
     open(fleet.fail_marker, 'w').close()
     r = fleet.play(fleet_serial=[2, 1], fleet_max_fail_percentage=0)
@@ -256,34 +269,48 @@ def test_5_resume_skips_the_updated_host_and_stops_at_a_failed_health_gate(fleet
     assert report['h1']['outcome'] == 'updated', 'the record of the earlier update is kept'
     assert len(updates(fleet.hosts['h1'])) == 1, 'h1 was skipped'
     h2 = fleet.hosts['h2']
-    assert report['h2']['outcome'] == 'failed'
+    assert report['h2']['outcome'] == 'rolled-back'
     assert report['h2']['message'] == (
         'validation `test ! -e %s || { echo "health gate: guest agent of vm0 does not answer" >&2; exit 1; }` '
-        'exited 1: health gate: guest agent of vm0 does not answer; the rollback failed: this luoctl has no '
-        '`rollback` command: the host stays in state updated; roll it back by a live update to its previous kernel'
-        % fleet.fail_marker)
-    assert h2.state() == 'updated'
+        'exited 1: health gate: guest agent of vm0 does not answer; rolled back to %s' % (fleet.fail_marker, RELEASE))
+    assert report['h2']['steps'] == ['check', 'prepare', 'freeze', 'reboot', 'rollback']
+    assert h2.state() == 'normal'
+    cycles = updates(h2)
+    assert [(c['id'], c['outcome'], c['target']['kernel_sha256']) for c in cycles] == [
+        (1, 'rolled-back', fleet.sha), (2, 'finished', fleet.previous_sha)]
+    assert cycles[0]['rolled_back_by'] == 2 and cycles[1]['rollback_of'] == 1
+    assert h2.starts == 3, 'luod came back after the update and after the rollback'
     assert report['h3']['outcome'] == 'pending'
     untouched(fleet.hosts['h3'])
 
 
 def test_6_running_again_completes_the_rest(fleet):
     os.remove(fleet.fail_marker)
-    h2 = fleet.hosts['h2']
-    assert h2.luoctl('finish').returncode == 0, 'the operator accepts h2 after fixing its health gate'
     r = fleet.play(fleet_serial='34%', fleet_max_fail_percentage=0, fleet_pause_seconds=1)
     assert r.returncode == 0
     report = fleet.report()
     assert report['h1']['outcome'] == 'updated'
-    assert report['h2']['outcome'] == 'already-on-target'
-    assert report['h2']['message'].startswith('cycle 1 loaded kernel sha256 %s and came up in %s' % (fleet.sha, RELEASE))
+    assert len(updates(fleet.hosts['h1'])) == 1, 'h1 was skipped again'
+    assert report['h2']['outcome'] == 'updated'
     assert report['h3']['outcome'] == 'updated'
     assert report['h3']['luod_blackout_ns'] == updates(fleet.hosts['h3'])[0]['blackout_ns']
+    assert [c['target']['kernel_sha256'] for c in updates(fleet.hosts['h2'])] == [fleet.sha, fleet.previous_sha,
+                                                                                   fleet.sha]
     for h in HOSTS:
         assert fleet.hosts[h].state() == 'normal'
-        assert [c['target']['kernel_sha256'] for c in updates(fleet.hosts[h])] == [fleet.sha]
+        assert updates(fleet.hosts[h])[-1]['target']['kernel_sha256'] == fleet.sha
     with open(os.path.join(fleet.report_dir, 'report.md')) as f:
         md = f.read()
     print(md)
     assert '| h3 | updated | %s | %s |' % (RELEASE, RELEASE) in md
-    assert 'already-on-target 1, updated 2' in md
+    assert 'updated 3' in md
+
+
+def test_7_a_fleet_on_the_target_is_skipped_by_luoctls_verdict(fleet):
+    r = fleet.play()
+    assert r.returncode == 0
+    for h in HOSTS:
+        assert updates(fleet.hosts[h])[-1]['target']['kernel_sha256'] == fleet.sha
+    assert [len(updates(fleet.hosts[h])) for h in HOSTS] == [1, 3, 1]
+    report = fleet.report()
+    assert [report[h]['outcome'] for h in HOSTS] == ['updated'] * 3, 'the records of the updates are kept'

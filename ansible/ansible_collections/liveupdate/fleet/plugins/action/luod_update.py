@@ -24,6 +24,9 @@ from ansible.utils.display import Display
 display = Display()
 
 CYCLE = 'liveupdate.fleet.luod_cycle'
+# luoctl's exit code for a veto (luoctl/CLI.md; module_utils/luoctl.py has the table): finish refused
+# after a failed post-update hook.
+VETOED = 13
 FACTS = 'liveupdate.fleet.luod_facts'
 
 COMMON = frozenset(('luoctl', 'socket'))
@@ -38,6 +41,10 @@ class HostFailure(Exception):
         super(HostFailure, self).__init__(msg)
         self.msg = msg
         self.result = result
+
+
+class ValidationFailed(HostFailure):
+    """The updated host failed a health gate (or luod's own post-update hook): roll it back."""
 
 
 class ActionModule(ActionBase):
@@ -68,8 +75,6 @@ class ActionModule(ActionBase):
 
     def _facts(self, task_vars):
         args = self._pick(self._task.args, COMMON)
-        if self._task.args.get('kernel_sha256'):
-            args['kernel_sha256'] = self._task.args['kernel_sha256']
         result = self._module(FACTS, args, task_vars)
         if result.get('failed'):
             raise HostFailure(result.get('msg', 'luod_facts failed'), result)
@@ -132,16 +137,16 @@ class ActionModule(ActionBase):
         try:
             before = self._facts(task_vars)
             record.update(kernel_before=before.get('running_kernel'), state_before=before.get('state'))
-            if before.get('on_target'):
-                record.update(skipped_reason=before.get('on_target_reason'), on_target=True,
-                              kernel_after=before.get('running_kernel'), outcome='already-on-target',
-                              msg='already on the target kernel: %s' % before.get('on_target_reason'))
-                result.update(record)
-                return result
-            record['on_target'] = False
             check = self._step('check', task_vars)
             record['steps'].append('check')
             record['check'] = check.get('items', [])
+            if check.get('on_target'):
+                record.update(skipped_reason=check.get('on_target_reason'), on_target=True,
+                              kernel_after=before.get('running_kernel'), outcome='already-on-target', luod=before,
+                              msg='already on the target kernel: %s' % check.get('on_target_reason'))
+                result.update(record)
+                return result
+            record['on_target'] = False
             if self._task.check_mode:
                 record.update(changed=True, outcome='would-update', msg='would update (check mode): luoctl check passed')
                 result.update(record)
@@ -153,11 +158,21 @@ class ActionModule(ActionBase):
             record['steps'] += ['freeze', 'reboot']
             record['cycle_id'] = (updated.get('last_cycle') or {}).get('id')
             try:
-                validation = self._step('validate', task_vars)
+                try:
+                    validation = self._step('validate', task_vars)
+                except HostFailure as failed:
+                    raise ValidationFailed(failed.msg, failed.result)
                 record['steps'].append('validate')
                 record['validation'] = validation.get('validation', [])
-            except HostFailure as failure:
-                record['validation'] = failure.result.get('validation', [])
+                try:
+                    finish = self._step('finish', task_vars)
+                except HostFailure as refused:
+                    # luod refuses finish (exit 13) after its own post-update hook failed: a failed validation too.
+                    if (refused.result.get('luoctl') or {}).get('rc') != VETOED:
+                        raise
+                    raise ValidationFailed(refused.msg, dict(refused.result, validation=record['validation']))
+            except ValidationFailed as failure:
+                record['validation'] = failure.result.get('validation', record.get('validation', []))
                 record['validation_failure'] = failure.msg
                 if not rollback:
                     raise HostFailure('%s; rollback is off: the host stays in state updated' % failure.msg,
@@ -171,7 +186,6 @@ class ActionModule(ActionBase):
                 after = self._facts(task_vars)
                 record.update(kernel_after=after.get('running_kernel'), outcome='rolled-back', luod=after)
                 raise HostFailure('%s; rolled back to %s' % (failure.msg, after.get('running_kernel')), failure.result)
-            finish = self._step('finish', task_vars)
             record['steps'].append('finish')
             record['finish'] = finish.get('report')
             after = self._facts(task_vars)

@@ -27,6 +27,7 @@ EXIT_CODES = {
     6: 'connection',
     7: 'local-io',
     8: 'timeout',
+    9: 'already-on-target',
     10: 'invalid-argument',
     11: 'wrong-state',
     12: 'permission-denied',
@@ -37,11 +38,14 @@ EXIT_CODES = {
     17: 'kernel',
     18: 'record',
     19: 'quota-exceeded',
+    20: 'digest-mismatch',
 }
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 3
 EXIT_UNREACHABLE = 4
 EXIT_CONNECTION = 6
+EXIT_ALREADY_ON_TARGET = 9
+EXIT_VETOED = 13
 EXIT_WRONG_STATE = 11
 
 # luod's states (luoctl/CLI.md, "JSON output").
@@ -164,6 +168,13 @@ class Luoctl(object):
         return any(line.strip().startswith(option + ' ') or line.strip() == option
                    for line in text.splitlines())
 
+    def pins(self):
+        """Whether this luoctl pins images (`--sha256`, `--initrd-sha256`)
+        and answers `check` with exit 9 when the kernel is the running one:
+        luod then checks the very descriptor it loads, and judges "on the
+        target" from the image's header and digest."""
+        return self.supports('--sha256', 'check')
+
     # The commands the modules use.
 
     def status(self):
@@ -175,12 +186,18 @@ class Luoctl(object):
     def vms(self):
         return self.run('vm', 'list').get('vms', [])
 
-    def kernel_args(self, kernel=None, initrd=None, cmdline=None, sha256=None, initrd_sha256=None):
+    def kernel_args(self, kernel=None, initrd=None, cmdline=None, kernel_sha256=None, initrd_sha256=None):
+        """`--kernel K [--sha256 HEX] [--initrd I [--initrd-sha256 HEX]]
+        (--cmdline S | --reuse-cmdline)`; the pins only when given."""
         args = []
         if kernel:
             args += ['--kernel', kernel]
+            if kernel_sha256:
+                args += ['--sha256', kernel_sha256.lower()]
             if initrd:
                 args += ['--initrd', initrd]
+                if initrd_sha256:
+                    args += ['--initrd-sha256', initrd_sha256.lower()]
             if cmdline is None:
                 args.append('--reuse-cmdline')
             else:
@@ -209,10 +226,10 @@ def last_finished(history):
 
 
 def on_target(history, release, kernel_sha256):
-    """Whether the host runs the pinned kernel already: the last update that
+    """For a luoctl without exit 9 (see Luoctl.pins): whether the host runs
+    the pinned kernel already, judged from history: the last update that
     finished loaded a kernel with this digest, and the running release is
-    the one that update came up in (the already-on-target rule of
-    issue 11: same release, same digest as the last update loaded).
+    the one that update came up in.
 
     Returns (bool, reason)."""
     if not kernel_sha256:

@@ -16,10 +16,15 @@ description:
   - "Every failure message is luoctl's own error line
     (C(luoctl: WHAT: MESSAGE; HINT)), with its exit code and kind in
     RV(luoctl)."
-  - O(step=check) runs C(luoctl check) with the target kernel and says
-    whether the host is on the pinned kernel already.
-  - O(step=prepare) verifies the pinned digests, then runs C(luoctl prepare)
-    (normal -> prepared).
+  - O(step=check) runs C(luoctl check) with the target kernel (and its
+    pins) and says whether the host is on the pinned kernel already (luoctl
+    exit 9, C(already-on-target)). With a luoctl older than C(--sha256), the
+    module judges that from C(luoctl history) (the last finished update
+    loaded this digest and its release runs).
+  - O(step=prepare) runs C(luoctl prepare --sha256) (normal -> prepared), so
+    luod refuses an image that is not the pinned one (exit 20) before
+    anything loads; with a luoctl older than C(--sha256), the module digests
+    the files first.
   - O(step=reboot) runs C(luoctl freeze) then C(luoctl reboot) in one
     process, so that the blackout is not lengthened by a round trip. A
     failed freeze or a reboot the kernel refused is followed by
@@ -29,7 +34,9 @@ description:
   - O(step=validate) requires state C(updated), then runs every
     O(validate) command and fetches O(validate_url).
   - O(step=finish), O(step=cancel), O(step=rollback) run that luoctl
-    command. C(rollback) needs a luoctl that has it.
+    command. C(luoctl rollback) prepares, freezes and kexecs back to the
+    previous kernel (a lost connection is RV(rebooting)); it needs a luoctl
+    that has it.
 version_added: "0.1.0"
 author:
   - liveupdate developers (!UNKNOWN)
@@ -130,8 +137,8 @@ on_target_reason:
   returned: when O(step=check) and O(kernel_sha256) is given
   type: str
 rebooting:
-  description: Whether C(luoctl reboot) lost its connection, as it does when the kexec happens.
-  returned: when O(step=reboot)
+  description: Whether C(luoctl reboot) (or C(luoctl rollback)) lost its connection, as it does when the kexec happens.
+  returned: when O(step=reboot) or O(step=rollback)
   type: bool
 validation:
   description: Each validation, in order, with C(name), C(rc), C(stdout), C(stderr).
@@ -145,7 +152,7 @@ import hashlib
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.urls import open_url
 from ansible_collections.liveupdate.fleet.plugins.module_utils.luoctl import (
-    EXIT_CONNECTION, Luoctl, LuoctlError, on_target, running_release)
+    EXIT_ALREADY_ON_TARGET, EXIT_CONNECTION, Luoctl, LuoctlError, on_target, running_release)
 
 
 def sha256_of(path):
@@ -156,8 +163,11 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def kernel_params(p):
-    return dict(kernel=p['kernel'], initrd=p['initrd'], cmdline=p['cmdline'])
+def kernel_params(p, pins=False):
+    params = dict(kernel=p['kernel'], initrd=p['initrd'], cmdline=p['cmdline'])
+    if pins:
+        params.update(kernel_sha256=p['kernel_sha256'], initrd_sha256=p['initrd_sha256'])
+    return params
 
 
 def verify_pins(module, p):
@@ -181,21 +191,53 @@ def strip_ok(doc):
     return dict((k, v) for k, v in doc.items() if k != 'ok')
 
 
+def running_kernel_item(items):
+    for item in items or []:
+        if item.get('name') == 'running kernel':
+            return item.get('detail')
+    return None
+
+
 def step_check(module, luoctl, p):
+    """luoctl check; with a pinned kernel, whether the host is on it already:
+    luoctl's own verdict (exit 9) when it has one, else from history."""
     result = dict(changed=False)
-    if p['kernel_sha256']:
-        yes, why = on_target(luoctl.history(), running_release(), p['kernel_sha256'])
-        result.update(on_target=yes, on_target_reason=why)
-    report = luoctl.check(**kernel_params(p))
+    if luoctl.pins():
+        try:
+            report = luoctl.check(**kernel_params(p, pins=True))
+        except LuoctlError as e:
+            if e.rc != EXIT_ALREADY_ON_TARGET:
+                raise
+            state = luoctl.status().get('state')
+            if state != 'normal':
+                module.fail_json(
+                    msg='%s; but luod is in state %s, not normal: finish or roll back the cycle in flight first'
+                        % (e.line(), state), luoctl=e.as_dict(), items=e.items or [])
+            result.update(on_target=True, on_target_reason=running_kernel_item(e.items) or e.message,
+                          items=e.items or [])
+            return result
+        if p['kernel'] and p['kernel_sha256']:
+            result.update(on_target=False, on_target_reason=running_kernel_item(report.get('items'))
+                          or 'luoctl check did not say it is the running kernel')
+    else:
+        if p['kernel_sha256']:
+            yes, why = on_target(luoctl.history(), running_release(), p['kernel_sha256'])
+            result.update(on_target=yes, on_target_reason=why)
+        report = luoctl.check(**kernel_params(p))
     result.update(items=report.get('items', []), report=strip_ok(report))
     return result
 
 
 def step_prepare(module, luoctl, p):
+    """luoctl prepare: with the pins when luoctl takes them (luod digests
+    the descriptors it loads and refuses a mismatch, exit 20); else the
+    module digests the files first."""
     if module.check_mode:
         return dict(changed=True)
-    verify_pins(module, p)
-    return dict(changed=True, report=strip_ok(luoctl.prepare(**kernel_params(p))))
+    pins = luoctl.pins()
+    if not pins:
+        verify_pins(module, p)
+    return dict(changed=True, report=strip_ok(luoctl.prepare(**kernel_params(p, pins=pins))))
 
 
 def undo(luoctl, error):
@@ -258,7 +300,13 @@ def step_transition(name):
         if name == 'rollback' and not luoctl.supports('rollback'):
             module.fail_json(msg='this luoctl has no `rollback` command: the host stays in state updated; '
                                  'roll it back by a live update to its previous kernel')
-        return dict(changed=True, report=strip_ok(luoctl.transition(name)))
+        try:
+            return dict(changed=True, rebooting=False, report=strip_ok(luoctl.transition(name)))
+        except LuoctlError as e:
+            if name == 'rollback' and e.rc == EXIT_CONNECTION:
+                # luoctl rollback ends with the kexec, as reboot does.
+                return dict(changed=True, rebooting=True, luoctl=e.as_dict())
+            raise
     return run
 
 

@@ -28,11 +28,6 @@ options:
   socket:
     description: luod's socket (C(luoctl --socket)); luoctl's default when not set.
     type: path
-  kernel_sha256:
-    description:
-      - The SHA-256 of the target kernel image, to compute
-        C(ansible_facts.luod.on_target).
-    type: str
 attributes:
   check_mode:
     description: Can run in check mode and return changed status prediction without modifying target.
@@ -48,10 +43,6 @@ attributes:
 EXAMPLES = r'''
 - name: Read luod's state
   liveupdate.fleet.luod_facts:
-
-- name: Say whether the host is on the pinned kernel already
-  liveupdate.fleet.luod_facts:
-    kernel_sha256: "{{ fleet_kernel_sha256 }}"
 
 - name: Show it
   ansible.builtin.debug:
@@ -71,15 +62,14 @@ ansible_facts:
         C(last_cycle) (as in C(luoctl status --json)), C(blackout_ns) (of the
         last cycle), C(in_progress), C(notes), C(subsystems), C(vms) (as in
         C(luoctl vm list --json)), C(last_update) (the newest finished cycle of
-        C(luoctl history --json)), C(cycles), and with O(kernel_sha256)
-        C(on_target) and C(on_target_reason).
+        C(luoctl history --json)) and C(cycles).
       returned: always
       type: dict
 '''
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liveupdate.fleet.plugins.module_utils.luoctl import (
-    Luoctl, LuoctlError, facts, on_target, running_release)
+    Luoctl, LuoctlError, facts)
 
 
 def main():
@@ -87,17 +77,12 @@ def main():
         argument_spec=dict(
             luoctl=dict(type='str', default='luoctl'),
             socket=dict(type='path'),
-            kernel_sha256=dict(type='str'),
         ),
         supports_check_mode=True,
     )
     luoctl = Luoctl(module, module.params['luoctl'], module.params['socket'])
     try:
         luod = facts(luoctl)
-        if module.params['kernel_sha256']:
-            yes, why = on_target(luoctl.history(), running_release(), module.params['kernel_sha256'])
-            luod['on_target'] = yes
-            luod['on_target_reason'] = why
     except LuoctlError as e:
         module.fail_json(msg=e.line(), luoctl=e.as_dict())
     module.exit_json(changed=False, ansible_facts=dict(luod=luod))

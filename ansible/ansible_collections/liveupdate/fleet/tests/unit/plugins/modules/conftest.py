@@ -31,6 +31,10 @@ STATUS_NORMAL = ok(state='normal', backend='file', region='file /tmp/r (8 MiB)',
                    subsystems=['region-capacity'], last_cycle=None, live_updates=0, notes=[], in_progress=None)
 HISTORY_EMPTY = ok(cycles=[], events=[])
 VMS_NONE = ok(vms=[])
+# `luoctl check --help` of a luoctl without and with pins (--sha256, exit 9).
+HELP_OLD = dict(rc=0, stdout='Options:\n      --kernel <PATH>  Kernel image to load for kexec\n')
+HELP_PINS = dict(rc=0, stdout='Options:\n      --kernel <PATH>  Kernel image to load for kexec\n'
+                             '      --sha256 <HEX>         Pin the kernel image\n')
 
 
 class Fake(object):
@@ -43,6 +47,10 @@ class Fake(object):
         os.environ['FAKE_LUOCTL_SCENARIO'] = self.path
 
     def calls(self):
+        """Each call's argv without the global options, but the `--help` ones."""
+        return [c for c in self.all_calls() if not c.endswith('--help')]
+
+    def all_calls(self):
         """Each call's argv without the global options."""
         if not os.path.exists(self.path + '.log'):
             return []
@@ -56,8 +64,10 @@ class Fake(object):
 
 @pytest.fixture
 def fake(tmp_path):
-    def make(**answers):
-        return Fake(tmp_path, dict((k.replace('_', ' '), v) for k, v in answers.items()))
+    def make(pins=False, **answers):
+        answers = dict((k.replace('_', ' '), v) for k, v in answers.items())
+        answers.setdefault('check --help', [HELP_PINS if pins else HELP_OLD])
+        return Fake(tmp_path, answers)
     yield make
     os.environ.pop('FAKE_LUOCTL_SCENARIO', None)
 

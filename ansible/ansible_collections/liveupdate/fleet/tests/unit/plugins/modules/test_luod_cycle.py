@@ -186,7 +186,7 @@ def test_rollback_needs_a_luoctl_that_has_it(fake, run_module):
     r = run_module(luod_cycle.main, dict(step='rollback'))
     assert r['msg'] == ('this luoctl has no `rollback` command: the host stays in state updated; roll it back by a '
                         'live update to its previous kernel')
-    assert f.calls() == ['--help']
+    assert f.all_calls() == ['--help']
 
 
 def test_rollback_runs_luoctl_rollback_when_it_exists(fake, run_module):
@@ -194,7 +194,68 @@ def test_rollback_runs_luoctl_rollback_when_it_exists(fake, run_module):
                 'rollback': [ok(**{'from': 'updated', 'to': 'updated'})]})
     r = run_module(luod_cycle.main, dict(step='rollback'))
     assert not r.get('failed'), r
-    assert f.calls() == ['--help', 'rollback']
+    assert f.all_calls() == ['--help', 'rollback']
+
+
+def test_a_rollback_whose_connection_breaks_is_a_kexec_under_way(fake, run_module):
+    fake(**{'--help': [dict(rc=0, stdout='Commands:\n  rollback  Live-update back\n')],
+            'rollback': [dict(REBOOT_CUT, json=dict(REBOOT_CUT['json'], error=dict(REBOOT_CUT['json']['error'],
+                                                                                  what='rollback')))]})
+    r = run_module(luod_cycle.main, dict(step='rollback'))
+    assert not r.get('failed'), r
+    assert r['rebooting'] is True
+
+
+RUNNING_KERNEL_NO = dict(name='running kernel', ok=True,
+                         detail='/k has no version string in its header: not known to be the running kernel')
+
+
+def test_check_with_a_pinning_luoctl_passes_the_pins_and_takes_its_verdict(fake, run_module, tmp_path):
+    kernel, sha = kernel_file(tmp_path)
+    items = [dict(name='state', ok=True, detail='normal: prepare is allowed'), RUNNING_KERNEL_NO]
+    f = fake(pins=True, check=[ok(items=items, already_on_target=False)])
+    r = run_module(luod_cycle.main, dict(step='check', kernel=kernel, kernel_sha256=sha.upper()))
+    assert not r.get('failed'), r
+    assert r['on_target'] is False
+    assert r['on_target_reason'] == RUNNING_KERNEL_NO['detail']
+    assert f.calls() == ['check --kernel %s --sha256 %s --reuse-cmdline' % (kernel, sha)]
+
+
+def test_check_exit_9_is_already_on_target(fake, run_module, tmp_path):
+    kernel, sha = kernel_file(tmp_path)
+    detail = '%s is the running kernel: ... already on target' % kernel
+    items = [dict(name='running kernel', ok=True, detail=detail)]
+    f = fake(pins=True, status=[STATUS_NORMAL],
+             check=[refused(9, 'already-on-target', 'check', 'the kernel is the running one already',
+                            items=items, already_on_target=True)])
+    r = run_module(luod_cycle.main, dict(step='check', kernel=kernel, kernel_sha256=sha))
+    assert not r.get('failed'), r
+    assert r['on_target'] is True
+    assert r['on_target_reason'] == detail
+    assert f.calls()[0].startswith('check --kernel')
+
+
+def test_on_target_with_a_cycle_in_flight_fails(fake, run_module, tmp_path):
+    kernel, sha = kernel_file(tmp_path)
+    updated = dict(STATUS_NORMAL, json=dict(STATUS_NORMAL['json'], state='updated'))
+    fake(pins=True, status=[updated],
+         check=[refused(9, 'already-on-target', 'check', 'the kernel is the running one already', items=[])])
+    r = run_module(luod_cycle.main, dict(step='check', kernel=kernel, kernel_sha256=sha))
+    assert r['failed'] is True
+    assert r['msg'] == ('luoctl: check: the kernel is the running one already; but luod is in state updated, not '
+                        'normal: finish or roll back the cycle in flight first')
+
+
+def test_prepare_with_a_pinning_luoctl_lets_luod_refuse_a_mismatch(fake, run_module, tmp_path):
+    kernel, sha = kernel_file(tmp_path)
+    message = ('kernel image %s has sha256 %s, not the pinned %s: it is not the image the pin names, so nothing '
+               'was loaded' % (kernel, sha, '0' * 64))
+    hint = 'check that the image is the one you meant (sha256sum FILE), or correct the pinned digest'
+    f = fake(pins=True, prepare=[refused(20, 'digest-mismatch', 'prepare', message, hint)])
+    r = run_module(luod_cycle.main, dict(step='prepare', kernel=kernel, kernel_sha256='0' * 64))
+    assert r['msg'] == 'luoctl: prepare: %s; %s' % (message, hint)
+    assert r['luoctl']['rc'] == 20 and r['luoctl']['kind'] == 'digest-mismatch'
+    assert f.calls() == ['prepare --kernel %s --sha256 %s --reuse-cmdline' % (kernel, '0' * 64)]
 
 
 def test_facts_gather_status_history_and_vms(fake, run_module):
