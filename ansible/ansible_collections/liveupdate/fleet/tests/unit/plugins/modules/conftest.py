@@ -33,8 +33,8 @@ HISTORY_EMPTY = ok(cycles=[], events=[])
 VMS_NONE = ok(vms=[])
 # `luoctl check --help` of a luoctl without and with pins (--sha256, exit 9).
 HELP_OLD = dict(rc=0, stdout='Options:\n      --kernel <PATH>  Kernel image to load for kexec\n')
-HELP_PINS = dict(rc=0, stdout='Options:\n      --kernel <PATH>  Kernel image to load for kexec\n'
-                             '      --sha256 <HEX>         Pin the kernel image\n')
+HELP_PINS = dict(rc=0, stdout=('Options:\n      --kernel <PATH>  Kernel image to load for kexec\n'
+                               '      --sha256 <HEX>         Pin the kernel image\n'))
 
 
 class Fake(object):

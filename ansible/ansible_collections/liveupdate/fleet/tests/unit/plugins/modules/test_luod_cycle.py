@@ -198,9 +198,9 @@ def test_rollback_runs_luoctl_rollback_when_it_exists(fake, run_module):
 
 
 def test_a_rollback_whose_connection_breaks_is_a_kexec_under_way(fake, run_module):
+    cut = dict(REBOOT_CUT['json'], error=dict(REBOOT_CUT['json']['error'], what='rollback'))
     fake(**{'--help': [dict(rc=0, stdout='Commands:\n  rollback  Live-update back\n')],
-            'rollback': [dict(REBOOT_CUT, json=dict(REBOOT_CUT['json'], error=dict(REBOOT_CUT['json']['error'],
-                                                                                  what='rollback')))]})
+            'rollback': [dict(REBOOT_CUT, json=cut)]})
     r = run_module(luod_cycle.main, dict(step='rollback'))
     assert not r.get('failed'), r
     assert r['rebooting'] is True
