@@ -43,6 +43,10 @@ class HostFailure(Exception):
         self.result = result
 
 
+class RolledBackByLuod(HostFailure):
+    """luod rolled the update back by itself (--rollback auto)."""
+
+
 class ValidationFailed(HostFailure):
     """The updated host failed a health gate (or luod's own post-update hook): roll it back."""
 
@@ -82,7 +86,7 @@ class ActionModule(ActionBase):
 
     def _wait_updated(self, task_vars, cycle_id, timeout):
         """Waits until the host answers and luod is `updated` in cycle
-        `cycle_id` (or a later one, for a rollback), as after a kexec."""
+        `cycle_id` (the cycle prepared for this kexec), as after a kexec."""
         deadline = time.time() + timeout
         last = 'no answer yet'
         while True:
@@ -99,7 +103,12 @@ class ActionModule(ActionBase):
                     last = e.msg
                 else:
                     cycle = luod.get('last_cycle') or {}
-                    if luod.get('state') == 'updated' and (cycle.get('id') or 0) >= cycle_id:
+                    if (cycle.get('id') or 0) > cycle_id:
+                        raise RolledBackByLuod(
+                            'luod is in cycle %s, not %s: it rolled the update back by itself (luod --rollback auto '
+                            'after a failed post-update hook); `luoctl history` says why' % (cycle.get('id'), cycle_id),
+                            dict(luod=luod))
+                    if luod.get('state') == 'updated' and cycle.get('id') == cycle_id:
                         return luod
                     if luod.get('state') == 'normal' and (cycle.get('id') or 0) >= cycle_id:
                         notes = '; '.join(luod.get('notes') or []) or 'no notes'
@@ -192,6 +201,8 @@ class ActionModule(ActionBase):
             record.update(kernel_after=after.get('running_kernel'), outcome='updated', luod=after,
                           blackout_ns=((finish.get('report') or {}).get('cycle') or {}).get('blackout_ns'),
                           msg='updated: %s -> %s' % (record['kernel_before'], after.get('running_kernel')))
+        except RolledBackByLuod as failure:
+            record.update(failed=True, outcome='rolled-back', msg=failure.msg)
         except HostFailure as failure:
             record.setdefault('outcome', 'failed')
             record.update(failed=True, msg=failure.msg)
