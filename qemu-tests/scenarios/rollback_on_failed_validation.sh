@@ -17,15 +17,7 @@ boot1() {
 	mkdir -p /rollback
 	cp /kernel /rollback/vmlinuz
 	chmod 0644 /rollback/vmlinuz
-	step rollback-initrd 120
-	# The initramfs the rollback boots: it says "boot 3" itself.
-	echo 3 >/boot.next
-	(cd / && find . -xdev | cpio -o -H newc >/run/back.cpio 2>/dev/null) || fail "packing the rollback initramfs"
-	rm -f /boot.next
-	mv /run/back.cpio /rollback/initrd.cpio
-	chmod 0644 /rollback/initrd.cpio
-	info "rollback initramfs: $(wc -c </rollback/initrd.cpio) bytes"
-	# The validation hook (default hooks directory), in every later initramfs too.
+	# The validation hook (default hooks directory), in every later initramfs, the rollback's too.
 	mkdir -p /etc/luod/hooks.d/post-update.d
 	cat >/etc/luod/hooks.d/post-update.d/50-validate <<'HOOK'
 #!/bin/sh
@@ -35,6 +27,14 @@ echo "vm0 health check failed on the new kernel" >&2
 exit 1
 HOOK
 	chmod 0755 /etc/luod/hooks.d /etc/luod/hooks.d/post-update.d /etc/luod/hooks.d/post-update.d/50-validate
+	step rollback-initrd 120
+	# The initramfs the rollback boots: it says "boot 3" itself.
+	echo 3 >/boot.next
+	(cd / && find . -xdev | cpio -o -H newc >/run/back.cpio 2>/dev/null) || fail "packing the rollback initramfs"
+	rm -f /boot.next
+	mv /run/back.cpio /rollback/initrd.cpio
+	chmod 0644 /rollback/initrd.cpio
+	info "rollback initramfs: $(wc -c </rollback/initrd.cpio) bytes"
 	start_luod --rollback auto --rollback-kernel /rollback/vmlinuz --rollback-initrd /rollback/initrd.cpio \
 		--rollback-cmdline "$(cat /proc/cmdline)"
 	step preserve 60

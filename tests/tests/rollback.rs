@@ -120,8 +120,11 @@ fn retrieve(luod: &Luod) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
-/// (id, outcome, rollback_of, rolled_back_by, target kernel) of each cycle.
-fn cycles(luod: &Luod) -> Vec<(u64, String, Option<u64>, Option<u64>, String)> {
+/// A cycle as these tests look at it: id, outcome, rollback_of, rolled_back_by, target kernel.
+type CycleView = (u64, String, Option<u64>, Option<u64>, String);
+
+/// Each cycle of the history.
+fn cycles(luod: &Luod) -> Vec<CycleView> {
     json(luod, &["history"])["cycles"]
         .as_array()
         .unwrap()

@@ -357,3 +357,76 @@ fn with_auto_rollback_a_failed_validation_asks_for_the_rollback() {
         "exit 1"
     );
 }
+
+/// An engine that runs the `kvm` subsystem, as [`engine`] otherwise.
+fn engine_with_vms(store: RecordStore<MemRegion>, k0: &Path) -> Engine<MemRegion> {
+    let vms = SharedVms::default();
+    let mut registry = Registry::new();
+    registry
+        .register(Box::new(Kvm::new(vms.clone(), std::time::Duration::from_millis(500))))
+        .unwrap();
+    let (kernel, _) = FakeKernel::new();
+    let mut e = Engine::open(Box::new(kernel), registry, store, host()).unwrap();
+    e.set_vms(vms);
+    e.set_rollback(RollbackConfig {
+        auto: false,
+        kernel: Some(k0.to_path_buf()),
+        initrd: None,
+        cmdline: Some("console=ttyS0 k0".into()),
+    });
+    e
+}
+
+#[test]
+fn a_rollback_from_updated_carries_an_unclaimed_vm_which_a_new_vmm_claims_after_both_kexecs() {
+    use crate::protocol::{Request, Response, VmAnswer, VmCall, frame};
+    use std::os::unix::net::UnixStream;
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let k0 = bzimage(dir.path(), "k0", 0);
+    let k1 = bzimage(dir.path(), "k1", 1);
+    let mut e = engine_with_vms(store(), &k0);
+    let (luod_end, vmm_end) = UnixStream::pair().unwrap();
+    let ram = memfd::from_bytes("vm0", &[7u8; 4096]).unwrap();
+    e.vm_register(&Caller::ROOT, "vm0", &[1], vec![ram], luod_end).unwrap();
+    // The VMM: answers every call, with its registers at freeze.
+    let vmm = std::thread::spawn(move || {
+        while let Ok((Response::VmCall(call), _)) = frame::recv::<Response>(&vmm_end) {
+            let state = (call == VmCall::Freeze).then(|| b"regs".to_vec());
+            if frame::send(&vmm_end, &Request::VmAnswer(VmAnswer::Ok { state }), &[]).is_err() {
+                return;
+            }
+        }
+    });
+    let args = PrepareArgs {
+        kernel: Some(ImageFile {
+            fd: 0,
+            name: k1.display().to_string(),
+        }),
+        cmdline: Some("console=ttyS0 k1".into()),
+        ..PrepareArgs::default()
+    };
+    e.prepare(&Caller::ROOT, &args, vec![std::fs::File::open(&k1).unwrap().into()])
+        .unwrap();
+    e.freeze(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap();
+    let store = e.into_store();
+    vmm.join().unwrap();
+
+    // The new kernel: nobody claims vm0; the rollback carries it back.
+    let mut e = engine_with_vms(store, &k0);
+    assert_eq!(e.vm_list(&Caller::ROOT)[0].phase, "awaiting-claim");
+    e.rollback(&Caller::ROOT).unwrap();
+    e.freeze(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap();
+
+    // The previous kernel: a new VMM claims vm0 with its memory and state.
+    let mut e = engine_with_vms(e.into_store(), &k0);
+    assert_eq!(e.vm_list(&Caller::ROOT)[0].phase, "awaiting-claim");
+    let Claimed { tokens, state, fds } = e.vm_claim(&Caller::ROOT, "vm0").unwrap();
+    assert_eq!((tokens, state.as_slice()), (vec![1], b"regs".as_slice()));
+    assert_eq!(read(fds.into_iter().next().unwrap()), vec![7u8; 4096]);
+    e.finish(&Caller::ROOT).unwrap();
+    let outcomes: Vec<Outcome> = e.history().iter().map(|c| c.outcome).collect();
+    assert_eq!(outcomes, [Outcome::RolledBack, Outcome::Finished]);
+}
