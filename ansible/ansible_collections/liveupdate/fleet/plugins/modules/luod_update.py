@@ -22,9 +22,16 @@ description:
     retries until O(reboot_timeout), as M(ansible.builtin.reboot) does).
   - Every failure message is luoctl's own error line; RV(luoctl) has its
     exit code and kind.
-  - C(changed) is false when the host runs the target kernel already (the
-    last finished live update loaded O(kernel_sha256) and the running
-    release is the one it came up in), and nothing is run then.
+  - C(changed) is false when the host runs the target kernel already
+    (C(luoctl check --kernel K --sha256 HEX) exits 9, C(already-on-target));
+    nothing but the check is run then. With a luoctl older than C(--sha256),
+    the host is on the target when its last finished live update loaded
+    O(kernel_sha256) and the running release is the one it came up in.
+  - A failed validation, or a C(luoctl finish) that luod vetoes after its
+    own C(post-update) hook failed, is rolled back with C(luoctl rollback)
+    (see O(rollback)); the task fails with the reason either way. When luod
+    rolls back by itself (C(luod --rollback auto)), the task fails with
+    outcome C(rolled-back).
   - A freeze that fails or a kexec the kernel refuses is followed by
     C(luoctl cancel), so the host is back in C(normal), nothing changed.
 version_added: "0.1.0"
