@@ -21,7 +21,8 @@ export PATH=$venv/bin:$PATH ANSIBLE_NOCOLOR=1 PIP_NO_INPUT=1
 pip_version=$(sed -n "s/^ *pip='\([0-9.]*\)',.*/\1/p" \
     "$venv"/lib/python3*/site-packages/ansible_test/_internal/python_requirements.py | head -1)
 if [ -n "$pip_version" ]; then
-    cached=$HOME/.ansible/test/cache/get_pip_${pip_version//./_}.py
+    home=$(python -c 'import os; print(os.path.expanduser("~"))')
+    cached=$home/.ansible/test/cache/get_pip_${pip_version//./_}.py
     if [ ! -f "$cached" ]; then
         mkdir -p "$(dirname "$cached")"
         cp "$here/get_pip_standin.py" "$cached"
