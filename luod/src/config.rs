@@ -78,6 +78,12 @@ keys! {
     max_sessions_per_uid => "max-sessions-per-uid",
     max_files_per_uid => "max-files-per-uid",
     max_bytes_per_uid => "max-bytes-per-uid",
+    hooks_dir => "hooks-dir",
+    hook_timeout => "hook-timeout",
+    rollback => "rollback",
+    rollback_kernel => "rollback-kernel",
+    rollback_initrd => "rollback-initrd",
+    rollback_cmdline => "rollback-cmdline",
 }
 
 /// luod's flags that are not configuration: where the file is, what to do

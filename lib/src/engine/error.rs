@@ -118,24 +118,6 @@ pub enum EngineError {
     /// changed while luod read it.
     #[error("{0}")]
     BadImage(String),
-    /// A kernel image or initrd is not the one its pinned SHA-256 names:
-    /// refused before anything loads.
-    #[error(
-        "{what} {name} has sha256 {actual}, not the pinned {expected}: it is not the image the pin names, so \
-         nothing was loaded",
-        actual = super::hex(actual),
-        expected = super::hex(expected)
-    )]
-    DigestMismatch {
-        /// `kernel image` or `initrd`.
-        what: &'static str,
-        /// What the client calls it.
-        name: String,
-        /// The pinned digest.
-        expected: [u8; 32],
-        /// The digest of the file luod got.
-        actual: [u8; 32],
-    },
     /// A `pre-*` hook failed (or was refused): the step is vetoed.
     #[error("{phase} hook {hook} vetoed: {reason}")]
     HookVeto {
@@ -158,6 +140,24 @@ pub enum EngineError {
     /// `rollback` cannot go back (no previous kernel, changed or gone, wrong state).
     #[error("rollback refused: {0}")]
     RollbackRefused(String),
+    /// A kernel image or initrd is not the one its pinned SHA-256 names:
+    /// refused before anything loads.
+    #[error(
+        "{what} {name} has sha256 {actual}, not the pinned {expected}: it is not the image the pin names, so \
+         nothing was loaded",
+        actual = super::hex(actual),
+        expected = super::hex(expected)
+    )]
+    DigestMismatch {
+        /// `kernel image` or `initrd`.
+        what: &'static str,
+        /// What the client calls it.
+        name: String,
+        /// The pinned digest.
+        expected: [u8; 32],
+        /// The digest of the file luod got.
+        actual: [u8; 32],
+    },
 }
 
 impl EngineError {
@@ -187,9 +187,9 @@ impl EngineError {
             E::Record(_) | E::NewerRecord(_) | E::RecordUnreadable(_) | E::Region(_) => ErrorKind::Record,
             E::RecordReadable(_) => ErrorKind::WrongState,
             E::QuotaExceeded { .. } | E::QuotaOverrun { .. } => ErrorKind::QuotaExceeded,
-            E::DigestMismatch { .. } => ErrorKind::DigestMismatch,
             E::HookVeto { .. } | E::ValidationFailed { .. } => ErrorKind::Vetoed,
             E::RollbackRefused(_) => ErrorKind::WrongState,
+            E::DigestMismatch { .. } => ErrorKind::DigestMismatch,
         }
     }
 

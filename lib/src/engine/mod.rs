@@ -85,14 +85,14 @@ pub struct Engine<R: Region> {
     /// Set while the region holds no readable record but is not blank.
     unreadable: Option<unreadable::Unreadable>,
     quotas: Quotas,
-    /// Where sysfs is (the kexec signature policy is read there).
-    sysfs_root: std::path::PathBuf,
     /// Operator hooks (none in tests that do not set them).
     hooks: Option<crate::hooks::Hooks>,
     /// Rollback settings.
     rollback: RollbackConfig,
     /// VMs a rollback from `updated` carries (never claimed in this kernel).
     carried_vms: Vec<VmSaved>,
+    /// Where sysfs is (the kexec signature policy is read there).
+    sysfs_root: std::path::PathBuf,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {

@@ -253,6 +253,21 @@ impl<R: Region> Engine<R> {
         }
     }
 
+    /// After a restart of luod: a failed validation nobody accepted yet is
+    /// said again in `status` notes.
+    pub(super) fn note_failed_validation(&mut self) {
+        if let Some(v) = self.record.update.as_ref().and_then(|u| u.validation.as_ref())
+            && v.accepted_by.is_none()
+            && self.record.state == State::Updated
+        {
+            self.notes.push(format!(
+                "the update failed validation: post-update hook {}: {}; `luoctl rollback` goes back to the previous \
+                 kernel, `luoctl finish --accept-failed-validation` keeps this one",
+                v.hook, v.reason
+            ));
+        }
+    }
+
     /// Refuses `finish` while the validation failed and nobody accepted
     /// it; with `accept`, records the acceptance in `next`.
     pub(super) fn check_validation(
@@ -431,8 +446,9 @@ impl<R: Region> Engine<R> {
             initrd: None,
             cmdline: Some(previous.cmdline.clone()),
             reuse_cmdline: false,
-            // The digests were checked above against the recorded ones.
-            kernel_sha256: None,
+            // Pinned too: what is loaded is what was recorded, whatever
+            // happens to the file between the digest above and the load.
+            kernel_sha256: Some(previous.kernel_sha256),
             initrd_sha256: None,
         };
         if let (Some(path), Some(sha)) = (&previous.initrd, &previous.initrd_sha256) {
@@ -452,6 +468,7 @@ impl<R: Region> Engine<R> {
                 fd: 1,
                 name: path.clone(),
             });
+            args.initrd_sha256 = Some(*sha);
         }
         let target = self.target("rollback", &args, fds)?;
         let carried = if from == State::Updated {
@@ -463,7 +480,7 @@ impl<R: Region> Engine<R> {
             self.carry_incoming()?;
         }
         self.carried_vms = carried;
-        let done = self.prepare_target(caller, from, State::Prepared, target, Some(of), started);
+        let done = self.prepare_target(&args, from, State::Prepared, target, Some(of), started);
         if done.is_err() {
             self.carried_vms.clear();
         }

@@ -143,10 +143,10 @@ impl<R: Region> Engine<R> {
             state_dir: options.state_dir,
             unreadable: None,
             quotas: super::Quotas::DEFAULT,
-            sysfs_root: std::path::PathBuf::from("/sys"),
             hooks: None,
             rollback: Default::default(),
             carried_vms: Vec::new(),
+            sysfs_root: std::path::PathBuf::from("/sys"),
         };
         if let Some(found) = unreadable {
             engine.notes.push(found.note.clone());
@@ -161,6 +161,7 @@ impl<R: Region> Engine<R> {
             }
             Judgement::SameBoot => engine.resume_same_kernel()?,
         }
+        engine.note_failed_validation();
         Ok(engine)
     }
 

@@ -214,19 +214,14 @@ impl<R: Region> Engine<R> {
         let to = transition(from, Event::Prepare)?;
         self.check_bytes_now()?;
         let target = self.target("prepare", args, fds).and_then(|t| self.require_target(t))?;
-        // A pinned target: the files luod got must be the ones pinned,
-        // before anything runs or loads.
-        if let Some(t) = &target {
-            t.verify_pins(args)?;
-        }
-        self.prepare_target(caller, from, to, target, None, started)
+        self.prepare_target(args, from, to, target, None, started)
     }
 
     /// The rest of `prepare` (and of `rollback`, with `rollback_of`): the
     /// `pre-prepare` hooks, the nonce, the load, the subsystems, the record.
     pub(super) fn prepare_target(
         &mut self,
-        _caller: &Caller,
+        args: &PrepareArgs,
         from: State,
         to: State,
         target: Option<Target>,
@@ -260,6 +255,9 @@ impl<R: Region> Engine<R> {
         let mut nonce = None;
         let target = match target {
             Some(mut t) => {
+                // A pinned target: the files luod got must be the ones
+                // pinned, before anything loads.
+                t.verify_pins(args)?;
                 // A one-time nonce on the target's command line: the next
                 // boot is taken for this cycle's kexec only if it shows it
                 // (handover.rs).

@@ -30,10 +30,9 @@ use serde::{Deserialize, Serialize};
 /// `SessionEvict`, `DiscardRecord`; new error kind `QuotaExceeded`.
 /// 4: [`PrepareArgs`] ends with the pinned digests `kernel_sha256` and
 /// `initrd_sha256`; [`CheckReport`] ends with `already_on_target`; new error
-/// kind `DigestMismatch`.
-/// 4 (also): the history's cycles carry the record format 3 fields (previous
-/// kernel, rollback links, validation, hook summaries; outcome
-/// `rolled-back`); new requests `Rollback` and `FinishAccepting`.
+/// kind `DigestMismatch`; the history's cycles carry the record format 3
+/// fields (previous kernel, rollback links, validation, hook summaries;
+/// outcome `rolled-back`); new requests `Rollback` and `FinishAccepting`.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default path of luod's socket.
