@@ -458,7 +458,11 @@ fn a_failed_validation_holds_finish_until_the_operator_accepts_it() {
     // A restart of luod does not run the hooks again, nor forget the failure.
     luod.restart();
     assert_eq!(
-        luod.status().notes.iter().filter(|n| n.contains("failed validation")).count(),
+        luod.status()
+            .notes
+            .iter()
+            .filter(|n| n.contains("failed validation"))
+            .count(),
         1,
         "the failure is noted again after the restart"
     );
