@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: the workspace's unit and integration tests (no root needed
-# except the ownership tests, which CI runs as root), then the real-kernel
+# except the ownership tests, which CI runs as root), the Ansible collection's
+# tests (ansible/test.sh, with a pinned ansible-core in a venv), then the real-kernel
 # QEMU scenarios (qemu-tests/run.sh tests: every scenario and smoke check, no
 # benchmark; scripts/bench.sh runs those). Installs what it needs (as root).
 # Exit status: non-zero if anything failed; both parts always run.
@@ -18,6 +19,9 @@ if [ -x qemu-tests/setup.sh ]; then
 fi
 echo "== cargo test --workspace"
 cargo test --workspace --locked 2>&1 || rc=1
+
+echo "== ansible/test.sh (the liveupdate.fleet collection: sanity, units, playbook against real luods)"
+bash ansible/test.sh || rc=1
 
 if [ -x qemu-tests/run.sh ]; then
     echo "== qemu-tests/run.sh tests (real kernels, real kexec)"
