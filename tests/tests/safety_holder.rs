@@ -260,13 +260,15 @@ fn kill_ends_the_holder() {
     kill(Pid::from_raw(pid), Signal::SIGTERM).expect("kill the holder");
     wait_ended(pid, Duration::from_secs(5));
     let new = poll(Duration::from_secs(5), || new_holder_pid(&luod, pid)).expect("luod started a new holder");
-    assert_eq!(
-        prompt_status(&luod).notes.last(),
-        Some(&format!(
-            "the fd holder (pid {pid}) ended while luod ran; luod parked its 0 file descriptor(s) again in a new \
-             holder (pid {new})"
-        ))
+    // holder.pid is written before luod adds its note: wait for the note.
+    let expected = format!(
+        "the fd holder (pid {pid}) ended while luod ran; luod parked its 0 file descriptor(s) again in a new holder \
+         (pid {new})"
     );
+    let note = poll(Duration::from_secs(5), || {
+        prompt_status(&luod).notes.last().filter(|n| **n == expected).cloned()
+    });
+    assert_eq!(note.as_ref(), Some(&expected), "{:?}", prompt_status(&luod).notes);
 }
 
 #[test]

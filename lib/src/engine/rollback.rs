@@ -208,6 +208,11 @@ impl<R: Region> Engine<R> {
         }
         let ctx = self.hook_context();
         let (runs, failure) = self.run_hooks(Phase::PostUpdate, &ctx);
+        if runs.is_empty() && failure.is_none() {
+            // No post-update hook installed: nothing to record, and the
+            // record clients already read stays the one they see.
+            return AfterValidation::Serve;
+        }
         let mut next = self.record.clone();
         let Some(u) = next.update.as_mut() else {
             return AfterValidation::Serve;
