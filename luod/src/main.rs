@@ -4,12 +4,12 @@
 //! says why), 2 on bad arguments, 75 after a simulated kexec (`--backend
 //! file`): the record is in the region, start luod again on it.
 
-mod args;
 mod backend;
 mod peer;
 mod server;
 
 use clap::Parser;
+use luod::args;
 use std::process::ExitCode;
 
 /// Raises the soft open-file limit to the hard one: luod and its holder keep
