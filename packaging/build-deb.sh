@@ -73,6 +73,7 @@ for name in luod luoctl; do
 done
 doc=usr/share/doc/liveupdate
 put 0644 packaging/debian/copyright "$doc/copyright"
+put 0644 packaging/debian/lintian-overrides usr/share/lintian/overrides/liveupdate
 {
     if [ "$version" != "$base_version" ]; then
         printf 'liveupdate (%s) unstable; urgency=medium\n\n  * Local build %s of liveupdate %s.\n\n -- %s  %s\n\n' \

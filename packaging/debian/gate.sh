@@ -4,8 +4,8 @@
 # changed, and dpkg keeps the installed package as it was.
 luod_gate() {
     [ -z "${DPKG_ROOT:-}" ] || return 0
-    [ -x /usr/bin/luoctl ] || return 0
-    if status=$(/usr/bin/luoctl --json --timeout 10 status 2>/dev/null); then
+    command -v luoctl >/dev/null 2>&1 || return 0
+    if status=$(luoctl --json --timeout 10 status 2>/dev/null); then
         state=$(printf '%s' "$status" | tr -d ' \t\n' | sed -n 's/^{"ok":true,"state":"\([a-z-]*\)".*/\1/p')
         case "$state" in
             normal) return 0 ;;
