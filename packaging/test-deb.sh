@@ -37,8 +37,13 @@ if [ "${1:-}" = --chroot-phase ]; then
     state() { in_root luoctl --json status | tr -d ' \n' | sed -n 's/^{"ok":true,"state":"\([a-z-]*\)".*/\1/p'; }
     generation() { in_root luoctl --json status | sed -n 's/^  "generation": \([0-9]*\),$/\1/p'; }
 
+    repo=$(pwd)
     in_root dpkg -i "/tmp/$(basename "$deb")" >/dev/null
     [ "$(installed)" = "ii $version" ] || fail "after dpkg -i: $(installed)"
+    if [ -f luod/luod.toml ]; then
+        cmp -s "$root/etc/luod/luod.toml" luod/luod.toml || fail "install did not put luod/luod.toml in /etc/luod"
+        in_root luod --check-config >/dev/null || fail "luod --check-config refuses the installed /etc/luod/luod.toml"
+    fi
     in_root getent group luod >/dev/null || fail "install did not create the group luod"
     [ -L "$root/etc/systemd/system/multi-user.target.wants/luod.service" ] ||
         fail "install did not enable luod.service (deb-systemd-helper)"
@@ -100,6 +105,9 @@ if [ "${1:-}" = --chroot-phase ]; then
     in_root dpkg -r liveupdate >/dev/null
     [ "$(installed)" = "rc $newer_version" ] || [ -z "$(installed)" ] || fail "after dpkg -r: $(installed)"
     [ ! -e "$root/usr/sbin/luod" ] && [ ! -e "$root/usr/bin/luoctl" ] || fail "dpkg -r left the binaries"
+    if [ -f "$repo/luod/luod.toml" ]; then
+        cmp -s "$root/etc/luod/luod.toml" "$repo/luod/luod.toml" || fail "dpkg -r did not keep the conffile /etc/luod/luod.toml"
+    fi
     stop_luod
     in_root dpkg -P liveupdate >/dev/null
     [ -z "$(installed)" ] || fail "after dpkg -P: $(installed)"
@@ -108,7 +116,7 @@ if [ "${1:-}" = --chroot-phase ]; then
     [ ! -e "$root/etc/systemd/system/multi-user.target.wants/luod.service" ] || fail "purge left the enable link"
     in_root getent group luod >/dev/null || fail "purge removed the group luod (it stays, as documented)"
     if in_root dpkg -l liveupdate >/dev/null 2>&1; then fail "dpkg -l still lists liveupdate after the purge"; fi
-    ok "remove and purge: binaries, /etc/luod, /run/luod and the enable link gone, group luod kept"
+    ok "remove (conffile kept) and purge: binaries, /etc/luod, /run/luod and the enable link gone, group luod kept"
     exit 0
 fi
 
