@@ -95,6 +95,8 @@ SCENARIOS = [
     Scenario("iommu_off_veto", "luo", 1, False, qemu_args=["-machine", "q35", "-device", "edu,addr=01.0"]),
     Scenario("device_rebound_to_vfio", "luo", 2, False, "intel_iommu=on", qemu_args=Q35_IOMMU_EDU),
     Scenario("liveupdate_busy", "luo", 1, False),
+    Scenario("pinned_target_mismatch", "luo", 1, False),
+    Scenario("already_on_target", "luo", 2, False),
     Scenario("bench_vm_blackout", "luo", 11, False, timeout=900, bench=True),
     Scenario("demo", "luo", 2, True, demo=True),
 ]
