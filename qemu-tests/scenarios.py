@@ -308,7 +308,13 @@ def run_host(sc, kernels, bindir, log_dir, verbose):
     with open(res.log, "w", buffering=1) as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
-        timer = threading.Timer(sc.timeout, lambda: os.killpg(proc.pid, signal.SIGTERM))
+        def stop():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the runner stops its QEMUs and says @@FAIL
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(sc.timeout, stop)
         timer.start()
         for line in proc.stdout:
             line = line.rstrip("\n")
