@@ -23,6 +23,9 @@ cargo test --workspace --locked 2>&1 || rc=1
 echo "== ansible/test.sh (the liveupdate.fleet collection: sanity, units, playbook against real luods)"
 bash ansible/test.sh || rc=1
 
+echo "== packaging/test-deb.sh (the .deb: contents, man pages, completions, lintian; install, upgrade, remove, purge in a chroot)"
+packaging/test-deb.sh 2>&1 || rc=1
+
 if [ -x qemu-tests/run.sh ]; then
     echo "== qemu-tests/run.sh tests (real kernels, real kexec)"
     qemu-tests/run.sh tests || rc=1

@@ -6,12 +6,12 @@
 //! luod again on it. `--check-config`: 0 when the configuration is valid, 2
 //! when not.
 
-mod args;
 mod backend;
 mod config;
 mod peer;
 mod server;
 
+use luod::args;
 use std::process::ExitCode;
 
 /// Raises the soft open-file limit to the hard one: luod and its holder keep
