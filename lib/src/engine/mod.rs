@@ -235,6 +235,9 @@ impl<R: Region> Engine<R> {
                 "transitions need root or CAP_SYS_BOOT".into()
             },
         );
+        if let Some(path) = self.kernel.reboot_path() {
+            item("reboot path", true, format!("{}: {}", path.name(), path.describe()));
+        }
         let target = fds
             .and_then(|fds| self.target("check", args, fds))
             .and_then(|t| self.require_target(t));
@@ -372,6 +375,8 @@ mod handover_tests;
 mod image_tests;
 #[cfg(test)]
 mod quota_tests;
+#[cfg(test)]
+mod reboot_path_tests;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]

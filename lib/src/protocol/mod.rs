@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 /// `StatusReport` ends with `in_progress`; `History` answers a
 /// [`HistoryReport`] (cycles and events); new requests `SessionListFrom`,
 /// `SessionEvict`, `DiscardRecord`; new error kind `QuotaExceeded`.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default path of luod's socket.
 pub const DEFAULT_SOCKET: &str = "/run/luod/luod.sock";
@@ -421,6 +421,17 @@ pub struct StatusReport {
     /// The change luod is making right now (a `freeze` waiting for a VM),
     /// if any: `status` answers from the last committed state meanwhile.
     pub in_progress: Option<crate::progress::Progress>,
+    /// How `reboot` reaches the new kernel (a backend with a real kexec).
+    pub reboot_path: Option<RebootPathInfo>,
+}
+
+/// The reboot path luod chose at start (see [`crate::systemd::RebootPath`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootPathInfo {
+    /// `systemd` (orderly `systemctl kexec`) or `direct` (luod kexecs itself).
+    pub path: String,
+    /// What it means, and why this path.
+    pub detail: String,
 }
 
 /// Answer to `history`.
