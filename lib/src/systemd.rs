@@ -283,7 +283,9 @@ fn systemctl(systemctl: &Path, args: &[&str]) -> Result<String, String> {
             Err(e) => return Err(format!("cannot wait for {shown}: {e}")),
         }
     }
-    let out = child.wait_with_output().map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
@@ -459,7 +461,9 @@ mod tests {
             }
         );
         assert_eq!(path.name(), "systemd");
-        assert!(path.describe().starts_with("orderly shutdown: reboot runs `systemctl kexec`; systemd 262 carries luod.service's fd store"));
+        assert!(path.describe().starts_with(
+            "orderly shutdown: reboot runs `systemctl kexec`; systemd 262 carries luod.service's fd store"
+        ));
         assert_eq!(
             calls(dir.path()),
             "show --property=Version --value\nshow --property=FileDescriptorStorePreserve --value luod.service\n"

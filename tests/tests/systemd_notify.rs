@@ -67,7 +67,10 @@ fn ready_comes_after_the_record_is_loaded_and_status_follows_every_change() {
     assert_eq!(next_state(&systemd), "READY=1\nSTATUS=state normal");
     let client = Client::connect(&socket, "systemd-notify-test").expect("luod serves once it said READY=1");
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("serving"), "the record was loaded before READY=1:\n{text}");
+    assert!(
+        text.contains("serving"),
+        "the record was loaded before READY=1:\n{text}"
+    );
     let mut conn = Conn::new(client);
 
     conn.prepare().unwrap();

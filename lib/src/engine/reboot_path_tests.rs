@@ -63,7 +63,11 @@ fn prepared(path: RebootPath) -> (Engine<MemRegion>, Arc<AtomicBool>) {
 
 fn reboot_item(e: &Engine<MemRegion>) -> String {
     let report = e.check(&Caller::ROOT, &PrepareArgs::default(), vec![]);
-    let item = report.items.iter().find(|i| i.name == "reboot path").expect("a reboot path item");
+    let item = report
+        .items
+        .iter()
+        .find(|i| i.name == "reboot path")
+        .expect("a reboot path item");
     assert!(item.ok);
     item.detail.clone()
 }
@@ -77,7 +81,11 @@ fn check_and_status_name_the_systemd_path() {
     assert_eq!(reboot_item(&e), format!("systemd: {want}"));
     let status = e.status(&Caller::ROOT).reboot_path.unwrap();
     assert_eq!((status.path.as_str(), status.detail.as_str()), ("systemd", want));
-    assert_eq!(calls(dir.path()), "", "choosing the path is luod's start's work, not check's");
+    assert_eq!(
+        calls(dir.path()),
+        "",
+        "choosing the path is luod's start's work, not check's"
+    );
 }
 
 #[test]
@@ -113,13 +121,19 @@ fn reboot_on_the_systemd_path_queues_systemctl_kexec_and_stays_frozen_with_the_h
     assert_eq!((report.from, report.to), (State::Frozen, State::Frozen));
     assert_eq!(
         report.notes,
-        ["orderly shutdown under way (`systemctl kexec` queued kexec.target): systemd stops the units, carries \
-          luod's fd store (its sessions and record) through the kexec, and starts luod again in the new kernel"]
+        [
+            "orderly shutdown under way (`systemctl kexec` queued kexec.target): systemd stops the units, carries \
+          luod's fd store (its sessions and record) through the kexec, and starts luod again in the new kernel"
+        ]
     );
     // The record is final: written with its handover, and nothing changes it.
     assert!(e.handed_over());
     assert_eq!(e.state(), State::Frozen);
-    let handover = e.record().handover.clone().expect("the handover is written before systemctl runs");
+    let handover = e
+        .record()
+        .handover
+        .clone()
+        .expect("the handover is written before systemctl runs");
     assert_eq!(handover.boot_id, "boot-1");
     assert!(e.record().update.as_ref().unwrap().timestamps.reboot.is_some());
     let generation = e.generation();
@@ -137,7 +151,11 @@ fn reboot_on_the_systemd_path_queues_systemctl_kexec_and_stays_frozen_with_the_h
         );
     }
     assert_eq!(e.generation(), generation);
-    assert_eq!(calls(dir.path()), "--no-block --no-ask-password kexec\n", "systemctl ran once");
+    assert_eq!(
+        calls(dir.path()),
+        "--no-block --no-ask-password kexec\n",
+        "systemctl ran once"
+    );
     assert_eq!(e.record().sessions[0].fds.len(), 1);
 }
 
@@ -174,7 +192,10 @@ fn a_refused_systemctl_kexec_unfreezes_back_to_prepared_with_systemds_reason() {
     assert_eq!(e.state(), State::Prepared);
     assert!(!e.handed_over());
     assert_eq!(e.record().handover, None);
-    assert!(loaded.load(Ordering::SeqCst), "the target stays loaded for the next try");
+    assert!(
+        loaded.load(Ordering::SeqCst),
+        "the target stays loaded for the next try"
+    );
     assert_eq!(e.record().sessions[0].fds.len(), 1, "nothing preserved is lost");
     // Once systemd accepts, the same cycle goes on.
     fake_systemctl(dir.path(), 0);

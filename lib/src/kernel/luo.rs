@@ -709,7 +709,7 @@ mod tests {
 
     #[test]
     fn parked_entries_tell_a_restart_from_a_handover_by_systemd() {
-        let restart = [PARK_RECORD_SESSION, PARK_RECORD, "S\0vm0", "F\01\0vm0"];
+        let restart = [PARK_RECORD_SESSION, PARK_RECORD, "S\0vm0", "F\u{0}1\u{0}vm0"];
         assert_eq!(parked_start(restart), ParkedStart::Restarted);
         // After a kexec systemd hands back sessions only: the record memfd
         // is preserved in luod's session, so systemd's second PRESERVE_FD of
