@@ -93,6 +93,11 @@ pub struct Args {
     #[arg(long, default_value = "systemctl")]
     pub systemctl: std::path::PathBuf,
 
+    /// luod's systemd unit, for `systemctl show` (default: read from
+    /// /proc/self/cgroup).
+    #[arg(long)]
+    pub systemd_unit: Option<String>,
+
     /// Seconds a client may take to say hello after connecting, to send a
     /// whole frame once it started one, and to read luod's answer; 1 to 3600.
     /// A client idle between requests after its hello is kept.

@@ -130,7 +130,10 @@ fn reboot_path(args: &Args) -> RebootPath {
         };
     }
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let unit = liveupdate::systemd::unit_of_cgroup(&cgroup);
+    let unit = args
+        .systemd_unit
+        .clone()
+        .or_else(|| liveupdate::systemd::unit_of_cgroup(&cgroup));
     liveupdate::systemd::detect_reboot_path(&args.systemctl, unit.as_deref())
 }
 
