@@ -9,8 +9,30 @@
 # with LISTEN_FDS. luod must choose the systemd path (check, status), answer
 # `reboot` with the orderly note, take its sessions from the fd store without
 # a second RETRIEVE_SESSION (which would fail: PID 1 retrieved them), come
-# up `updated`, and hand the memfds back byte-identical.
+# up `updated`, and hand the memfds back byte-identical. luod is killed
+# (SIGKILL) in prepared, frozen and updated, and fake-pid1 starts it again
+# with its fd store (Restart=on-failure): nothing is lost.
 SYSTEMCTL=/fake-systemctl
+
+# kill_luod STATE: SIGKILL to luod; fake-pid1 starts it again with its fd
+# store (Restart=on-failure); it must come back in STATE with the same
+# sessions.
+kill_luod() {
+	luoctl --json session list >/run/sessions.before
+	pid=$(pidof luod) || fail "no luod running"
+	echo "+ kill -KILL $pid (luod in $1)"
+	kill -KILL "$pid"
+	i=0
+	until [ "$(pidof luod)" ] && [ "$(pidof luod)" != "$pid" ] && luoctl status >/dev/null 2>&1; do
+		i=$((i + 1))
+		[ $i -lt 600 ] || { cat "$LUOD_LOG"; fail "luod was not restarted within 30 s"; }
+		usleep 50000
+	done
+	expect_state "$1"
+	luoctl --json session list >/run/sessions.after
+	cmp /run/sessions.before /run/sessions.after || { cat /run/sessions.before /run/sessions.after; fail "sessions differ after luod's restart in $1"; }
+	info "luod killed in $1 and restarted with its fd store: $1, same sessions"
+}
 
 start_pid1() {
 	mkdir -p /run/luod
@@ -70,8 +92,12 @@ SH
 	repack
 	step prepare 120
 	run luoctl prepare --kernel /kernel --initrd /run/initrd.cpio --reuse-cmdline
+	step restart-prepared 60
+	kill_luod prepared
 	step freeze 60
 	run luoctl freeze
+	step restart-frozen 60
+	kill_luod frozen
 	step kexec 180
 	luoctl reboot >/run/reboot.txt 2>&1
 	rc=$?
@@ -99,6 +125,9 @@ boot2() {
 	info "luod took its 3 sessions from the fd store (no RETRIEVE_SESSION of its own) and is updated"
 	step retrieve 60
 	run luoctl session retrieve vm1 --token 3 --output /run/d3.after
+	step restart-updated 60
+	kill_luod updated
+	step retrieve-rest 60
 	run luoctl session retrieve vm0 --token 2 --output /run/d2.after
 	run luoctl session retrieve vm0 --token 1 --output /run/d1.after
 	hashfile vm0/1 /run/d1.after after

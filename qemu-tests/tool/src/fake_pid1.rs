@@ -14,6 +14,8 @@
 //!   name and every other fd is `PRESERVE_FD`ed under a new token (a failure
 //!   drops that fd, logged), the mapping goes under token 0, and the kexec
 //!   happens with every session fd still open.
+//! - `Restart=on-failure`: luod killed (not stopped) is started again with
+//!   its fd store.
 //! - `--restore` (the new kernel): `RETRIEVE_SESSION systemd`, the mapping,
 //!   each child session retrieved by name and each fd by token, `FINISH` of
 //!   `systemd`, the device closed; everything goes back into the fd store
@@ -93,6 +95,15 @@ pub fn run(notify: &str, control: &str, exec: &str, restore: bool, expect: Optio
         {
             info(&format!("luod exited ({status}); its fd store holds {} fd(s)", store.len()));
             luod = None;
+            // Notifications luod sent before it died.
+            sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+            while receive(&sock, &mut store)? {}
+            sock.set_nonblocking(false).map_err(|e| e.to_string())?;
+            if !status.success() {
+                // Restart=on-failure: again, with the fd store.
+                std::thread::sleep(Duration::from_millis(200));
+                luod = Some(spawn(exec, notify, &store)?);
+            }
         }
     }
 }
