@@ -93,7 +93,10 @@ pub fn run(notify: &str, control: &str, exec: &str, restore: bool, expect: Optio
         if let Some(child) = luod.as_mut()
             && let Ok(Some(status)) = child.try_wait()
         {
-            info(&format!("luod exited ({status}); its fd store holds {} fd(s)", store.len()));
+            info(&format!(
+                "luod exited ({status}); its fd store holds {} fd(s)",
+                store.len()
+            ));
             luod = None;
             // Notifications luod sent before it died.
             sock.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -124,31 +127,42 @@ fn spawn(exec: &str, notify: &str, store: &Store) -> Result<Child> {
         .env("NOTIFY_SOCKET", notify)
         .env("LISTEN_FDS", raws.len().to_string())
         .env("LISTEN_FDNAMES", names.join(":"));
-    // SAFETY: between fork and exec the closure only calls dup2/fcntl
-    // (async-signal-safe) on descriptors this process owns (`raws` stays
-    // valid: `store` outlives the spawn). Each fd is first moved above the
-    // target range so that placing fd i at 3+i never clobbers one not yet
-    // placed.
-    unsafe {
-        cmd.pre_exec(move || {
-            let base = 1000;
-            for (i, fd) in raws.iter().enumerate() {
-                if libc::dup2(*fd, base + i as RawFd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            for i in 0..raws.len() {
-                if libc::dup2(base + i as RawFd, 3 + i as RawFd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(base + i as RawFd);
-            }
-            Ok(())
-        });
-    }
+    // SAFETY: between fork and exec the closure only calls dup2 and close
+    // (async-signal-safe, no allocation) on descriptors this process owns
+    // (`raws` stays valid: `store` outlives the spawn).
+    unsafe { cmd.pre_exec(move || place(&raws)) };
     let child = cmd.spawn().map_err(|e| format!("spawn {prog}: {e}"))?;
-    info(&format!("started luod (pid {}) with {} fd(s): {}", child.id(), names.len(), names.join(" ")));
+    info(&format!(
+        "started luod (pid {}) with {} fd(s): {}",
+        child.id(),
+        names.len(),
+        names.join(" ")
+    ));
     Ok(child)
+}
+
+/// In the child, between fork and exec: fd `raws[i]` becomes `3 + i`. Each
+/// is first moved above the target range so that placing one never
+/// clobbers one not yet placed.
+fn place(raws: &[RawFd]) -> std::io::Result<()> {
+    let dup2 = |from: RawFd, to: RawFd| {
+        // SAFETY: dup2 on descriptors this process owns.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let base = 1000;
+    for (i, fd) in raws.iter().enumerate() {
+        dup2(*fd, base + i as RawFd)?;
+    }
+    for i in 0..raws.len() as RawFd {
+        dup2(base + i, 3 + i)?;
+        // SAFETY: closes the temporary copy made just above.
+        unsafe { libc::close(base + i) };
+    }
+    Ok(())
 }
 
 /// One notification; false when none was waiting (non-blocking socket).

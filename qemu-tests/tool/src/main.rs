@@ -731,7 +731,13 @@ fn main() -> ExitCode {
             }
             "luod-times" => cmd_luod_times(&o),
             "luo-start-cost" => cmd_luo_start_cost(&o),
-            "fake-pid1" => fake_pid1::run(o.req("notify")?, o.req("control")?, o.req("exec")?, o.flag("restore"), o.get("expect")),
+            "fake-pid1" => fake_pid1::run(
+                o.req("notify")?,
+                o.req("control")?,
+                o.req("exec")?,
+                o.flag("restore"),
+                o.get("expect"),
+            ),
             _ => Err(format!("unknown command {cmd:?}\n{USAGE}")),
         }
     };
