@@ -47,7 +47,7 @@ boot1() {
 	step setup 60
 	cat >"$SYSTEMCTL" <<'SH'
 #!/bin/sh
-echo "fake systemctl $*"
+echo "fake systemctl $*" >&2
 case "$*" in
 *--property=Version*) echo 262.1-1 ;;
 *--property=FileDescriptorStorePreserve*) echo yes ;;
