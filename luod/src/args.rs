@@ -160,6 +160,22 @@ pub struct Args {
     #[arg(long, default_value = "64G", value_parser = parse_size)]
     pub max_bytes_per_uid: u64,
 
+    /// Configuration file: one key per flag (see luod/luod.toml); a flag
+    /// given here wins over the file. A missing file is fine at the default
+    /// path, an error at a path given here.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Check the configuration (the file and the flags), print the effective
+    /// one with where each value came from, and exit: 0 when it is valid, 2
+    /// when not. Starts nothing.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// With --check-config: print the configuration as JSON.
+    #[arg(long, requires = "check_config")]
+    pub json: bool,
+
     /// Internal: run as the fd holder serving this socket.
     #[arg(long, hide = true)]
     pub holder: Option<PathBuf>,

@@ -208,6 +208,7 @@ fn open_engine<R: Region>(
     let mut engine = Engine::open_with(kernel, registry, store, host_info(), options)?;
     engine.set_cmdline_needs(needs);
     engine.set_vms(vms);
+    engine.set_sysfs_root(args.sysfs_root.clone());
     engine.set_quotas(Quotas {
         sessions: args.max_sessions_per_uid,
         files: args.max_files_per_uid,

@@ -282,6 +282,7 @@ fn image_args(kernel: &str, initrd: Option<&str>) -> PrepareArgs {
         }),
         cmdline: Some("quiet".into()),
         reuse_cmdline: false,
+        ..Default::default()
     }
 }
 

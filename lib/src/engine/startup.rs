@@ -143,6 +143,7 @@ impl<R: Region> Engine<R> {
             state_dir: options.state_dir,
             unreadable: None,
             quotas: super::Quotas::DEFAULT,
+            sysfs_root: std::path::PathBuf::from("/sys"),
         };
         if let Some(found) = unreadable {
             engine.notes.push(found.note.clone());

@@ -49,6 +49,21 @@ impl Target {
         })
     }
 
+    /// Refuses when an image is not the one `args` pins (by SHA-256),
+    /// before anything loads. Reads the pinned images whole.
+    pub fn verify_pins(&self, args: &PrepareArgs) -> Result<(), EngineError> {
+        if let Some(pin) = &args.kernel_sha256 {
+            self.images.kernel.verify(pin)?;
+        }
+        match (&args.initrd_sha256, &self.images.initrd) {
+            (Some(pin), Some(initrd)) => initrd.verify(pin),
+            (Some(_), None) => Err(EngineError::InvalidArgument(
+                "--initrd-sha256 pins an initrd, but no --initrd was given".into(),
+            )),
+            (None, _) => Ok(()),
+        }
+    }
+
     /// Refuses when an image changed since the request came.
     pub fn unchanged(&self) -> Result<(), EngineError> {
         self.images.kernel.unchanged()?;
@@ -78,7 +93,21 @@ impl<R: Region> Engine<R> {
         fds: Vec<OwnedFd>,
     ) -> Result<Option<Target>, EngineError> {
         let images = images::take(what, args, fds)?;
+        self.target_from(args, images)
+    }
+
+    /// [`target`](Self::target) with the images already taken.
+    pub(super) fn target_from(
+        &self,
+        args: &PrepareArgs,
+        images: Option<Images>,
+    ) -> Result<Option<Target>, EngineError> {
         let Some(images) = images else {
+            if args.kernel_sha256.is_some() || args.initrd_sha256.is_some() {
+                return Err(EngineError::InvalidArgument(
+                    "--sha256 and --initrd-sha256 pin the images of --kernel and --initrd: give them".into(),
+                ));
+            }
             if args.cmdline.is_some() || args.reuse_cmdline {
                 return Err(EngineError::InvalidArgument(
                     "--initrd, --cmdline and --reuse-cmdline need --kernel".into(),
@@ -191,6 +220,9 @@ impl<R: Region> Engine<R> {
         let mut nonce = None;
         let target = match target {
             Some(mut t) => {
+                // A pinned target: the files luod got must be the ones
+                // pinned, before anything loads.
+                t.verify_pins(args)?;
                 // A one-time nonce on the target's command line: the next
                 // boot is taken for this cycle's kexec only if it shows it
                 // (handover.rs).

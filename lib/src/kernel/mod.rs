@@ -17,6 +17,7 @@ pub mod kexec;
 pub mod luo;
 pub mod memfd;
 pub mod reserved;
+pub mod sigpolicy;
 pub mod uapi;
 
 use crate::names::SessionName;
@@ -134,6 +135,16 @@ pub enum KernelError {
         /// The image.
         path: String,
         /// Why.
+        reason: String,
+    },
+    /// The kernel refused the target image's signature: it requires signed
+    /// kexec images (lockdown, `CONFIG_KEXEC_SIG_FORCE`) and this one has no
+    /// signature it trusts. The reason says which policy and what to do.
+    #[error("cannot load kernel {path}: {reason}")]
+    SignatureRejected {
+        /// The image.
+        path: String,
+        /// The errno, the policy and what to do.
         reason: String,
     },
     /// The reboot did not happen (or a step luod needs for it failed).
