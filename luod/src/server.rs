@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,14 @@ fn status_line<R: Region>(engine: &Engine<R>) -> String {
         format!("state {}", engine.state())
     }
 }
+
+/// Changes taken by the engine thread and not answered yet: on SIGTERM luod
+/// waits for them, so that the answer to a `reboot` on the systemd path
+/// (after which systemd stops luod at once) reaches its client.
+static ANSWERING: AtomicUsize = AtomicUsize::new(0);
+
+/// How long luod, stopping, waits for the answer to a change in progress.
+const ANSWER_GRACE: Duration = Duration::from_secs(10);
 
 /// Exit status requested by a thread (-1: keep running).
 static EXIT: AtomicI32 = AtomicI32::new(-1);
@@ -177,6 +185,12 @@ fn serve_engine<R: Region + 'static>(
     })?;
     run_loop(&listener, &events, &limits, &jobs, timeout);
     drop((jobs, changes));
+    // The change in progress answers first (bounded: a freeze waiting for
+    // VMs ends within --vm-timeout).
+    let deadline = Instant::now() + ANSWER_GRACE;
+    while ANSWERING.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let code = EXIT.load(Ordering::SeqCst).max(0);
     // Only the socket this luod bound: never a file put there since.
     if std::fs::symlink_metadata(&args.socket).is_ok_and(|m| (m.dev(), m.ino()) == bound) {
@@ -689,13 +703,16 @@ fn start_threads<R: Region + 'static>(
     let (shared, events) = (shared.clone(), events.clone());
     std::thread::Builder::new().name("luod-engine".into()).spawn(move || {
         while let Ok(Change { conn, req, fds }) = change_rx.recv() {
+            ANSWERING.fetch_add(1, Ordering::SeqCst);
             let kind = req.kind();
             let outcome = shared.change(kind, |engine| dispatch(engine, &conn.caller, req, fds, &conn.stream));
             if outcome.keep_conn {
                 // The kvm subsystem has its own duplicate: the loop lets go.
                 let _ = events.epoll.delete(&conn.stream);
             }
-            if answer(conn, kind, outcome, &events) {
+            let exit = answer(conn, kind, outcome, &events);
+            ANSWERING.fetch_sub(1, Ordering::SeqCst);
+            if exit {
                 // Wake the event loop, which sees EXIT.
                 let _ = UnixStream::connect(&socket);
                 return;
