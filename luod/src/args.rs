@@ -94,6 +94,20 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "auto")]
     pub fd_store: FdStore,
 
+    /// The `systemctl` luod runs under systemd (LUO backend, systemd's fd
+    /// store): at start `systemctl show` tells whether PID 1 is LUO-aware
+    /// (systemd 261 or later) and keeps luod's fd store across a kexec
+    /// (FileDescriptorStorePreserve=); if so, `reboot` runs `systemctl kexec`
+    /// (an orderly shutdown), else luod kexecs itself. `luoctl check` names
+    /// the path.
+    #[arg(long, default_value = "systemctl")]
+    pub systemctl: std::path::PathBuf,
+
+    /// luod's systemd unit, for `systemctl show` (default: read from
+    /// /proc/self/cgroup).
+    #[arg(long)]
+    pub systemd_unit: Option<String>,
+
     /// Seconds a client may take to say hello after connecting, to send a
     /// whole frame once it started one, and to read luod's answer; 1 to 3600.
     /// A client idle between requests after its hello is kept.

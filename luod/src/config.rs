@@ -67,6 +67,8 @@ keys! {
     record_size => "record-size",
     region_size => "region-size",
     fd_store => "fd-store",
+    systemctl => "systemctl",
+    systemd_unit => "systemd-unit",
     client_timeout => "client-timeout",
     max_connections => "max-connections",
     max_connections_per_uid => "max-connections-per-uid",

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 struct Shared<R: Region> {
     engine: Mutex<Engine<R>>,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// systemd's notification socket: `STATUS=` follows every change.
+    notifier: Option<liveupdate::systemd::Notifier>,
 }
 
 impl<R: Region> Shared<R> {
@@ -31,6 +33,16 @@ impl<R: Region> Shared<R> {
         Shared {
             engine: Mutex::new(engine),
             snapshot,
+            notifier: None,
+        }
+    }
+
+    /// Tells systemd (`STATUS=`, shown by `systemctl status luod`).
+    fn show(&self, status: &str) {
+        if let Some(n) = &self.notifier
+            && let Err(e) = n.notify(&format!("STATUS={status}"), &[])
+        {
+            tracing::warn!("cannot notify systemd: {e}");
         }
     }
 
@@ -43,15 +55,37 @@ impl<R: Region> Shared<R> {
     /// then publishes the engine's new state for readers.
     fn change<T>(&self, kind: &str, run: impl FnOnce(&mut Engine<R>) -> T) -> T {
         let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        self.show(&format!("state {}; {kind} in progress", engine.state()));
         let out = {
             let _running = engine.progress().clone().begin(kind);
             run(&mut engine)
         };
         let next = Arc::new(engine.snapshot());
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = next;
+        self.show(&status_line(&engine));
         out
     }
 }
+
+/// What `STATUS=` says between changes.
+fn status_line<R: Region>(engine: &Engine<R>) -> String {
+    if engine.handed_over() {
+        format!(
+            "state {}; handover written, kexec under way: luod refuses changes",
+            engine.state()
+        )
+    } else {
+        format!("state {}", engine.state())
+    }
+}
+
+/// Changes taken by the engine thread and not answered yet: on SIGTERM luod
+/// waits for them, so that the answer to a `reboot` on the systemd path
+/// (after which systemd stops luod at once) reaches its client.
+static ANSWERING: AtomicUsize = AtomicUsize::new(0);
+
+/// How long luod, stopping, waits for the answer to a change in progress.
+const ANSWER_GRACE: Duration = Duration::from_secs(10);
 
 /// Exit status requested by a thread (-1: keep running).
 static EXIT: AtomicI32 = AtomicI32::new(-1);
@@ -104,12 +138,25 @@ fn serve_engine<R: Region + 'static>(
         engine.state(),
         engine.generation()
     );
-    let engine = Arc::new(Shared::new(engine));
-    if let Some(Ok(n)) = liveupdate::systemd::Notifier::from_env()
-        && let Err(e) = n.notify("READY=1", &[])
-    {
-        tracing::warn!("cannot notify systemd: {e}");
+    // READY=1 only now: the record is loaded and the engine open (an
+    // incoming handover taken), and the socket is bound, so a unit ordered
+    // After=luod.service finds luod answering.
+    let mut shared = Shared::new(engine);
+    shared.notifier = match liveupdate::systemd::Notifier::from_env() {
+        Some(Ok(n)) => Some(n),
+        Some(Err(e)) => {
+            tracing::warn!("cannot use systemd's notification socket: {e}");
+            None
+        }
+        None => None,
+    };
+    if let Some(n) = &shared.notifier {
+        let status = status_line(&shared.engine.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Err(e) = n.notify(&format!("READY=1\nSTATUS={status}"), &[]) {
+            tracing::warn!("cannot notify systemd: {e}");
+        }
     }
+    let engine = Arc::new(shared);
 
     let socket = args.socket.clone();
     std::thread::spawn(move || {
@@ -138,6 +185,12 @@ fn serve_engine<R: Region + 'static>(
     })?;
     run_loop(&listener, &events, &limits, &jobs, timeout);
     drop((jobs, changes));
+    // The change in progress answers first (bounded: a freeze waiting for
+    // VMs ends within --vm-timeout).
+    let deadline = Instant::now() + ANSWER_GRACE;
+    while ANSWERING.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let code = EXIT.load(Ordering::SeqCst).max(0);
     // Only the socket this luod bound: never a file put there since.
     if std::fs::symlink_metadata(&args.socket).is_ok_and(|m| (m.dev(), m.ino()) == bound) {
@@ -656,13 +709,16 @@ fn start_threads<R: Region + 'static>(
             return;
         }
         while let Ok(Change { conn, req, fds }) = change_rx.recv() {
+            ANSWERING.fetch_add(1, Ordering::SeqCst);
             let kind = req.kind();
             let outcome = shared.change(kind, |engine| dispatch(engine, &conn.caller, req, fds, &conn.stream));
             if outcome.keep_conn {
                 // The kvm subsystem has its own duplicate: the loop lets go.
                 let _ = events.epoll.delete(&conn.stream);
             }
-            if answer(conn, kind, outcome, &events) {
+            let exit = answer(conn, kind, outcome, &events);
+            ANSWERING.fetch_sub(1, Ordering::SeqCst);
+            if exit {
                 // Wake the event loop, which sees EXIT.
                 let _ = UnixStream::connect(&socket);
                 return;
@@ -1139,6 +1195,8 @@ fn dispatch_request<R: Region>(
                     exit: Some(SIMULATED_KEXEC_EXIT),
                     ..Outcome::from(Response::Transition(report))
                 },
+                // systemd stops luod when the shutdown reaches it.
+                Ok(Rebooted::Orderly(report)) => Outcome::from(Response::Transition(report)),
                 Err(e) => err(e),
             };
         }

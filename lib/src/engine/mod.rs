@@ -245,6 +245,9 @@ impl<R: Region> Engine<R> {
                 "transitions need root or CAP_SYS_BOOT".into()
             },
         );
+        if let Some(path) = self.kernel.reboot_path() {
+            item("reboot path", true, format!("{}: {}", path.name(), path.describe()));
+        }
         let images = fds.and_then(|fds| images::take("check", args, fds));
         let on_target = match &images {
             Ok(Some(images)) if caller.privileged => Some(self.on_target(images)),
@@ -533,6 +536,8 @@ mod image_tests;
 mod pin_tests;
 #[cfg(test)]
 mod quota_tests;
+#[cfg(test)]
+mod reboot_path_tests;
 #[cfg(test)]
 mod rollback_tests;
 #[cfg(test)]

@@ -23,6 +23,9 @@ pub enum Rebooted {
     /// The kexec was simulated: luod must exit now with
     /// [`SIMULATED_KEXEC_EXIT`](crate::engine::SIMULATED_KEXEC_EXIT).
     Simulated(TransitionReport),
+    /// systemd accepted an orderly `systemctl kexec`: luod stays up, refuses
+    /// every change, and exits when systemd stops it.
+    Orderly(TransitionReport),
 }
 
 /// A target kernel a request gave: its images, checked as files and as a
@@ -480,6 +483,15 @@ impl<R: Region> Engine<R> {
                     self.store.region().describe()
                 ));
                 Ok(Rebooted::Simulated(report))
+            }
+            Ok(RebootOutcome::Orderly(note)) => {
+                // systemd stops luod next and kexecs: the record is final.
+                // The state stays `frozen` (with its handover) until the new
+                // kernel's luod takes it.
+                self.handed_over = true;
+                let mut report = self.report(from, started, Vec::new());
+                report.notes.push(note);
+                Ok(Rebooted::Orderly(report))
             }
             Err(e) => Err(self.unfreeze_after(e.to_string())),
         }

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 /// kind `DigestMismatch`; the history's cycles carry the record format 3
 /// fields (previous kernel, rollback links, validation, hook summaries;
 /// outcome `rolled-back`); new requests `Rollback` and `FinishAccepting`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: [`StatusReport`] ends with `reboot_path` ([`RebootPathInfo`]).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Default path of luod's socket.
 pub const DEFAULT_SOCKET: &str = "/run/luod/luod.sock";
@@ -442,6 +443,17 @@ pub struct StatusReport {
     /// The change luod is making right now (a `freeze` waiting for a VM),
     /// if any: `status` answers from the last committed state meanwhile.
     pub in_progress: Option<crate::progress::Progress>,
+    /// How `reboot` reaches the new kernel (a backend with a real kexec).
+    pub reboot_path: Option<RebootPathInfo>,
+}
+
+/// The reboot path luod chose at start (see [`crate::systemd::RebootPath`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootPathInfo {
+    /// `systemd` (orderly `systemctl kexec`) or `direct` (luod kexecs itself).
+    pub path: String,
+    /// What it means, and why this path.
+    pub detail: String,
 }
 
 /// Answer to `history`.
