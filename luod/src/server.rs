@@ -769,6 +769,11 @@ fn post_update<R: Region>(shared: &Shared<R>) -> bool {
             EXIT.store(SIMULATED_KEXEC_EXIT, Ordering::SeqCst);
             true
         }
+        // systemd stops luod when the orderly shutdown reaches it.
+        Ok(Rebooted::Orderly(_)) => {
+            tracing::info!("automatic rollback: orderly kexec under way through systemd");
+            true
+        }
         Err(err) => {
             let r = Err(err);
             step("reboot", r, e)

@@ -154,7 +154,9 @@ fn on_target_needs_the_running_version_and_the_last_loaded_digest() {
     // engine on the same region in `updated`, then finish.
     e.prepare(&Caller::ROOT, &args(k.to_str().unwrap(), None), open(&k))
         .unwrap();
-    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap() else {
+        panic!("the fake kernel simulates the reboot")
+    };
     let store = e.into_store();
     let (kernel, _) = FakeKernel::new();
     let mut e = Engine::open(Box::new(kernel), Registry::new(), store, host()).unwrap();

@@ -84,7 +84,9 @@ fn update_to(mut e: Engine<MemRegion>, k0: &Path, k1: &Path, hooks: Option<&Path
     let fd = std::fs::File::open(k1).unwrap().into();
     e.prepare(&Caller::ROOT, &args, vec![fd]).unwrap();
     e.freeze(&Caller::ROOT).unwrap();
-    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap() else {
+        panic!("the fake kernel simulates the reboot")
+    };
     let next = engine(e.into_store(), k0, hooks, false);
     assert_eq!(next.state(), State::Updated);
     next
@@ -148,7 +150,9 @@ fn prepare_records_the_running_kernel_and_rollback_goes_back_to_it_carrying_ever
     assert!(e.record().sessions.iter().all(|s| !s.incoming));
 
     e.freeze(&Caller::ROOT).unwrap();
-    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap() else {
+        panic!("the fake kernel simulates the reboot")
+    };
     let mut e = engine(e.into_store(), &k0, None, false);
     assert_eq!(e.state(), State::Updated);
     let (fd, _) = e.session_retrieve(&Caller::ROOT, "vm0", 1).unwrap();
@@ -192,7 +196,9 @@ fn rollback_after_finish_on_the_same_boot_is_an_update_back() {
     // Cycle 1 is marked when its rollback finishes, not before.
     assert_eq!(e.record().history[0].outcome, Outcome::Finished);
     e.freeze(&Caller::ROOT).unwrap();
-    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap() else {
+        panic!("the fake kernel simulates the reboot")
+    };
     let mut e = engine(e.into_store(), &k0, None, false);
     let (fd, _) = e.session_retrieve(&Caller::ROOT, "s", 7).unwrap();
     assert_eq!(read(fd), b"kept across the rollback");
@@ -409,7 +415,9 @@ fn a_rollback_from_updated_carries_an_unclaimed_vm_which_a_new_vmm_claims_after_
     e.prepare(&Caller::ROOT, &args, vec![std::fs::File::open(&k1).unwrap().into()])
         .unwrap();
     e.freeze(&Caller::ROOT).unwrap();
-    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap() else {
+        panic!("the fake kernel simulates the reboot")
+    };
     let store = e.into_store();
     vmm.join().unwrap();
 
@@ -418,7 +426,9 @@ fn a_rollback_from_updated_carries_an_unclaimed_vm_which_a_new_vmm_claims_after_
     assert_eq!(e.vm_list(&Caller::ROOT)[0].phase, "awaiting-claim");
     e.rollback(&Caller::ROOT).unwrap();
     e.freeze(&Caller::ROOT).unwrap();
-    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(_) = e.reboot(&Caller::ROOT).unwrap() else {
+        panic!("the fake kernel simulates the reboot")
+    };
 
     // The previous kernel: a new VMM claims vm0 with its memory and state.
     let mut e = engine_with_vms(e.into_store(), &k0);
