@@ -521,6 +521,8 @@ mod handover_tests;
 #[cfg(test)]
 mod image_tests;
 #[cfg(test)]
+mod pin_tests;
+#[cfg(test)]
 mod quota_tests;
 #[cfg(test)]
 mod test_support;

@@ -1,5 +1,6 @@
 //! `luoctl check`: preflight. Changes nothing; exits 3 when `prepare` would
-//! be refused.
+//! be refused, 9 when `--kernel` is the running kernel already (before any
+//! other verdict: a rolling update skips the host).
 
 use super::prepare::KernelArgs;
 use super::{Ctx, Failed, unexpected};

@@ -87,7 +87,7 @@ pub fn timeout_for(req: &Request) -> Duration {
 pub enum Command {
     /// Show the state, sessions, subsystems and the last cycle.
     Status(status::StatusArgs),
-    /// Preflight: would `prepare` succeed? Changes nothing.
+    /// Preflight: would `prepare` succeed (exit 3 if not)? Is --kernel the running kernel already (exit 9)? Changes nothing.
     Check(check::CheckArgs),
     /// Start a cycle: load the target kernel, prepare every subsystem (normal -> prepared).
     Prepare(prepare::PrepareCmd),
