@@ -105,7 +105,7 @@ def run(t):
            f"member op reaches the socket, outsider gets exit 4")
 
     # 2. a client's preserved memfd
-    digest = h.check("runuser -u op -- python3 -", input=CLIENT).strip()
+    digest = h.check("runuser -u op -- python3 -", input=CLIENT).split()[-1]  # after luoctl's own lines
     st = status(h)
     s = session(st, "pkg-client")
     t.expect(s is not None and [f["size"] for f in s["files"]] == [1 << 20], f"session pkg-client: {s}")
@@ -146,7 +146,7 @@ def run(t):
     st = status(h)
     t.expect(st["state"] == "updated", f"after the kexec luod is {st['state']}: {st.get('notes')}")
     back = h.check("runuser -u op -- sh -c 'cd && luoctl session retrieve pkg-client --token 1 --output back "
-                   "&& sha256sum back'").split()[0]
+                   "&& sha256sum back'").splitlines()[-1].split()[0]
     t.expect(back == digest, f"the memfd came back with SHA-256 {back}, preserved {digest}")
     h.check("runuser -u op -- luoctl session finish pkg-client && luoctl finish", timeout=300)
     t.expect(status(h)["state"] == "normal", "luod is not normal after finish")
