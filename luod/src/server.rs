@@ -733,6 +733,11 @@ fn start_threads<R: Region + 'static>(
 /// simulated kexec).
 fn post_update<R: Region>(shared: &Shared<R>) -> bool {
     use liveupdate::engine::AfterValidation;
+    // Only a luod that came up `updated` validates; anything else would
+    // show a post-update step in STATUS= for nothing.
+    if shared.engine.lock().unwrap_or_else(|p| p.into_inner()).state() != liveupdate::state::State::Updated {
+        return false;
+    }
     if shared.change("post-update", |engine| engine.post_update()) != AfterValidation::RollBack {
         return false;
     }

@@ -69,16 +69,28 @@ fn a_member_of_the_units_group_reaches_the_socket_and_no_one_else_does() {
     let runtime = setting(&settings, "RuntimeDirectory").expect("RuntimeDirectory=");
     let mode = setting(&settings, "RuntimeDirectoryMode").expect("RuntimeDirectoryMode=");
     let mode = u32::from_str_radix(mode, 8).expect("an octal mode");
-    let exec: Vec<String> = setting(&settings, "ExecStart")
+    let mut exec: Vec<String> = setting(&settings, "ExecStart")
         .expect("ExecStart=")
         .split_whitespace()
         .map(str::to_string)
         .collect();
+    // What the unit leaves to luod's defaults (and /etc/luod/luod.toml),
+    // spelled out so that the paths below move into the test's directory.
+    for (flag, default) in [
+        ("--socket", liveupdate::protocol::DEFAULT_SOCKET),
+        ("--state-dir", "/run/luod"),
+        ("--backend", "auto"),
+        ("--fd-store", "auto"),
+    ] {
+        if !exec.iter().any(|a| a == flag) {
+            exec.extend([flag.to_string(), default.to_string()]);
+        }
+    }
     let socket_arg = exec
         .windows(2)
         .find(|w| w[0] == "--socket")
         .map(|w| w[1].clone())
-        .expect("ExecStart passes --socket");
+        .expect("--socket, from the unit or luod's default");
     assert_eq!(
         Path::new(&socket_arg).parent(),
         Some(Path::new("/run").join(runtime).as_path()),
