@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # Build (or reuse from cache) a LUO-enabled kernel bzImage from Debian's
 # newest linux-source-X.Y (X.Y >= 6.19) found in sid/experimental, using
-# `make tinyconfig` + qemu-tests/kernel/luo.config.
+# `make tinyconfig` + qemu-tests/kernel/luo.config + qemu-tests/kernel/systemd-host.config.
+# One kernel serves both the busybox scenarios and the Debian host (qemu-tests/host/).
 #
 # stdout: the path of the bzImage (only that line); progress goes to stderr.
 #
 # Environment:
 #   LUO_CACHE              cache root (default /var/cache/liveupdate-qemu)
 #   LUO_KERNEL_SERIES      pin a series >= 6.19, e.g. 7.2 (default: the newest)
-#   LUO_KERNEL_FRAGMENT    Kconfig fragment (default qemu-tests/kernel/luo.config)
+#   LUO_KERNEL_FRAGMENT    Kconfig fragment(s), space-separated, merged in order
+#                          (default: qemu-tests/kernel/luo.config qemu-tests/kernel/systemd-host.config)
 #   LUO_JOBS               make -j (default: nproc)
 #   LUO_APT_MAX_AGE        seconds before the private apt lists are refreshed (21600)
 #
-# Cache key: $LUO_CACHE/kernel-<debian version>-<sha256(fragment)[:16]>/bzImage
-# (next to it: config, build.log, source-version). A hit skips apt entirely
-# unless LUO_KERNEL_REFRESH=1 (the version is remembered in kernel-latest).
+# Cache key: $LUO_CACHE/kernel-<debian version>-<sha256(fragments concatenated)[:16]>/bzImage
+# (next to it: config, build.log, fragment.config (the concatenation),
+# source-version). A hit skips apt entirely unless LUO_KERNEL_REFRESH=1 (the version is remembered in kernel-latest).
 set -euo pipefail
 LOG_TAG=build-kernel
 . "$(dirname "$0")/lib/common.sh"
 . "$QEMU_TESTS_DIR/lib/apt-private.sh"
 
-FRAGMENT="${LUO_KERNEL_FRAGMENT:-$QEMU_TESTS_DIR/kernel/luo.config}"
-[ -r "$FRAGMENT" ] || die "Kconfig fragment not found: $FRAGMENT"
+read -r -a FRAGMENTS <<< "${LUO_KERNEL_FRAGMENT:-$QEMU_TESTS_DIR/kernel/luo.config $QEMU_TESTS_DIR/kernel/systemd-host.config}"
+[ "${#FRAGMENTS[@]}" -gt 0 ] || die "LUO_KERNEL_FRAGMENT names no fragment"
+for f in "${FRAGMENTS[@]}"; do [ -r "$f" ] || die "Kconfig fragment not found: $f"; done
 JOBS="${LUO_JOBS:-$(nproc)}"
 MIN_SERIES=6.19
 REQUIRED=(CONFIG_LIVEUPDATE CONFIG_KEXEC_HANDOVER CONFIG_LIVEUPDATE_MEMFD CONFIG_KEXEC_FILE CONFIG_KVM_AMD)
@@ -30,7 +33,7 @@ for t in apt-get apt-cache dpkg dpkg-deb tar xz make gcc bc bison flex sha256sum
 [ -w "$(dirname "$LUO_CACHE")" ] || [ -w "$LUO_CACHE" ] || die "cache $LUO_CACHE is not writable (run as root or set LUO_CACHE)"
 mkdir -p "$LUO_CACHE"
 
-frag_hash="$(sha256sum "$FRAGMENT" | cut -c1-16)"
+frag_hash="$(cat "${FRAGMENTS[@]}" | sha256sum | cut -c1-16)"
 
 # version_ge A B: Debian version comparison (handles ~rc).
 version_ge() { dpkg --compare-versions "$1" ge "$2"; }
@@ -133,8 +136,8 @@ ts=$(now_ms)
 {
   echo "== make tinyconfig"
   nice -n 10 make -C "$src" O="$obj" tinyconfig
-  echo "== merge_config.sh -m $FRAGMENT"
-  (cd "$obj" && "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$FRAGMENT")
+  echo "== merge_config.sh -m ${FRAGMENTS[*]}"
+  (cd "$obj" && "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "${FRAGMENTS[@]}")
   echo "== make olddefconfig"
   nice -n 10 make -C "$src" O="$obj" olddefconfig
 } > "$blog" 2>&1 || { tail -n 40 "$blog" >&2; die "configuration failed (log: $blog)"; }
@@ -144,14 +147,16 @@ dropped=0
 while IFS= read -r line; do
   case "$line" in CONFIG_*=*) ;; *) continue ;; esac
   sym="${line%%=*}"
-  if ! grep -qx "$line" "$obj/.config"; then
-    got="$(grep -E "^(# )?${sym}[= ]" "$obj/.config" || echo 'absent')"
-    log "note: fragment asks $line, .config has: $got"
-    dropped=$((dropped + 1))
-  fi
-done < "$FRAGMENT"
+  case "$line" in
+    *=n) grep -qx "$sym=[ym]" "$obj/.config" || continue ;;  # "=n" is written "# CONFIG_X is not set"
+    *) grep -qx "$line" "$obj/.config" && continue ;;
+  esac
+  got="$(grep -E "^(# )?${sym}[= ]" "$obj/.config" || echo 'absent')"
+  log "note: fragment asks $line, .config has: $got"
+  dropped=$((dropped + 1))
+done < <(cat "${FRAGMENTS[@]}")
 log "$dropped fragment line(s) not honoured as written"
-check_config "$obj/.config" || die "required options missing after olddefconfig; fix $FRAGMENT"
+check_config "$obj/.config" || die "required options missing after olddefconfig; fix ${FRAGMENTS[*]}"
 
 log "running: nice -n 10 make -j$JOBS bzImage (log: $blog)"
 nice -n 10 make -C "$src" O="$obj" -j"$JOBS" bzImage >> "$blog" 2>&1 \
@@ -164,7 +169,7 @@ rm -rf "$tmp"; mkdir -p "$tmp"
 cp "$obj/arch/x86/boot/bzImage" "$tmp/bzImage"
 cp "$obj/.config" "$tmp/config"
 cp "$blog" "$tmp/build.log"
-cp "$FRAGMENT" "$tmp/fragment.config"
+cat "${FRAGMENTS[@]}" > "$tmp/fragment.config"
 printf '%s\n' "package=$best_pkg" "version=$best_ver" "kernelversion=$kver" \
   "fragment_sha256_16=$frag_hash" "build_seconds=$build_s" > "$tmp/source-version"
 rm -rf "$out"; mv "$tmp" "$out"

@@ -6,13 +6,16 @@
 #
 # Groups: all (every scenario, check and benchmark), tests (every scenario and
 # check, no benchmark: what scripts/test.sh runs), bench (the benchmarks:
-# what qemu-tests/bench.sh and scripts/bench.sh run), luo, stock, smoke.
+# what qemu-tests/bench.sh and scripts/bench.sh run), luo, stock, smoke, host
+# (the Debian host scenarios: qemu-tests/host/scenarios/*.py).
 # `qemu-tests/scenarios.py --list` lists the names.
 #
 # Steps:
 #   1. setup.sh                install what is missing (root), or print the apt-get line
 #   2. build-kernel.sh         the LUO kernel (cached: $LUO_CACHE/kernel-<version>-<fragment hash>)
 #   3. fetch-stock-kernel.sh   Debian's stock kernel (cached)
+#      host/build-image.sh     the Debian sid host image (host scenarios only; cached:
+#                              $LUO_CACHE/host-image-<hash>)
 #   4. cargo build             static luod, luoctl, luo-qemu-tool, luo-test-vmm (+crt-static), in
 #                              $LUO_QEMU_TARGET_DIR (default target/qemu-static)
 #   5. scenarios.py            one QEMU run per scenario: per-step and per-scenario
@@ -31,7 +34,7 @@ D="$QEMU_TESTS_DIR"
 REPO="$(cd "$D/.." && pwd)"
 
 case "${1:-}" in
-  -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
 esac
 [ $# -gt 0 ] || set -- all
 exec </dev/null
@@ -49,8 +52,8 @@ ts=$(now_ms)
 "$D/setup.sh" || fail_all "setup.sh failed: nothing can run (see above)"
 log "setup: $(secs_since "$ts") s"
 
-luo_kernel="" stock_kernel=""
-if [[ " $kinds " == *" luo "* ]]; then
+luo_kernel="" stock_kernel="" host_image=""
+if [[ " $kinds " == *" luo "* || " $kinds " == *" host "* ]]; then
   ts=$(now_ms)
   luo_kernel="$("$D/build-kernel.sh")" || { log "build-kernel.sh failed: the LUO scenarios will fail"; luo_kernel=""; }
   log "LUO kernel: ${luo_kernel:-none} ($(secs_since "$ts") s)"
@@ -59,6 +62,11 @@ if [[ " $kinds " == *" stock "* ]]; then
   ts=$(now_ms)
   stock_kernel="$("$D/fetch-stock-kernel.sh")" || { log "fetch-stock-kernel.sh failed: the stock-kernel scenarios will fail"; stock_kernel=""; }
   log "stock kernel: ${stock_kernel:-none} ($(secs_since "$ts") s)"
+fi
+if [[ " $kinds " == *" host "* ]] && [ -n "$luo_kernel" ]; then
+  ts=$(now_ms)
+  host_image="$("$D/host/build-image.sh" --luo-kernel "$luo_kernel")" || { log "host/build-image.sh failed: the host scenarios will fail"; host_image=""; }
+  log "host image: ${host_image:-none} ($(secs_since "$ts") s)"
 fi
 
 ts=$(now_ms)
@@ -73,4 +81,4 @@ fi
 log "static binaries: $(secs_since "$ts") s"
 
 log "setup, kernels and binaries took $(secs_since "$t_all") s; running $count scenario(s): $*"
-LUO_RUN_T0_MS=$t_all exec python3 "$D/scenarios.py" --luo-kernel "$luo_kernel" --stock-kernel "$stock_kernel" --bindir "$bindir" "$@"
+LUO_RUN_T0_MS=$t_all exec python3 "$D/scenarios.py" --luo-kernel "$luo_kernel" --stock-kernel "$stock_kernel" --host-image "$host_image" --bindir "$bindir" "$@"

@@ -76,6 +76,7 @@ SCENARIOS = [
     Scenario("cancel_before_reboot", "luo", 2, False),
     Scenario("luod_restart_mid_cycle", "luo", 2, True),
     Scenario("two_updates_in_a_row", "luo", 3, True),
+    Scenario("luod_systemd_path", "luo", 2, True),
     Scenario("target_without_liveupdate", "luo", 1, False),
     Scenario("kexec_simple_64mib", "stock", 2, True, "memmap=160M$0x30000000", timeout=600),
     Scenario("garbage_region_at_boot", "stock", 1, False, "memmap=16M$0x30000000"),
@@ -95,6 +96,8 @@ SCENARIOS = [
     Scenario("iommu_off_veto", "luo", 1, False, qemu_args=["-machine", "q35", "-device", "edu,addr=01.0"]),
     Scenario("device_rebound_to_vfio", "luo", 2, False, "intel_iommu=on", qemu_args=Q35_IOMMU_EDU),
     Scenario("liveupdate_busy", "luo", 1, False),
+    Scenario("pinned_target_mismatch", "luo", 1, False),
+    Scenario("already_on_target", "luo", 2, False),
     Scenario("bench_vm_blackout", "luo", 11, False, timeout=900, bench=True),
     Scenario("demo", "luo", 2, True, demo=True),
 ]
@@ -119,6 +122,38 @@ EXTERNAL = [
     External("boot_smoke_stock", "stock", ["boot-smoke.sh", "--stock"]),
 ]
 SCENARIOS += EXTERNAL
+
+
+class HostScenario:
+    """A scenario on the Debian host image (qemu-tests/host/): the Python file
+    qemu-tests/host/scenarios/NAME.py, run by qemu-tests/host/runner.py. Its
+    module-level TIMEOUT (default 900) and BENCH (default False) are read
+    here without importing it."""
+
+    def __init__(self, path):
+        import ast
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.path = path
+        self.kernel = "host"  # needs the LUO kernel and the host image
+        self.timeout = 900
+        self.bench = False
+        self.demo = False
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                if node.targets[0].id == "TIMEOUT":
+                    self.timeout = ast.literal_eval(node.value)
+                elif node.targets[0].id == "BENCH":
+                    self.bench = bool(ast.literal_eval(node.value))
+
+
+def host_scenarios():
+    d = os.path.join(HERE, "host", "scenarios")
+    return [HostScenario(os.path.join(d, f)) for f in sorted(os.listdir(d)) if f.endswith(".py")] if os.path.isdir(d) else []
+
+
+SCENARIOS += host_scenarios()
 BY_NAME = {s.name: s for s in SCENARIOS}
 GROUPS = {
     "all": [s.name for s in SCENARIOS if not s.demo],
@@ -127,6 +162,7 @@ GROUPS = {
     "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
     "bench": [s.name for s in SCENARIOS if s.bench],
     "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo],
+    "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench],
 }
 
 MARKER = re.compile(r"@@LUO (\S+)\s?(.*)$")
@@ -258,9 +294,58 @@ def run_external(sc, kernels, log_dir):
     return res
 
 
+def run_host(sc, kernels, bindir, log_dir, verbose):
+    """Runs qemu-tests/host/runner.py NAME; its @@INFO lines are the details."""
+    res = Result(sc.name)
+    t0 = time.monotonic()
+    if not kernels.get("luo") or not kernels.get("host"):
+        res.why = "no LUO kernel or no host image (see the build steps above)"
+        return res
+    argv = [sys.executable, os.path.join(HERE, "host", "runner.py"), sc.name, "--image", kernels["host"],
+            "--luo-kernel", kernels["luo"], "--bindir", bindir, "--log-dir", log_dir]
+    res.log = os.path.join(log_dir, f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    res.step = "run"
+    verdict = None
+    with open(res.log, "w", buffering=1) as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", start_new_session=True)
+        timer = threading.Timer(sc.timeout, lambda: os.killpg(proc.pid, signal.SIGTERM))
+        timer.start()
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            log.write(line + "\n")
+            if verbose:
+                out(f"  {sc.name} {line}")
+            if line.startswith("@@INFO "):
+                res.details.append(line[7:])
+            elif line.startswith("@@PASS"):
+                verdict = ""
+            elif line.startswith("@@FAIL "):
+                verdict = line[7:]
+            else:
+                res.tail.append(line)
+                if line.startswith("[") and "] " in line:
+                    res.step = line.split("] ", 1)[1][:80]
+        rc = proc.wait()
+        timed_out = not timer.is_alive() and rc != 0
+        timer.cancel()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # QEMUs left behind by a killed runner
+    except ProcessLookupError:
+        pass
+    res.secs = time.monotonic() - t0
+    res.ok = rc == 0 and verdict == ""
+    if not res.ok:
+        res.why = (f"timed out after {sc.timeout} s; " if timed_out else "") + (
+            verdict or f"runner.py exited with status {rc} without a verdict")
+    return res
+
+
 def run_scenario(sc, fixtures, kernels, log_dir, verbose):
     if isinstance(sc, External):
         return run_external(sc, kernels, log_dir)
+    if isinstance(sc, HostScenario):
+        return run_host(sc, kernels, fixtures.bindir, log_dir, verbose)
     res = Result(sc.name)
     t_start = time.monotonic()
     if sc.kernel not in kernels or not kernels[sc.kernel]:
@@ -543,9 +628,10 @@ def bench_report(name, res):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", help="scenarios or groups (all, tests, luo, stock, bench); default all")
+    ap.add_argument("names", nargs="*", help="scenarios or groups (all, tests, luo, stock, host, bench); default all")
     ap.add_argument("--luo-kernel", default="")
     ap.add_argument("--stock-kernel", default="")
+    ap.add_argument("--host-image", default="", help="the Debian host image directory (qemu-tests/host/build-image.sh)")
     ap.add_argument("--bindir", default="", help="directory with static luod, luoctl, luo-qemu-tool")
     ap.add_argument("--busybox", default="/bin/busybox")
     ap.add_argument("--log-dir", default=os.path.join(os.environ.get("LUO_CACHE", "/var/cache/liveupdate-qemu"), "logs"))
@@ -558,7 +644,7 @@ def main():
     a = ap.parse_args()
     if a.list:
         for s in SCENARIOS:
-            kind = "bench" if s.bench else "check" if isinstance(s, External) else "test"
+            kind = "bench" if s.bench else "check" if isinstance(s, External) else "host" if isinstance(s, HostScenario) else "test"
             out(f"{s.name:28} {s.kernel:6} {kind}")
         return 0
     names = []
@@ -577,9 +663,9 @@ def main():
         out("--bindir is required")
         return 2
     os.makedirs(a.log_dir, exist_ok=True)
-    kernels = {"luo": a.luo_kernel, "stock": a.stock_kernel}
+    kernels = {"luo": a.luo_kernel, "stock": a.stock_kernel, "host": a.host_image}
     work = tempfile.mkdtemp(prefix="luo-scenarios.")
-    fixtures = Fixtures(work, a.bindir, a.busybox, {k: v for k, v in kernels.items() if v})
+    fixtures = Fixtures(work, a.bindir, a.busybox, {k: v for k, v in kernels.items() if v and k != "host"})
     results = {}
     # Benchmarks run alone, after the tests, so that nothing else loads the host.
     tests = [n for n in names if not BY_NAME[n].bench]

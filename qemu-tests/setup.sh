@@ -27,6 +27,10 @@ PKGS=(
   python3
   ca-certificates
   debian-archive-keyring
+  mmdebstrap         # the Debian sid root of the host image (qemu-tests/host/build-image.sh)
+  qemu-utils         # qemu-img: a qcow2 overlay per host scenario
+  e2fsprogs          # mkfs.ext4 -d: the host image without loop mounts
+  openssh-client     # ssh into the host
 )
 
 missing=()

@@ -19,6 +19,9 @@ fi
 echo "== cargo test --workspace"
 cargo test --workspace --locked 2>&1 || rc=1
 
+echo "== packaging/test-deb.sh (the .deb: contents, man pages, completions, lintian; install, upgrade, remove, purge in a chroot)"
+packaging/test-deb.sh 2>&1 || rc=1
+
 if [ -x qemu-tests/run.sh ]; then
     echo "== qemu-tests/run.sh tests (real kernels, real kexec)"
     qemu-tests/run.sh tests || rc=1

@@ -14,6 +14,9 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// First fd systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
@@ -169,6 +172,184 @@ impl FdPark for SystemdFdStore {
     }
 }
 
+/// The first systemd release whose PID 1 carries fd stores through a kexec
+/// with LUO (`src/core/luo.c`): it serialises the fd store of every service
+/// with `FileDescriptorStorePreserve=`, and systemd-shutdown preserves it in
+/// the LUO session `systemd` right before the kexec.
+pub const LUO_AWARE_SYSTEMD: u32 = 261;
+
+/// The LUO session name systemd reserves for itself: it refuses a service's
+/// session of that name in its fd store.
+pub const SYSTEMD_SESSION: &str = "systemd";
+
+/// How long luod waits for one `systemctl` call.
+const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How `luoctl reboot` reaches the new kernel, chosen when luod starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebootPath {
+    /// A LUO-aware systemd (≥ [`LUO_AWARE_SYSTEMD`]) carries luod's fd store
+    /// (its sessions and record) through the kexec: `reboot` ends in an
+    /// orderly `systemctl kexec` of the image luod loaded at `prepare`.
+    Systemd {
+        /// The running PID 1's version.
+        version: u32,
+        /// The `systemctl` luod runs.
+        systemctl: PathBuf,
+        /// luod's unit.
+        unit: String,
+    },
+    /// luod holds the sessions itself and calls `reboot(LINUX_REBOOT_CMD_KEXEC)`
+    /// after `sync()`, skipping the orderly shutdown.
+    Direct {
+        /// Why not the systemd path.
+        why: String,
+    },
+}
+
+impl RebootPath {
+    /// `systemd` or `direct`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RebootPath::Systemd { .. } => "systemd",
+            RebootPath::Direct { .. } => "direct",
+        }
+    }
+
+    /// One sentence for `check`, `status` and the log.
+    pub fn describe(&self) -> String {
+        match self {
+            RebootPath::Systemd { version, unit, .. } => format!(
+                "orderly shutdown: reboot runs `systemctl kexec`; systemd {version} carries {unit}'s fd store \
+                 (luod's sessions and record) through the kexec and hands it back to luod in the new kernel"
+            ),
+            RebootPath::Direct { why } => format!(
+                "direct kexec: luod holds the sessions and calls reboot(LINUX_REBOOT_CMD_KEXEC) itself after sync, \
+                 skipping the orderly shutdown ({why})"
+            ),
+        }
+    }
+}
+
+/// The unit a process belongs to, from its `/proc/PID/cgroup` (cgroup v2:
+/// `0::/system.slice/luod.service`).
+pub fn unit_of_cgroup(cgroup: &str) -> Option<String> {
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let last = path.trim().rsplit('/').next()?;
+    last.ends_with(".service").then(|| last.to_string())
+}
+
+/// The leading number of a systemd version (`262.1-1` → 262).
+fn major(version: &str) -> Option<u32> {
+    let digits: String = version.trim().chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// Runs `systemctl ARGS` with a deadline; its standard output on success,
+/// else a sentence with its exit status and standard error.
+fn systemctl(systemctl: &Path, args: &[&str]) -> Result<String, String> {
+    let shown = format!("`{} {}`", systemctl.display(), args.join(" "));
+    let spawn = || {
+        Command::new(systemctl)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    // ETXTBSY: a file just written is still open in a child another thread
+    // forked and has not exec'd yet; it goes away at once.
+    let mut child = match spawn() {
+        Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+            std::thread::sleep(Duration::from_millis(20));
+            spawn()
+        }
+        other => other,
+    }
+    .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let deadline = Instant::now() + SYSTEMCTL_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{shown} did not finish within {} s (killed)",
+                    SYSTEMCTL_TIMEOUT.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("cannot wait for {shown}: {e}")),
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr.trim();
+    Err(format!(
+        "{shown} failed ({}){}",
+        out.status,
+        if stderr.is_empty() {
+            String::new()
+        } else {
+            format!(": {stderr}")
+        }
+    ))
+}
+
+/// Chooses the reboot path of a luod that parks its sessions in systemd's
+/// fd store: the systemd path when the running PID 1 is LUO-aware and `unit`
+/// (luod's) keeps its fd store with `FileDescriptorStorePreserve=`; else the
+/// direct path, with the reason.
+pub fn detect_reboot_path(systemctl_path: &Path, unit: Option<&str>) -> RebootPath {
+    let direct = |why: String| RebootPath::Direct { why };
+    let version = match systemctl(systemctl_path, &["show", "--property=Version", "--value"]) {
+        Ok(v) => v,
+        Err(e) => return direct(format!("cannot ask systemd for its version: {e}")),
+    };
+    let Some(version) = major(&version) else {
+        return direct(format!("systemd reported an unreadable version {:?}", version.trim()));
+    };
+    if version < LUO_AWARE_SYSTEMD {
+        return direct(format!(
+            "systemd {version} does not carry fd stores across a kexec; {LUO_AWARE_SYSTEMD} and later do"
+        ));
+    }
+    let Some(unit) = unit else {
+        return direct("luod's unit cannot be told from /proc/self/cgroup".into());
+    };
+    let preserve = match systemctl(
+        systemctl_path,
+        &["show", "--property=FileDescriptorStorePreserve", "--value", unit],
+    ) {
+        Ok(v) => v.trim().to_string(),
+        Err(e) => return direct(format!("cannot read {unit}'s FileDescriptorStorePreserve=: {e}")),
+    };
+    if !matches!(preserve.as_str(), "yes" | "on-success") {
+        return direct(format!(
+            "{unit} has FileDescriptorStorePreserve={preserve}: systemd would not carry luod's fd store; set it to yes"
+        ));
+    }
+    RebootPath::Systemd {
+        version,
+        systemctl: systemctl_path.to_path_buf(),
+        unit: unit.to_string(),
+    }
+}
+
+/// Starts the orderly kexec: `systemctl --no-block --no-ask-password kexec`
+/// queues `kexec.target` (units stop, luod among them; PID 1 serialises the
+/// fd stores; systemd-shutdown preserves them and kexecs into the loaded
+/// image). `Ok` means systemd accepted the job; the error says why not.
+pub fn systemctl_kexec(systemctl_path: &Path) -> Result<(), String> {
+    systemctl(systemctl_path, &["--no-block", "--no-ask-password", "kexec"]).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +418,148 @@ mod tests {
         let all = store.fetch_all().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].0, "S\u{0}vm0");
+    }
+
+    /// A fake `systemctl`: answers `show -P Version` with `version`, `show
+    /// -P FileDescriptorStorePreserve` with `preserve`, and `kexec` with
+    /// `kexec_exit` (and a message on stderr when non-zero); logs every call.
+    fn fake_systemctl(dir: &Path, version: &str, preserve: &str, kexec_exit: i32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("systemctl");
+        let log = dir.join("calls");
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {log}\ncase \"$*\" in\n\
+                 *Version*) echo '{version}' ;;\n\
+                 *FileDescriptorStorePreserve*) echo '{preserve}' ;;\n\
+                 *kexec*) [ {kexec_exit} = 0 ] || echo 'Failed to start kexec.target: Transaction is destructive.' >&2; exit {kexec_exit} ;;\n\
+                 esac\n",
+                log = log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn calls(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("calls")).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_luo_aware_systemd_that_keeps_the_fd_store_gives_the_systemd_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = fake_systemctl(dir.path(), "262.1-1", "yes", 0);
+        let path = detect_reboot_path(&ctl, Some("luod.service"));
+        assert_eq!(
+            path,
+            RebootPath::Systemd {
+                version: 262,
+                systemctl: ctl.clone(),
+                unit: "luod.service".into()
+            }
+        );
+        assert_eq!(path.name(), "systemd");
+        assert!(path.describe().starts_with(
+            "orderly shutdown: reboot runs `systemctl kexec`; systemd 262 carries luod.service's fd store"
+        ));
+        assert_eq!(
+            calls(dir.path()),
+            "show --property=Version --value\nshow --property=FileDescriptorStorePreserve --value luod.service\n"
+        );
+        // 261 is the first LUO-aware release; on-success keeps the store too.
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = fake_systemctl(dir.path(), "261", "on-success", 0);
+        assert_eq!(detect_reboot_path(&ctl, Some("luod.service")).name(), "systemd");
+    }
+
+    #[test]
+    fn an_older_systemd_gives_the_direct_path_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = fake_systemctl(dir.path(), "257.9-1~deb13u1", "yes", 0);
+        let path = detect_reboot_path(&ctl, Some("luod.service"));
+        assert_eq!(
+            path,
+            RebootPath::Direct {
+                why: "systemd 257 does not carry fd stores across a kexec; 261 and later do".into()
+            }
+        );
+        assert_eq!(
+            path.describe(),
+            "direct kexec: luod holds the sessions and calls reboot(LINUX_REBOOT_CMD_KEXEC) itself after sync, \
+             skipping the orderly shutdown (systemd 257 does not carry fd stores across a kexec; 261 and later do)"
+        );
+        // Only the version was asked.
+        assert_eq!(calls(dir.path()), "show --property=Version --value\n");
+    }
+
+    #[test]
+    fn a_unit_without_fd_store_preserve_gives_the_direct_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = fake_systemctl(dir.path(), "262", "no", 0);
+        assert_eq!(
+            detect_reboot_path(&ctl, Some("luod.service")),
+            RebootPath::Direct {
+                why: "luod.service has FileDescriptorStorePreserve=no: systemd would not carry luod's fd store; set it to yes"
+                    .into()
+            }
+        );
+        assert_eq!(
+            detect_reboot_path(&ctl, None),
+            RebootPath::Direct {
+                why: "luod's unit cannot be told from /proc/self/cgroup".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_systemctl_that_fails_or_is_missing_gives_the_direct_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-systemctl");
+        let RebootPath::Direct { why } = detect_reboot_path(&missing, Some("luod.service")) else {
+            panic!("a missing systemctl must give the direct path");
+        };
+        assert_eq!(
+            why,
+            format!(
+                "cannot ask systemd for its version: cannot run `{} show --property=Version --value`: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        let ctl = fake_systemctl(dir.path(), "not-a-version", "yes", 0);
+        assert_eq!(
+            detect_reboot_path(&ctl, Some("luod.service")),
+            RebootPath::Direct {
+                why: "systemd reported an unreadable version \"not-a-version\"".into()
+            }
+        );
+    }
+
+    #[test]
+    fn systemctl_kexec_queues_the_job_without_waiting_and_reports_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = fake_systemctl(dir.path(), "262", "yes", 0);
+        systemctl_kexec(&ctl).unwrap();
+        assert_eq!(calls(dir.path()), "--no-block --no-ask-password kexec\n");
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = fake_systemctl(dir.path(), "262", "yes", 1);
+        assert_eq!(
+            systemctl_kexec(&ctl).unwrap_err(),
+            format!(
+                "`{} --no-block --no-ask-password kexec` failed (exit status: 1): Failed to start kexec.target: Transaction is destructive.",
+                ctl.display()
+            )
+        );
+    }
+
+    #[test]
+    fn the_unit_comes_from_the_cgroup_v2_line() {
+        assert_eq!(
+            unit_of_cgroup("0::/system.slice/luod.service\n").as_deref(),
+            Some("luod.service")
+        );
+        assert_eq!(unit_of_cgroup("0::/user.slice/user-0.slice/session-1.scope\n"), None);
+        assert_eq!(unit_of_cgroup("1:name=systemd:/\n"), None);
     }
 }

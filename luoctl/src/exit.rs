@@ -38,6 +38,10 @@ pub enum ExitCode {
     /// luod did not answer within luoctl's timeout for the request (short
     /// for reads, long for transitions; `--timeout` sets it).
     Timeout = 8,
+    /// `check --kernel K`: K is the running kernel already (same version
+    /// string as the running one, same SHA-256 as the kernel the last update
+    /// loaded): a rolling update skips this host.
+    AlreadyOnTarget = 9,
     /// luod: an argument is invalid (e.g. a session name, a kernel image).
     InvalidArgument = 10,
     /// luod: the command is not allowed in the current state.
@@ -59,11 +63,14 @@ pub enum ExitCode {
     /// luod: a per-uid quota (sessions, files, bytes) would be passed, or a
     /// uid is over its bytes quota and the cycle cannot go on.
     QuotaExceeded = 19,
+    /// luod: a kernel image or initrd is not the one its pinned SHA-256
+    /// (`--sha256`, `--initrd-sha256`) names; nothing was loaded.
+    DigestMismatch = 20,
 }
 
 impl ExitCode {
     /// Every code, in numeric order (for the reference table and tests).
-    pub const ALL: [ExitCode; 19] = [
+    pub const ALL: [ExitCode; 21] = [
         ExitCode::Success,
         ExitCode::Internal,
         ExitCode::Usage,
@@ -73,6 +80,7 @@ impl ExitCode {
         ExitCode::Connection,
         ExitCode::LocalIo,
         ExitCode::Timeout,
+        ExitCode::AlreadyOnTarget,
         ExitCode::InvalidArgument,
         ExitCode::WrongState,
         ExitCode::PermissionDenied,
@@ -83,6 +91,7 @@ impl ExitCode {
         ExitCode::Kernel,
         ExitCode::Record,
         ExitCode::QuotaExceeded,
+        ExitCode::DigestMismatch,
     ];
 
     /// The numeric status.
@@ -103,6 +112,7 @@ impl ExitCode {
             ExitCode::Connection => "connection",
             ExitCode::LocalIo => "local-io",
             ExitCode::Timeout => "timeout",
+            ExitCode::AlreadyOnTarget => "already-on-target",
             ExitCode::InvalidArgument => "invalid-argument",
             ExitCode::WrongState => "wrong-state",
             ExitCode::PermissionDenied => "permission-denied",
@@ -113,6 +123,7 @@ impl ExitCode {
             ExitCode::Kernel => "kernel",
             ExitCode::Record => "record",
             ExitCode::QuotaExceeded => "quota-exceeded",
+            ExitCode::DigestMismatch => "digest-mismatch",
         }
     }
 }
@@ -132,6 +143,7 @@ impl From<ErrorKind> for ExitCode {
             ErrorKind::Protocol => ExitCode::Protocol,
             ErrorKind::Internal => ExitCode::Internal,
             ErrorKind::QuotaExceeded => ExitCode::QuotaExceeded,
+            ErrorKind::DigestMismatch => ExitCode::DigestMismatch,
         }
     }
 }
@@ -147,7 +159,7 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
-    const KINDS: [ErrorKind; 12] = [
+    const KINDS: [ErrorKind; 13] = [
         ErrorKind::InvalidArgument,
         ErrorKind::WrongState,
         ErrorKind::PermissionDenied,
@@ -160,6 +172,7 @@ mod tests {
         ErrorKind::Protocol,
         ErrorKind::Internal,
         ErrorKind::QuotaExceeded,
+        ErrorKind::DigestMismatch,
     ];
 
     #[test]
@@ -177,6 +190,7 @@ mod tests {
                 (6, "connection"),
                 (7, "local-io"),
                 (8, "timeout"),
+                (9, "already-on-target"),
                 (10, "invalid-argument"),
                 (11, "wrong-state"),
                 (12, "permission-denied"),
@@ -187,6 +201,7 @@ mod tests {
                 (17, "kernel"),
                 (18, "record"),
                 (19, "quota-exceeded"),
+                (20, "digest-mismatch"),
             ]
         );
     }
@@ -225,6 +240,7 @@ mod tests {
             ExitCode::Connection,
             ExitCode::LocalIo,
             ExitCode::CheckFailed,
+            ExitCode::AlreadyOnTarget,
         ];
         let codes: HashSet<u8> = local.iter().map(|c| c.code()).collect();
         assert_eq!(codes.len(), local.len());

@@ -4,11 +4,7 @@
 //! or one JSON object with `--json`), and exits with an [`exit::ExitCode`].
 //! The commands live in [`commands`], one file each.
 
-mod commands;
-mod error;
-mod exit;
-mod output;
-mod progress;
+use luoctl::{commands, error, exit, output};
 
 use clap::Parser;
 use clap::error::ErrorKind as ClapErrorKind;

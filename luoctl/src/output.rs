@@ -145,6 +145,9 @@ pub struct Details {
     /// The items of a failed `check`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items: Option<Vec<CheckItem>>,
+    /// `check`: the target is the running kernel already.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub already_on_target: Option<bool>,
 }
 
 /// A failure's JSON: `{"ok": false, ...details, "error": {...}}`, in that order.
@@ -414,6 +417,7 @@ mod tests {
         };
         let details = Details {
             items: Some(vec![item]),
+            already_on_target: None,
         };
         let text = serde_json::to_string(&failure_object(&f, &details)).unwrap();
         assert!(text.starts_with(r#"{"ok":false,"items":[{"name":"state","ok":false,"detail":"state is frozen"}],"error":{"kind":"check-failed","code":3,"#), "{text}");

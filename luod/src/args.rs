@@ -84,6 +84,20 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "auto")]
     pub fd_store: FdStore,
 
+    /// The `systemctl` luod runs under systemd (LUO backend, systemd's fd
+    /// store): at start `systemctl show` tells whether PID 1 is LUO-aware
+    /// (systemd 261 or later) and keeps luod's fd store across a kexec
+    /// (FileDescriptorStorePreserve=); if so, `reboot` runs `systemctl kexec`
+    /// (an orderly shutdown), else luod kexecs itself. `luoctl check` names
+    /// the path.
+    #[arg(long, default_value = "systemctl")]
+    pub systemctl: std::path::PathBuf,
+
+    /// luod's systemd unit, for `systemctl show` (default: read from
+    /// /proc/self/cgroup).
+    #[arg(long)]
+    pub systemd_unit: Option<String>,
+
     /// Seconds a client may take to say hello after connecting, to send a
     /// whole frame once it started one, and to read luod's answer; 1 to 3600.
     /// A client idle between requests after its hello is kept.
@@ -145,6 +159,22 @@ pub struct Args {
     /// memfd that grew after it was preserved).
     #[arg(long, default_value = "64G", value_parser = parse_size)]
     pub max_bytes_per_uid: u64,
+
+    /// Configuration file: one key per flag (see luod/luod.toml); a flag
+    /// given here wins over the file. A missing file is fine at the default
+    /// path, an error at a path given here.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Check the configuration (the file and the flags), print the effective
+    /// one with where each value came from, and exit: 0 when it is valid, 2
+    /// when not. Starts nothing.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// With --check-config: print the configuration as JSON.
+    #[arg(long, requires = "check_config")]
+    pub json: bool,
 
     /// Internal: run as the fd holder serving this socket.
     #[arg(long, hide = true)]

@@ -13,7 +13,7 @@ use liveupdate::subsystem::Registry;
 use liveupdate::subsystems::devices::Devices;
 use liveupdate::subsystems::iommu::Iommu;
 use liveupdate::subsystems::qmp::QemuVm;
-use liveupdate::systemd::{Notifier, SystemdFdStore, take_listen_fds};
+use liveupdate::systemd::{Notifier, RebootPath, SystemdFdStore, take_listen_fds};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -106,6 +106,37 @@ pub fn choose(args: &Args) -> Result<Backend, StartError> {
     )))
 }
 
+/// True when preserved files are parked in systemd's fd store.
+fn parks_in_systemd(args: &Args) -> bool {
+    match args.fd_store {
+        FdStore::Systemd => true,
+        FdStore::Auto => std::env::var_os("NOTIFY_SOCKET").is_some_and(|s| !s.is_empty()),
+        FdStore::Holder => false,
+    }
+}
+
+/// How `reboot` reaches the new kernel: the systemd path needs luod's
+/// sessions in systemd's fd store and a LUO-aware systemd that keeps it.
+fn reboot_path(args: &Args) -> RebootPath {
+    if !parks_in_systemd(args) {
+        return RebootPath::Direct {
+            why: if std::env::var_os("NOTIFY_SOCKET").is_some() {
+                "luod parks its sessions in its fd holder (--fd-store holder), which does not survive an orderly \
+                 shutdown"
+                    .into()
+            } else {
+                "luod does not run under systemd".into()
+            },
+        };
+    }
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let unit = args
+        .systemd_unit
+        .clone()
+        .or_else(|| liveupdate::systemd::unit_of_cgroup(&cgroup));
+    liveupdate::systemd::detect_reboot_path(&args.systemctl, unit.as_deref())
+}
+
 /// Where preserved files are parked: systemd's fd store or the holder.
 fn holder(args: &Args) -> Result<Box<dyn FdPark>, StartError> {
     let systemd = match args.fd_store {
@@ -177,6 +208,7 @@ fn open_engine<R: Region>(
     let mut engine = Engine::open_with(kernel, registry, store, host_info(), options)?;
     engine.set_cmdline_needs(needs);
     engine.set_vms(vms);
+    engine.set_sysfs_root(args.sysfs_root.clone());
     engine.set_quotas(Quotas {
         sessions: args.max_sessions_per_uid,
         files: args.max_files_per_uid,
@@ -265,8 +297,11 @@ pub fn luo(args: &Args) -> Result<Started<MemfdRegion>, StartError> {
     let t = std::time::Instant::now();
     let park = holder(args)?;
     tracing::debug!("fd park ready after {:.1} ms", ms(t));
-    let (kernel, record, how) = Luo::start(&args.liveupdate_dev, park, args.record_size)?;
+    let (mut kernel, record, how) = Luo::start(&args.liveupdate_dev, park, args.record_size)?;
     tracing::info!("LUO backend: {how:?} start ({:.1} ms)", ms(t));
+    let path = reboot_path(args);
+    tracing::info!("reboot path: {}: {} ({:.1} ms)", path.name(), path.describe(), ms(t));
+    kernel.set_reboot_path(path);
     let region = MemfdRegion::new(record).map_err(io("cannot map luod's record memfd from", &args.liveupdate_dev))?;
     let store = RecordStore::new(region)?;
     tracing::debug!("record loaded after {:.1} ms", ms(t));

@@ -1,15 +1,17 @@
 //! luod: the live-update daemon.
 //!
 //! Exit status: 0 after SIGTERM/SIGINT, 1 when it cannot start (the message
-//! says why), 2 on bad arguments, 75 after a simulated kexec (`--backend
-//! file`): the record is in the region, start luod again on it.
+//! says why), 2 on bad arguments or a bad configuration file, 75 after a
+//! simulated kexec (`--backend file`): the record is in the region, start
+//! luod again on it. `--check-config`: 0 when the configuration is valid, 2
+//! when not.
 
-mod args;
 mod backend;
+mod config;
 mod peer;
 mod server;
 
-use clap::Parser;
+use luod::args;
 use std::process::ExitCode;
 
 /// Raises the soft open-file limit to the hard one: luod and its holder keep
@@ -26,7 +28,27 @@ fn raise_nofile_limit() {
 fn main() -> ExitCode {
     let started = std::time::Instant::now();
     backend::mark_start();
-    let args = args::Args::parse();
+    let loaded = match config::load(std::env::args_os().collect()) {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(e)) => {
+            let argv: Vec<_> = std::env::args_os().collect();
+            if argv.iter().any(|a| a == "--check-config") && argv.iter().any(|a| a == "--json") {
+                println!("{}", serde_json::json!({"ok": false, "error": e.to_string()}));
+            }
+            eprintln!("luod: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
+    let args = &loaded.args;
+    if args.check_config {
+        if args.json {
+            println!("{}", loaded.json());
+        } else {
+            print!("{}", loaded.render());
+        }
+        return ExitCode::SUCCESS;
+    }
     raise_nofile_limit();
     if let Some(path) = &args.holder {
         // The fd holder: a separate process so that preserved files outlive
@@ -48,7 +70,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     tracing::debug!("luod main after {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
-    match server::run(&args) {
+    match server::run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             tracing::error!("{e:#}");

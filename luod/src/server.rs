@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 struct Shared<R: Region> {
     engine: Mutex<Engine<R>>,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// systemd's notification socket: `STATUS=` follows every change.
+    notifier: Option<liveupdate::systemd::Notifier>,
 }
 
 impl<R: Region> Shared<R> {
@@ -31,6 +33,16 @@ impl<R: Region> Shared<R> {
         Shared {
             engine: Mutex::new(engine),
             snapshot,
+            notifier: None,
+        }
+    }
+
+    /// Tells systemd (`STATUS=`, shown by `systemctl status luod`).
+    fn show(&self, status: &str) {
+        if let Some(n) = &self.notifier
+            && let Err(e) = n.notify(&format!("STATUS={status}"), &[])
+        {
+            tracing::warn!("cannot notify systemd: {e}");
         }
     }
 
@@ -43,13 +55,27 @@ impl<R: Region> Shared<R> {
     /// then publishes the engine's new state for readers.
     fn change<T>(&self, kind: &str, run: impl FnOnce(&mut Engine<R>) -> T) -> T {
         let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        self.show(&format!("state {}; {kind} in progress", engine.state()));
         let out = {
             let _running = engine.progress().clone().begin(kind);
             run(&mut engine)
         };
         let next = Arc::new(engine.snapshot());
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = next;
+        self.show(&status_line(&engine));
         out
+    }
+}
+
+/// What `STATUS=` says between changes.
+fn status_line<R: Region>(engine: &Engine<R>) -> String {
+    if engine.handed_over() {
+        format!(
+            "state {}; handover written, kexec under way: luod refuses changes",
+            engine.state()
+        )
+    } else {
+        format!("state {}", engine.state())
     }
 }
 
@@ -104,12 +130,25 @@ fn serve_engine<R: Region + 'static>(
         engine.state(),
         engine.generation()
     );
-    let engine = Arc::new(Shared::new(engine));
-    if let Some(Ok(n)) = liveupdate::systemd::Notifier::from_env()
-        && let Err(e) = n.notify("READY=1", &[])
-    {
-        tracing::warn!("cannot notify systemd: {e}");
+    // READY=1 only now: the record is loaded and the engine open (an
+    // incoming handover taken), and the socket is bound, so a unit ordered
+    // After=luod.service finds luod answering.
+    let mut shared = Shared::new(engine);
+    shared.notifier = match liveupdate::systemd::Notifier::from_env() {
+        Some(Ok(n)) => Some(n),
+        Some(Err(e)) => {
+            tracing::warn!("cannot use systemd's notification socket: {e}");
+            None
+        }
+        None => None,
+    };
+    if let Some(n) = &shared.notifier {
+        let status = status_line(&shared.engine.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Err(e) = n.notify(&format!("READY=1\nSTATUS={status}"), &[]) {
+            tracing::warn!("cannot notify systemd: {e}");
+        }
     }
+    let engine = Arc::new(shared);
 
     let socket = args.socket.clone();
     std::thread::spawn(move || {
@@ -1055,6 +1094,8 @@ fn dispatch<R: Region>(
                     exit: Some(SIMULATED_KEXEC_EXIT),
                     ..Outcome::from(Response::Transition(report))
                 },
+                // systemd stops luod when the shutdown reaches it.
+                Ok(Rebooted::Orderly(report)) => Outcome::from(Response::Transition(report)),
                 Err(e) => err(e),
             };
         }

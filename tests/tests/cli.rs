@@ -403,6 +403,7 @@ fn check_exits_3_and_names_the_failing_item_when_prepare_would_be_refused() {
             ("state", true),
             ("privilege", true),
             ("target kernel", true),
+            ("kexec signatures", true),
             ("command line", true),
             ("region capacity", false)
         ]

@@ -119,10 +119,10 @@ fn not_regular(role: &str, p: &Path, what: &str) -> String {
     )
 }
 
-/// luoctl's line for a `check` whose only failed items are `failed`, out of 5.
+/// luoctl's line for a `check` whose only failed items are `failed`, out of 6.
 fn check_failed(failed: &[String]) -> String {
     format!(
-        "luoctl: check: prepare would be refused ({} of 5 checks failed): {}; fix what failed, then check again",
+        "luoctl: check: prepare would be refused ({} of 6 checks failed): {}; fix what failed, then check again",
         failed.len(),
         failed.join("; ")
     )
@@ -282,6 +282,7 @@ fn image_args(kernel: &str, initrd: Option<&str>) -> PrepareArgs {
         }),
         cmdline: Some("quiet".into()),
         reuse_cmdline: false,
+        ..Default::default()
     }
 }
 

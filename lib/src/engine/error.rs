@@ -118,6 +118,24 @@ pub enum EngineError {
     /// changed while luod read it.
     #[error("{0}")]
     BadImage(String),
+    /// A kernel image or initrd is not the one its pinned SHA-256 names:
+    /// refused before anything loads.
+    #[error(
+        "{what} {name} has sha256 {actual}, not the pinned {expected}: it is not the image the pin names, so \
+         nothing was loaded",
+        actual = super::hex(actual),
+        expected = super::hex(expected)
+    )]
+    DigestMismatch {
+        /// `kernel image` or `initrd`.
+        what: &'static str,
+        /// What the client calls it.
+        name: String,
+        /// The pinned digest.
+        expected: [u8; 32],
+        /// The digest of the file luod got.
+        actual: [u8; 32],
+    },
 }
 
 impl EngineError {
@@ -147,6 +165,7 @@ impl EngineError {
             E::Record(_) | E::NewerRecord(_) | E::RecordUnreadable(_) | E::Region(_) => ErrorKind::Record,
             E::RecordReadable(_) => ErrorKind::WrongState,
             E::QuotaExceeded { .. } | E::QuotaOverrun { .. } => ErrorKind::QuotaExceeded,
+            E::DigestMismatch { .. } => ErrorKind::DigestMismatch,
         }
     }
 
@@ -199,6 +218,12 @@ impl EngineError {
                 "hand over the memfd from memfd_create(2) itself, or a reopen with O_RDWR".into()
             }
             E::Kernel(KernelError::Load { .. }) => "check the --kernel/--initrd images".into(),
+            E::Kernel(KernelError::SignatureRejected { .. }) => {
+                "`luoctl check --kernel K` shows the kernel's signature policy".into()
+            }
+            E::DigestMismatch { .. } => "check that the image is the one you meant (sha256sum FILE), or correct the \
+                                         pinned digest"
+                .into(),
             E::BadImage(_) => "give --kernel/--initrd as regular files you can read: luoctl opens them with your \
                                rights and sends them to luod"
                 .into(),

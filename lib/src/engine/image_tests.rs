@@ -268,6 +268,8 @@ fn a_memfd_not_open_read_write_is_not_preserved_and_nothing_changes() {
     e.session_preserve(&Caller::ROOT, "vm0", 1, reopen(nix::fcntl::OFlag::O_RDWR))
         .unwrap();
     e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
-    let Rebooted::Simulated(report) = e.reboot(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(report) = e.reboot(&Caller::ROOT).unwrap() else {
+        panic!("a simulated kexec");
+    };
     assert_eq!((report.files, report.bytes), (1, 9));
 }

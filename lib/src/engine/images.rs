@@ -78,6 +78,8 @@ pub(super) struct Image {
     pub name: String,
     file: File,
     stamp: Stamp,
+    /// The digest once computed (a pin check, then the record, read it once).
+    digest: std::cell::OnceCell<[u8; 32]>,
 }
 
 impl Image {
@@ -125,6 +127,7 @@ impl Image {
             name,
             file: File::from(fd),
             stamp: Stamp::from(&st),
+            digest: std::cell::OnceCell::new(),
         })
     }
 
@@ -139,8 +142,32 @@ impl Image {
     }
 
     /// SHA-256 of the whole file, read with `pread` from offset 0 (the
-    /// descriptor's offset does not matter, as for `kexec_file_load`).
+    /// descriptor's offset does not matter, as for `kexec_file_load`); read
+    /// once, then kept (`unchanged` tells whether the file changed since).
     pub fn sha256(&self) -> Result<[u8; 32], EngineError> {
+        if let Some(d) = self.digest.get() {
+            return Ok(*d);
+        }
+        let d = self.read_sha256()?;
+        Ok(*self.digest.get_or_init(|| d))
+    }
+
+    /// Refuses when the file's digest is not `pinned`.
+    pub fn verify(&self, pinned: &[u8; 32]) -> Result<(), EngineError> {
+        let actual = self.sha256()?;
+        if &actual == pinned {
+            Ok(())
+        } else {
+            Err(EngineError::DigestMismatch {
+                what: self.role.as_str(),
+                name: self.name.clone(),
+                expected: *pinned,
+                actual,
+            })
+        }
+    }
+
+    fn read_sha256(&self) -> Result<[u8; 32], EngineError> {
         let fail =
             |e: std::io::Error| EngineError::BadImage(format!("cannot read {} {}: {e}", self.role.as_str(), self.name));
         let mut h = Sha256::new();

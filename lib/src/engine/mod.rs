@@ -83,6 +83,8 @@ pub struct Engine<R: Region> {
     /// Set while the region holds no readable record but is not blank.
     unreadable: Option<unreadable::Unreadable>,
     quotas: Quotas,
+    /// Where sysfs is (the kexec signature policy is read there).
+    sysfs_root: std::path::PathBuf,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -235,8 +237,20 @@ impl<R: Region> Engine<R> {
                 "transitions need root or CAP_SYS_BOOT".into()
             },
         );
-        let target = fds
-            .and_then(|fds| self.target("check", args, fds))
+        if let Some(path) = self.kernel.reboot_path() {
+            item("reboot path", true, format!("{}: {}", path.name(), path.describe()));
+        }
+        let images = fds.and_then(|fds| images::take("check", args, fds));
+        let on_target = match &images {
+            Ok(Some(images)) if caller.privileged => Some(self.on_target(images)),
+            Ok(Some(_)) => Some((
+                false,
+                "not compared: the image is digested only for a caller that may prepare".to_string(),
+            )),
+            _ => None,
+        };
+        let target = images
+            .and_then(|images| self.target_from(args, images))
             .and_then(|t| self.require_target(t));
         let digest = |t: &transitions::Target| -> Result<String, EngineError> {
             if !caller.privileged {
@@ -247,9 +261,16 @@ impl<R: Region> Engine<R> {
                     stamp_cmdline(&t.cmdline, "<nonce>")
                 ));
             }
+            t.verify_pins(args)?;
             let img = t.record()?;
+            let pinned = match (args.kernel_sha256.is_some(), args.initrd_sha256.is_some()) {
+                (true, true) => "; kernel and initrd match their pinned sha256",
+                (true, false) => "; matches the pinned sha256",
+                (false, true) => "; the initrd matches its pinned sha256",
+                (false, false) => "",
+            };
             Ok(format!(
-                "{} loads (sha256 {}), cmdline {:?} (prepare chooses the nonce: a boot whose command line \
+                "{} loads (sha256 {}{pinned}), cmdline {:?} (prepare chooses the nonce: a boot whose command line \
                  lacks it never takes the update's handover)",
                 img.kernel,
                 hex(&img.kernel_sha256),
@@ -272,6 +293,24 @@ impl<R: Region> Engine<R> {
             },
             Err(e) => item("target kernel", false, e.to_string()),
         }
+        let already_on_target = on_target.as_ref().is_some_and(|(yes, _)| *yes);
+        if let Some((_, detail)) = on_target {
+            item("running kernel", true, detail);
+        }
+        let policy = crate::kernel::sigpolicy::SignaturePolicy::current(&self.sysfs_root);
+        let disabled = policy.kexec_load_disabled == Some(true) && !self.kernel.simulates_kexec();
+        item(
+            "kexec signatures",
+            !disabled,
+            if disabled {
+                format!(
+                    "kernel.kexec_load_disabled is 1: no kernel can be loaded until the next boot; {}",
+                    policy.describe()
+                )
+            } else {
+                policy.describe()
+            },
+        );
         let target_cmdline = match (&args.cmdline, args.reuse_cmdline) {
             (Some(c), _) => c.clone(),
             (None, _) => self.host.cmdline.clone(),
@@ -316,7 +355,121 @@ impl<R: Region> Engine<R> {
             );
         }
         let ok = items.iter().all(|i| i.ok);
-        CheckReport { ok, items }
+        CheckReport {
+            ok,
+            items,
+            already_on_target,
+        }
+    }
+
+    /// Where sysfs is mounted (default `/sys`): the kexec signature policy
+    /// `check` shows is read there.
+    pub fn set_sysfs_root(&mut self, root: std::path::PathBuf) {
+        self.sysfs_root = root;
+    }
+
+    /// The kernel the running one came from by the last update: the target
+    /// of the cycle in `updated`, else of the last finished cycle (`None`
+    /// inside: that update loaded no image). `None`: no update yet.
+    fn last_loaded(&self) -> Option<(u64, Option<&crate::record::KernelImage>)> {
+        if self.record.state == State::Updated
+            && let Some(u) = &self.record.update
+        {
+            return Some((u.id, u.target.as_ref()));
+        }
+        self.record
+            .history
+            .iter()
+            .rev()
+            .find(|c| c.outcome == crate::record::Outcome::Finished)
+            .map(|c| (c.id, c.target.as_ref()))
+    }
+
+    /// Whether the kernel image of `images` is the running kernel: the
+    /// version string of its header is the running kernel's (`uname -r`,
+    /// `uname -v`), and its SHA-256 is that of the kernel the last update
+    /// loaded. Reads the image whole. The detail says why.
+    fn on_target(&self, images: &images::Images) -> (bool, String) {
+        let k = &images.kernel;
+        let (release, build) = nix::sys::utsname::uname()
+            .map(|u| {
+                (
+                    u.release().to_string_lossy().into_owned(),
+                    u.version().to_string_lossy().into_owned(),
+                )
+            })
+            .unwrap_or_default();
+        let running = format!("{release} {build}");
+        let header = match crate::kernel::kexec::image_version(k.fd()) {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                return (
+                    false,
+                    format!(
+                        "{} has no version string in its header: not known to be the running kernel",
+                        k.name
+                    ),
+                );
+            }
+            Err(e) => {
+                return (
+                    false,
+                    format!("cannot read the header of {}: {e} ({})", k.name, e.desc()),
+                );
+            }
+        };
+        if !crate::kernel::kexec::version_is_running(&header, &release, &build) {
+            return (
+                false,
+                format!(
+                    "{} is not the running kernel: it is {header:?}, the running one {running:?}",
+                    k.name
+                ),
+            );
+        }
+        let digest = match k.sha256() {
+            Ok(d) => d,
+            Err(e) => return (false, e.to_string()),
+        };
+        match self.last_loaded() {
+            Some((id, Some(img))) if img.kernel_sha256 == digest => (
+                true,
+                format!(
+                    "{} is the running kernel: its version {header:?} is the running one's, and its sha256 {} is \
+                     that of the kernel cycle {id} loaded ({}): already on target",
+                    k.name,
+                    hex(&digest),
+                    img.kernel
+                ),
+            ),
+            Some((id, Some(img))) => (
+                false,
+                format!(
+                    "{} has the running kernel's version {release}, but its sha256 {} is not {} of the kernel cycle \
+                     {id} loaded ({}): not known to be the running image",
+                    k.name,
+                    hex(&digest),
+                    hex(&img.kernel_sha256),
+                    img.kernel
+                ),
+            ),
+            Some((id, None)) => (
+                false,
+                format!(
+                    "{} has the running kernel's version {release}, but cycle {id}, the last update, loaded no \
+                     image to compare its sha256 with: not known to be the running image",
+                    k.name
+                ),
+            ),
+            None => (
+                false,
+                format!(
+                    "{} has the running kernel's version {release}, but no update has loaded a kernel on this host \
+                     yet, so there is no sha256 to compare it with: not known to be the running image",
+                    k.name
+                ),
+            ),
+        }
     }
 
     /// Number and total size of the files preserved now.
@@ -372,6 +525,8 @@ mod handover_tests;
 mod image_tests;
 #[cfg(test)]
 mod quota_tests;
+#[cfg(test)]
+mod reboot_path_tests;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]

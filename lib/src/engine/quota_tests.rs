@@ -179,7 +179,9 @@ fn a_memfd_grown_after_preservation_stops_prepare_freeze_and_reboot() {
 
     // Back within the quota, the cycle goes on and carries 4096 bytes.
     grow(&fd, 4096);
-    let Rebooted::Simulated(report) = e.reboot(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(report) = e.reboot(&Caller::ROOT).unwrap() else {
+        panic!("a simulated kexec");
+    };
     assert_eq!((report.files, report.bytes), (1, 4096));
 }
 

@@ -33,6 +33,12 @@ impl<R: Region> Engine<R> {
                 "session name {name} is reserved for luod's own record; choose another name"
             )));
         }
+        if name.as_str() == crate::kernel::luo::SYSTEMD_SESSION {
+            return Err(EngineError::InvalidArgument(format!(
+                "session name {name} is reserved for systemd's own LUO session (systemd refuses it in a fd store); \
+                 choose another name"
+            )));
+        }
         if self.record.state != State::Normal {
             return Err(EngineError::SessionsLocked {
                 what: "creating a session",

@@ -30,6 +30,7 @@ pub struct Snapshot {
     park_notes: Option<crate::holder::ParkNotes>,
     vms: Vec<VmRow>,
     progress: ProgressCell,
+    reboot_path: Option<crate::systemd::RebootPath>,
 }
 
 /// A registered VM as the snapshot keeps it.
@@ -88,6 +89,7 @@ impl<R: Region> Engine<R> {
             park_notes: self.kernel.park_notes_cell(),
             vms,
             progress: self.registry.progress().clone(),
+            reboot_path: self.kernel.reboot_path(),
         }
     }
 
@@ -140,6 +142,10 @@ impl Snapshot {
                 None => self.notes.clone(),
             },
             in_progress: self.progress.get(),
+            reboot_path: self.reboot_path.as_ref().map(|p| crate::protocol::RebootPathInfo {
+                path: p.name().into(),
+                detail: p.describe(),
+            }),
         }
     }
 

@@ -143,6 +143,7 @@ impl<R: Region> Engine<R> {
             state_dir: options.state_dir,
             unreadable: None,
             quotas: super::Quotas::DEFAULT,
+            sysfs_root: std::path::PathBuf::from("/sys"),
         };
         if let Some(found) = unreadable {
             engine.notes.push(found.note.clone());
@@ -273,6 +274,28 @@ impl<R: Region> Engine<R> {
         let recovered = self.kernel.recover()?;
         let mut changed = false;
         for s in &mut next.sessions {
+            if s.incoming && self.kernel.handoff() == Handoff::Kernel {
+                // A session of the previous kernel (luod restarted in
+                // `updated`): the kernel still holds its files; the park
+                // gave back the session fd, since it cannot be retrieved
+                // twice. Not an outgoing session to create.
+                if let Err(e) = self.kernel.retrieve_session(&s.name) {
+                    let name = s.name.clone();
+                    s.fds.retain(|f| {
+                        if !f.retrieved {
+                            let note = format!(
+                                "session {name} token {}: the incoming session did not survive luod's restart: {e}",
+                                f.token
+                            );
+                            tracing::error!("{note}");
+                            self.notes.push(note);
+                        }
+                        f.retrieved
+                    });
+                    changed = true;
+                }
+                continue;
+            }
             if let Err(e) = self.kernel.create_session(&s.name)
                 && !matches!(e, crate::kernel::KernelError::SessionExists(_))
             {

@@ -134,7 +134,9 @@ fn a_cycle_through_a_simulated_kexec_restores_files_and_sections() {
     preserve(&mut e, "vm0", 2, b"");
     e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
     e.freeze(&Caller::ROOT).unwrap();
-    let Rebooted::Simulated(report) = e.reboot(&Caller::ROOT).unwrap();
+    let Rebooted::Simulated(report) = e.reboot(&Caller::ROOT).unwrap() else {
+        panic!("a simulated kexec");
+    };
     assert_eq!(
         (report.from, report.to, report.files, report.bytes),
         (State::Frozen, State::Updated, 2, 9)

@@ -23,6 +23,9 @@ pub enum Rebooted {
     /// The kexec was simulated: luod must exit now with
     /// [`SIMULATED_KEXEC_EXIT`](crate::engine::SIMULATED_KEXEC_EXIT).
     Simulated(TransitionReport),
+    /// systemd accepted an orderly `systemctl kexec`: luod stays up, refuses
+    /// every change, and exits when systemd stops it.
+    Orderly(TransitionReport),
 }
 
 /// A target kernel a request gave: its images, checked as files and as a
@@ -44,6 +47,21 @@ impl Target {
             initrd_sha256: self.images.initrd.as_ref().map(|i| i.sha256()).transpose()?,
             cmdline: self.cmdline.clone(),
         })
+    }
+
+    /// Refuses when an image is not the one `args` pins (by SHA-256),
+    /// before anything loads. Reads the pinned images whole.
+    pub fn verify_pins(&self, args: &PrepareArgs) -> Result<(), EngineError> {
+        if let Some(pin) = &args.kernel_sha256 {
+            self.images.kernel.verify(pin)?;
+        }
+        match (&args.initrd_sha256, &self.images.initrd) {
+            (Some(pin), Some(initrd)) => initrd.verify(pin),
+            (Some(_), None) => Err(EngineError::InvalidArgument(
+                "--initrd-sha256 pins an initrd, but no --initrd was given".into(),
+            )),
+            (None, _) => Ok(()),
+        }
     }
 
     /// Refuses when an image changed since the request came.
@@ -75,7 +93,21 @@ impl<R: Region> Engine<R> {
         fds: Vec<OwnedFd>,
     ) -> Result<Option<Target>, EngineError> {
         let images = images::take(what, args, fds)?;
+        self.target_from(args, images)
+    }
+
+    /// [`target`](Self::target) with the images already taken.
+    pub(super) fn target_from(
+        &self,
+        args: &PrepareArgs,
+        images: Option<Images>,
+    ) -> Result<Option<Target>, EngineError> {
         let Some(images) = images else {
+            if args.kernel_sha256.is_some() || args.initrd_sha256.is_some() {
+                return Err(EngineError::InvalidArgument(
+                    "--sha256 and --initrd-sha256 pin the images of --kernel and --initrd: give them".into(),
+                ));
+            }
             if args.cmdline.is_some() || args.reuse_cmdline {
                 return Err(EngineError::InvalidArgument(
                     "--initrd, --cmdline and --reuse-cmdline need --kernel".into(),
@@ -188,6 +220,9 @@ impl<R: Region> Engine<R> {
         let mut nonce = None;
         let target = match target {
             Some(mut t) => {
+                // A pinned target: the files luod got must be the ones
+                // pinned, before anything loads.
+                t.verify_pins(args)?;
                 // A one-time nonce on the target's command line: the next
                 // boot is taken for this cycle's kexec only if it shows it
                 // (handover.rs).
@@ -355,6 +390,15 @@ impl<R: Region> Engine<R> {
                     self.store.region().describe()
                 ));
                 Ok(Rebooted::Simulated(report))
+            }
+            Ok(RebootOutcome::Orderly(note)) => {
+                // systemd stops luod next and kexecs: the record is final.
+                // The state stays `frozen` (with its handover) until the new
+                // kernel's luod takes it.
+                self.handed_over = true;
+                let mut report = self.report(from, started, Vec::new());
+                report.notes.push(note);
+                Ok(Rebooted::Orderly(report))
             }
             Err(e) => Err(self.unfreeze_after(e.to_string())),
         }

@@ -292,10 +292,26 @@ impl Kernel for Emulated {
                 self.forget_all()?;
                 Ok(RebootOutcome::Simulated)
             }
-            KexecMode::Real => Err(kexec::reboot_into_loaded()),
+            KexecMode::Real => {
+                tracing::info!("reboot: direct kexec, skipping the orderly shutdown ({REAL_KEXEC_WHY})");
+                Err(kexec::reboot_into_loaded())
+            }
+        }
+    }
+
+    fn reboot_path(&self) -> Option<crate::systemd::RebootPath> {
+        match self.mode {
+            KexecMode::Simulated => None,
+            KexecMode::Real => Some(crate::systemd::RebootPath::Direct {
+                why: REAL_KEXEC_WHY.into(),
+            }),
         }
     }
 }
+
+/// Why a copying backend with a real kexec never takes the systemd path.
+const REAL_KEXEC_WHY: &str = "the reserved-memory backend keeps its copies in reserved memory, not in a LUO session \
+                              systemd could carry";
 
 #[cfg(test)]
 mod tests {

@@ -44,6 +44,9 @@ pub struct FakeKernel {
     /// file and reserved-memory backends.
     handoff: Handoff,
     kexec_loaded: Arc<AtomicBool>,
+    /// The reboot path of a real-kexec fake: the systemd path runs the
+    /// (fake) `systemctl` it names, through the LUO backend's own code.
+    reboot_path: Option<crate::systemd::RebootPath>,
 }
 
 impl FakeKernel {
@@ -75,6 +78,7 @@ impl FakeKernel {
                 real_kexec,
                 handoff: Handoff::Copy,
                 kexec_loaded,
+                reboot_path: None,
             },
             failures,
         )
@@ -89,6 +93,13 @@ impl FakeKernel {
         let (mut fake, failures) = Self::new();
         fake.real_kexec = true;
         (fake, failures)
+    }
+
+    /// Plays the LUO backend's reboot along `path` (see
+    /// [`Luo`](super::luo::Luo)): direct fails (nothing to kexec into), the
+    /// systemd path runs `systemctl kexec`.
+    pub fn set_reboot_path(&mut self, path: crate::systemd::RebootPath) {
+        self.reboot_path = Some(path);
     }
 
     fn check(&self, op: Op) -> Result<(), KernelError> {
@@ -158,10 +169,17 @@ impl Kernel for FakeKernel {
     }
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
         self.check(Op::Reboot)?;
+        let nothing = || KernelError::Reboot("the fake kernel has nothing to kexec into".into());
+        if let Some(path) = &self.reboot_path {
+            return super::luo::reboot_along(path, self.kexec_loaded.load(Ordering::SeqCst), nothing);
+        }
         if self.real_kexec {
-            return Err(KernelError::Reboot("the fake kernel has nothing to kexec into".into()));
+            return Err(nothing());
         }
         self.inner.reboot()
+    }
+    fn reboot_path(&self) -> Option<crate::systemd::RebootPath> {
+        self.reboot_path.clone()
     }
     fn park_notes(&self) -> Vec<String> {
         self.inner.park_notes()

@@ -66,9 +66,66 @@ pub fn load(load: &KernelLoad<'_>) -> Result<(), KernelError> {
         )
     };
     if rc != 0 {
-        return Err(err(explain_load_errno(Errno::last())));
+        let errno = Errno::last();
+        let policy = super::sigpolicy::SignaturePolicy::current(std::path::Path::new("/sys"));
+        if let Some(reason) = policy.explain_refusal(errno) {
+            return Err(KernelError::SignatureRejected {
+                path: load.kernel_name.to_string(),
+                reason,
+            });
+        }
+        return Err(err(explain_load_errno(errno)));
     }
     Ok(())
+}
+
+/// Reads `buf.len()` bytes at `offset` with `pread` (the file offset does
+/// not matter); fewer at the end of the file.
+fn pread_full(image: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::sys::uio::pread(image, &mut buf[got..], (offset + got as u64) as libc::off_t) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// The kernel version string of an x86 bzImage, from its setup header: the
+/// `kernel_version` field (offset 0x20E, boot protocol 2.00+) points, less
+/// 0x200, to a NUL-terminated string such as `6.1.0-18-amd64
+/// (debian-kernel@lists.debian.org) #1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1
+/// (2024-02-01)`: the release (`uname -r`), who built it, then the build's
+/// version (`uname -v`). `None` when the image has no such string.
+pub fn image_version(image: BorrowedFd<'_>) -> Result<Option<String>, Errno> {
+    let mut header = [0u8; 0x210];
+    if pread_full(image, &mut header, 0)? < header.len() || &header[0x202..0x206] != b"HdrS" {
+        return Ok(None);
+    }
+    let pointer = u16::from_le_bytes([header[0x20e], header[0x20f]]);
+    if pointer == 0 {
+        return Ok(None);
+    }
+    let mut text = [0u8; 512];
+    let n = pread_full(image, &mut text, u64::from(pointer) + 0x200)?;
+    let Some(end) = text[..n].iter().position(|&b| b == 0) else {
+        return Ok(None);
+    };
+    let s = &text[..end];
+    if s.is_empty() || !s.iter().all(|&b| (0x20..0x7f).contains(&b)) {
+        return Ok(None);
+    }
+    Ok(Some(String::from_utf8_lossy(s).into_owned()))
+}
+
+/// Whether the version string of an image header (see [`image_version`])
+/// names the running kernel, given `uname -r` and `uname -v`: its first word
+/// is the release and it ends with the build's version.
+pub fn version_is_running(header: &str, release: &str, version: &str) -> bool {
+    header.split(' ').next() == Some(release) && !version.is_empty() && header.ends_with(version)
 }
 
 /// Checks that `image` is an x86 bzImage (boot protocol 2.06 or later), the
@@ -142,5 +199,52 @@ pub fn reboot_into_loaded() -> KernelError {
         Err(Errno::EINVAL) => KernelError::Reboot("no kexec image is loaded (EINVAL)".into()),
         Err(Errno::EPERM) => KernelError::Reboot("reboot(LINUX_REBOOT_CMD_KEXEC) needs CAP_SYS_BOOT (EPERM)".into()),
         Err(e) => KernelError::Reboot(format!("reboot(LINUX_REBOOT_CMD_KEXEC): {e} ({})", e.desc())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// A bzImage header whose version string is `v` (empty: no pointer).
+    pub(crate) fn bzimage_with_version(v: &str) -> Vec<u8> {
+        let mut bz = vec![0u8; 0x400];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        if !v.is_empty() {
+            bz[0x20e..0x210].copy_from_slice(&0x0100u16.to_le_bytes());
+            bz.resize(0x300 + v.len() + 1 + 0x100, 0);
+            bz[0x300..0x300 + v.len()].copy_from_slice(v.as_bytes());
+        }
+        bz
+    }
+
+    #[test]
+    fn the_version_string_comes_from_the_setup_header() {
+        let v = "7.3.0-luo (root@build) #1 SMP PREEMPT_DYNAMIC Sat Nov 28 10:00:00 UTC 2026";
+        let f = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &bzimage_with_version(v), 0).unwrap();
+        assert_eq!(image_version(f.as_fd()).unwrap().as_deref(), Some(v));
+        assert!(version_is_running(
+            v,
+            "7.3.0-luo",
+            "#1 SMP PREEMPT_DYNAMIC Sat Nov 28 10:00:00 UTC 2026"
+        ));
+        assert!(!version_is_running(
+            v,
+            "7.3.0-luo",
+            "#2 SMP PREEMPT_DYNAMIC Sat Nov 28 11:00:00 UTC 2026"
+        ));
+        assert!(!version_is_running(
+            v,
+            "7.3.1-luo",
+            "#1 SMP PREEMPT_DYNAMIC Sat Nov 28 10:00:00 UTC 2026"
+        ));
+        let none = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&none, &bzimage_with_version(""), 0).unwrap();
+        assert_eq!(image_version(none.as_fd()).unwrap(), None);
+        let short = tempfile::tempfile().unwrap();
+        assert_eq!(image_version(short.as_fd()).unwrap(), None);
     }
 }

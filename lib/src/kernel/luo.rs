@@ -14,6 +14,7 @@ use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome, kexec, memf
 use crate::holder::FdPark;
 use crate::names::SessionName;
 use crate::region::Region;
+use crate::systemd::RebootPath;
 use nix::errno::Errno;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -22,6 +23,9 @@ use std::time::{Duration, Instant};
 
 /// Name of luod's own session (clients cannot use it).
 pub const RECORD_SESSION: &str = "luod";
+/// systemd's own session (clients cannot use it either: systemd refuses a
+/// session of that name in a fd store).
+pub use crate::systemd::SYSTEMD_SESSION;
 /// Token of the record memfd in luod's session.
 const RECORD_TOKEN: u64 = 0;
 /// Park keys of luod's own session and record.
@@ -45,6 +49,10 @@ pub enum LuoStart {
     Restarted,
     /// The previous kernel handed over luod's session: a live update happened.
     Incoming,
+    /// A LUO-aware systemd carried luod's fd store through the kexec: PID 1
+    /// retrieved luod's sessions and passed them back (`LISTEN_FDS`); luod
+    /// retrieved none itself.
+    IncomingFromSystemd,
 }
 
 /// The LUO kernel interface.
@@ -56,6 +64,11 @@ pub struct Luo {
     park: Box<dyn FdPark>,
     recovered: Vec<(SessionName, u64)>,
     record_session: Option<OwnedFd>,
+    /// Sessions of the previous kernel that systemd retrieved and handed
+    /// back: `retrieve_session` takes them from here, never from the kernel
+    /// (a second `RETRIEVE_SESSION` fails).
+    delivered: BTreeMap<SessionName, OwnedFd>,
+    reboot_path: RebootPath,
 }
 
 fn park_session_key(name: &SessionName) -> String {
@@ -64,6 +77,40 @@ fn park_session_key(name: &SessionName) -> String {
 
 fn park_file_key(name: &SessionName, token: u64) -> String {
     format!("F\0{token}\0{name}")
+}
+
+/// Park key of a session of the previous kernel (retrieved, by systemd or
+/// by luod), so that a restart of luod in `updated` finds it again.
+fn park_incoming_key(name: &SessionName) -> String {
+    format!("I\0{name}")
+}
+
+/// What the parked entries say about how luod starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkedStart {
+    /// luod's session and its record memfd: a restart in the same kernel.
+    Restarted,
+    /// luod's session without the record memfd: systemd carried the fd
+    /// store through a kexec (the record memfd is preserved in luod's own
+    /// session, so systemd cannot preserve it a second time, and drops it),
+    /// and the session is one of the previous kernel's.
+    FromSystemd,
+    /// Neither: the kernel decides (an incoming session, or a cold start).
+    Kernel,
+}
+
+/// Reads the park keys luod finds at start.
+pub fn parked_start<'a>(keys: impl IntoIterator<Item = &'a str>) -> ParkedStart {
+    let (mut session, mut record) = (false, false);
+    for k in keys {
+        session |= k == PARK_RECORD_SESSION;
+        record |= k == PARK_RECORD;
+    }
+    match (session, record) {
+        (true, true) => ParkedStart::Restarted,
+        (true, false) => ParkedStart::FromSystemd,
+        _ => ParkedStart::Kernel,
+    }
 }
 
 /// What an errno from a LUO call means, in a sentence a person can act on
@@ -179,12 +226,26 @@ impl Luo {
             park,
             recovered: Vec::new(),
             record_session: None,
+            delivered: BTreeMap::new(),
+            reboot_path: RebootPath::Direct {
+                why: "luod does not park its sessions in systemd's fd store".into(),
+            },
         };
         let mut parked: BTreeMap<String, OwnedFd> = parked.into_iter().collect();
-        if let (Some(session), Some(record)) = (parked.remove(PARK_RECORD_SESSION), parked.remove(PARK_RECORD)) {
-            luo.record_session = Some(session);
-            luo.adopt_parked(parked);
-            return Ok((luo, record, LuoStart::Restarted));
+        match parked_start(parked.keys().map(String::as_str)) {
+            ParkedStart::Restarted => {
+                let session = parked.remove(PARK_RECORD_SESSION).expect("parked_start saw it");
+                let record = parked.remove(PARK_RECORD).expect("parked_start saw it");
+                luo.record_session = Some(session);
+                luo.adopt_parked(parked);
+                return Ok((luo, record, LuoStart::Restarted));
+            }
+            ParkedStart::FromSystemd => {
+                let session = parked.remove(PARK_RECORD_SESSION).expect("parked_start saw it");
+                let record = luo.start_from_systemd(session, parked)?;
+                return Ok((luo, record, LuoStart::IncomingFromSystemd));
+            }
+            ParkedStart::Kernel => {}
         }
         let t = std::time::Instant::now();
         let lap = |what: &str| tracing::debug!("LUO start: {what} at {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
@@ -217,6 +278,68 @@ impl Luo {
         }
     }
 
+    /// systemd handed back luod's fd store after a kexec: `old_session` is
+    /// luod's session of the previous kernel (retrieved by PID 1). Its record
+    /// is copied into a new memfd preserved in a new session (as for an
+    /// incoming session luod retrieves itself), and every other parked
+    /// session is one of the previous kernel's, kept for `retrieve_session`.
+    fn start_from_systemd(
+        &mut self,
+        old_session: OwnedFd,
+        parked: BTreeMap<String, OwnedFd>,
+    ) -> Result<OwnedFd, KernelError> {
+        let old = uapi::retrieve_fd(old_session.as_fd(), RECORD_TOKEN).map_err(|e| match e {
+            Errno::EINVAL => KernelError::Park {
+                what: format!(
+                    "luod's session {RECORD_SESSION} came back from systemd's fd store without its record memfd, \
+                     and it is not a session of the previous kernel"
+                ),
+                reason: "the fd store lost luod's record: stop luod, then `systemctl clean --what=fdstore luod` \
+                         and start it again (what luod had preserved is lost)"
+                    .into(),
+            },
+            e => sys("RETRIEVE_FD (luod record from systemd)", e),
+        })?;
+        let len = memfd::size(old.as_fd()).map_err(io_sys("fstat (luod's incoming record)"))?;
+        let record = copy_memfd(old.as_fd(), len)?;
+        let dev = self.open_device()?;
+        // Replaces the old session in the park (and systemd's fd store).
+        self.new_record_session(dev.as_fd(), record.as_fd())?;
+        drop(dev);
+        if let Err(e) = uapi::finish(old_session.as_fd()) {
+            tracing::warn!("finishing luod's incoming session failed: {e}");
+        }
+        for (key, fd) in parked {
+            let mut parts = key.split('\0');
+            let name = match (parts.next(), parts.next(), parts.next()) {
+                (Some("S" | "I"), Some(name), None) => SessionName::new(name).ok(),
+                _ => None,
+            };
+            let Some(name) = name else {
+                // A file luod preserved in one of its sessions: systemd
+                // could not preserve it a second time (the session carries
+                // it), so none should come back; drop any that did.
+                tracing::warn!("dropping {key:?} from the fd store: not a session");
+                self.unpark(&key);
+                continue;
+            };
+            let dup = fd.try_clone().map_err(io_sys("dup (incoming session)"))?;
+            self.park
+                .put(&park_incoming_key(&name), dup)
+                .map_err(park_err(format!("incoming session {name}")))?;
+            if key != park_incoming_key(&name) {
+                self.unpark(&key);
+            }
+            self.delivered.insert(name, fd);
+        }
+        Ok(record)
+    }
+
+    /// Sets how `reboot` reaches the new kernel.
+    pub fn set_reboot_path(&mut self, path: RebootPath) {
+        self.reboot_path = path;
+    }
+
     fn new_record_session(&mut self, dev: BorrowedFd<'_>, record: BorrowedFd<'_>) -> Result<(), KernelError> {
         let session = uapi::create_session(dev, RECORD_SESSION).map_err(|e| sys("CREATE_SESSION luod", e))?;
         uapi::preserve_fd(session.as_fd(), record, RECORD_TOKEN).map_err(|e| sys("PRESERVE_FD (luod record)", e))?;
@@ -245,6 +368,11 @@ impl Luo {
                                 files: BTreeMap::new(),
                             },
                         );
+                    }
+                }
+                (Some("I"), Some(name), None) => {
+                    if let Ok(name) = SessionName::new(name) {
+                        self.delivered.insert(name, fd);
                     }
                 }
                 (Some("F"), Some(token), Some(name)) => {
@@ -302,7 +430,7 @@ impl Kernel for Luo {
     }
 
     fn create_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
-        if name.as_str() == RECORD_SESSION || self.outgoing.contains_key(name) {
+        if name.as_str() == RECORD_SESSION || name.as_str() == SYSTEMD_SESSION || self.outgoing.contains_key(name) {
             return Err(KernelError::SessionExists(name.to_string()));
         }
         let dev = self.open_device()?;
@@ -328,11 +456,24 @@ impl Kernel for Luo {
     }
 
     fn retrieve_session(&mut self, name: &SessionName) -> Result<(), KernelError> {
+        if let Some(fd) = self.delivered.remove(name) {
+            // PID 1 retrieved it already: a second RETRIEVE_SESSION fails.
+            self.incoming.insert(name.clone(), fd);
+            return Ok(());
+        }
         let dev = self.open_device()?;
         let fd = uapi::retrieve_session(dev.as_fd(), name.as_str()).map_err(|e| match e {
             Errno::ENOENT => KernelError::NoSuchSession(name.to_string()),
             e => sys("RETRIEVE_SESSION", e),
         })?;
+        drop(dev);
+        // Parked, so that a restart of luod before `finish` finds it again.
+        self.park
+            .put(
+                &park_incoming_key(name),
+                fd.try_clone().map_err(io_sys("dup (incoming session)"))?,
+            )
+            .map_err(park_err(format!("incoming session {name}")))?;
         self.incoming.insert(name.clone(), fd);
         Ok(())
     }
@@ -387,6 +528,10 @@ impl Kernel for Luo {
             self.unpark(&park_file_key(session, token));
             return Ok(fd);
         }
+        // A restart of luod in `updated` finds the incoming sessions parked.
+        if let Some(fd) = self.delivered.remove(session) {
+            self.incoming.insert(session.clone(), fd);
+        }
         let s = self
             .incoming
             .get(session)
@@ -401,8 +546,13 @@ impl Kernel for Luo {
     }
 
     fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError> {
+        if let Some(fd) = self.delivered.remove(session) {
+            self.incoming.insert(session.clone(), fd);
+        }
         if let Some(fd) = self.incoming.remove(session) {
-            return uapi::finish(fd.as_fd()).map_err(|e| sys("FINISH", e));
+            uapi::finish(fd.as_fd()).map_err(|e| sys("FINISH", e))?;
+            self.unpark(&park_incoming_key(session));
+            return Ok(());
         }
         let s = self
             .outgoing
@@ -473,7 +623,47 @@ impl Kernel for Luo {
                 "luod's own session is not open; its record would be lost".into(),
             ));
         }
-        Err(kexec::reboot_into_loaded())
+        reboot_along(&self.reboot_path, kexec::loaded(), kexec::reboot_into_loaded)
+    }
+
+    fn reboot_path(&self) -> Option<RebootPath> {
+        Some(self.reboot_path.clone())
+    }
+}
+
+/// `reboot` along `path`. Direct: `direct()` is the kexec itself (it does not
+/// return on success; its error is returned). Systemd: `systemctl kexec`,
+/// after checking that an image is still loaded (`kexec_loaded`), since with
+/// none loaded `systemctl kexec` would load one of its own (the boot
+/// loader's default entry) instead of the target luod loaded at `prepare`.
+pub(crate) fn reboot_along(
+    path: &RebootPath,
+    kexec_loaded: bool,
+    direct: impl FnOnce() -> KernelError,
+) -> Result<RebootOutcome, KernelError> {
+    match path {
+        RebootPath::Direct { why } => {
+            tracing::info!("reboot: direct kexec, skipping the orderly shutdown ({why})");
+            Err(direct())
+        }
+        RebootPath::Systemd { systemctl, .. } => {
+            if !kexec_loaded {
+                return Err(KernelError::Reboot(
+                    "no kernel is loaded for kexec any more (/sys/kernel/kexec_loaded is 0: it was unloaded since \
+                     prepare); prepare again"
+                        .into(),
+                ));
+            }
+            tracing::info!("reboot: orderly shutdown, running `{} kexec`", systemctl.display());
+            crate::systemd::systemctl_kexec(systemctl)
+                .map_err(|e| KernelError::Reboot(format!("systemd refused the orderly kexec: {e}")))?;
+            Ok(RebootOutcome::Orderly(
+                "orderly shutdown under way (`systemctl kexec` queued kexec.target): systemd stops the units, \
+                 carries luod's fd store (its sessions and record) through the kexec, and starts luod again in \
+                 the new kernel"
+                    .into(),
+            ))
+        }
     }
 }
 
@@ -516,6 +706,20 @@ impl Region for MemfdRegion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parked_entries_tell_a_restart_from_a_handover_by_systemd() {
+        let restart = [PARK_RECORD_SESSION, PARK_RECORD, "S\0vm0", "F\u{0}1\u{0}vm0"];
+        assert_eq!(parked_start(restart), ParkedStart::Restarted);
+        // After a kexec systemd hands back sessions only: the record memfd
+        // is preserved in luod's session, so systemd's second PRESERVE_FD of
+        // it fails and the fd store entry is dropped.
+        assert_eq!(parked_start([PARK_RECORD_SESSION, "S\0vm0"]), ParkedStart::FromSystemd);
+        assert_eq!(parked_start([PARK_RECORD_SESSION]), ParkedStart::FromSystemd);
+        assert_eq!(parked_start(["S\0vm0"]), ParkedStart::Kernel);
+        assert_eq!(parked_start([PARK_RECORD]), ParkedStart::Kernel);
+        assert_eq!(parked_start([]), ParkedStart::Kernel);
+    }
 
     #[test]
     fn every_luo_errno_gets_a_sentence() {

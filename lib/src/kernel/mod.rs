@@ -17,6 +17,7 @@ pub mod kexec;
 pub mod luo;
 pub mod memfd;
 pub mod reserved;
+pub mod sigpolicy;
 pub mod uapi;
 
 use crate::names::SessionName;
@@ -47,11 +48,14 @@ pub enum Handoff {
 }
 
 /// What `reboot` did when it returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RebootOutcome {
     /// The kexec was simulated: luod must exit now, and a luod started again
     /// on the same region plays the new kernel's.
     Simulated,
+    /// systemd accepted an orderly `systemctl kexec`: the units stop (luod
+    /// among them) and systemd kexecs; the note says so.
+    Orderly(String),
 }
 
 /// Why the kernel (or the backend emulating it) refused.
@@ -131,6 +135,16 @@ pub enum KernelError {
         /// The image.
         path: String,
         /// Why.
+        reason: String,
+    },
+    /// The kernel refused the target image's signature: it requires signed
+    /// kexec images (lockdown, `CONFIG_KEXEC_SIG_FORCE`) and this one has no
+    /// signature it trusts. The reason says which policy and what to do.
+    #[error("cannot load kernel {path}: {reason}")]
+    SignatureRejected {
+        /// The image.
+        path: String,
+        /// The errno, the policy and what to do.
         reason: String,
     },
     /// The reboot did not happen (or a step luod needs for it failed).
@@ -219,6 +233,12 @@ pub trait Kernel: Send + std::fmt::Debug {
     fn unload_kernel(&mut self) -> Result<(), KernelError>;
     /// Reboots into the loaded kernel. A real kexec does not return on success.
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError>;
+    /// How `reboot` reaches the new kernel, for a backend with a real kexec
+    /// (`None`: the kexec is simulated, or the backend always kexecs itself).
+    fn reboot_path(&self) -> Option<crate::systemd::RebootPath> {
+        None
+    }
+
     /// What the operator should know about where preserved files are parked
     /// (the fd holder died and was replaced, ...), for `status`.
     fn park_notes(&self) -> Vec<String> {

@@ -28,7 +28,11 @@ use serde::{Deserialize, Serialize};
 /// `StatusReport` ends with `in_progress`; `History` answers a
 /// [`HistoryReport`] (cycles and events); new requests `SessionListFrom`,
 /// `SessionEvict`, `DiscardRecord`; new error kind `QuotaExceeded`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: [`PrepareArgs`] ends with the pinned digests `kernel_sha256` and
+/// `initrd_sha256`; [`CheckReport`] ends with `already_on_target`; new error
+/// kind `DigestMismatch`.
+/// 5: [`StatusReport`] ends with `reboot_path` ([`RebootPathInfo`]).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Default path of luod's socket.
 pub const DEFAULT_SOCKET: &str = "/run/luod/luod.sock";
@@ -58,6 +62,11 @@ pub struct PrepareArgs {
     pub cmdline: Option<String>,
     /// Use the running kernel's command line, plus what the backend needs.
     pub reuse_cmdline: bool,
+    /// The kernel image's expected SHA-256 (a pinned target): luod digests
+    /// the descriptor it got and refuses a mismatch before anything loads.
+    pub kernel_sha256: Option<[u8; 32]>,
+    /// The initrd's expected SHA-256.
+    pub initrd_sha256: Option<[u8; 32]>,
 }
 
 /// A client's request.
@@ -331,6 +340,8 @@ pub enum ErrorKind {
     /// The request would pass one of the caller's per-uid quotas (sessions,
     /// files, bytes), or a uid is over its bytes quota and the cycle cannot go on.
     QuotaExceeded,
+    /// A kernel image or initrd is not the one its pinned SHA-256 names.
+    DigestMismatch,
 }
 
 /// A failed request: what failed and why, and what to do about it.
@@ -421,6 +432,17 @@ pub struct StatusReport {
     /// The change luod is making right now (a `freeze` waiting for a VM),
     /// if any: `status` answers from the last committed state meanwhile.
     pub in_progress: Option<crate::progress::Progress>,
+    /// How `reboot` reaches the new kernel (a backend with a real kexec).
+    pub reboot_path: Option<RebootPathInfo>,
+}
+
+/// The reboot path luod chose at start (see [`crate::systemd::RebootPath`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootPathInfo {
+    /// `systemd` (orderly `systemctl kexec`) or `direct` (luod kexecs itself).
+    pub path: String,
+    /// What it means, and why this path.
+    pub detail: String,
 }
 
 /// Answer to `history`.
@@ -452,6 +474,10 @@ pub struct CheckReport {
     pub ok: bool,
     /// Items, in the order they were checked.
     pub items: Vec<CheckItem>,
+    /// The target kernel is the running one: same version string in its
+    /// image header as the running kernel's, and the same SHA-256 as the
+    /// kernel the last update loaded (item `running kernel` says which).
+    pub already_on_target: bool,
 }
 
 /// Answer to a transition.

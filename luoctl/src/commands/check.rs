@@ -18,10 +18,11 @@ pub struct CheckArgs {
     pub kernel: KernelArgs,
 }
 
-/// `check --json`: `{"ok": ..., "items": [...]}`.
+/// `check --json`: `{"ok": ..., "items": [...], "already_on_target": ...}`.
 #[derive(Debug, Serialize)]
 struct ItemsJson<'a> {
     items: &'a [CheckItem],
+    already_on_target: bool,
 }
 
 /// Asks luod what `prepare` would find and prints every item.
@@ -33,10 +34,38 @@ pub fn run(args: &CheckArgs, ctx: &Ctx) -> Result<(), Failed> {
         (Response::Check(r), _) => r,
         (other, _) => return Err(unexpected("check", &req, &other).into()),
     };
+    if report.already_on_target {
+        // Before anything else: a rolling update skips this host, whatever
+        // else check found.
+        if !ctx.json() {
+            render(&report).print();
+        }
+        let detail = report
+            .items
+            .iter()
+            .find(|i| i.name == "running kernel")
+            .map(|i| i.detail.clone())
+            .unwrap_or_default();
+        return Err(Failed {
+            failure: Failure::new(
+                "check",
+                ExitCode::AlreadyOnTarget,
+                format!("already on target: {detail}"),
+            )
+            .with_hint("nothing to update on this host"),
+            details: Details {
+                items: Some(report.items),
+                already_on_target: Some(true),
+            },
+        });
+    }
     if report.ok {
         if ctx.json() {
             // CheckReport's own `ok` is the top-level `ok`.
-            output::json_success(ItemsJson { items: &report.items });
+            output::json_success(ItemsJson {
+                items: &report.items,
+                already_on_target: false,
+            });
         } else {
             let mut t = render(&report);
             t.line("check: prepare would be allowed");
@@ -51,6 +80,7 @@ pub fn run(args: &CheckArgs, ctx: &Ctx) -> Result<(), Failed> {
         failure: failure(&report),
         details: Details {
             items: Some(report.items),
+            already_on_target: Some(false),
         },
     })
 }
@@ -113,6 +143,7 @@ mod tests {
                     detail: "transitions need root or CAP_SYS_BOOT".into(),
                 },
             ],
+            already_on_target: false,
         };
         let f = failure(&r);
         assert_eq!(f.code, ExitCode::CheckFailed);

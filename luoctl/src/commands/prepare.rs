@@ -32,6 +32,30 @@ pub struct KernelArgs {
     /// Use the running kernel's command line (plus what the backend needs).
     #[arg(long, requires = "kernel")]
     pub reuse_cmdline: bool,
+
+    /// Pin the kernel image: its SHA-256 (64 hex digits). luod digests the
+    /// file it gets and refuses a mismatch before anything loads (exit 20).
+    #[arg(long = "sha256", value_name = "HEX", requires = "kernel", value_parser = parse_sha256)]
+    pub kernel_sha256: Option<[u8; 32]>,
+
+    /// Pin the initrd: its SHA-256 (64 hex digits).
+    #[arg(long, value_name = "HEX", requires = "initrd", value_parser = parse_sha256)]
+    pub initrd_sha256: Option<[u8; 32]>,
+}
+
+/// Parses a SHA-256 given as 64 hex digits (either case).
+pub fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
+    let s = s.trim();
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{s:?} is not a SHA-256: give 64 hex digits, as sha256sum prints them"
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
 }
 
 impl KernelArgs {
@@ -60,6 +84,8 @@ impl KernelArgs {
             initrd,
             cmdline: self.cmdline.clone(),
             reuse_cmdline: self.reuse_cmdline,
+            kernel_sha256: self.kernel_sha256,
+            initrd_sha256: self.initrd_sha256,
         };
         Ok((args, files))
     }
@@ -113,6 +139,8 @@ mod tests {
             initrd: None,
             cmdline: Some("console=ttyS0".into()),
             reuse_cmdline: false,
+            kernel_sha256: None,
+            initrd_sha256: None,
         }
     }
 
@@ -134,6 +162,8 @@ mod tests {
             initrd: Some("src/main.rs".into()),
             cmdline: None,
             reuse_cmdline: true,
+            kernel_sha256: None,
+            initrd_sha256: None,
         };
         let (p, files) = args.open("prepare").unwrap();
         let name = |f: &str| dir.join(f).display().to_string();
@@ -173,12 +203,30 @@ mod tests {
     }
 
     #[test]
+    fn a_pin_is_64_hex_digits() {
+        let d = "00ff".repeat(16);
+        let mut want = [0u8; 32];
+        for (i, b) in want.iter_mut().enumerate() {
+            *b = if i % 2 == 0 { 0 } else { 0xff };
+        }
+        assert_eq!(parse_sha256(&d), Ok(want));
+        assert_eq!(parse_sha256(&d.to_uppercase()), Ok(want));
+        assert_eq!(
+            parse_sha256("abc"),
+            Err("\"abc\" is not a SHA-256: give 64 hex digits, as sha256sum prints them".to_string())
+        );
+        assert!(parse_sha256(&"g".repeat(64)).is_err());
+    }
+
+    #[test]
     fn no_kernel_means_no_target_and_no_descriptor() {
         let args = KernelArgs {
             kernel: None,
             initrd: None,
             cmdline: None,
             reuse_cmdline: false,
+            kernel_sha256: None,
+            initrd_sha256: None,
         };
         let (p, files) = args.open("prepare").unwrap();
         assert_eq!(p, PrepareArgs::default());

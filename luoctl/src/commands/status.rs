@@ -41,6 +41,9 @@ pub fn render(r: &StatusReport, now: UnixNanos) -> Text {
         t.line(line);
     }
     t.line(format!("backend       {}, region {}", r.backend, r.region));
+    if let Some(p) = &r.reboot_path {
+        t.line(format!("reboot path   {}: {}", p.path, p.detail));
+    }
     t.line(format!("record        generation {}", r.generation));
     t.line(format!("live updates  {}", r.live_updates));
     let subsystems = if r.subsystems.is_empty() {
@@ -186,6 +189,10 @@ mod tests {
                 step: "freeze".into(),
                 since: now - 3 * s,
                 waiting_for: Some("VM vm0 (freeze)".into()),
+            }),
+            reboot_path: Some(liveupdate::protocol::RebootPathInfo {
+                path: "systemd".into(),
+                detail: "orderly shutdown".into(),
             }),
         };
         let text = render(&r, now);

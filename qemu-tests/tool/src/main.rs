@@ -16,12 +16,17 @@
 //! - `kexec`: a bare `kexec_file_load` + `reboot(LINUX_REBOOT_CMD_KEXEC)`,
 //!   without luod (the baseline of the blackout benchmark, and the "kexec
 //!   anyway" of the cancel scenario).
+//! - `fake-pid1`: plays a LUO-aware systemd's part around luod (its fd
+//!   store, `systemctl kexec`, the fd store back in the new kernel) where
+//!   the guest has no systemd; see `fake_pid1.rs`.
 //! - `bench-copy`: the reserved-memory copy benchmark: `RecordStore::write`
 //!   of a memfd into the mapped `memmap=` range against a plain copy of the
 //!   same number of bytes.
 //!
 //! Markers for the host (`@@LUO ...`) are printed on stdout, which the
 //! scenario's `/init` sends to the serial console.
+
+mod fake_pid1;
 
 use liveupdate::kernel::{kexec, memfd, uapi};
 use liveupdate::protocol::client::Client;
@@ -50,6 +55,8 @@ const USAGE: &str = "usage: luo-qemu-tool COMMAND [OPTIONS]
   luod-times --exec-ns NS --log PATH   (luod's log lines, in ms after NS)
   luo-start-cost [--dev /dev/liveupdate]   (times the kernel calls of luod's LUO start,
         taking luod's incoming record session: run it instead of luod)
+  fake-pid1 --notify PATH --control FIFO --exec 'luod ARGS' [--restore] [--expect 'S sessions, P fds, dropped D']
+        (plays a LUO-aware systemd around luod: fd store, systemctl kexec, restore)
   bench-copy (--region SIZE$ADDR | --file PATH [--file-size SIZE]) [--size 64M] [--reps 3]";
 
 /// Parsed `--key value` options and bare words.
@@ -60,7 +67,7 @@ struct Opts {
     words: Vec<String>,
 }
 
-const FLAGS: &[&str] = &["print-each", "finish-sessions"];
+const FLAGS: &[&str] = &["print-each", "finish-sessions", "restore"];
 
 impl Opts {
     fn parse(args: &[String]) -> Result<Opts> {
@@ -724,6 +731,13 @@ fn main() -> ExitCode {
             }
             "luod-times" => cmd_luod_times(&o),
             "luo-start-cost" => cmd_luo_start_cost(&o),
+            "fake-pid1" => fake_pid1::run(
+                o.req("notify")?,
+                o.req("control")?,
+                o.req("exec")?,
+                o.flag("restore"),
+                o.get("expect"),
+            ),
             _ => Err(format!("unknown command {cmd:?}\n{USAGE}")),
         }
     };
