@@ -398,9 +398,10 @@ def run_scenario(sc, fixtures, kernels, log_dir, verbose):
             return
         kind, rest = m.group(1), m.group(2).strip()
         if kind == "step":
-            parts = rest.split()
-            res.step = parts[0] if parts else "?"
-            step_timeout = float(parts[1]) if len(parts) > 1 else 60.0
+            # A kernel line may follow on the same console line ("60[    2.1] ..."): take the leading number.
+            sm = re.match(r"(\S+)(?:\s+(\d+(?:\.\d+)?))?", rest)
+            res.step = sm.group(1) if sm else "?"
+            step_timeout = float(sm.group(2)) if sm and sm.group(2) else 60.0
             step_deadline = now + step_timeout
         elif kind == "expect-panic":
             panic_expected = True

@@ -97,8 +97,8 @@ cat > "$tmp/customize.sh" <<HOOK
 #!/bin/sh
 set -eu
 r="\$1"
-cp -a "$HOST_DIR/rootfs/." "\$r/"
-chown -R 0:0 "\$r/etc/systemd/network" "\$r/etc/ssh/sshd_config.d" "\$r/usr/local/sbin"
+# Owned by root whoever checked the repository out; existing directories keep their metadata.
+tar -C "$HOST_DIR/rootfs" --owner=0 --group=0 --numeric-owner -cf - . | tar -C "\$r" --no-overwrite-dir -xf -
 install -d -m 700 "\$r/root/.ssh"
 install -m 600 "$tmp/id_ed25519.pub" "\$r/root/.ssh/authorized_keys"
 install -m 644 "$tmp/vmlinuz-luo" "\$r/boot/vmlinuz-luo"

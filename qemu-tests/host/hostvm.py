@@ -318,13 +318,13 @@ class Host:
 
     # ---- ssh -------------------------------------------------------------
 
-    def ssh_argv(self, connect_timeout=10):
+    def ssh_argv(self, connect_timeout=30):
         return ["ssh", "-i", self.image.key, "-p", str(self.port), "-o", "IdentitiesOnly=yes",
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                 "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}", "-o", "ServerAliveInterval=5",
                 "-o", "ServerAliveCountMax=6", "root@127.0.0.1"]
 
-    def ssh(self, command, timeout=60, input=None, connect_timeout=10):
+    def ssh(self, command, timeout=60, input=None, connect_timeout=30):
         """Runs a shell command as root on the host. Returns CmdResult(rc,
         stdout, stderr) (rc 255: ssh itself failed); HostError on timeout.
         `input` (str or bytes) goes to the command's stdin."""
@@ -366,7 +366,9 @@ class Host:
             if not self.running():
                 raise self._failure(f"QEMU exited (status {self.proc.returncode}) while waiting for ssh")
             try:
-                r = self.ssh("true", timeout=30, connect_timeout=5)
+                # Generous: under TCG on a loaded machine sshd's first fork+exec
+                # for a connection can take seconds before the banner.
+                r = self.ssh("true", timeout=60, connect_timeout=30)
                 if r.rc == 0:
                     return time.monotonic() - t0
                 last = r.stderr.strip()

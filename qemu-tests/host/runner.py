@@ -30,6 +30,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.dont_write_bytecode = True  # no __pycache__ in the repository
 sys.path.insert(0, HERE)
 import hostvm  # noqa: E402  (qemu-tests/host/hostvm.py)
 
