@@ -135,8 +135,9 @@ def _run(t, deb, luo_qemu, initrd, console, con_path):
     kvm = h.ssh("test -c /dev/kvm && grep -c -w -e vmx -e svm /proc/cpuinfo")
     t.expect(kvm.rc == 0, f"the host has no usable /dev/kvm (nested KVM under TCG -cpu max): {kvm.stdout} "
                           f"{h.ssh('ls -l /dev/kvm; dmesg | grep -i kvm | tail -5').stdout}")
-    uart = h.check("grep '^1:' /proc/tty/driver/serial")
-    t.expect("uart:16550A" in uart, f"the host's ttyS1 (the guest's console) is missing: {uart}")
+    uart = h.ssh("cat /sys/class/tty/ttyS1/port /sys/class/tty/ttyS1/type")
+    t.expect(uart.rc == 0 and uart.stdout.split()[-1] != "0",
+             f"the host's ttyS1 (the guest's console) is missing: {uart.stdout} {uart.stderr}")
     t.info(f"host: {h.last_boot['release']}, {qemu_version}, /dev/kvm present")
 
     h.check("mkdir -p /var/lib/luo-vm /etc/luod/vms")
