@@ -16,7 +16,7 @@
 #   3. fetch-stock-kernel.sh   Debian's stock kernel (cached)
 #      host/build-image.sh     the Debian sid host image (host scenarios only; cached:
 #                              $LUO_CACHE/host-image-<hash>)
-#   4. cargo build             static luod, luoctl, luo-qemu-tool, luo-test-vmm (+crt-static), in
+#   4. cargo build             static luod, luoctl, luo-qemu-tool, luo-test-vmm, luo-qemu (+crt-static), in
 #                              $LUO_QEMU_TARGET_DIR (default target/qemu-static)
 #   5. scenarios.py            one QEMU run per scenario: per-step and per-scenario
 #                              timeouts, host-side SHA-256 comparison; one line per
@@ -73,9 +73,9 @@ ts=$(now_ms)
 target_dir="${LUO_QEMU_TARGET_DIR:-$REPO/target/qemu-static}"
 triple=x86_64-unknown-linux-gnu
 bindir="$target_dir/$triple/release"
-log "running: RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$target_dir cargo build --release --locked --target $triple -p luod -p luoctl -p luo-qemu-tool -p luo-test-vmm"
+log "running: RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$target_dir cargo build --release --locked --target $triple -p luod -p luoctl -p luo-qemu-tool -p luo-test-vmm -p luo-qemu"
 if ! (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
-      cargo build --release --locked --target "$triple" -p luod -p luoctl -p luo-qemu-tool -p luo-test-vmm 2>&1 | tail -n 3 >&2); then
+      cargo build --release --locked --target "$triple" -p luod -p luoctl -p luo-qemu-tool -p luo-test-vmm -p luo-qemu 2>&1 | tail -n 3 >&2); then
   log "cargo build of the static binaries failed: the luod scenarios will fail"
 fi
 log "static binaries: $(secs_since "$ts") s"

@@ -353,10 +353,10 @@ fn relaunch(
             source,
         })?
         .into();
-    let mut qemu = launch.start(ram.as_fd(), &[desc.as_fd()], true)?;
+    let mut qemu = launch.start(ram.as_fd(), &[], true)?;
     let started = t0.elapsed();
     let t1 = Instant::now();
-    if let Err(e) = qemu.restore(desc.as_raw_fd(), cp) {
+    if let Err(e) = qemu.restore(desc.as_fd(), cp) {
         qemu.kill();
         return Err(e);
     }

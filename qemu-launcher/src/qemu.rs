@@ -12,11 +12,15 @@
 //! a named file, so this guest RAM is never copied into the state.
 //!
 //! The checkpoint is QEMU's `cpr-reboot` migration mode with `x-ignore-shared`
-//! into the state memfd, given with `getfd` and migrated to with `fd:NAME`
-//! (QEMU 10 warns that `fd:` to a file is deprecated in favour of `file:`;
-//! `file:` opens its path with `O_TRUNC`, which a memfd preserved by LUO
-//! refuses, as it may not change size). The new QEMU reads the same memfd
-//! with `-incoming defer` and `migrate-incoming fd:N`.
+//! into a pipe given with `getfd` and migrated to with `fd:NAME`; a launcher
+//! thread copies the stream into the state memfd. Not `fd:` on the memfd
+//! itself: QEMU 10 warns that `fd:` to a file is deprecated, QEMU 11 refuses
+//! it ("Use file: instead"), and `file:` truncates its file to the offset
+//! (`ftruncate`), which a memfd preserved by LUO must not undergo (its size
+//! is fixed). The new QEMU, started with `-incoming defer`, reads the state
+//! back through a pipe the same way (`migrate-incoming fd:NAME`). Only the
+//! device state (hundreds of KB) goes through the pipe; guest RAM is never
+//! copied.
 
 use liveupdate::subsystems::qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
@@ -138,6 +142,45 @@ pub struct Qemu {
     stderr: Arc<Mutex<Vec<String>>>,
     exited: Option<ExitStatus>,
     timeout: Duration,
+}
+
+/// A pipe for QEMU's migration stream: (read end, write end), close-on-exec.
+fn pipe() -> Result<(OwnedFd, OwnedFd), QemuError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| QemuError::Io {
+        what: "creating the pipe for QEMU's device state".into(),
+        source: e.into(),
+    })
+}
+
+/// Copies the pipe `rx` into `desc` until EOF; more than `cap` bytes is an
+/// error (the state memfd is full). Returns the bytes copied.
+fn copy_into(rx: OwnedFd, desc: OwnedFd, cap: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Write};
+    let mut rx = std::fs::File::from(rx);
+    let mut out = std::fs::File::from(desc);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total: u64 = 0;
+    loop {
+        let n = rx.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+        if total > cap {
+            // Drain so that QEMU is not blocked, then report the size.
+            while rx.read(&mut buf)? > 0 {}
+            return Ok(total);
+        }
+        out.write_all(&buf[..n])?;
+    }
+}
+
+/// Writes the first `len` bytes of `desc` into the pipe `tx`, then closes it.
+fn copy_out(desc: OwnedFd, tx: OwnedFd, len: u64) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut src = std::fs::File::from(desc).take(len);
+    let mut tx = std::fs::File::from(tx);
+    std::io::copy(&mut src, &mut tx).map(drop)
 }
 
 /// Opens a new file description of the memfd `fd` (offset 0, independent
@@ -430,10 +473,18 @@ impl Qemu {
             source,
         })?;
         let desc = reopen(state, true)?;
-        self.qmp
-            .send_fd(STATE_FD_NAME, desc.as_fd())
-            .map_err(|e| self.qmp_error(e))?;
-        self.exec("migrate", Some(json!({ "uri": format!("fd:{STATE_FD_NAME}") })))?;
+        let (rx, tx) = pipe()?;
+        let sent = self.qmp.send_fd(STATE_FD_NAME, tx.as_fd());
+        drop(tx);
+        sent.map_err(|e| self.qmp_error(e))?;
+        // Copies QEMU's stream into the memfd, up to its size; the pipe ends
+        // when QEMU closes its end (the migration finished or failed).
+        let copier = std::thread::spawn(move || copy_into(rx, desc, size));
+        if let Err(e) = self.exec("migrate", Some(json!({ "uri": format!("fd:{STATE_FD_NAME}") }))) {
+            let _ = self.exec("closefd", Some(json!({ "fdname": STATE_FD_NAME })));
+            let _ = copier.join();
+            return Err(e);
+        }
         let deadline = Instant::now() + self.timeout;
         loop {
             let mig = self.exec("query-migrate", None)?;
@@ -456,12 +507,14 @@ impl Qemu {
                 _ => std::thread::sleep(Duration::from_millis(2)),
             }
         }
-        // QEMU wrote through the description we gave it: its offset is the
-        // length of the stream.
-        let written = nix::unistd::lseek(&desc, 0, nix::unistd::Whence::SeekCur).map_err(|e| QemuError::Io {
-            what: "reading the state's length".into(),
-            source: e.into(),
-        })? as u64;
+        // QEMU closes its end of the pipe when the migration's cleanup runs.
+        let written = copier
+            .join()
+            .map_err(|_| QemuError::Migration("the thread copying QEMU's state panicked".into()))?
+            .map_err(|source| QemuError::Io {
+                what: "copying QEMU's device state into the state memfd".into(),
+                source,
+            })?;
         let now = liveupdate::kernel::memfd::size(state).unwrap_or(size);
         if written > size || now != size {
             return Err(QemuError::Migration(format!(
@@ -493,9 +546,26 @@ impl Qemu {
     /// Loads the checkpoint from `state_fd` (a descriptor number this QEMU
     /// inherited, at offset 0) into a QEMU started with `-incoming defer`,
     /// and waits until the VM runs again (or is loaded, if it was paused).
-    pub fn restore(&mut self, state_fd: i32, cp: &Checkpoint) -> Result<(), QemuError> {
+    pub fn restore(&mut self, state: BorrowedFd<'_>, cp: &Checkpoint) -> Result<(), QemuError> {
         mode_and_capability(&mut self.qmp).map_err(|e| self.qmp_error(e))?;
-        self.exec("migrate-incoming", Some(json!({ "uri": format!("fd:{state_fd}") })))?;
+        let desc = reopen(state, false)?;
+        let (rx, tx) = pipe()?;
+        let sent = self.qmp.send_fd(STATE_FD_NAME, rx.as_fd());
+        drop(rx);
+        sent.map_err(|e| self.qmp_error(e))?;
+        // Feeds the stream to QEMU; a QEMU that stops reading makes the
+        // write fail (EPIPE) once it closes its end.
+        let len = cp.state_bytes;
+        let feeder = std::thread::spawn(move || copy_out(desc, tx, len));
+        let r = self.exec(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("fd:{STATE_FD_NAME}") })),
+        );
+        if r.is_err() {
+            let _ = self.exec("closefd", Some(json!({ "fdname": STATE_FD_NAME })));
+        }
+        r?;
+        let _feeder = feeder;
         let deadline = Instant::now() + self.timeout;
         loop {
             let mig = self.exec("query-migrate", None)?;

@@ -81,10 +81,11 @@ def status(h):
     return h.json("luoctl --json status")
 
 
-def boot_with_luod(t, deb, name="host"):
+def boot_with_luod(t, deb, name="host", **host_kw):
     """A booted host with the .deb installed, luod active, the client
-    installed and user vmm in the group luod. Returns the Host."""
-    h = t.host(name)
+    installed and user vmm in the group luod. Returns the Host (host_kw go
+    to t.host, e.g. qemu_args)."""
+    h = t.host(name, **host_kw)
     h.boot(timeout=300)
     h.check("systemctl is-system-running --wait || true", timeout=180)
     h.put(deb, "/root/liveupdate.deb")

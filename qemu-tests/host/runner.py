@@ -46,7 +46,7 @@ class Context:
 
     t.image       hostvm.Image of the built image (t.image.versions: systemd, qemu, ...)
     t.luo_kernel  path of the LUO bzImage (also inside the image as /boot/vmlinuz-luo)
-    t.bindir      directory with the static luod, luoctl, luo-qemu-tool, luo-test-vmm (may be "")
+    t.bindir      directory with the static luod, luoctl, luo-qemu-tool, luo-test-vmm, luo-qemu (may be "")
     t.repo        the repository's top directory
     t.work        a scratch directory on the machine, removed afterwards
     t.host(name="host", **kw)   a new hostvm.Host (kw: kernel="luo"|"stock", mem, smp,
