@@ -129,8 +129,10 @@ SCENARIOS += EXTERNAL
 class HostScenario:
     """A scenario on the Debian host image (qemu-tests/host/): the Python file
     qemu-tests/host/scenarios/NAME.py, run by qemu-tests/host/runner.py. Its
-    module-level TIMEOUT (default 900) and BENCH (default False) are read
-    here without importing it."""
+    module-level TIMEOUT (default 900), BENCH (default False) and SMOKE
+    (default False: a smoke check of the image that other host scenarios
+    cover, run by the groups `host` and `all` but not `tests`) are read here
+    without importing it."""
 
     def __init__(self, path):
         import ast
@@ -140,6 +142,7 @@ class HostScenario:
         self.timeout = 900
         self.bench = False
         self.demo = False
+        self.smoke = False
         with open(path) as f:
             tree = ast.parse(f.read(), path)
         for node in tree.body:
@@ -148,6 +151,8 @@ class HostScenario:
                     self.timeout = ast.literal_eval(node.value)
                 elif node.targets[0].id == "BENCH":
                     self.bench = bool(ast.literal_eval(node.value))
+                elif node.targets[0].id == "SMOKE":
+                    self.smoke = bool(ast.literal_eval(node.value))
 
 
 def host_scenarios():
@@ -163,7 +168,7 @@ GROUPS = {
     "smoke": [s.name for s in EXTERNAL],
     "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
     "bench": [s.name for s in SCENARIOS if s.bench],
-    "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo],
+    "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo and not getattr(s, "smoke", False)],
     "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench],
 }
 

@@ -3,6 +3,9 @@ multi-user with /dev/liveupdate and /dev/kvm, ssh works, and an orderly
 `systemctl kexec` into the same kernel brings it back with a new boot id and
 the kernel's "liveupdate number: 1"."""
 
+# A smoke check of the image, not in the `tests` group: host_update and host_two_updates boot the same image and kexec it through systemctl kexec with LUO.
+SMOKE = True
+
 TIMEOUT = 900
 
 

@@ -5,6 +5,9 @@ of random bytes written to the range through /dev/mem reads back
 byte-identical after an orderly `systemctl kexec` into the same kernel (what
 luod's reserved-memory backend relies on)."""
 
+# A smoke check of the image, not in the `tests` group: host_reserved_memory boots the same stock kernel with the memmap reservation and carries data through it.
+SMOKE = True
+
 import hashlib
 import os
 
