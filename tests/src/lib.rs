@@ -346,6 +346,41 @@ impl Luod {
     pub fn luoctl(&self, args: &[&str]) -> Output {
         luoctl_command(&self.socket()).args(args).output().expect("run luoctl")
     }
+
+    /// `luoctl ARGS`: its exit code, stdout and stderr.
+    pub fn luoctl_parts(&self, args: &[&str]) -> (i32, String, String) {
+        output_parts(self.luoctl(args))
+    }
+
+    /// `luoctl ARGS`, which must succeed: its stdout.
+    #[track_caller]
+    pub fn luoctl_ok(&self, args: &[&str]) -> String {
+        let (code, stdout, stderr) = self.luoctl_parts(args);
+        assert_eq!(code, 0, "luoctl {args:?} failed: {stderr}");
+        stdout
+    }
+
+    /// `luoctl --json ARGS`: the exit code and the one JSON object on stdout.
+    #[track_caller]
+    pub fn luoctl_json(&self, args: &[&str]) -> (i32, serde_json::Value) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let (code, stdout, stderr) = self.luoctl_parts(&all);
+        let value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("luoctl {all:?}: stdout is not one JSON object ({e}): {stdout:?}; stderr: {stderr}")
+        });
+        (code, value)
+    }
+}
+
+/// A finished command's exit code (a signal is a test failure), stdout and
+/// stderr as text.
+pub fn output_parts(out: Output) -> (i32, String, String) {
+    (
+        out.status.code().expect("exited, not killed by a signal"),
+        String::from_utf8(out.stdout).expect("UTF-8 stdout"),
+        String::from_utf8(out.stderr).expect("UTF-8 stderr"),
+    )
 }
 
 impl Drop for Luod {

@@ -22,12 +22,7 @@ fn run(luod: &Luod, args: &[&str]) -> (i32, String, String) {
 }
 
 fn parts(out: Output) -> (i32, String, String) {
-    let code = out.status.code().expect("luoctl exited (no signal)");
-    (
-        code,
-        String::from_utf8(out.stdout).expect("UTF-8 stdout"),
-        String::from_utf8(out.stderr).expect("UTF-8 stderr"),
-    )
+    output_parts(out)
 }
 
 /// Runs luoctl and checks it succeeds.
@@ -41,13 +36,7 @@ fn ok(luod: &Luod, args: &[&str]) -> String {
 /// `luoctl --json ARGS`: the exit code and the one JSON object on stdout.
 #[track_caller]
 fn json(luod: &Luod, args: &[&str]) -> (i32, Value) {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (code, stdout, stderr) = run(luod, &all);
-    let value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("luoctl {all:?}: stdout is not one JSON object ({e}): {stdout:?}; stderr: {stderr}")
-    });
-    (code, value)
+    luod.luoctl_json(args)
 }
 
 /// `status --json`, checked successful.

@@ -15,26 +15,17 @@ use std::time::Duration;
 const EXIT_WRONG_STATE: i32 = 11;
 
 fn parts(out: Output) -> (i32, String, String) {
-    (
-        out.status.code().expect("luoctl exited"),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    output_parts(out)
 }
 
 #[track_caller]
 fn ok(luod: &Luod, args: &[&str]) -> String {
-    let (code, stdout, stderr) = parts(luod.luoctl(args));
-    assert_eq!(code, 0, "luoctl {args:?} failed: {stderr}");
-    stdout
+    luod.luoctl_ok(args)
 }
 
 #[track_caller]
 fn json(luod: &Luod, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (_, stdout, stderr) = parts(luod.luoctl(&all));
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("luoctl {all:?}: {e}: {stdout:?} {stderr}"))
+    luod.luoctl_json(args).1
 }
 
 /// A file the kernel check takes for a bzImage; `tag` makes it byte-different.
