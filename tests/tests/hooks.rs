@@ -8,25 +8,10 @@ use liveupdate_tests::*;
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 const EXIT_WRONG_STATE: i32 = 11;
 const EXIT_VETOED: i32 = 13;
-
-fn parts(out: Output) -> (i32, String, String) {
-    output_parts(out)
-}
-
-#[track_caller]
-fn ok(luod: &Luod, args: &[&str]) -> String {
-    luod.luoctl_ok(args)
-}
-
-#[track_caller]
-fn json(luod: &Luod, args: &[&str]) -> Value {
-    luod.luoctl_json(args).1
-}
 
 /// The hooks root in luod's directory (created 0755, root's).
 fn hooks_root(luod_dir: &Path) -> PathBuf {
@@ -82,19 +67,16 @@ fn luod_with_hooks(extra: &[&str]) -> (Luod, PathBuf) {
 fn preserve_file(luod: &Luod, session: &str, token: u64, bytes: &[u8]) -> PathBuf {
     let path = luod.dir().join(format!("{session}-{token}.in"));
     std::fs::write(&path, bytes).unwrap();
-    ok(luod, &["session", "create", session]);
-    ok(
-        luod,
-        &[
-            "session",
-            "preserve",
-            session,
-            "--token",
-            &token.to_string(),
-            "--file",
-            path.to_str().unwrap(),
-        ],
-    );
+    luod.luoctl_ok(&["session", "create", session]);
+    luod.luoctl_ok(&[
+        "session",
+        "preserve",
+        session,
+        "--token",
+        &token.to_string(),
+        "--file",
+        path.to_str().unwrap(),
+    ]);
     path
 }
 
@@ -112,27 +94,24 @@ fn every_phase_runs_in_lexical_order_with_the_cycle_in_its_environment_and_stdin
     bzimage(&kernel, 1);
     let k = kernel.to_str().unwrap();
     preserve_file(&luod, "s", 1, b"carried bytes");
-    ok(&luod, &["prepare", "--kernel", k, "--cmdline", "console=ttyS0"]);
-    ok(&luod, &["freeze"]);
-    ok(&luod, &["reboot"]);
+    luod.luoctl_ok(&["prepare", "--kernel", k, "--cmdline", "console=ttyS0"]);
+    luod.luoctl_ok(&["freeze"]);
+    luod.luoctl_ok(&["reboot"]);
     luod.expect_kexec_exit();
     luod.start();
     // post-update runs before any change is served: the retrieve waits behind it.
     let out = luod.dir().join("s-1.out");
-    ok(
-        &luod,
-        &[
-            "session",
-            "retrieve",
-            "s",
-            "--token",
-            "1",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-    );
+    luod.luoctl_ok(&[
+        "session",
+        "retrieve",
+        "s",
+        "--token",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(std::fs::read(&out).unwrap(), b"carried bytes");
-    ok(&luod, &["finish"]);
+    luod.luoctl_ok(&["finish"]);
 
     let lines = std::fs::read_to_string(&log).unwrap();
     let want: Vec<String> = [
@@ -170,7 +149,7 @@ fn every_phase_runs_in_lexical_order_with_the_cycle_in_its_environment_and_stdin
     );
 
     // The history keeps a summary of each, in order.
-    let h = json(&luod, &["history"]);
+    let h = luod.luoctl_json(&["history"]).1;
     let hooks: Vec<(String, String, String, String)> = h["cycles"][0]["hooks"]
         .as_array()
         .unwrap()
@@ -197,7 +176,7 @@ fn every_phase_runs_in_lexical_order_with_the_cycle_in_its_environment_and_stdin
         "{}",
         luod.log()
     );
-    let text = ok(&luod, &["history"]);
+    let text = luod.luoctl_ok(&["history"]);
     assert!(text.contains("#1: hook post-finish/20-second exit 0 in"), "{text}");
 }
 
@@ -222,7 +201,7 @@ fn a_failing_pre_prepare_hook_vetoes_with_its_last_stderr_line_and_on_failure_ho
     );
     let luod = luod.launched();
     let before = luod.status();
-    let (code, stdout, stderr) = parts(luod.luoctl(&["prepare"]));
+    let (code, stdout, stderr) = luod.luoctl_parts(&["prepare"]);
     assert_eq!(code, EXIT_VETOED, "{stderr}");
     assert_eq!(stdout, "");
     assert!(
@@ -235,7 +214,7 @@ fn a_failing_pre_prepare_hook_vetoes_with_its_last_stderr_line_and_on_failure_ho
         std::fs::read_to_string(&failure_log).unwrap(),
         "prepare|pre-prepare hook 20-memory vetoed: only 3 GiB free, 8 GiB needed\n"
     );
-    let v = json(&luod, &["prepare"]);
+    let v = luod.luoctl_json(&["prepare"]).1;
     assert_eq!(
         (v["error"]["kind"].as_str(), v["error"]["code"].as_i64()),
         (Some("vetoed"), Some(13))
@@ -256,16 +235,16 @@ fn a_failing_pre_freeze_hook_vetoes_the_freeze_and_the_cycle_keeps_its_summary()
         "echo 'database still writing' >&2; exit 1",
     );
     let luod = luod.launched();
-    ok(&luod, &["prepare"]);
-    let (code, _, stderr) = parts(luod.luoctl(&["freeze"]));
+    luod.luoctl_ok(&["prepare"]);
+    let (code, _, stderr) = luod.luoctl_parts(&["freeze"]);
     assert_eq!(code, EXIT_VETOED, "{stderr}");
     assert!(
         stderr.starts_with("luoctl: freeze: pre-freeze hook 10-quiesce vetoed: database still writing"),
         "{stderr}"
     );
     assert_eq!(luod.status().state, State::Prepared);
-    ok(&luod, &["cancel"]);
-    let h = json(&luod, &["history"]);
+    luod.luoctl_ok(&["cancel"]);
+    let h = luod.luoctl_json(&["history"]).1;
     let run = &h["cycles"][0]["hooks"][0];
     assert_eq!(
         (
@@ -294,7 +273,7 @@ fn a_hook_past_its_timeout_is_killed_and_vetoes() {
     );
     let luod = luod.launched();
     let started = Instant::now();
-    let (code, _, stderr) = parts(luod.luoctl(&["prepare"]));
+    let (code, _, stderr) = luod.luoctl_parts(&["prepare"]);
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     assert_eq!(code, EXIT_VETOED, "{stderr}");
     assert!(
@@ -318,7 +297,7 @@ fn hooks_a_local_user_could_have_written_are_refused_and_veto() {
     let luod = luod.launched();
     let prepare_refused = |why: &str| {
         let before = luod.status();
-        let (code, _, stderr) = parts(luod.luoctl(&["prepare"]));
+        let (code, _, stderr) = luod.luoctl_parts(&["prepare"]);
         assert_eq!(code, EXIT_VETOED, "{stderr}");
         assert!(stderr.contains(why), "want {why:?} in {stderr}");
         assert!(!marker.exists(), "a refused hook never runs");
@@ -354,7 +333,7 @@ fn hooks_a_local_user_could_have_written_are_refused_and_veto() {
     ));
     // Made safe, it runs.
     std::fs::set_permissions(root.join("pre-prepare.d"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    ok(&luod, &["prepare"]);
+    luod.luoctl_ok(&["prepare"]);
     assert!(marker.exists());
 }
 
@@ -403,8 +382,8 @@ fn a_failed_validation_holds_finish_until_the_operator_accepts_it() {
     );
     let mut luod = luod.launched();
     preserve_file(&luod, "s", 1, b"x");
-    ok(&luod, &["prepare"]);
-    ok(&luod, &["reboot"]);
+    luod.luoctl_ok(&["prepare"]);
+    luod.luoctl_ok(&["reboot"]);
     luod.expect_kexec_exit();
     luod.start();
     let status = poll(Duration::from_secs(10), || {
@@ -424,20 +403,17 @@ fn a_failed_validation_holds_finish_until_the_operator_accepts_it() {
         status.notes
     );
     let out = luod.dir().join("s.out");
-    ok(
-        &luod,
-        &[
-            "session",
-            "retrieve",
-            "s",
-            "--token",
-            "1",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-    );
+    luod.luoctl_ok(&[
+        "session",
+        "retrieve",
+        "s",
+        "--token",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     let before = luod.status();
-    let (code, _, stderr) = parts(luod.luoctl(&["finish"]));
+    let (code, _, stderr) = luod.luoctl_parts(&["finish"]);
     assert_eq!(code, EXIT_VETOED, "{stderr}");
     assert!(
         stderr.starts_with(
@@ -457,10 +433,10 @@ fn a_failed_validation_holds_finish_until_the_operator_accepts_it() {
         1,
         "the failure is noted again after the restart"
     );
-    let (code, _, _) = parts(luod.luoctl(&["finish"]));
+    let (code, _, _) = luod.luoctl_parts(&["finish"]);
     assert_eq!(code, EXIT_VETOED);
-    ok(&luod, &["finish", "--accept-failed-validation"]);
-    let h = json(&luod, &["history"]);
+    luod.luoctl_ok(&["finish", "--accept-failed-validation"]);
+    let h = luod.luoctl_json(&["history"]).1;
     let c = &h["cycles"][0];
     assert_eq!(
         (
@@ -478,6 +454,6 @@ fn a_failed_validation_holds_finish_until_the_operator_accepts_it() {
     );
     assert_eq!(c["hooks"].as_array().unwrap().len(), 1, "post-update ran once: {c}");
     // Nothing to accept any more.
-    let (code, _, _) = parts(luod.luoctl(&["finish"]));
+    let (code, _, _) = luod.luoctl_parts(&["finish"]);
     assert_eq!(code, EXIT_WRONG_STATE);
 }

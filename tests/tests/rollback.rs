@@ -6,27 +6,11 @@
 
 use liveupdate::state::State;
 use liveupdate_tests::*;
-use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 const EXIT_WRONG_STATE: i32 = 11;
-
-fn parts(out: Output) -> (i32, String, String) {
-    output_parts(out)
-}
-
-#[track_caller]
-fn ok(luod: &Luod, args: &[&str]) -> String {
-    luod.luoctl_ok(args)
-}
-
-#[track_caller]
-fn json(luod: &Luod, args: &[&str]) -> Value {
-    luod.luoctl_json(args).1
-}
 
 /// A file the kernel check takes for a bzImage; `tag` makes it byte-different.
 fn bzimage(path: &Path, tag: u8) {
@@ -61,53 +45,44 @@ fn luod(extra: &[&str]) -> (Luod, PathBuf, PathBuf) {
 fn update(luod: &mut Luod, k1: &Path, bytes: &[u8]) {
     let input = luod.dir().join("s.in");
     std::fs::write(&input, bytes).unwrap();
-    ok(luod, &["session", "create", "s"]);
-    ok(
-        luod,
-        &[
-            "session",
-            "preserve",
-            "s",
-            "--token",
-            "1",
-            "--file",
-            input.to_str().unwrap(),
-        ],
-    );
-    let out = ok(
-        luod,
-        &[
-            "prepare",
-            "--kernel",
-            k1.to_str().unwrap(),
-            "--cmdline",
-            "console=ttyS0 kernel=1",
-        ],
-    );
+    luod.luoctl_ok(&["session", "create", "s"]);
+    luod.luoctl_ok(&[
+        "session",
+        "preserve",
+        "s",
+        "--token",
+        "1",
+        "--file",
+        input.to_str().unwrap(),
+    ]);
+    let out = luod.luoctl_ok(&[
+        "prepare",
+        "--kernel",
+        k1.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 kernel=1",
+    ]);
     let k0 = luod.dir().join("vmlinuz-0");
     assert!(
         out.contains(&format!("note: a rollback of this cycle goes back to {}", k0.display())),
         "{out}"
     );
-    ok(luod, &["reboot"]);
+    luod.luoctl_ok(&["reboot"]);
     luod.expect_kexec_exit();
 }
 
 fn retrieve(luod: &Luod) -> Vec<u8> {
     let out = luod.dir().join("s.out");
     let _ = std::fs::remove_file(&out);
-    ok(
-        luod,
-        &[
-            "session",
-            "retrieve",
-            "s",
-            "--token",
-            "1",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-    );
+    luod.luoctl_ok(&[
+        "session",
+        "retrieve",
+        "s",
+        "--token",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     std::fs::read(&out).unwrap()
 }
 
@@ -116,7 +91,7 @@ type CycleView = (u64, String, Option<u64>, Option<u64>, String);
 
 /// Each cycle of the history.
 fn cycles(luod: &Luod) -> Vec<CycleView> {
-    json(luod, &["history"])["cycles"]
+    luod.luoctl_json(&["history"]).1["cycles"]
         .as_array()
         .unwrap()
         .iter()
@@ -142,7 +117,7 @@ fn luoctl_rollback_goes_back_to_the_previous_kernel_carrying_the_files_and_histo
     assert_eq!(luod.status().state, State::Updated);
 
     // Nothing taken back yet: the rollback carries the files as they came.
-    let out = ok(&luod, &["rollback"]);
+    let out = luod.luoctl_ok(&["rollback"]);
     let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with("  note:")).collect();
     assert_eq!(lines.len(), 3, "{out}");
     assert!(
@@ -159,7 +134,7 @@ fn luoctl_rollback_goes_back_to_the_previous_kernel_carrying_the_files_and_histo
     luod.start();
     assert_eq!(luod.status().state, State::Updated);
     assert_same_bytes("s/1 after both kexecs", &retrieve(&luod), &data);
-    ok(&luod, &["finish"]);
+    luod.luoctl_ok(&["finish"]);
     let (k0, k1) = (k0.display().to_string(), k1.display().to_string());
     assert_eq!(
         cycles(&luod),
@@ -168,13 +143,13 @@ fn luoctl_rollback_goes_back_to_the_previous_kernel_carrying_the_files_and_histo
             (2, "finished".into(), Some(1), None, k0.clone())
         ]
     );
-    let h = json(&luod, &["history"]);
+    let h = luod.luoctl_json(&["history"]).1;
     assert_eq!(h["cycles"][0]["previous"]["kernel"].as_str(), Some(k0.as_str()));
     assert_eq!(
         h["cycles"][0]["previous"]["cmdline"].as_str(),
         Some("console=ttyS0 kernel=0")
     );
-    let text = ok(&luod, &["history"]);
+    let text = luod.luoctl_ok(&["history"]);
     assert!(text.contains("rolled-back (by #2)"), "{text}");
     assert!(text.contains("finished (rollback of #1)"), "{text}");
 }
@@ -186,24 +161,21 @@ fn rollback_after_finish_on_the_same_boot_and_json_reports_each_step() {
     update(&mut luod, &k1, b"first");
     luod.start();
     assert_eq!(retrieve(&luod), b"first");
-    ok(&luod, &["finish"]);
+    luod.luoctl_ok(&["finish"]);
     // The clients preserve again, then the operator rolls back.
     let input = luod.dir().join("s.in");
     std::fs::write(&input, b"second").unwrap();
-    ok(&luod, &["session", "create", "s"]);
-    ok(
-        &luod,
-        &[
-            "session",
-            "preserve",
-            "s",
-            "--token",
-            "1",
-            "--file",
-            input.to_str().unwrap(),
-        ],
-    );
-    let v = json(&luod, &["rollback"]);
+    luod.luoctl_ok(&["session", "create", "s"]);
+    luod.luoctl_ok(&[
+        "session",
+        "preserve",
+        "s",
+        "--token",
+        "1",
+        "--file",
+        input.to_str().unwrap(),
+    ]);
+    let v = luod.luoctl_json(&["rollback"]).1;
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(
         (
@@ -216,7 +188,7 @@ fn rollback_after_finish_on_the_same_boot_and_json_reports_each_step() {
     luod.expect_kexec_exit();
     luod.start();
     assert_eq!(retrieve(&luod), b"second");
-    ok(&luod, &["finish"]);
+    luod.luoctl_ok(&["finish"]);
     let c = cycles(&luod);
     assert_eq!(
         c.iter().map(|c| (c.0, c.1.as_str(), c.2, c.3)).collect::<Vec<_>>(),
@@ -230,10 +202,10 @@ fn rollback_is_refused_when_the_previous_image_changed_and_nothing_changes() {
     let mut luod = luod.launched();
     update(&mut luod, &k1, b"data");
     luod.start();
-    let recorded = json(&luod, &["status"]);
+    let recorded = luod.luoctl_json(&["status"]).1;
     bzimage(&k0, 42);
     let before = luod.status();
-    let (code, stdout, stderr) = parts(luod.luoctl(&["rollback"]));
+    let (code, stdout, stderr) = luod.luoctl_parts(&["rollback"]);
     assert_eq!((code, stdout.as_str()), (EXIT_WRONG_STATE, ""), "{stderr}");
     assert!(
         stderr.starts_with(&format!(
@@ -247,7 +219,7 @@ fn rollback_is_refused_when_the_previous_image_changed_and_nothing_changes() {
         "{stderr}"
     );
     assert_unchanged(&before, &luod.status());
-    assert_eq!(json(&luod, &["status"])["generation"], recorded["generation"]);
+    assert_eq!(luod.luoctl_json(&["status"]).1["generation"], recorded["generation"]);
     // Still carried: the files come back as they were.
     assert_eq!(retrieve(&luod), b"data");
 }
@@ -283,7 +255,7 @@ fn a_failed_validation_with_rollback_auto_goes_back_at_once() {
     );
     luod.start();
     let status = poll(Duration::from_secs(10), || {
-        let s = json(&luod, &["history"]);
+        let s = luod.luoctl_json(&["history"]).1;
         (s["cycles"].as_array().map(|c| c.len()) == Some(1)).then_some(s)
     })
     .expect("cycle 1 in the history");
@@ -298,7 +270,7 @@ fn a_failed_validation_with_rollback_auto_goes_back_at_once() {
     );
     assert_eq!(luod.status().state, State::Updated);
     assert_same_bytes("s/1 after the update and its rollback", &retrieve(&luod), &data);
-    ok(&luod, &["finish"]);
+    luod.luoctl_ok(&["finish"]);
     assert_eq!(
         cycles(&luod),
         [
@@ -306,6 +278,6 @@ fn a_failed_validation_with_rollback_auto_goes_back_at_once() {
             (2, "finished".into(), Some(1), None, k0.display().to_string())
         ]
     );
-    let h = json(&luod, &["history"]);
+    let h = luod.luoctl_json(&["history"]).1;
     assert_eq!(h["cycles"][1]["hooks"][0]["last_line"].as_str(), Some("healthy again"));
 }
