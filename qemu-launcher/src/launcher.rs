@@ -532,6 +532,22 @@ impl Vm<'_> {
         let mut next_attach = Instant::now();
         let mut last_error: Option<String> = None;
         loop {
+            if signals.stop.load(Ordering::SeqCst) && self.frozen {
+                // The checkpoint is in luod's hands (RAM and device state in
+                // the preserved memfds): this is the stop of an orderly kexec
+                // (`systemctl kexec` stops this unit before luod), so the
+                // launcher ends at once, keeping the registration for the
+                // next kernel. Waiting would hold the shutdown for the whole
+                // of TimeoutStopSec.
+                say(format!(
+                    "VM {}: stopping (signal) with the VM checkpointed: luod keeps its RAM and device state for \
+                     the next kernel; QEMU quits",
+                    self.name()
+                ));
+                self.conn = None;
+                self.qemu.quit();
+                return Outcome::Done;
+            }
             if signals.stop.load(Ordering::SeqCst) && !self.in_cycle {
                 say(format!("VM {}: stopping (signal): QEMU quits", self.name()));
                 self.conn = None;

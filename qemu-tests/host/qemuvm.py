@@ -1,0 +1,153 @@
+"""QEMU VMs run by luo-qemu on the Debian host: what the qemu_* host
+scenarios share (qemu-tests/host/scenarios/qemu_*.py).
+
+The guest is Debian's stock kernel with the launcher tests' busybox
+initramfs (qemu-launcher/guest/): it prints every 100 ms `GUEST: tick n=N
+boot=B up=U tmpfs=MD5`. Each VM's console is one of the host's serial ports
+(ttyS1, ttyS2, ...), which is a file on this machine: `Console` stamps each
+line with this machine's monotonic time when it arrives, so a VM's blackout
+is measured here, across the host's kexec.
+"""
+
+import os
+import re
+import subprocess
+import threading
+import time
+
+TICK = re.compile(r"GUEST: tick n=(\d+) boot=(\S+) up=([\d.]+) tmpfs=([0-9a-f]{32})")
+
+
+class Console:
+    """Tails a file that grows, stamping each complete line with
+    time.monotonic() when it is read (polled every 10 ms)."""
+
+    def __init__(self, path):
+        self.path = path
+        open(path, "wb").close()
+        self.lines = []
+        self.lock = threading.Lock()
+        self.done = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        pos, buf = 0, b""
+        while not self.done:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(pos)
+                    data = f.read()
+            except FileNotFoundError:
+                data = b""
+            if data:
+                now = time.monotonic()
+                pos += len(data)
+                buf += data
+                *full, buf = buf.split(b"\n")
+                with self.lock:
+                    self.lines.extend((now, raw.decode("utf-8", "replace")) for raw in full)
+            time.sleep(0.01)
+
+    def stop(self):
+        self.done = True
+
+    def ticks(self):
+        with self.lock:
+            lines = list(self.lines)
+        out = []
+        for ts, line in lines:
+            m = TICK.search(line)
+            if m:
+                out.append({"ts": ts, "n": int(m.group(1)), "boot": m.group(2), "up": float(m.group(3)),
+                            "tmpfs": m.group(4)})
+        return out
+
+    def tail(self, n=15):
+        with self.lock:
+            return "\n".join(line for _, line in self.lines[-n:])
+
+    def wait_tick(self, t, after, timeout):
+        """The first tick with a counter above `after`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            later = [k for k in self.ticks() if k["n"] > after]
+            if later:
+                return later[0]
+            time.sleep(0.05)
+        t.fail(f"the guest printed no tick past n={after} within {timeout} s; its console ends:\n{self.tail()}")
+
+
+def consoles(t, names):
+    """One Console per VM name (files in t.work) and the host's QEMU
+    arguments that make them its serial ports ttyS1, ttyS2, ... in order."""
+    cons, args = {}, []
+    for i, name in enumerate(names):
+        path = os.path.join(t.work, f"vm-{name}-console.log")
+        cons[name] = Console(path)
+        args += ["-chardev", f"file,id=vmcon{i},path={path}", "-serial", f"chardev:vmcon{i}"]
+    return cons, args
+
+
+def launcher_log(h, vm, boot="-b"):
+    return h.check(f"journalctl {boot} -u luo-qemu@{vm} -o cat")
+
+
+def wait_launcher(t, h, vm, needle, timeout):
+    """The first line of luo-qemu@VM's journal (this boot) containing needle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in launcher_log(h, vm).splitlines():
+            if needle in line:
+                return line
+        time.sleep(1)
+    t.fail(f"luo-qemu@{vm} did not log {needle!r} within {timeout} s:\n{launcher_log(h, vm)[-2500:]}\n"
+           f"{h.ssh(f'systemctl status luo-qemu@{vm} --no-pager | tail -5').stdout}")
+
+
+def field(line, name):
+    m = re.search(re.escape(name) + r"=([\d.]+)", line)
+    return float(m.group(1)) if m else None
+
+
+def install_launcher(t, h):
+    """luo-qemu (static, from qemu-tests/run.sh), its template unit, the
+    guest's kernel and initramfs into the host; checks /dev/kvm."""
+    luo_qemu = os.path.join(t.bindir, "luo-qemu")
+    t.expect(os.path.isfile(luo_qemu), f"no static luo-qemu in {t.bindir!r} (qemu-tests/run.sh builds it)")
+    initrd = os.path.join(t.work, "guest-initrd.gz")
+    if not os.path.exists(initrd):
+        subprocess.run(["bash", os.path.join(t.repo, "qemu-launcher", "guest", "make-initrd.sh"), initrd],
+                       check=True, stdin=subprocess.DEVNULL)
+    kvm = h.ssh("test -c /dev/kvm && grep -c -w -e vmx -e svm /proc/cpuinfo")
+    t.expect(kvm.rc == 0, f"the host has no usable /dev/kvm (nested KVM under TCG -cpu max): {kvm.stdout} "
+                          f"{h.ssh('ls -l /dev/kvm; dmesg | grep -i kvm | tail -5').stdout}")
+    h.check("mkdir -p /var/lib/luo-vm /etc/luod/vms")
+    h.put(luo_qemu, "/usr/bin/luo-qemu", mode=0o755)
+    h.put(os.path.join(t.repo, "qemu-launcher", "systemd", "luo-qemu@.service"),
+          "/etc/systemd/system/luo-qemu@.service")
+    h.put(t.image.vmlinuz_stock, "/var/lib/luo-vm/vmlinuz")
+    h.put(initrd, "/var/lib/luo-vm/initrd.gz")
+    return h.check("qemu-system-x86_64 --version").splitlines()[0]
+
+
+def define_vm(h, name, tty, memory_mib=128, state_mib=4, append="", extra_args=()):
+    """/etc/luod/vms/NAME.toml: the guest on the host's serial port `tty`
+    (e.g. ttyS1), logged to /var/lib/luo-vm/NAME.serial."""
+    args = ["-nodefaults", "-machine", "q35", "-accel", "kvm", "-cpu", "qemu64", "-smp", "1", "-display", "none",
+            "-kernel", "/var/lib/luo-vm/vmlinuz", "-initrd", "/var/lib/luo-vm/initrd.gz",
+            "-append", ("console=ttyS0,115200 quiet " + append).strip(),
+            "-chardev", f"serial,id=ser,path=/dev/{tty},logfile=/var/lib/luo-vm/{name}.serial,logappend=on",
+            "-serial", "chardev:ser", *extra_args]
+    toml = (f'qemu = "/usr/bin/qemu-system-x86_64"\nmemory_mib = {memory_mib}\nstate_mib = {state_mib}\n'
+            "timeout_secs = 60\nargs = [" + ", ".join(f'"{a}"' for a in args) + "]\n")
+    h.ssh(f"cat > /etc/luod/vms/{name}.toml", input=toml)
+
+
+def start_vm(t, h, name, console, timeout=600):
+    """Enables luo-qemu@NAME and waits until it is registered with luod and
+    the guest ticks; the first tick."""
+    h.check(f"systemctl daemon-reload && systemctl enable --now luo-qemu@{name}", timeout=120)
+    t.log(wait_launcher(t, h, name, "started fresh", 300))
+    wait_launcher(t, h, name, f"VM {name} registered with luod", 300)
+    return console.wait_tick(t, 20, timeout)
