@@ -1097,8 +1097,10 @@ impl From<Response> for Outcome {
 
 /// Answers a read request (`status`, `history`, `session-list`,
 /// `session-list-from`, `vm-list`) from the snapshot, without waiting for
-/// a change in progress; `None` for any other request (and for a read that
-/// came with descriptors, which the engine refuses).
+/// a change in progress, and `vm-report`, which changes only luod's memory
+/// of what VMMs reported (a VMM may report while luod waits for its call);
+/// `None` for any other request (and for one that came with descriptors,
+/// which the engine refuses).
 fn read(snapshot: &Snapshot, caller: &Caller, req: &Request, fds: &[OwnedFd]) -> Option<Outcome> {
     if !fds.is_empty() {
         return None;
@@ -1125,6 +1127,14 @@ fn read(snapshot: &Snapshot, caller: &Caller, req: &Request, fds: &[OwnedFd]) ->
             Response::Sessions(page)
         }
         Request::VmList => Response::Vms(snapshot.vm_list(caller)),
+        Request::VmReport {
+            name,
+            detail,
+            blackout_ms,
+        } => match snapshot.vm_report(caller, name, detail.clone(), *blackout_ms) {
+            Ok(()) => Response::Done,
+            Err(e) => Response::Error(e.to_reply()),
+        },
         _ => return None,
     };
     Some(Outcome::from(resp))
@@ -1186,7 +1196,8 @@ fn dispatch_request<R: Region>(
         | Request::History
         | Request::SessionList
         | Request::SessionListFrom { .. }
-        | Request::VmList => {
+        | Request::VmList
+        | Request::VmReport { .. } => {
             return read(&engine.snapshot(), caller, &req, &[]).expect("a read request");
         }
         // The target kernel's images come as descriptors the client opened.

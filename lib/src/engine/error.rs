@@ -32,6 +32,9 @@ pub enum EngineError {
     /// An argument is invalid.
     #[error("{0}")]
     InvalidArgument(String),
+    /// No VM of that name that the caller may see.
+    #[error("no VM named {0}")]
+    NoSuchVm(String),
     /// `finish` with VMs no VMM claimed.
     #[error("{} VM(s) of the update were not restored: {}", .0.len(), .0.join(", "))]
     VmsNotRestored(Vec<String>),
@@ -175,7 +178,9 @@ impl EngineError {
             }
             E::Step(s) if s.is_veto() => ErrorKind::Vetoed,
             E::Step(_) => ErrorKind::SubsystemFailed,
-            E::Kernel(KernelError::NoSuchSession(_) | KernelError::NoSuchToken { .. }) => ErrorKind::NotFound,
+            E::Kernel(KernelError::NoSuchSession(_) | KernelError::NoSuchToken { .. }) | E::NoSuchVm(_) => {
+                ErrorKind::NotFound
+            }
             E::Kernel(
                 KernelError::SessionExists(_) | KernelError::TokenExists { .. } | KernelError::AlreadyPreserved { .. },
             ) => ErrorKind::AlreadyExists,
@@ -222,6 +227,7 @@ impl EngineError {
             E::SessionsLocked { .. } => "`luoctl finish` the cycle first".into(),
             E::NotPrivileged(_) => "run as root (or with CAP_SYS_BOOT) in the host's user namespace; root inside a user namespace of your own does not count".into(),
             E::Kernel(KernelError::NoSuchSession(_)) => "`luoctl session list` shows your sessions".into(),
+            E::NoSuchVm(_) => "`luoctl vm list` shows the VMs you may see (yours; every VM for root)".into(),
             E::Kernel(KernelError::NoSuchToken { session, .. }) => {
                 format!("`luoctl session list` shows the tokens of {session}")
             }

@@ -91,6 +91,8 @@ pub struct Engine<R: Region> {
     rollback: RollbackConfig,
     /// VMs a rollback from `updated` carries (never claimed in this kernel).
     carried_vms: Vec<VmSaved>,
+    /// What VMMs reported about their VMs (memory only).
+    vm_notes: vms::VmNotes,
     /// Where sysfs is (the kexec signature policy is read there).
     sysfs_root: std::path::PathBuf,
 }

@@ -269,6 +269,7 @@ impl<R: Region> Engine<R> {
         self.end_session(i, Some((caller, SESSION_EVICTED)))?;
         if let (Some(vm), Some(vms)) = (session.strip_prefix("vm-"), &self.vms) {
             vms.lock().unwrap_or_else(|p| p.into_inner()).forget(vm);
+            self.forget_vm_note(vm);
         }
         tracing::warn!("uid {} evicted session {session} of uid {owner}", caller.uid);
         Ok(())

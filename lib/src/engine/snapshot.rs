@@ -5,8 +5,8 @@
 //! methods and for luod's readers alike, so both filter the same way.
 
 use super::quotas::owner_prefix;
-use super::vms::{peer_closed, saved_vms_of, vm_session};
-use super::{Caller, Engine, blackout, summary};
+use super::vms::{VmNote, VmNotes, check_detail, peer_closed, saved_vms_of, vm_session};
+use super::{Caller, Engine, EngineError, blackout, summary};
 use crate::progress::ProgressCell;
 use crate::protocol::{CycleSummary, FileInfo, HistoryReport, SessionInfo, StatusReport, VmInfo};
 use crate::record::{HandoverRecord, SessionRecord};
@@ -29,6 +29,8 @@ pub struct Snapshot {
     /// is replaced, with no request.
     park_notes: Option<crate::holder::ParkNotes>,
     vms: Vec<VmRow>,
+    /// What VMMs reported (shared: a report changes it for every snapshot).
+    vm_notes: VmNotes,
     progress: ProgressCell,
     reboot_path: Option<crate::systemd::RebootPath>,
 }
@@ -88,6 +90,7 @@ impl<R: Region> Engine<R> {
             },
             park_notes: self.kernel.park_notes_cell(),
             vms,
+            vm_notes: self.vm_notes.clone(),
             progress: self.registry.progress().clone(),
             reboot_path: self.kernel.reboot_path(),
         }
@@ -175,6 +178,63 @@ impl Snapshot {
             .collect()
     }
 
+    /// `vm report`: what VM `name`'s VMM says of it, kept in memory for
+    /// `vm list` (a value given as `None` stays as it was). Allowed to the
+    /// uid whose VM it is (registered, or carried by the update) and to a
+    /// privileged caller; to anyone else the VM does not exist. Never waits
+    /// for a change in progress (a VM call included): it touches only the
+    /// reports.
+    pub fn vm_report(
+        &self,
+        caller: &Caller,
+        name: &str,
+        detail: Option<String>,
+        blackout_ms: Option<u64>,
+    ) -> Result<(), EngineError> {
+        let known = self.vm_owners();
+        match known.iter().find(|(n, _)| n == name) {
+            Some((_, owner)) if caller.privileged || *owner == caller.uid => {}
+            _ => return Err(EngineError::NoSuchVm(name.to_string())),
+        }
+        if let Some(d) = &detail {
+            check_detail(name, d)?;
+        }
+        let mut notes = self.vm_notes.lock().unwrap_or_else(|p| p.into_inner());
+        // Reports of VMs luod no longer knows go: the table stays as small
+        // as the VMs are few.
+        notes.retain(|n, _| known.iter().any(|(k, _)| k == n));
+        let note = notes.entry(name.to_string()).or_default();
+        if detail.is_some() {
+            note.detail = detail;
+        }
+        if blackout_ms.is_some() {
+            note.blackout_ms = blackout_ms;
+        }
+        Ok(())
+    }
+
+    /// Every VM `vm list` would show root, with its owner.
+    fn vm_owners(&self) -> Vec<(String, u32)> {
+        if self.record.state == State::Updated {
+            saved_vms_of(&self.record)
+                .into_iter()
+                .map(|v| (v.name, v.owner_uid))
+                .collect()
+        } else {
+            self.vms.iter().map(|v| (v.name.clone(), v.owner_uid)).collect()
+        }
+    }
+
+    /// What VM `name`'s VMM reported, if anything.
+    fn note(&self, name: &str) -> VmNote {
+        self.vm_notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// `vm list`: the VMs the caller may see (all for a privileged caller).
     pub fn vm_list(&self, caller: &Caller) -> Vec<VmInfo> {
         let visible = |uid: u32| caller.privileged || uid == caller.uid;
@@ -193,11 +253,14 @@ impl Snapshot {
                         Some(s) if s.fds.iter().all(|f| f.retrieved) => "claimed",
                         Some(_) => "awaiting-claim",
                     };
+                    let note = self.note(&v.name);
                     VmInfo {
                         name: v.name,
                         owner_uid: v.owner_uid,
                         tokens: v.tokens,
                         phase: phase.into(),
+                        detail: note.detail,
+                        blackout_ms: note.blackout_ms,
                     }
                 })
                 .collect();
@@ -205,16 +268,21 @@ impl Snapshot {
         self.vms
             .iter()
             .filter(|v| visible(v.owner_uid))
-            .map(|v| VmInfo {
-                name: v.name.clone(),
-                owner_uid: v.owner_uid,
-                tokens: v.tokens.clone(),
-                phase: if v.conn.as_ref().is_some_and(|c| !peer_closed(c)) {
-                    "registered"
-                } else {
-                    "disconnected"
+            .map(|v| {
+                let note = self.note(&v.name);
+                VmInfo {
+                    name: v.name.clone(),
+                    owner_uid: v.owner_uid,
+                    tokens: v.tokens.clone(),
+                    phase: if v.conn.as_ref().is_some_and(|c| !peer_closed(c)) {
+                        "registered"
+                    } else {
+                        "disconnected"
+                    }
+                    .into(),
+                    detail: note.detail,
+                    blackout_ms: note.blackout_ms,
                 }
-                .into(),
             })
             .collect()
     }

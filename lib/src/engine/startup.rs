@@ -146,6 +146,7 @@ impl<R: Region> Engine<R> {
             hooks: None,
             rollback: Default::default(),
             carried_vms: Vec::new(),
+            vm_notes: Default::default(),
             sysfs_root: std::path::PathBuf::from("/sys"),
         };
         if let Some(found) = unreadable {

@@ -106,6 +106,39 @@ pub(super) fn saved_vms_of(record: &crate::record::HandoverRecord) -> Vec<VmSave
         .unwrap_or_default()
 }
 
+/// What a VMM reported about its VM ([`Request::VmReport`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmNote {
+    /// Free text: the VMM's version, the VM's run state, a failure's reason.
+    pub detail: Option<String>,
+    /// The VM's blackout in the last live update, in milliseconds.
+    pub blackout_ms: Option<u64>,
+}
+
+/// The VMMs' reports, by VM name: in luod's memory only (never in the
+/// record), shared by the engine and every snapshot, and kept apart from the
+/// [`VmTable`] so that a report never waits for a VM call in progress.
+pub type VmNotes = Arc<Mutex<std::collections::BTreeMap<String, VmNote>>>;
+
+/// Checks a reported detail: one line of text of at most
+/// [`crate::protocol::MAX_VM_DETAIL`] bytes.
+pub(super) fn check_detail(name: &str, detail: &str) -> Result<(), EngineError> {
+    let max = crate::protocol::MAX_VM_DETAIL;
+    if detail.len() > max {
+        return Err(EngineError::InvalidArgument(format!(
+            "the detail reported for VM {name} is {} bytes; luod keeps at most {max}",
+            detail.len()
+        )));
+    }
+    if detail.chars().any(char::is_control) {
+        return Err(EngineError::InvalidArgument(format!(
+            "the detail reported for VM {name} has a control character (a line break, a tab, ...); it must be \
+             one line of text"
+        )));
+    }
+    Ok(())
+}
+
 /// A [`VmTable`] shared between the engine and the `kvm` subsystem.
 pub type SharedVms = Arc<Mutex<VmTable>>;
 
@@ -503,6 +536,7 @@ impl<R: Region> Engine<R> {
         if let Some(vms) = &self.vms {
             lock(vms).forget(name);
         }
+        self.forget_vm_note(name);
         Ok(())
     }
 
@@ -518,8 +552,10 @@ impl<R: Region> Engine<R> {
         self.snapshot().vm_list(caller)
     }
 
-    /// VMs of the update that no VMM claimed yet (for `finish`).
+    /// VMs of the update that no VMM claimed yet (for `finish`), each with
+    /// what its VMM reported last, if it did (`web (relaunch failed: ...)`).
     pub(super) fn unclaimed_vms(&self) -> Vec<String> {
+        let notes = self.vm_notes.lock().unwrap_or_else(|p| p.into_inner());
         self.saved_vms()
             .into_iter()
             .filter(|v| {
@@ -528,7 +564,26 @@ impl<R: Region> Engine<R> {
                     .iter()
                     .any(|s| s.name.as_str() == vm_session(&v.name) && s.fds.iter().any(|f| !f.retrieved))
             })
-            .map(|v| v.name)
+            .map(|v| match notes.get(&v.name).and_then(|n| n.detail.as_deref()) {
+                Some(detail) => format!("{} ({detail})", v.name),
+                None => v.name,
+            })
             .collect()
+    }
+
+    /// Drops what VM `name`'s VMM reported (the VM is gone).
+    pub(super) fn forget_vm_note(&self, name: &str) {
+        self.vm_notes.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    }
+
+    /// `vm report`: see [`crate::protocol::Request::VmReport`].
+    pub fn vm_report(
+        &self,
+        caller: &Caller,
+        name: &str,
+        detail: Option<String>,
+        blackout_ms: Option<u64>,
+    ) -> Result<(), EngineError> {
+        self.snapshot().vm_report(caller, name, detail, blackout_ms)
     }
 }

@@ -236,6 +236,21 @@ impl Client {
         }
     }
 
+    /// Reports on VM `name` what `vm list` shows beside luod's phase (see
+    /// [`Request::VmReport`]): on a connection of its own, not a registered
+    /// one. `None` leaves a value as it was.
+    pub fn report_vm(&mut self, name: &str, detail: Option<&str>, blackout_ms: Option<u64>) -> Result<(), ClientError> {
+        let req = Request::VmReport {
+            name: name.to_string(),
+            detail: detail.map(str::to_string),
+            blackout_ms,
+        };
+        match self.call(&req)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(&req, &other)),
+        }
+    }
+
     /// In the new kernel: takes VM `name` over. Returns its memfds (token,
     /// fd) and the state its previous VMM saved at `freeze`.
     pub fn claim_vm(&mut self, name: &str) -> Result<ClaimedVm, ClientError> {

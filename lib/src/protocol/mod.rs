@@ -34,7 +34,12 @@ use serde::{Deserialize, Serialize};
 /// fields (previous kernel, rollback links, validation, hook summaries;
 /// outcome `rolled-back`); new requests `Rollback` and `FinishAccepting`.
 /// 5: [`StatusReport`] ends with `reboot_path` ([`RebootPathInfo`]).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: [`VmInfo`] ends with `detail` and `blackout_ms`, which a VMM sets
+/// with the new request `VmReport`.
+pub const PROTOCOL_VERSION: u32 = 6;
+
+/// Longest [`Request::VmReport`] detail luod keeps, in bytes.
+pub const MAX_VM_DETAIL: usize = 1024;
 
 /// Default path of luod's socket.
 pub const DEFAULT_SOCKET: &str = "/run/luod/luod.sock";
@@ -180,6 +185,26 @@ pub enum Request {
     /// `finish`, accepting an update whose validation (a `post-update`
     /// hook) failed; the acceptance is recorded.
     FinishAccepting,
+    /// A VMM reports on its VM what `vm list` shows beside luod's own view:
+    /// a free-text `detail` (its version, the VM's run state, why a
+    /// relaunch failed) and the VM's blackout in the last live update, as
+    /// the VMM measured it. Allowed to the uid that registered the VM (or,
+    /// after an update, whose VM it was) and to root; for anyone else the VM
+    /// does not exist. Works for a registered VM and, in `updated`, for a VM
+    /// awaiting its claim or claimed (a launcher whose restore failed). Sent
+    /// on a connection of its own: a registered connection carries only
+    /// luod's calls and their answers. luod keeps the report in memory
+    /// (until the VM is abandoned or luod exits); `None` leaves a value as
+    /// it was. Answered with [`Response::Done`].
+    VmReport {
+        /// VM name.
+        name: String,
+        /// One line of text, at most [`MAX_VM_DETAIL`] bytes, no control
+        /// characters.
+        detail: Option<String>,
+        /// The VM's blackout in the last live update, in milliseconds.
+        blackout_ms: Option<u64>,
+    },
 }
 
 impl Request {
@@ -210,6 +235,7 @@ impl Request {
             Request::SessionEvict { .. } => "session-evict",
             Request::Rollback => "rollback",
             Request::FinishAccepting => "finish",
+            Request::VmReport { .. } => "vm-report",
         }
     }
 }
@@ -318,8 +344,14 @@ pub struct VmInfo {
     pub owner_uid: u32,
     /// Tokens of its guest-RAM memfds.
     pub tokens: Vec<u64>,
-    /// `registered`, `disconnected`, `awaiting-claim`, `claimed`.
+    /// `registered`, `disconnected`, `awaiting-claim`, `claimed`, `abandoned`.
     pub phase: String,
+    /// What its VMM last reported ([`Request::VmReport`]), e.g. `QEMU
+    /// 11.1.3, running`; `None` until it reports.
+    pub detail: Option<String>,
+    /// The VM's blackout in the last live update, in milliseconds, as its
+    /// VMM measured and reported it; `None` when unknown.
+    pub blackout_ms: Option<u64>,
 }
 
 /// Classes of failure; luoctl maps each to an exit code.

@@ -5,7 +5,9 @@
 //! `liveupdate::protocol::Request` in serde_json form; a `SessionPreserve` is
 //! sent with a fresh 4096-byte memfd, or, when `LUO_TEST_CLIENT_FD=N` is
 //! set, with the inherited descriptor N (so the test keeps the memfd and can
-//! change it afterwards). Prints one JSON array on stdout: for
+//! change it afterwards). A `VmRegister` is sent with a fresh 4096-byte
+//! memfd per token (the connection then belongs to luod's calls: make it
+//! the last request). Prints one JSON array on stdout: for
 //! each request `{"Ok": RESPONSE}` or `{"Err": ERROR_REPLY}`. Exits 2 when it
 //! cannot connect or a request is not valid JSON, 3 when the connection breaks.
 //! With `--hold` it keeps the connection open after printing, until its
@@ -53,6 +55,13 @@ fn main() -> ExitCode {
                 Err(_) => liveupdate::kernel::memfd::from_bytes("luo-test-client", &[0u8; 4096]).expect("memfd"),
             };
             client.call_fds(&req, &[fd.as_fd()]).map(|(r, _)| r)
+        } else if let Request::VmRegister { tokens, .. } = &req {
+            let ram: Vec<_> = tokens
+                .iter()
+                .map(|_| liveupdate::kernel::memfd::from_bytes("luo-test-client-vm", &[0u8; 4096]).expect("memfd"))
+                .collect();
+            let fds: Vec<_> = ram.iter().map(|f| f.as_fd()).collect();
+            client.call_fds(&req, &fds).map(|(r, _)| r)
         } else {
             client.call(&req)
         };

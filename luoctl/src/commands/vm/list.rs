@@ -9,7 +9,9 @@ use serde::Serialize;
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {}
 
-/// `vm list --json`: `{"ok": true, "vms": [{name, owner_uid, tokens, phase}]}`.
+/// `vm list --json`: `{"ok": true, "vms": [{name, owner_uid, tokens, phase,
+/// detail, blackout_ms}]}` (`detail` and `blackout_ms` are `null` until the
+/// VM's VMM reports them).
 #[derive(Debug, Serialize)]
 struct ListJson<'a> {
     vms: &'a [VmInfo],
@@ -39,10 +41,12 @@ pub fn run(_args: &ListArgs, ctx: &Ctx) -> Result<(), Failed> {
                     v.owner_uid.to_string(),
                     tokens.join(","),
                     v.phase.clone(),
+                    v.blackout_ms.map_or("-".into(), |ms| format!("{ms} ms")),
+                    v.detail.clone().unwrap_or_else(|| "-".into()),
                 ]
             })
             .collect();
-        t.table("", &["VM", "OWNER", "TOKENS", "PHASE"], &rows);
+        t.table("", &["VM", "OWNER", "TOKENS", "PHASE", "BLACKOUT", "DETAIL"], &rows);
     }
     t.print();
     Ok(())

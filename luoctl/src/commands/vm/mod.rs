@@ -14,6 +14,10 @@ use clap::Subcommand;
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// List the VMs: registered (and whether their VMM is connected), or, after an update, awaiting a claim.
+    ///
+    /// Beside luod's phase, each VM shows what its VMM reported: BLACKOUT, the VM's blackout in the last live
+    /// update as the VMM measured it, and DETAIL, free text such as `QEMU 11.1.3, running` or why a relaunch
+    /// failed ("-" until the VMM reports; `null` in --json).
     List(list::ListArgs),
     /// Give up on a VM: its preserved memory is released and `finish` no longer waits for it.
     Abandon(abandon::AbandonArgs),
