@@ -11,9 +11,9 @@
 //! handed over to the next kernel.
 
 use crate::config::VmConfig;
-use crate::qemu::{CHECKPOINT_FORMAT, Checkpoint, Launch, Qemu, QemuError};
+use crate::qemu::{CHECKPOINT_FORMAT, Checkpoint, Launch, Qemu, QemuError, blackout_ms, wall_clock_ns};
 use liveupdate::protocol::client::{Client, ClientError, VmConnection};
-use liveupdate::protocol::{ErrorKind, Request, Response, VmAnswer, VmCall};
+use liveupdate::protocol::{ErrorKind, MAX_VM_DETAIL, Request, Response, VmAnswer, VmCall};
 use liveupdate::state::State;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::fs::File;
@@ -113,6 +113,105 @@ fn preserved_sizes(c: &mut Client, name: &str) -> Result<Vec<(u64, u64)>, Client
     }
 }
 
+/// `text` as one line of at most [`MAX_VM_DETAIL`] bytes, as luod keeps a
+/// VM's detail: control characters (QEMU's multi-line messages) become
+/// spaces, and a longer text is cut at a character boundary and ends with
+/// `...`.
+pub fn detail_line(text: &str) -> String {
+    let line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if line.len() <= MAX_VM_DETAIL {
+        return line;
+    }
+    let mut end = MAX_VM_DETAIL - 3;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &line[..end])
+}
+
+/// The detail of a VM whose restore failed before the claim: luod keeps its
+/// RAM and state, and the launcher has exited (3).
+pub fn relaunch_failed_detail(name: &str, why: &str) -> String {
+    detail_line(&format!(
+        "relaunch failed: {why}; RAM and state kept by luod: fix and `systemctl restart luo-qemu@{name}`, or \
+         `luoctl vm abandon {name}`"
+    ))
+}
+
+/// The detail of a VM whose relaunch failed after the claim: this launcher
+/// holds its RAM and state and waits for SIGHUP.
+pub fn relaunch_failed_after_claim_detail(name: &str, why: &str) -> String {
+    detail_line(&format!(
+        "relaunch failed after the claim: {why}; RAM and state kept by luo-qemu: fix and `systemctl reload \
+         luo-qemu@{name}` (SIGHUP) to retry, or stop it to give the VM up"
+    ))
+}
+
+/// The detail of a checkpointed VM.
+pub fn checkpointed_detail(qemu: &str, state_bytes: u64, took: Duration) -> String {
+    format!(
+        "QEMU {qemu}, checkpointed {} KiB in {} ms",
+        state_bytes.div_ceil(1024),
+        took.as_millis()
+    )
+}
+
+/// What the restore measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreTimes {
+    /// From the start of the new QEMU to its monitor answering.
+    pub relaunch: Duration,
+    /// From `migrate-incoming` to the guest running (or loaded, if paused).
+    pub load: Duration,
+    /// When the guest ran again, on the wall clock (ns since the epoch).
+    pub resumed_at_ns: u64,
+}
+
+/// The detail and blackout of a restored VM: the blackout runs from the
+/// pause at the checkpoint to the guest running in the new kernel, both on
+/// the host's wall clock. Unknown (`None`, and the detail says why) for a
+/// guest that was paused anyway, a checkpoint without its pause time, or a
+/// wall clock that went back across the kexec.
+pub fn restored_report(qemu: &str, run_state: &str, cp: &Checkpoint, t: &RestoreTimes) -> (String, Option<u64>) {
+    let mut detail = format!(
+        "QEMU {qemu}, {run_state}; restored from QEMU {}'s checkpoint (relaunch {} ms, state load {} ms)",
+        cp.qemu,
+        t.relaunch.as_millis(),
+        t.load.as_millis()
+    );
+    let blackout = match cp.paused_at_ns {
+        _ if !cp.was_running => {
+            detail.push_str("; the guest was paused at the checkpoint: no blackout");
+            None
+        }
+        None => {
+            detail.push_str("; blackout unknown: the checkpoint has no pause time (an older luo-qemu wrote it)");
+            None
+        }
+        Some(paused) => {
+            let b = blackout_ms(paused, t.resumed_at_ns);
+            if b.is_none() {
+                detail.push_str(&format!(
+                    "; blackout unknown: the wall clock went back {} ms across the kexec",
+                    (paused - t.resumed_at_ns) / 1_000_000
+                ));
+            }
+            b
+        }
+    };
+    (detail_line(&detail), blackout)
+}
+
+/// Tells luod what `vm list` shows for this VM beside its phase, on a
+/// connection of its own (the registered one carries only luod's calls).
+/// Best effort: a failure is said, never fatal.
+fn report(s: &Settings, detail: &str, blackout_ms: Option<u64>) {
+    let line = detail_line(detail);
+    if let Err(e) = connect(s).and_then(|mut c| c.report_vm(&s.name, Some(&line), blackout_ms)) {
+        say(format!("VM {}: reporting to luod ({line}): {e}", s.name));
+    }
+}
+
 /// Signals the launcher acts on.
 #[derive(Debug, Clone)]
 pub struct Signals {
@@ -149,6 +248,8 @@ struct Vm<'a> {
     registered: bool,
     in_cycle: bool,
     frozen: bool,
+    /// A detail to report once the current call is answered.
+    report: Option<String>,
 }
 
 /// Runs VM `s.name` with configuration `cfg` until it ends; prints what
@@ -225,6 +326,7 @@ fn start_fresh<'a>(s: &'a Settings, cfg: &'a VmConfig, launch: &Launch<'_>) -> R
         registered: false,
         in_cycle: false,
         frozen: false,
+        report: None,
     })
 }
 
@@ -262,6 +364,7 @@ fn restore<'a>(
              `luoctl vm abandon {}`",
             s.name, s.name
         ));
+        report(s, &relaunch_failed_detail(&s.name, &why), None);
         Outcome::RelaunchFailed
     };
     if let Err(why) = dry_run(s, cfg, launch, client) {
@@ -310,7 +413,15 @@ fn restore<'a>(
     // memfds here and waits for SIGHUP (retry) or SIGTERM (give up).
     loop {
         match relaunch(s, launch, &ram, &state, &cp) {
-            Ok(qemu) => {
+            Ok((mut qemu, times)) => {
+                let run_state = qemu.run_state().unwrap_or_else(|e| format!("state unknown ({e})"));
+                let (detail, blackout) = restored_report(&qemu.version(), &run_state, &cp, &times);
+                say(format!(
+                    "VM {}: blackout_ms={}",
+                    s.name,
+                    blackout.map_or("unknown".into(), |b| b.to_string())
+                ));
+                report(s, &detail, blackout);
                 return Ok(Vm {
                     s,
                     cfg,
@@ -321,13 +432,17 @@ fn restore<'a>(
                     registered: false,
                     in_cycle: false,
                     frozen: false,
+                    report: None,
                 });
             }
-            Err(e) => say(format!(
-                "VM {}: relaunch failed after the claim: {e}; this process keeps its RAM and state: send SIGHUP \
-                 to retry, SIGTERM to give it up",
-                s.name
-            )),
+            Err(e) => {
+                say(format!(
+                    "VM {}: relaunch failed after the claim: {e}; this process keeps its RAM and state: send \
+                     SIGHUP to retry, SIGTERM to give it up",
+                    s.name
+                ));
+                report(s, &relaunch_failed_after_claim_detail(&s.name, &e.to_string()), None);
+            }
         }
         while !signals.retry.swap(false, Ordering::SeqCst) {
             if signals.stop.load(Ordering::SeqCst) {
@@ -344,7 +459,7 @@ fn relaunch(
     ram: &OwnedFd,
     state: &OwnedFd,
     cp: &Checkpoint,
-) -> Result<Qemu, QemuError> {
+) -> Result<(Qemu, RestoreTimes), QemuError> {
     let t0 = Instant::now();
     // A description of its own, at offset 0, for QEMU to read from.
     let desc: OwnedFd = std::fs::File::open(format!("/proc/self/fd/{}", state.as_raw_fd()))
@@ -360,6 +475,11 @@ fn relaunch(
         qemu.kill();
         return Err(e);
     }
+    let times = RestoreTimes {
+        relaunch: started,
+        load: t1.elapsed(),
+        resumed_at_ns: wall_clock_ns(),
+    };
     say(format!(
         "VM {} restored: QEMU {} pid {} (checkpoint by QEMU {}) state_bytes={} relaunch_ms={:.1} load_ms={:.1} \
          running={}",
@@ -368,11 +488,11 @@ fn relaunch(
         qemu.pid(),
         cp.qemu,
         cp.state_bytes,
-        started.as_secs_f64() * 1e3,
-        t1.elapsed().as_secs_f64() * 1e3,
+        times.relaunch.as_secs_f64() * 1e3,
+        times.load.as_secs_f64() * 1e3,
         cp.was_running
     ));
-    Ok(qemu)
+    Ok((qemu, times))
 }
 
 enum Attach {
@@ -473,6 +593,7 @@ impl Vm<'_> {
                 match self.qemu.checkpoint(self.state.as_fd(), self.cfg.memory_mib) {
                     Ok(cp) => {
                         self.frozen = true;
+                        self.report = Some(checkpointed_detail(&cp.qemu, cp.state_bytes, t.elapsed()));
                         say(format!(
                             "VM {} checkpointed: state_bytes={} checkpoint_ms={:.1} was_running={}",
                             self.name(),
@@ -504,6 +625,11 @@ impl Vm<'_> {
                     Ok(()) => {
                         if was {
                             say(format!("VM {} resumed after {}", self.name(), call.as_str()));
+                            self.report = Some(format!(
+                                "QEMU {}, running (resumed after {})",
+                                self.qemu.version(),
+                                call.as_str()
+                            ));
                         }
                         VmAnswer::Ok { state: None }
                     }
@@ -579,6 +705,8 @@ impl Vm<'_> {
                         self.registered = true;
                         self.conn = Some(c);
                         last_error = None;
+                        let run_state = self.qemu.run_state().unwrap_or_else(|e| format!("state unknown ({e})"));
+                        report(self.s, &format!("QEMU {}, {run_state}", self.qemu.version()), None);
                     }
                     Ok(Attach::Later) => {}
                     Err(e) => {
@@ -623,6 +751,11 @@ impl Vm<'_> {
                         say(format!("VM {}: answering {}: {e}", self.name(), call.as_str()));
                         self.conn = None;
                     }
+                    // After the answer, not before: luod waits for it (a
+                    // freeze's answer is inside the blackout).
+                    if let Some(detail) = self.report.take() {
+                        report(self.s, &detail, None);
+                    }
                 }
                 _ => {
                     self.conn = None;
@@ -636,5 +769,107 @@ impl Vm<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(paused_at_ns: Option<u64>, was_running: bool) -> Checkpoint {
+        Checkpoint {
+            format: CHECKPOINT_FORMAT,
+            qemu: "10.0.2".into(),
+            state_bytes: 287_654,
+            was_running,
+            memory_mib: 128,
+            paused_at_ns,
+        }
+    }
+
+    const PAUSED: u64 = 1_795_000_000_000_000_000;
+
+    fn times(resumed_at_ns: u64) -> RestoreTimes {
+        RestoreTimes {
+            relaunch: Duration::from_millis(157),
+            load: Duration::from_micros(48_900),
+            resumed_at_ns,
+        }
+    }
+
+    #[test]
+    fn a_restored_vm_reports_its_versions_its_parts_and_its_blackout() {
+        let (detail, blackout) = restored_report(
+            "11.1.3",
+            "running",
+            &checkpoint(Some(PAUSED), true),
+            &times(PAUSED + 21_649_700_000),
+        );
+        assert_eq!(
+            detail,
+            "QEMU 11.1.3, running; restored from QEMU 10.0.2's checkpoint (relaunch 157 ms, state load 48 ms)"
+        );
+        assert_eq!(blackout, Some(21_650));
+    }
+
+    #[test]
+    fn the_blackout_is_unknown_and_the_detail_says_why_when_it_cannot_be_measured() {
+        let (detail, blackout) = restored_report(
+            "11.1.3",
+            "running",
+            &checkpoint(Some(PAUSED), true),
+            &times(PAUSED - 1_500_000_000),
+        );
+        assert_eq!(blackout, None);
+        assert!(
+            detail.ends_with("; blackout unknown: the wall clock went back 1500 ms across the kexec"),
+            "{detail}"
+        );
+        let (detail, blackout) = restored_report("11.1.3", "running", &checkpoint(None, true), &times(PAUSED));
+        assert_eq!(blackout, None);
+        assert!(
+            detail.ends_with("; blackout unknown: the checkpoint has no pause time (an older luo-qemu wrote it)"),
+            "{detail}"
+        );
+        let (detail, blackout) =
+            restored_report("11.1.3", "paused", &checkpoint(Some(PAUSED), false), &times(PAUSED + 5));
+        assert_eq!(blackout, None);
+        assert!(
+            detail.ends_with("; the guest was paused at the checkpoint: no blackout"),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn a_failed_relaunch_reports_qemus_reason_on_one_bounded_line_with_what_to_do() {
+        let why = "QEMU exited (exit status: 1); QEMU said: qemu-system-x86_64: -drive file=/var/lib/vm/db.img: \
+                   Could not open '/var/lib/vm/db.img': No such file or directory";
+        assert_eq!(
+            relaunch_failed_detail("db", why),
+            format!(
+                "relaunch failed: {why}; RAM and state kept by luod: fix and `systemctl restart luo-qemu@db`, or \
+                 `luoctl vm abandon db`"
+            )
+        );
+        assert!(
+            relaunch_failed_after_claim_detail("db", "QEMU could not load the checkpoint: bad section")
+                .starts_with("relaunch failed after the claim: QEMU could not load the checkpoint: bad section; RAM and state kept by luo-qemu: fix and `systemctl reload luo-qemu@db` (SIGHUP) to retry")
+        );
+        // QEMU's stderr, many lines of it, becomes one line luod accepts.
+        let d = relaunch_failed_detail("db", &"error\n".repeat(400));
+        assert_eq!(d.len(), MAX_VM_DETAIL);
+        assert!(d.ends_with("...") && !d.chars().any(char::is_control), "{d}");
+        // Cut at a character boundary: 'é' is two bytes, the cut falls in one.
+        let d = detail_line(&"é".repeat(600));
+        assert_eq!(d.len(), MAX_VM_DETAIL - 1);
+        assert_eq!(d, format!("{}...", "é".repeat(510)));
+    }
+
+    #[test]
+    fn a_checkpoint_reports_its_size_and_time() {
+        assert_eq!(
+            checkpointed_detail("11.1.3", 287_654, Duration::from_micros(48_700)),
+            "QEMU 11.1.3, checkpointed 281 KiB in 48 ms"
+        );
     }
 }

@@ -112,6 +112,33 @@ pub struct Checkpoint {
     pub was_running: bool,
     /// Guest RAM, in MiB.
     pub memory_mib: u64,
+    /// When QEMU paused the guest for the checkpoint: the host's wall clock
+    /// (`CLOCK_REALTIME`), in nanoseconds since the Unix epoch, read just
+    /// before the `migrate` command (cpr-reboot stops the VM at its start).
+    /// The restore subtracts it from the time the guest runs again in the
+    /// new kernel: the VM's blackout. Absent in checkpoints of launchers
+    /// that did not record it (the same format: they still load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at_ns: Option<u64>,
+}
+
+/// The host's wall clock (`CLOCK_REALTIME`) in nanoseconds since the Unix
+/// epoch: the one clock both kernels of a kexec share (the new kernel sets
+/// it from the RTC, or kvmclock in a KVM guest, at boot).
+pub fn wall_clock_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The VM's blackout in milliseconds (rounded to the nearest): from
+/// `paused_at_ns` to `resumed_at_ns` on the wall clock. `None` when the
+/// clock went backwards in between (the new kernel's clock was set behind
+/// the old one's): no number is better than a wrong one.
+pub fn blackout_ms(paused_at_ns: u64, resumed_at_ns: u64) -> Option<u64> {
+    let ns = resumed_at_ns.checked_sub(paused_at_ns)?;
+    Some((ns + 500_000) / 1_000_000)
 }
 
 /// Version of [`Checkpoint`].
@@ -480,6 +507,7 @@ impl Qemu {
         // Copies QEMU's stream into the memfd, up to its size; the pipe ends
         // when QEMU closes its end (the migration finished or failed).
         let copier = std::thread::spawn(move || copy_into(rx, desc, size));
+        let paused_at_ns = wall_clock_ns();
         if let Err(e) = self.exec("migrate", Some(json!({ "uri": format!("fd:{STATE_FD_NAME}") }))) {
             let _ = self.exec("closefd", Some(json!({ "fdname": STATE_FD_NAME })));
             let _ = copier.join();
@@ -528,7 +556,18 @@ impl Qemu {
             state_bytes: written,
             was_running,
             memory_mib,
+            paused_at_ns: Some(paused_at_ns),
         })
+    }
+
+    /// The VM's run state as QEMU names it (`running`, `paused`, ...).
+    pub fn run_state(&mut self) -> Result<String, QemuError> {
+        let status = self.exec("query-status", None)?;
+        Ok(status
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string())
     }
 
     /// Resumes a VM the checkpoint stopped (or that `prepare` left in
@@ -667,12 +706,35 @@ mod tests {
             state_bytes: 292_966,
             was_running: true,
             memory_mib: 128,
+            paused_at_ns: Some(1_795_000_000_123_456_789),
         };
         let text = serde_json::to_string(&cp).expect("encode");
         assert_eq!(
             text,
-            r#"{"format":1,"qemu":"10.0.2","state_bytes":292966,"was_running":true,"memory_mib":128}"#
+            r#"{"format":1,"qemu":"10.0.2","state_bytes":292966,"was_running":true,"memory_mib":128,"paused_at_ns":1795000000123456789}"#
         );
         assert_eq!(serde_json::from_str::<Checkpoint>(&text).expect("decode"), cp);
+    }
+
+    #[test]
+    fn a_checkpoint_of_a_launcher_without_the_pause_time_still_loads() {
+        let old = r#"{"format":1,"qemu":"10.0.2","state_bytes":292966,"was_running":true,"memory_mib":128}"#;
+        let cp: Checkpoint = serde_json::from_str(old).expect("decode");
+        assert_eq!(cp.paused_at_ns, None);
+        assert_eq!(
+            serde_json::to_string(&cp).expect("encode"),
+            old,
+            "and is written back the same"
+        );
+    }
+
+    #[test]
+    fn the_blackout_is_the_wall_clock_from_pause_to_resume_rounded_to_the_millisecond() {
+        let paused = 1_795_000_000_000_000_000;
+        assert_eq!(blackout_ms(paused, paused), Some(0));
+        assert_eq!(blackout_ms(paused, paused + 21_649_499_999), Some(21_649));
+        assert_eq!(blackout_ms(paused, paused + 21_649_500_000), Some(21_650));
+        // The new kernel's clock set behind the old one's: unknown, not negative or huge.
+        assert_eq!(blackout_ms(paused, paused - 1), None);
     }
 }

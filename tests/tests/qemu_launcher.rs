@@ -243,6 +243,21 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// VM `name` as `luoctl --json vm list` shows it, once `ready` accepts it.
+fn vm_json(luod: &Luod, name: &str, what: &str, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    wait_for(what, Duration::from_secs(30), || {
+        let (code, v) = luod.luoctl_json(&["vm", "list"]);
+        assert_eq!(code, 0, "{v}");
+        v["vms"]
+            .as_array()
+            .expect("vms")
+            .iter()
+            .find(|vm| vm["name"] == name)
+            .filter(|vm| ready(vm))
+            .cloned()
+    })
+}
+
 fn lock() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -259,13 +274,29 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
     let list = luod.luoctl(&["vm", "list"]);
     let text = String::from_utf8_lossy(&list.stdout).into_owned();
     assert!(text.contains("web") && text.contains("registered"), "{text}");
+    // The launcher reports QEMU's version and the VM's run state.
+    let v = vm_json(&luod, "web", "the launcher's report at registration", |v| {
+        !v["detail"].is_null()
+    });
+    assert_eq!(v["phase"], "registered");
+    assert_eq!(v["detail"], "QEMU 10.0.2, running", "{v}");
+    assert!(v["blackout_ms"].is_null(), "no update yet: {v}");
     let first = vm.wait_ticks(15);
 
     let mut c = luod.client();
     c.prepare().expect("prepare");
+    let frozen_at = Instant::now();
     c.freeze().expect("freeze");
     let cp = old.wait_line("checkpointed");
     assert!(cp.contains("was_running=true"), "{cp}");
+    let v = vm_json(&luod, "web", "the launcher's report of the checkpoint", |v| {
+        v["detail"].as_str().is_some_and(|d| d.contains("checkpointed"))
+    });
+    let detail = v["detail"].as_str().expect("detail");
+    assert!(
+        detail.starts_with("QEMU 10.0.2, checkpointed ") && detail.contains(" KiB in ") && detail.ends_with(" ms"),
+        "{detail}"
+    );
     let last = vm.ticks().pop().expect("ticks before the update");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -298,6 +329,29 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
     let mut new = Launcher::start(&luod, &vm);
     let restored = new.wait_line("restored");
     assert!(restored.contains("checkpoint by QEMU 10.0.2"), "{restored}");
+    let most = frozen_at.elapsed();
+    // The VM's blackout, from the pause at the checkpoint to the guest
+    // running again, on the wall clock: within what the test saw.
+    let v = vm_json(&luod, "web", "the launcher's report of the restore", |v| {
+        !v["blackout_ms"].is_null()
+    });
+    assert_eq!(v["phase"], "claimed");
+    let blackout = v["blackout_ms"].as_u64().expect("blackout_ms");
+    assert!(
+        blackout > 0 && u128::from(blackout) <= most.as_millis(),
+        "blackout {blackout} ms, freeze to restore {most:?}"
+    );
+    let detail = v["detail"].as_str().expect("detail");
+    assert!(
+        detail.starts_with("QEMU 10.0.2, running; restored from QEMU 10.0.2's checkpoint (relaunch "),
+        "{detail}"
+    );
+    assert!(
+        new.output().contains(&format!("VM web: blackout_ms={blackout}")),
+        "{}",
+        new.output()
+    );
+    eprintln!("VM blackout across the simulated kexec: {blackout} ms (freeze to restore seen by the test: {most:?})");
     // The parts of the blackout the launcher measures.
     eprintln!("{cp}\n{restored}");
     let after = vm.wait_ticks(last.n + 5);
@@ -320,10 +374,14 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
 
     let out = luod.luoctl(&["finish"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
-    // Registered again, for the next update.
+    // Registered again, for the next update; the last update's blackout stays.
     wait_for("the second registration", Duration::from_secs(30), || {
         (new.output().matches("VM web registered with luod").count() == 1).then_some(())
     });
+    let v = vm_json(&luod, "web", "the report at the new registration", |v| {
+        v["phase"] == "registered" && v["detail"] == "QEMU 10.0.2, running"
+    });
+    assert_eq!(v["blackout_ms"].as_u64(), Some(blackout), "{v}");
     assert_eq!(new.stop(), 0);
 }
 
@@ -478,13 +536,40 @@ fn a_failed_relaunch_keeps_the_vm_preserved_until_a_retry_restores_it() {
         "{:?}",
         list
     );
+    // vm list and finish show why, and what to do.
+    let v = vm_json(&luod, "db", "the launcher's report of the failure", |v| {
+        !v["detail"].is_null()
+    });
+    assert_eq!(v["phase"], "awaiting-claim");
+    let detail = v["detail"].as_str().expect("detail");
+    assert!(
+        detail.starts_with("relaunch failed: QEMU exited (exit status: 1); QEMU said:")
+            && detail.contains("disk.img")
+            && detail.ends_with(
+                "; RAM and state kept by luod: fix and `systemctl restart luo-qemu@db`, or `luoctl vm abandon db`"
+            ),
+        "{detail}"
+    );
     let out = luod.luoctl(&["finish"]);
-    assert!(stderr_of(&out).contains("were not restored: db"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains(&format!("were not restored: db ({detail})")),
+        "{}",
+        stderr_of(&out)
+    );
 
     // The operator puts the image back and retries.
     std::fs::rename(&moved, &disk).expect("restore the disk");
     let mut retry = Launcher::start(&luod, &vm);
     retry.wait_line("restored");
+    let v = vm_json(&luod, "db", "the report of the restore", |v| {
+        !v["blackout_ms"].is_null()
+    });
+    assert!(
+        v["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("QEMU 10.0.2, running; restored")),
+        "{v}"
+    );
     let next = vm.wait_ticks(last.n + 2);
     assert_eq!(next.boot, first.boot, "the same guest, not a fresh boot");
     assert_eq!(next.tmpfs, first.tmpfs);
