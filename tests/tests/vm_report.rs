@@ -337,3 +337,44 @@ fn uid_65534_cannot_report_on_roots_vm_but_reports_on_its_own_which_root_sees() 
     assert_eq!(vm_json(&luod, "nobody-vm")["detail"], "set by root");
     assert_eq!(vm_json(&luod, "root-vm")["detail"], "QEMU 11.1.3, running");
 }
+
+#[test]
+fn a_vms_blackout_outlives_the_moment_after_finish_when_it_is_not_listed_and_others_report() {
+    let mut luod = Luod::started("8M");
+    let a = vmm(&luod, "a", |_| {});
+    let b = vmm(&luod, "b", |_| {});
+    let mut c = luod.client();
+    c.prepare().expect("prepare");
+    c.reboot().expect("reboot");
+    drop(c);
+    luod.expect_kexec_exit();
+    a.join().expect("vmm a");
+    b.join().expect("vmm b");
+    luod.start();
+    let mut rams = Vec::new();
+    for (name, ms) in [("a", 11), ("b", 22)] {
+        let mut new = Client::connect(&luod.socket(), "new-vmm").expect("connect");
+        rams.push(new.claim_vm(name).expect("claim").ram);
+        report(&luod, name, Some("restored"), Some(ms)).expect("report");
+    }
+    luod.luoctl_ok(&["finish"]);
+    // Neither VM is listed until its VMM registers again; a registers and
+    // reports first: b's report stays.
+    assert_eq!(vms_json(&luod), Vec::<serde_json::Value>::new());
+    let ram = memfd::from_bytes("a", &[1; 4096]).expect("memfd");
+    let _a = Client::connect(&luod.socket(), "vmm")
+        .expect("connect")
+        .register_vm("a", &[(1, ram.as_fd())])
+        .expect("register a");
+    report(&luod, "a", Some("running"), None).expect("report a");
+    let ram_b = memfd::from_bytes("b", &[1; 4096]).expect("memfd");
+    let _b = Client::connect(&luod.socket(), "vmm")
+        .expect("connect")
+        .register_vm("b", &[(1, ram_b.as_fd())])
+        .expect("register b");
+    let got: Vec<(String, Option<u64>)> = vms_json(&luod)
+        .iter()
+        .map(|v| (v["name"].as_str().expect("name").to_string(), v["blackout_ms"].as_u64()))
+        .collect();
+    assert_eq!(got, [("a".to_string(), Some(11)), ("b".to_string(), Some(22))]);
+}

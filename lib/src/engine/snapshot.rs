@@ -35,6 +35,9 @@ pub struct Snapshot {
     reboot_path: Option<crate::systemd::RebootPath>,
 }
 
+/// Reports kept before those of VMs luod does not know now are dropped.
+const MAX_VM_NOTES: usize = 4096;
+
 /// A registered VM as the snapshot keeps it.
 #[derive(Debug)]
 struct VmRow {
@@ -200,9 +203,13 @@ impl Snapshot {
             check_detail(name, d)?;
         }
         let mut notes = self.vm_notes.lock().unwrap_or_else(|p| p.into_inner());
-        // Reports of VMs luod no longer knows go: the table stays as small
-        // as the VMs are few.
-        notes.retain(|n, _| known.iter().any(|(k, _)| k == n));
+        // A report outlives a moment when its VM is not listed (after
+        // `finish`, until its VMM registers again): it goes when the VM is
+        // abandoned or evicted. Only a table grown past MAX_VM_NOTES drops
+        // the reports of VMs luod does not know now.
+        if notes.len() >= MAX_VM_NOTES {
+            notes.retain(|n, _| known.iter().any(|(k, _)| k == n));
+        }
         let note = notes.entry(name.to_string()).or_default();
         if detail.is_some() {
             note.detail = detail;
