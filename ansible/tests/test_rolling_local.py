@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 TARGET = os.environ.get('CARGO_TARGET_DIR', os.path.join(REPO, 'target'))
 LUOD = os.environ.get('LUOD', os.path.join(TARGET, 'debug', 'luod'))
 LUOCTL = os.environ.get('LUOCTL', os.path.join(TARGET, 'debug', 'luoctl'))
+FAKE_VMM = os.path.join(TARGET, 'debug', 'luo-fake-vmm')
 VENV_BIN = os.path.dirname(sys.executable)
 HOSTS = ('h1', 'h2', 'h3')
 RELEASE = os.uname()[2]
@@ -43,7 +44,7 @@ SIMULATED_KEXEC_EXIT = 75
 class Host(object):
     """A luod on a file-backed region, started again after each simulated kexec."""
 
-    def __init__(self, root, name, previous):
+    def __init__(self, root, name, previous, vm=None):
         self.name = name
         self.previous = previous
         self.dir = os.path.join(root, name)
@@ -56,6 +57,16 @@ class Host(object):
         self.thread = threading.Thread(target=self._supervise, daemon=True)
         self.thread.start()
         self.wait_up()
+        self.vmm = None
+        if vm:
+            # A VMM for VM `vm` that claims it after each simulated kexec and
+            # reports its blackout, as luo-qemu does (without QEMU).
+            self.vmm = subprocess.Popen([FAKE_VMM, self.socket, vm], stdin=subprocess.DEVNULL,
+                                        stdout=open(os.path.join(self.dir, 'vmm.log'), 'ab'), stderr=subprocess.STDOUT)
+            deadline = time.time() + 10
+            while [v.get('detail') for v in self.json('vm', 'list')['vms']] != ['fake VMM, running']:
+                assert time.time() < deadline, 'the fake VMM of %s did not register' % name
+                time.sleep(0.05)
 
     def _supervise(self):
         while not self.stopping:
@@ -97,6 +108,9 @@ class Host(object):
 
     def stop(self):
         self.stopping = True
+        if self.vmm is not None:
+            self.vmm.kill()
+            self.vmm.wait(10)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
@@ -127,7 +141,10 @@ class Fleet(object):
         self.previous_sha = bzimage(self.previous)
         self.kernel = os.path.join(root, 'vmlinuz-new')
         self.sha = bzimage(self.kernel)
-        self.hosts = dict((name, Host(root, name, self.previous)) for name in HOSTS)
+        # h1 and h3 run a VM each (h2 none: its rollback from `updated` needs
+        # files nobody took back, and a VMM claims its VM at once).
+        self.hosts = dict((name, Host(root, name, self.previous, vm={'h1': 'vm0', 'h3': 'vm0'}.get(name)))
+                          for name in HOSTS)
         self.report_dir = os.path.join(root, 'report')
         self.stop_file = os.path.join(self.report_dir, 'STOP')
         self.fail_marker = os.path.join(root, 'h2-unhealthy')
@@ -181,7 +198,7 @@ class Fleet(object):
 
 @pytest.fixture(scope='module')
 def fleet():
-    for path in (LUOD, LUOCTL):
+    for path in (LUOD, LUOCTL, FAKE_VMM):
         assert os.access(path, os.X_OK), '%s is missing: run `cargo build --workspace --bins` first' % path
     root = tempfile.mkdtemp(prefix='fleet-test-')
     f = Fleet(root)
@@ -205,6 +222,8 @@ def test_1_check_mode_stages_and_checks_but_updates_nothing(fleet):
     assert r.returncode == 0
     report = fleet.report()
     assert [report[h]['outcome'] for h in HOSTS] == ['would-update'] * 3
+    assert report['h1']['vms'] == [dict(name='vm0', phase='registered', blackout_ms=None, detail='fake VMM, running')]
+    assert report['h2']['vms'] == []
     for h in HOSTS:
         untouched(fleet.hosts[h])
         staged = os.path.join(fleet.hosts[h].dir, 'stage', 'vmlinuz-' + fleet.sha[:16])
@@ -255,6 +274,13 @@ def test_4_the_stop_file_aborts_after_the_first_batch(fleet):
     assert report['h1']['kernel_before'] == RELEASE and report['h1']['kernel_after'] == RELEASE
     assert report['h1']['luod_blackout_ns'] == cycles[0]['blackout_ns'] > 0
     assert report['h1']['steps'] == ['check', 'prepare', 'freeze', 'reboot', 'validate', 'finish']
+    # The VM's blackout in this update, as its VMM measured and reported it (luoctl vm list).
+    [vm] = report['h1']['vms']
+    assert (vm['name'], vm['phase'], vm['detail']) == ('vm0', 'registered', 'fake VMM, running'), vm
+    shown = [v['blackout_ms'] for v in h1.json('vm', 'list')['vms']]
+    assert shown == [vm['blackout_ms']] and 0 < vm['blackout_ms'] < 30000, (shown, vm)
+    with open(os.path.join(fleet.report_dir, 'report.md')) as f:
+        assert 'vm0 (registered, blackout %d ms)' % vm['blackout_ms'] in f.read()
     assert [report[h]['outcome'] for h in ('h2', 'h3')] == ['pending', 'pending']
     untouched(fleet.hosts['h2'])
     untouched(fleet.hosts['h3'])
@@ -294,6 +320,9 @@ def test_6_running_again_completes_the_rest(fleet):
     assert report['h2']['outcome'] == 'updated'
     assert report['h3']['outcome'] == 'updated'
     assert report['h3']['luod_blackout_ns'] == updates(fleet.hosts['h3'])[0]['blackout_ns']
+    [vm] = report['h3']['vms']
+    assert vm['name'] == 'vm0' and vm['blackout_ms'] > 0, vm
+    assert report['h2']['vms'] == []
     assert [c['target']['kernel_sha256'] for c in updates(fleet.hosts['h2'])] == [fleet.sha, fleet.previous_sha,
                                                                                    fleet.sha]
     for h in HOSTS:

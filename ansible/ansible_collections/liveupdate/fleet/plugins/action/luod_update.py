@@ -20,6 +20,7 @@ from ansible.errors import AnsibleConnectionFailure, AnsibleError
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
+from ansible_collections.liveupdate.fleet.plugins.plugin_utils.report import unreported, update_vms
 
 display = Display()
 
@@ -53,7 +54,7 @@ class ValidationFailed(HostFailure):
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
-    _VALID_ARGS = COMMON | KERNEL | VALIDATE | frozenset(('reboot_timeout', 'rollback'))
+    _VALID_ARGS = COMMON | KERNEL | VALIDATE | frozenset(('reboot_timeout', 'rollback', 'vm_report_timeout'))
 
     def _pick(self, args, names):
         return dict((k, v) for k, v in args.items() if k in names and v is not None)
@@ -121,6 +122,24 @@ class ActionModule(ActionBase):
                                   % (timeout, last), {})
             time.sleep(1)
 
+    def _vms_after(self, task_vars, updated, wait):
+        """The facts after `finish`, once every VM the update carried (the
+        VMs `updated` shows, less those abandoned) shows its blackout in `vm
+        list`: its VMM restored it, reported, and registered again. Waits at
+        most `wait` seconds; VMs still without a blackout then are reported
+        without one. Returns (facts, the report's VMs)."""
+        carried = [v.get('name') for v in updated.get('vms') or [] if v.get('phase') != 'abandoned']
+        deadline = time.time() + wait
+        while True:
+            after = self._facts(task_vars)
+            missing = unreported(carried, after.get('vms'))
+            if not missing or time.time() >= deadline:
+                if missing:
+                    display.warning('luod_update: no blackout reported for VM(s) %s within %d s after finish'
+                                    % (', '.join(missing), wait))
+                return after, update_vms(updated.get('vms'), after.get('vms'))
+            time.sleep(0.5)
+
     def _kexec(self, task_vars, timeout, step='reboot'):
         """Runs freeze+reboot (or rollback) and waits for the host to come back."""
         before = self._facts(task_vars)
@@ -141,6 +160,7 @@ class ActionModule(ActionBase):
         del tmp
         args = self._task.args
         timeout = int(args.get('reboot_timeout') or 600)
+        vm_wait = int(args.get('vm_report_timeout') if args.get('vm_report_timeout') is not None else 30)
         rollback = args.get('rollback', True)
         record = dict(changed=False, steps=[])
         try:
@@ -187,17 +207,17 @@ class ActionModule(ActionBase):
                     raise HostFailure('%s; rollback is off: the host stays in state updated' % failure.msg,
                                       failure.result)
                 try:
-                    self._kexec(task_vars, timeout, step='rollback')
+                    back = self._kexec(task_vars, timeout, step='rollback')
                     record['steps'].append('rollback')
                     self._step('finish', task_vars)
                 except HostFailure as second:
                     raise HostFailure('%s; the rollback failed: %s' % (failure.msg, second.msg), second.result)
-                after = self._facts(task_vars)
+                after, record['vms'] = self._vms_after(task_vars, back, vm_wait)
                 record.update(kernel_after=after.get('running_kernel'), outcome='rolled-back', luod=after)
                 raise HostFailure('%s; rolled back to %s' % (failure.msg, after.get('running_kernel')), failure.result)
             record['steps'].append('finish')
             record['finish'] = finish.get('report')
-            after = self._facts(task_vars)
+            after, record['vms'] = self._vms_after(task_vars, updated, vm_wait)
             record.update(kernel_after=after.get('running_kernel'), outcome='updated', luod=after,
                           blackout_ns=((finish.get('report') or {}).get('cycle') or {}).get('blackout_ns'),
                           msg='updated: %s -> %s' % (record['kernel_before'], after.get('running_kernel')))

@@ -24,7 +24,9 @@ options:
     description:
       - The host's record, C(host), C(outcome), C(kernel_before),
         C(kernel_after), C(luod_blackout_ns), C(vms) (each with C(name),
-        C(phase), C(blackout_ns)), C(message) and anything else.
+        C(phase), C(blackout_ms) (the VM's blackout, as C(luoctl vm list)
+        shows it) and C(detail); other keys of a VM are dropped),
+        C(message) and anything else.
     type: dict
     required: true
   report_dir:

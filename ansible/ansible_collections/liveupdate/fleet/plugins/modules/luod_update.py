@@ -73,6 +73,13 @@ options:
     description: Seconds to wait for the host and luod to come back C(updated) after the kexec.
     type: int
     default: 600
+  vm_report_timeout:
+    description:
+      - Seconds to wait after C(finish) for every VM the update carried to show its blackout in
+        C(luoctl vm list) (its VMM restored it, reported the blackout and registered again, as luo-qemu does).
+        A VM still without one then is reported with C(blackout_ms) null; C(0) does not wait.
+    type: int
+    default: 30
   luoctl:
     description: The luoctl executable on the host.
     type: str
@@ -133,6 +140,15 @@ blackout_ns:
   description: luod's blackout of the cycle (freeze start to C(updated)), in nanoseconds.
   returned: when updated
   type: int
+vms:
+  description:
+    - The host's VMs after the update (or the rollback), each with C(name), C(phase) (luod's), C(blackout_ms) (the
+      VM's blackout in this update as its VMM measured it, from C(luoctl vm list); null when unknown) and
+      C(detail) (what its VMM reported, e.g. C(QEMU 11.1.3, running)). VMs the update carried come first as listed,
+      then those not registered again yet.
+  returned: when updated or rolled back
+  type: list
+  elements: dict
 luod:
   description: The facts of M(liveupdate.fleet.luod_facts) after the update (VMs included).
   returned: when updated or rolled back

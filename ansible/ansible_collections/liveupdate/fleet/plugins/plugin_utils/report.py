@@ -37,6 +37,43 @@ def _ms(ns):
     return '%.1f ms' % (ns / 1e6)
 
 
+def _vm_ms(ms):
+    if ms is None:
+        return '-'
+    return '%d ms' % ms
+
+
+def vm_row(vm, blackout=True):
+    """A VM as the report keeps it, from `luoctl --json vm list`: its name,
+    luod's phase, the blackout its VMM measured in the last live update
+    (`blackout_ms`; `None` unless `blackout`, and when unknown) and the
+    VMM's `detail`."""
+    return dict(name=vm.get('name'), phase=vm.get('phase'),
+                blackout_ms=vm.get('blackout_ms') if blackout else None, detail=vm.get('detail'))
+
+
+def unreported(carried, vms):
+    """The names of `carried` (VMs the update carried) that `vms` (a `vm
+    list`) does not show with a blackout yet: their VMMs have not restored
+    them, or not registered them again, or not reported."""
+    shown = dict((v.get('name'), v) for v in vms or [])
+    return [name for name in carried if (shown.get(name) or {}).get('blackout_ms') is None]
+
+
+def update_vms(updated_vms, vms):
+    """The VMs of a host's report after its update: those `vms` (the `vm
+    list` after finish) shows, with the blackout of the update for the VMs
+    it carried (`updated_vms`: the `vm list` in state updated, less those
+    abandoned), then the carried VMs `vms` does not show (their VMMs did not
+    register them again yet), as luod showed them in `updated`, without a
+    blackout."""
+    carried = [v.get('name') for v in updated_vms or [] if v.get('phase') != 'abandoned']
+    rows = [vm_row(v, blackout=v.get('name') in carried) for v in vms or []]
+    shown = set(r['name'] for r in rows)
+    rows += [vm_row(v, blackout=False) for v in updated_vms or [] if v.get('name') in carried and v.get('name') not in shown]
+    return rows
+
+
 def _cell(text):
     return str(text if text not in (None, '') else '-').replace('|', '\\|').replace('\n', ' ')
 
@@ -53,7 +90,7 @@ def fleet_report_markdown(report):
     ]
     for r in report.get('hosts', []):
         vms = r.get('vms') or []
-        vm_cell = ', '.join('%s (%s, blackout %s)' % (v.get('name'), v.get('phase'), _ms(v.get('blackout_ns')))
+        vm_cell = ', '.join('%s (%s, blackout %s)' % (v.get('name'), v.get('phase'), _vm_ms(v.get('blackout_ms')))
                             for v in vms) or 'none'
         lines.append('| %s | %s | %s | %s | %s | %s |' % tuple(_cell(x) for x in (
             r.get('host'), r.get('outcome'), r.get('kernel_before'), r.get('kernel_after'),
@@ -75,6 +112,7 @@ def write_atomically(path, text):
 def write(report_dir, record, hosts):
     """Writes the host's record, then report.json and report.md; returns the report."""
     os.makedirs(os.path.join(report_dir, 'hosts'), exist_ok=True)
+    record = dict(record, vms=[vm_row(v) for v in record.get('vms') or []])
     write_atomically(os.path.join(report_dir, 'hosts', '%s.json' % record['host']),
                      json.dumps(record, indent=2, sort_keys=True) + '\n')
     report = fleet_report(report_dir, hosts)
