@@ -209,16 +209,36 @@ def define_vm(h, name, tty, memory_mib=128, state_mib=4, append="", extra_args=(
 def start_vm(t, h, name, console, timeout=600):
     """Enables luo-qemu@NAME and waits until it is registered with luod and
     the guest ticks; the first tick."""
-    h.check(f"systemctl daemon-reload && systemctl enable --now luo-qemu@{name}", timeout=120)
-    t.log(wait_launcher(t, h, name, "started fresh", 300))
-    wait_launcher(t, h, name, f"VM {name} registered with luod", 300)
-    return console.wait_tick(t, 20, timeout)
+    return start_vms(t, h, {name: console}, timeout)[name]
+
+
+def start_vms(t, h, cons, timeout=600):
+    """start_vm for every VM of {name: Console}, all enabled at once; their
+    first ticks by name."""
+    h.check("systemctl daemon-reload && systemctl enable --now " + " ".join(f"luo-qemu@{n}" for n in cons),
+            timeout=120)
+    first = {}
+    for name, console in cons.items():
+        t.log(wait_launcher(t, h, name, "started fresh", 300))
+        wait_launcher(t, h, name, f"VM {name} registered with luod", 300)
+        first[name] = console.wait_tick(t, 20, timeout)
+    return first
 
 
 def qemu_pid(t, h, vm):
     """The pid of VM's QEMU, from its launcher's `started fresh` line."""
     m = re.search(r"pid (\d+)", wait_launcher(t, h, vm, "started fresh", 60))
     return int(m.group(1))
+
+
+def last_tick_paused(t, consoles_by_name, quiet=1.0):
+    """The last tick of each paused guest: no tick arrives for `quiet`
+    seconds (a line on its way when QEMU stopped arrives within it)."""
+    last = {n: c.ticks()[-1] for n, c in consoles_by_name.items()}
+    time.sleep(quiet)
+    for n, c in consoles_by_name.items():
+        t.expect(c.ticks()[-1]["n"] == last[n]["n"], f"VM {n}'s guest still ticks after freeze")
+    return last
 
 
 def expect_continues(t, console, first, last, disk=True):
