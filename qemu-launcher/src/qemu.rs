@@ -369,6 +369,24 @@ fn mode_and_capability(qmp: &mut Qmp) -> Result<(), QmpError> {
     Ok(())
 }
 
+/// How long a failed QMP exchange on a closed connection waits for QEMU's
+/// exit status, so that the error names QEMU's exit rather than the socket.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// `child`'s exit status if it exits within `within` (polled every 10 ms).
+fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Migration states in which a migration is running.
 const RUNNING: &[&str] = &[
     "setup",
@@ -409,9 +427,15 @@ impl Qemu {
     }
 
     fn qmp_error(&mut self, source: QmpError) -> QemuError {
-        // A QEMU that died explains itself better than a closed socket.
-        std::thread::sleep(Duration::from_millis(20));
-        if let Some(status) = self.exited() {
+        // A QEMU that died explains itself better than a closed socket. Its
+        // monitor closes while it exits, before its exit status is there:
+        // on a busy host that takes more than a few milliseconds.
+        let grace = match source {
+            QmpError::Closed { .. } | QmpError::Io { .. } | QmpError::Protocol { .. } => EXIT_GRACE,
+            _ => Duration::from_millis(20),
+        };
+        if let Some(status) = wait_exit(&mut self.child, grace) {
+            self.exited = Some(status);
             return QemuError::Exited {
                 status,
                 stderr: self.stderr_text(),
@@ -696,6 +720,21 @@ mod tests {
         let incoming = l.command_line(7, true);
         assert_eq!(incoming[10..12], ["-incoming", "defer"]);
         assert_eq!(incoming.len(), 14);
+    }
+
+    #[test]
+    fn an_exit_a_little_after_the_monitor_closed_is_still_seen() {
+        // A QEMU killed on a busy host: its exit status comes some time
+        // after its socket closed. 300 ms late is within the grace.
+        let mut child = Command::new("sleep").arg("0.3").spawn().expect("spawn sleep");
+        let t = Instant::now();
+        let status = wait_exit(&mut child, EXIT_GRACE).expect("the exit within the grace");
+        assert!(status.success());
+        assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
+        let mut child = Command::new("sleep").arg("5").spawn().expect("spawn sleep");
+        assert_eq!(wait_exit(&mut child, Duration::from_millis(50)), None);
+        child.kill().expect("kill");
+        child.wait().expect("reap");
     }
 
     #[test]

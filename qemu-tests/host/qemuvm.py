@@ -2,20 +2,28 @@
 scenarios share (qemu-tests/host/scenarios/qemu_*.py).
 
 The guest is Debian's stock kernel with the launcher tests' busybox
-initramfs (qemu-launcher/guest/): it prints every 100 ms `GUEST: tick n=N
-boot=B up=U tmpfs=MD5`. Each VM's console is one of the host's serial ports
-(ttyS1, ttyS2, ...), which is a file on this machine: `Console` stamps each
-line with this machine's monotonic time when it arrives, so a VM's blackout
-is measured here, across the host's kexec.
+initramfs (qemu-launcher/guest/) plus that kernel's virtio_blk module (taken
+from the host image, `guest_modules`): it prints every 100 ms `GUEST: tick
+n=N boot=B up=U tmpfs=MD5`, and with a virtio disk (`define_vm(disk=...)`)
+also `disk=MD5 dn=K`: the MD5 of 64 KiB of random bytes it wrote to the
+disk at boot, read back from the disk on every tick, and the counter the
+previous tick wrote to the disk (always n-1 unless a write was lost).
+
+Each VM's console is one of the host's serial ports (ttyS1, ttyS2, ...),
+which is a file on this machine: `Console` stamps each line with this
+machine's monotonic time when it arrives, so a VM's blackout is measured
+here, across the host's kexec.
 """
 
+import lzma
 import os
 import re
 import subprocess
 import threading
 import time
 
-TICK = re.compile(r"GUEST: tick n=(\d+) boot=(\S+) up=([\d.]+) tmpfs=([0-9a-f]{32})")
+TICK = re.compile(r"GUEST: tick n=(\d+) boot=(\S+) up=([\d.]+) tmpfs=([0-9a-f]{32})"
+                  r"(?: disk=([0-9a-f]{32}) dn=(\d+))?")
 
 
 class Console:
@@ -60,7 +68,8 @@ class Console:
             m = TICK.search(line)
             if m:
                 out.append({"ts": ts, "n": int(m.group(1)), "boot": m.group(2), "up": float(m.group(3)),
-                            "tmpfs": m.group(4)})
+                            "tmpfs": m.group(4), "disk": m.group(5),
+                            "dn": int(m.group(6)) if m.group(6) is not None else None})
         return out
 
     def tail(self, n=15):
@@ -110,15 +119,60 @@ def field(line, name):
     return float(m.group(1)) if m else None
 
 
+GUEST_MODULES = ("virtio_blk",)
+
+
+def guest_modules(t):
+    """The guest kernel's (the image's vmlinuz-stock) virtio_blk module and
+    what it depends on, dependencies first, as uncompressed .ko files in
+    t.work: read from the image's /lib/modules/RELEASE with debugfs (no
+    mount), xz-decompressed here (the guest's busybox insmod takes plain
+    .ko files). RELEASE is the one build-image.sh copied vmlinuz-stock from."""
+    release = t.image.manifest["stock_kernel_release"]
+    rootfs, base = t.image.rootfs, f"/lib/modules/{release}"
+
+    def cat(path):
+        p = subprocess.run(["debugfs", "-R", f"cat {path}", rootfs], capture_output=True, stdin=subprocess.DEVNULL)
+        t.expect(p.returncode == 0 and p.stdout, f"debugfs cannot read {path} from {rootfs}: {p.stderr[-300:]!r}")
+        return p.stdout
+
+    deps = {}
+    for line in cat(f"{base}/modules.dep").decode().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+    by_name = {re.sub(r"\.ko(\.xz)?$", "", os.path.basename(m)).replace("-", "_"): m for m in deps}
+    order = []
+
+    def add(mod):
+        for d in deps[mod]:
+            add(d)
+        if mod not in order:
+            order.append(mod)
+
+    for name in GUEST_MODULES:
+        t.expect(name in by_name, f"the image's {base}/modules.dep has no {name} (built in? then drop it here)")
+        add(by_name[name])
+    out = []
+    for mod in order:
+        t.expect(mod.endswith((".ko", ".ko.xz")), f"{mod}: only .ko and .ko.xz modules are handled")
+        data = cat(f"{base}/{mod}")
+        path = os.path.join(t.work, os.path.basename(mod).removesuffix(".xz"))
+        with open(path, "wb") as f:
+            f.write(lzma.decompress(data) if mod.endswith(".xz") else data)
+        out.append(path)
+    return out
+
+
 def install_launcher(t, h):
     """luo-qemu (static, from qemu-tests/run.sh), its template unit, the
-    guest's kernel and initramfs into the host; checks /dev/kvm."""
+    guest's kernel and initramfs (with virtio_blk) into the host; checks
+    /dev/kvm."""
     luo_qemu = os.path.join(t.bindir, "luo-qemu")
     t.expect(os.path.isfile(luo_qemu), f"no static luo-qemu in {t.bindir!r} (qemu-tests/run.sh builds it)")
     initrd = os.path.join(t.work, "guest-initrd.gz")
     if not os.path.exists(initrd):
-        subprocess.run(["bash", os.path.join(t.repo, "qemu-launcher", "guest", "make-initrd.sh"), initrd],
-                       check=True, stdin=subprocess.DEVNULL)
+        subprocess.run(["bash", os.path.join(t.repo, "qemu-launcher", "guest", "make-initrd.sh"), initrd,
+                        *guest_modules(t)], check=True, stdin=subprocess.DEVNULL)
     kvm = h.ssh("test -c /dev/kvm && grep -c -w -e vmx -e svm /proc/cpuinfo")
     t.expect(kvm.rc == 0, f"the host has no usable /dev/kvm (nested KVM under TCG -cpu max): {kvm.stdout} "
                           f"{h.ssh('ls -l /dev/kvm; dmesg | grep -i kvm | tail -5').stdout}")
@@ -131,9 +185,17 @@ def install_launcher(t, h):
     return h.check("qemu-system-x86_64 --version").splitlines()[0]
 
 
-def define_vm(h, name, tty, memory_mib=128, state_mib=4, append="", extra_args=()):
+def disk_path(name):
+    return f"/var/lib/luo-vm/{name}.img"
+
+
+def define_vm(h, name, tty, memory_mib=128, state_mib=4, append="", extra_args=(), disk=False):
     """/etc/luod/vms/NAME.toml: the guest on the host's serial port `tty`
-    (e.g. ttyS1), logged to /var/lib/luo-vm/NAME.serial."""
+    (e.g. ttyS1), logged to /var/lib/luo-vm/NAME.serial. With disk, a new
+    1 MiB raw image /var/lib/luo-vm/NAME.img is its virtio disk."""
+    if disk:
+        h.check(f"rm -f {disk_path(name)} && truncate -s 1M {disk_path(name)}")
+        extra_args = ["-drive", f"file={disk_path(name)},if=virtio,format=raw", *extra_args]
     args = ["-nodefaults", "-machine", "q35", "-accel", "kvm", "-cpu", "qemu64", "-smp", "1", "-display", "none",
             "-kernel", "/var/lib/luo-vm/vmlinuz", "-initrd", "/var/lib/luo-vm/initrd.gz",
             "-append", ("console=ttyS0,115200 quiet " + append).strip(),
@@ -147,7 +209,64 @@ def define_vm(h, name, tty, memory_mib=128, state_mib=4, append="", extra_args=(
 def start_vm(t, h, name, console, timeout=600):
     """Enables luo-qemu@NAME and waits until it is registered with luod and
     the guest ticks; the first tick."""
-    h.check(f"systemctl daemon-reload && systemctl enable --now luo-qemu@{name}", timeout=120)
-    t.log(wait_launcher(t, h, name, "started fresh", 300))
-    wait_launcher(t, h, name, f"VM {name} registered with luod", 300)
-    return console.wait_tick(t, 20, timeout)
+    return start_vms(t, h, {name: console}, timeout)[name]
+
+
+def start_vms(t, h, cons, timeout=600):
+    """start_vm for every VM of {name: Console}, all enabled at once; their
+    first ticks by name."""
+    h.check("systemctl daemon-reload && systemctl enable --now " + " ".join(f"luo-qemu@{n}" for n in cons),
+            timeout=120)
+    first = {}
+    for name, console in cons.items():
+        t.log(wait_launcher(t, h, name, "started fresh", 300))
+        wait_launcher(t, h, name, f"VM {name} registered with luod", 300)
+        first[name] = console.wait_tick(t, 20, timeout)
+    return first
+
+
+def qemu_pid(t, h, vm):
+    """The pid of VM's QEMU, from its launcher's `started fresh` line."""
+    m = re.search(r"pid (\d+)", wait_launcher(t, h, vm, "started fresh", 60))
+    return int(m.group(1))
+
+
+def last_tick_paused(t, consoles_by_name, quiet=1.0):
+    """The last tick of each paused guest: no tick arrives for `quiet`
+    seconds (a line on its way when QEMU stopped arrives within it)."""
+    last = {n: c.ticks()[-1] for n, c in consoles_by_name.items()}
+    time.sleep(quiet)
+    for n, c in consoles_by_name.items():
+        t.expect(c.ticks()[-1]["n"] == last[n]["n"], f"VM {n}'s guest still ticks after freeze")
+    return last
+
+
+def expect_continues(t, console, first, last, disk=True):
+    """After a pause (the last tick before it is `last`): the guest goes on
+    with the next counter value, the same boot id, the uptime going on,
+    the same tmpfs file and (with disk) the same disk file and no lost disk
+    write; no tick of another boot. Returns the first tick after."""
+    nxt = console.wait_tick(t, last["n"], 300)
+    after = console.wait_tick(t, last["n"] + 5, 120)
+    t.expect(nxt["n"] == last["n"] + 1, f"the counter went from {last['n']} to {nxt['n']}, not on by one")
+    t.expect(nxt["boot"] == first["boot"] and after["boot"] == first["boot"],
+             f"the guest's boot id changed: {first['boot']} -> {nxt['boot']}")
+    t.expect(nxt["tmpfs"] == first["tmpfs"], f"the tmpfs file changed: {first['tmpfs']} -> {nxt['tmpfs']}")
+    t.expect(last["up"] < nxt["up"] < after["up"], f"the guest's uptime did not go on: {last['up']} -> {nxt['up']}")
+    if disk:
+        t.expect(first["disk"] is not None, f"the guest has no disk: {console.tail(3)}")
+        t.expect(nxt["disk"] == first["disk"] and after["disk"] == first["disk"],
+                 f"the disk file changed: {first['disk']} -> {nxt['disk']}")
+        t.expect(nxt["dn"] == last["n"] and after["dn"] == after["n"] - 1,
+                 f"a disk write was lost: tick {nxt['n']} read {nxt['dn']} from the disk, tick {last['n']} wrote it")
+    others = {k["boot"] for k in console.ticks()} - {first["boot"]}
+    t.expect(not others, f"ticks from another guest boot: {others}")
+    return nxt
+
+
+def describe(first, last, nxt):
+    text = (f"boot id {nxt['boot']} unchanged, tick n={last['n']} up={last['up']} -> n={nxt['n']} up={nxt['up']} "
+            f"(uptime +{nxt['up'] - last['up']:.2f} s), tmpfs md5 {nxt['tmpfs']} unchanged")
+    if nxt["disk"]:
+        text += f", disk md5 {nxt['disk']} unchanged, disk counter {nxt['dn']} (no write lost)"
+    return text
