@@ -11,5 +11,6 @@ trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp"/{bin,proc,sys,dev,tmp}
 cp "$bb" "$tmp/bin/busybox"
 cp "$here/init" "$tmp/init"
+cp "$here/fill" "$tmp/fill.sh"
 (cd "$tmp" && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$out.tmp"
 mv "$out.tmp" "$out"
