@@ -43,9 +43,10 @@ the boot), `BENCH up` -> first tick (the launcher: claim, QEMU relaunch,
 state load, the guest's next tick); and the launcher's own checkpoint_ms,
 relaunch_ms and load_ms.
 
-4x RAM: two VMs run in every VM round, `small` (128 MiB, the guest fills 64
-MiB of tmpfs before it ticks: qemu-launcher/guest/fill) and `big` (512 MiB,
-fills 384 MiB, three times the small VM's whole RAM), each on its own
+4x RAM: two VMs run in every VM round, `small` (128 MiB, the guest fills 32
+MiB of tmpfs before it ticks: qemu-launcher/guest/fill; 64 MiB does not fit
+next to Debian's stock kernel and its initramfs) and `big` (512 MiB, fills
+384 MiB: 75 % of it, three times the small VM's whole RAM), each on its own
 console (ttyS1, ttyS2), both through the same freeze and the same kexec.
 That is fairer than separate cycles: the kexec, the dominant and noisiest
 part under TCG, is the very same one for both, so big/small shows what the
@@ -56,6 +57,7 @@ blackout against bare); which VM registered first (so is checkpointed
 first) alternates between rounds.
 """
 
+import os
 import re
 import statistics
 import time
@@ -65,9 +67,11 @@ from qemuvm import TICK, consoles, define_vm, field, install_launcher, launcher_
 
 BENCH = True
 TIMEOUT = 5400
-ROUNDS = 5
+# At least 5 (the issue's "medians of at least 5 interleaved rounds"); LUO_BENCH_ROUNDS
+# overrides it for a quicker look by hand.
+ROUNDS = int(os.environ.get("LUO_BENCH_ROUNDS", "5"))
 # name: (guest RAM MiB, MiB the guest fills before it ticks, host serial port)
-VMS = {"small": (128, 64, "ttyS1"), "big": (512, 384, "ttyS2")}
+VMS = {"small": (128, 32, "ttyS1"), "big": (512, 384, "ttyS2")}
 MARKS = "ttyS3"
 
 MARK_UNIT = f"""[Unit]
@@ -129,8 +133,9 @@ def start_vms(t, h, cons, order):
     out = {}
     for name in order:
         idx = started[name]
-        _, ready = wait_line(t, cons[name], r"GUEST: (ready boot=(\S+)|fill failed.*)", idx, 600, f"{name}'s boot")
-        t.expect(ready.group(2), f"VM {name}: {ready.group(0)}")
+        _, ready = wait_line(t, cons[name], r"GUEST: (ready boot=(\S+)|fill failed.*)|Kernel panic.*", idx, 600,
+                             f"{name}'s boot")
+        t.expect(ready.group(2), f"VM {name}: {ready.group(0)}\n{cons[name].tail()}")
         _, filled = wait_line(t, cons[name], r"GUEST: filled (\d+) MiB in ([\d.]+) s", idx, 5, f"{name}'s fill")
         boot = ready.group(2)
         deadline = time.monotonic() + 120
