@@ -9,8 +9,8 @@ file -L "$bb" 2>/dev/null | grep -q "statically linked" || { echo "make-initrd: 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp"/{bin,proc,sys,dev,tmp}
+cp "$here/fill" "$tmp/fill.sh"
 cp "$bb" "$tmp/bin/busybox"
 cp "$here/init" "$tmp/init"
-cp "$here/fill" "$tmp/fill.sh"
 (cd "$tmp" && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$out.tmp"
 mv "$out.tmp" "$out"
