@@ -129,10 +129,11 @@ SCENARIOS += EXTERNAL
 class HostScenario:
     """A scenario on the Debian host image (qemu-tests/host/): the Python file
     qemu-tests/host/scenarios/NAME.py, run by qemu-tests/host/runner.py. Its
-    module-level TIMEOUT (default 900), BENCH (default False) and SMOKE
+    module-level TIMEOUT (default 900), BENCH (default False), SMOKE
     (default False: a smoke check of the image that other host scenarios
-    cover, run by the groups `host` and `all` but not `tests`) are read here
-    without importing it."""
+    cover, run by the groups `host` and `all` but not `tests`) and DEMO
+    (default False: a demo, in no group) are read here without importing
+    it."""
 
     def __init__(self, path):
         import ast
@@ -153,6 +154,8 @@ class HostScenario:
                     self.bench = bool(ast.literal_eval(node.value))
                 elif node.targets[0].id == "SMOKE":
                     self.smoke = bool(ast.literal_eval(node.value))
+                elif node.targets[0].id == "DEMO":
+                    self.demo = bool(ast.literal_eval(node.value))
 
 
 def host_scenarios():
@@ -169,7 +172,7 @@ GROUPS = {
     "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
     "bench": [s.name for s in SCENARIOS if s.bench],
     "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo and not getattr(s, "smoke", False)],
-    "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench],
+    "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench and not s.demo],
 }
 
 MARKER = re.compile(r"@@LUO (\S+)\s?(.*)$")
@@ -331,6 +334,11 @@ def run_host(sc, kernels, bindir, log_dir, verbose):
                 out(f"  {sc.name} {line}")
             if line.startswith("@@INFO "):
                 res.details.append(line[7:])
+            elif line.startswith("@@DEMO "):
+                if not verbose:
+                    out(f"[{time.monotonic() - t0:7.1f}] {line[7:]}")
+            elif line.startswith("@@SUMMARY "):
+                res.summary.append(line[10:])
             elif line.startswith("@@PASS"):
                 verdict = ""
             elif line.startswith("@@FAIL "):

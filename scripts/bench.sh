@@ -8,6 +8,6 @@ cargo bench --locked -p liveupdate --bench record_write 2>&1
 echo "== luod: status during a freeze waiting on a hung VMM vs idle; threads and RSS at 5,000 idle connections vs 0"
 cargo bench --locked -p liveupdate-tests --bench responsiveness 2>&1
 if [ -x qemu-tests/bench.sh ]; then
-    echo "== QEMU: blackout vs bare kexec, reserved-memory copy vs memcpy"
+    echo "== QEMU: blackout vs bare kexec, reserved-memory copy vs memcpy, a QEMU VM's blackout vs bare kexec on the Debian host (and 4x its RAM)"
     qemu-tests/bench.sh
 fi

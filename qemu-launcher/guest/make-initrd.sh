@@ -17,6 +17,7 @@ file -L "$bb" 2>/dev/null | grep -q "statically linked" || { echo "make-initrd: 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp"/{bin,proc,sys,dev,tmp}
+cp "$here/fill" "$tmp/fill.sh"
 cp "$bb" "$tmp/bin/busybox"
 cp "$here/init" "$tmp/init"
 if [ $# -gt 0 ]; then

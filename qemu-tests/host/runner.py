@@ -7,6 +7,7 @@ A scenario is a Python file in qemu-tests/host/scenarios/ that defines
 
     TIMEOUT = 900          # optional, seconds for the whole scenario (default 900)
     BENCH = False          # optional: True = a benchmark (group bench, not tests)
+    DEMO = False           # optional: True = a demo (scripts/demo.sh), in no group
     def run(t): ...        # t is a Context (below)
 
 and fails by raising (t.fail(), t.expect(), or any exception, e.g. HostError
@@ -14,8 +15,9 @@ from hostvm.py). The file name is the scenario name; scenarios.py finds it
 there (group `host`, included in `tests` and `all`).
 
 Output (what scenarios.py reads): progress lines, then `@@INFO text` lines
-(the details printed under the PASS/FAIL line), and finally `@@PASS` or
-`@@FAIL why`. Exit status 0 only on pass. Every QEMU this runner started is
+(the details printed under the PASS/FAIL line), for a demo `@@DEMO text`
+(the story, echoed as it comes) and `@@SUMMARY text` (printed as the summary
+after the PASS/FAIL line), and finally `@@PASS` or `@@FAIL why`. Exit status 0 only on pass. Every QEMU this runner started is
 stopped at the end, pass or fail (also on SIGTERM).
 """
 
@@ -55,6 +57,7 @@ class Context:
     t.info(msg)   a detail printed under the scenario's PASS/FAIL line
     t.measure(what, seconds)    t.info("<what>: 12.3 s") and kept in t.measures
     t.expect(cond, why) / t.fail(why)   the scenario's verdict
+    t.demo(msg) / t.summary(msg)        a demo's story line / summary line
     """
 
     def __init__(self, name, image, luo_kernel, bindir, log_dir, verbose):
@@ -80,6 +83,13 @@ class Context:
     def measure(self, what, seconds):
         self.measures[what] = seconds
         self.info(f"{what}: {seconds:.1f} s")
+
+    def demo(self, msg):
+        self.log(msg)
+        print(f"@@DEMO {msg}", flush=True)
+
+    def summary(self, msg):
+        print(f"@@SUMMARY {msg}", flush=True)
 
     def fail(self, why):
         raise Failure(why)
