@@ -23,8 +23,9 @@
 #                              scenario (PASS/FAIL, seconds), then "N passed, N failed"
 # Exit status 0 only if every selected scenario passed (2: unknown name).
 #
-# Environment: LUO_CACHE (/var/cache/liveupdate-qemu), LUO_QEMU_JOBS (scenarios
-# run at once, default 1), LUO_QEMU_TOTAL_TIMEOUT (3600 s: no scenario starts
+# Environment: LUO_CACHE (/var/cache/liveupdate-qemu), LUO_QEMU_JOBS (CPUs to
+# fill with scenarios at once, default: the CPU count; a Debian-host scenario
+# runs alone), LUO_QEMU_TOTAL_TIMEOUT (3600 s: no scenario starts
 # after it), LUO_QEMU_TARGET_DIR, and those of build-kernel.sh and
 # fetch-stock-kernel.sh.
 set -uo pipefail

@@ -657,7 +657,9 @@ def main():
     ap.add_argument("--bindir", default="", help="directory with static luod, luoctl, luo-qemu-tool")
     ap.add_argument("--busybox", default="/bin/busybox")
     ap.add_argument("--log-dir", default=os.path.join(os.environ.get("LUO_CACHE", "/var/cache/liveupdate-qemu"), "logs"))
-    ap.add_argument("--jobs", "-j", type=int, default=int(os.environ.get("LUO_QEMU_JOBS", "1")))
+    ap.add_argument("--jobs", "-j", type=int, default=int(os.environ.get("LUO_QEMU_JOBS", "0") or 0),
+                    help="CPUs to fill with scenarios at once (default: this machine's CPU count); a busybox "
+                         "scenario takes its -smp, a Debian-host scenario all of them (it runs alone)")
     ap.add_argument("--verbose", "-v", action="store_true", help="echo the console")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--needs", action="store_true", help="print the number of scenarios selected and the kernels they need")
@@ -724,27 +726,52 @@ def main():
 
     t_all = time.monotonic()
 
+    # Scenarios share the CPUs: a busybox scenario takes as many as its
+    # QEMU's -smp (TCG runs a thread per vCPU), a check 1, a Debian-host
+    # scenario (-smp 2, possibly several hosts) all of them, so it runs
+    # alone. The next scenario to start is the first queued one that fits.
+    cpus = a.jobs if a.jobs > 0 else (os.cpu_count() or 1)
+
+    def weight(n):
+        sc = BY_NAME[n]
+        return cpus if isinstance(sc, HostScenario) else min(cpus, getattr(sc, "smp", 1))
+
+    sched = threading.Condition()
+    free = [cpus]
+
     def worker(queue):
         while True:
-            with print_lock:
-                if not queue:
-                    return
-                n = queue.pop(0)
-            if time.monotonic() - t_all > a.total_timeout:
-                res = Result(n)
-                res.why = f"not run: the overall timeout of {a.total_timeout:.0f} s has passed"
-            else:
-                res = run_scenario(BY_NAME[n], fixtures, kernels, a.log_dir, a.verbose)
-            results[n] = res
-            report(res)
+            with sched:
+                while True:
+                    if not queue:
+                        return
+                    i = next((i for i, n in enumerate(queue) if weight(n) <= free[0]), None)
+                    if i is not None:
+                        break
+                    sched.wait()
+                n = queue.pop(i)
+                free[0] -= weight(n)
+            try:
+                if time.monotonic() - t_all > a.total_timeout:
+                    res = Result(n)
+                    res.why = f"not run: the overall timeout of {a.total_timeout:.0f} s has passed"
+                else:
+                    res = run_scenario(BY_NAME[n], fixtures, kernels, a.log_dir, a.verbose)
+                results[n] = res
+                report(res)
+            finally:
+                with sched:
+                    free[0] += weight(n)
+                    sched.notify_all()
 
     try:
         queue = list(tests)
-        threads = [threading.Thread(target=worker, args=(queue,)) for _ in range(max(1, min(a.jobs, len(queue))))]
+        threads = [threading.Thread(target=worker, args=(queue,)) for _ in range(max(1, min(cpus, len(queue))))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        free[0] = cpus
         worker(list(benches))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -108,7 +108,11 @@ python3 -c 'import uuid; print(uuid.uuid4().hex)' > "\$r/etc/machine-id"
 mkdir -p "\$r/var/log/journal"
 chroot "\$r" systemctl enable systemd-networkd.service luo-host-marker.service serial-getty@ttyS0.service
 chroot "\$r" systemctl mask systemd-firstboot.service apt-daily.timer apt-daily-upgrade.timer \
-  dpkg-db-backup.timer e2scrub_all.timer fstrim.timer systemd-networkd-wait-online.service
+  dpkg-db-backup.timer e2scrub_all.timer fstrim.timer systemd-networkd-wait-online.service \
+  ldconfig.service systemd-journal-catalog-update.service systemd-update-done.service \
+  systemd-network-generator.service systemd-networkd-persistent-storage.service systemd-pstore.service \
+  modprobe@drm.service modprobe@efi_pstore.service modprobe@fuse.service modprobe@configfs.service \
+  e2scrub_reap.service sys-kernel-tracing.mount sys-kernel-debug.mount dev-hugepages.mount
 # kexec-tools must not turn an ordinary reboot into a kexec.
 if [ -f "\$r/etc/default/kexec" ]; then
   sed -i 's/^LOAD_KEXEC=.*/LOAD_KEXEC=false/' "\$r/etc/default/kexec"
