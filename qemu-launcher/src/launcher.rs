@@ -8,7 +8,9 @@
 //! Otherwise it starts the VM fresh on new memfds. Either way it then
 //! registers the VM (RAM and state memfds, tokens [`RAM_TOKEN`] and
 //! [`STATE_TOKEN`]) and answers luod's calls until QEMU ends or the VM is
-//! handed over to the next kernel.
+//! handed over to the next kernel. A restored VM registers at once, while
+//! luod is still `updated`, so that `luoctl rollback` can carry it back; a
+//! fresh one waits for `normal`.
 
 use crate::config::VmConfig;
 use crate::qemu::{CHECKPOINT_FORMAT, Checkpoint, Launch, Qemu, QemuError};
@@ -149,6 +151,10 @@ struct Vm<'a> {
     registered: bool,
     in_cycle: bool,
     frozen: bool,
+    /// Restored from a claim in this kernel and not registered yet: it
+    /// registers again while luod is still `updated`, so that a rollback
+    /// from `updated` carries it (lib/src/engine/reclaim.rs).
+    restored: bool,
 }
 
 /// Runs VM `s.name` with configuration `cfg` until it ends; prints what
@@ -225,6 +231,7 @@ fn start_fresh<'a>(s: &'a Settings, cfg: &'a VmConfig, launch: &Launch<'_>) -> R
         registered: false,
         in_cycle: false,
         frozen: false,
+        restored: false,
     })
 }
 
@@ -321,6 +328,7 @@ fn restore<'a>(
                     registered: false,
                     in_cycle: false,
                     frozen: false,
+                    restored: true,
                 });
             }
             Err(e) => say(format!(
@@ -393,6 +401,23 @@ impl Vm<'_> {
         let state = state_of(&mut c)?;
         match state {
             State::Updated if self.frozen => return Ok(Attach::HandedOver),
+            State::Updated if self.restored && !self.registered => {
+                let ram = [(RAM_TOKEN, self.ram.as_fd()), (STATE_TOKEN, self.state.as_fd())];
+                return match c.register_vm(self.name(), &ram) {
+                    Ok(conn) => Ok(Attach::Attached(conn)),
+                    Err(ClientError::Server(e)) => {
+                        // A luod that takes a VM back only after `finish`.
+                        say(format!(
+                            "VM {}: luod does not take the VM again before `finish` ({}): registering after it",
+                            self.name(),
+                            e.message
+                        ));
+                        self.restored = false;
+                        Ok(Attach::Later)
+                    }
+                    Err(e) => Err(e),
+                };
+            }
             State::Updated => return Ok(Attach::Later),
             State::Prepared | State::Frozen if !self.registered => return Ok(Attach::Later),
             State::Prepared | State::Frozen => {
