@@ -82,19 +82,23 @@ impl<R: Region> Engine<R> {
             files.push((*token, size, fd));
         }
         self.kernel.finish_session(&session)?;
-        let moved = self.kernel.create_session(&session).map_err(EngineError::from).and_then(|()| {
-            let mut kept = Vec::new();
-            for (token, size, fd) in files {
-                self.kernel.preserve_fd(&session, token, fd)?;
-                kept.push(FdRecord {
-                    token,
-                    size,
-                    data: None,
-                    retrieved: false,
-                });
-            }
-            Ok(kept)
-        });
+        let moved = self
+            .kernel
+            .create_session(&session)
+            .map_err(EngineError::from)
+            .and_then(|()| {
+                let mut kept = Vec::new();
+                for (token, size, fd) in files {
+                    self.kernel.preserve_fd(&session, token, fd)?;
+                    kept.push(FdRecord {
+                        token,
+                        size,
+                        data: None,
+                        retrieved: false,
+                    });
+                }
+                Ok(kept)
+            });
         let mut next = self.record.clone();
         match moved {
             Ok(kept) => {

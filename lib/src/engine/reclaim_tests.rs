@@ -109,8 +109,16 @@ fn phase(e: &Engine<MemRegion>) -> String {
 }
 
 fn web_session(e: &Engine<MemRegion>) -> (bool, Vec<(u64, u64, bool)>) {
-    let s = e.record().sessions.iter().find(|s| s.name.as_str() == "vm-web").unwrap();
-    (s.incoming, s.fds.iter().map(|f| (f.token, f.size, f.retrieved)).collect())
+    let s = e
+        .record()
+        .sessions
+        .iter()
+        .find(|s| s.name.as_str() == "vm-web")
+        .unwrap();
+    (
+        s.incoming,
+        s.fds.iter().map(|f| (f.token, f.size, f.retrieved)).collect(),
+    )
 }
 
 /// A VM on the host (RAM and a state buffer), updated to k1; returns the
@@ -131,12 +139,18 @@ fn updated_with_a_vm(dir: &Path) -> (Engine<MemRegion>, PathBuf) {
 
 #[test]
 fn a_vm_registered_again_after_its_claim_is_frozen_and_carried_by_a_rollback_from_updated() {
-    assert!(nix::unistd::geteuid().is_root(), "run as root: luod takes rollback images only from root's files");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "run as root: luod takes rollback images only from root's files"
+    );
     let dir = tempfile::tempdir().unwrap();
     let (mut e, k0) = updated_with_a_vm(dir.path());
     assert_eq!(phase(&e), "awaiting-claim");
     let (fds, state) = claim(&mut e);
-    assert_eq!((bytes(&fds[0]).as_slice(), state.as_slice()), (RAM, b"checkpoint 1".as_slice()));
+    assert_eq!(
+        (bytes(&fds[0]).as_slice(), state.as_slice()),
+        (RAM, b"checkpoint 1".as_slice())
+    );
     assert_eq!(phase(&e), "claimed");
 
     // Claimed but not registered again: a rollback could not carry it.
@@ -153,7 +167,10 @@ fn a_vm_registered_again_after_its_claim_is_frozen_and_carried_by_a_rollback_fro
     assert_eq!(web_session(&e), (false, vec![(1, 8192, false), (2, 4096, false)]));
 
     let report = e.rollback(&Caller::ROOT).unwrap();
-    assert_eq!((report.from, report.to, report.files), (State::Updated, State::Prepared, 2));
+    assert_eq!(
+        (report.from, report.to, report.files),
+        (State::Updated, State::Prepared, 2)
+    );
     let mut e = kexec(e, None, &k0);
     assert_eq!(calls.try_iter().collect::<Vec<_>>(), [VmCall::Prepare, VmCall::Freeze]);
     assert_eq!(e.record().update.as_ref().unwrap().rollback_of, Some(1));
@@ -161,7 +178,10 @@ fn a_vm_registered_again_after_its_claim_is_frozen_and_carried_by_a_rollback_fro
     // In the previous kernel the VM comes back with its RAM and the rollback's checkpoint.
     assert_eq!(phase(&e), "awaiting-claim");
     let (fds, state) = claim(&mut e);
-    assert_eq!((bytes(&fds[0]).as_slice(), state.as_slice()), (RAM, b"checkpoint 2".as_slice()));
+    assert_eq!(
+        (bytes(&fds[0]).as_slice(), state.as_slice()),
+        (RAM, b"checkpoint 2".as_slice())
+    );
     let _calls = register(&mut e, fds, b"checkpoint 3");
     e.finish(&Caller::ROOT).unwrap();
     assert_eq!(e.state(), State::Normal);
@@ -183,7 +203,10 @@ fn finish_keeps_a_vm_registered_again_so_the_next_update_carries_it() {
     let mut e = kexec(e, Some(&k2), &k0);
     assert_eq!(calls.try_iter().collect::<Vec<_>>(), [VmCall::Prepare, VmCall::Freeze]);
     let (fds, state) = claim(&mut e);
-    assert_eq!((bytes(&fds[0]).as_slice(), state.as_slice()), (RAM, b"checkpoint 2".as_slice()));
+    assert_eq!(
+        (bytes(&fds[0]).as_slice(), state.as_slice()),
+        (RAM, b"checkpoint 2".as_slice())
+    );
 }
 
 #[test]
@@ -197,8 +220,13 @@ fn registering_again_is_refused_before_the_claim_and_with_other_memfds_and_nothi
         ]
     };
     let (luod_end, _vmm_end) = UnixStream::pair().unwrap();
-    let err = e.vm_register(&Caller::ROOT, "web", &[1, 2], other(), luod_end).unwrap_err();
-    assert_eq!((err.kind(), err.to_string().as_str()), (ErrorKind::AlreadyExists, "a session named vm-web exists already"));
+    let err = e
+        .vm_register(&Caller::ROOT, "web", &[1, 2], other(), luod_end)
+        .unwrap_err();
+    assert_eq!(
+        (err.kind(), err.to_string().as_str()),
+        (ErrorKind::AlreadyExists, "a session named vm-web exists already")
+    );
     assert_eq!(web_session(&e), (true, vec![(1, 8192, false), (2, 4096, false)]));
 
     let (fds, _) = claim(&mut e);
@@ -209,7 +237,9 @@ fn registering_again_is_refused_before_the_claim_and_with_other_memfds_and_nothi
         memfd::from_bytes("state", &[0u8; 100]).unwrap(),
     ];
     let (luod_end, _vmm_end) = UnixStream::pair().unwrap();
-    let err = e.vm_register(&Caller::ROOT, "web", &[1, 2], small, luod_end).unwrap_err();
+    let err = e
+        .vm_register(&Caller::ROOT, "web", &[1, 2], small, luod_end)
+        .unwrap_err();
     assert_eq!(
         (err.kind(), err.to_string()),
         (
@@ -220,7 +250,9 @@ fn registering_again_is_refused_before_the_claim_and_with_other_memfds_and_nothi
         )
     );
     let (luod_end, _vmm_end) = UnixStream::pair().unwrap();
-    let err = e.vm_register(&Caller::ROOT, "web", &[1], vec![fds[0].try_clone().unwrap()], luod_end).unwrap_err();
+    let err = e
+        .vm_register(&Caller::ROOT, "web", &[1], vec![fds[0].try_clone().unwrap()], luod_end)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "other tokens: {err}");
     assert_eq!(web_session(&e), claimed, "nothing changed");
     assert_eq!(phase(&e), "claimed");
