@@ -118,6 +118,11 @@ def play(t, venv, inventory, evars, report_dir):
     with open(os.path.join(t.log_dir, f"{t.name}-{t.stamp}-ansible.log"), "a") as f:
         f.write(f"# ansible-playbook ... -e '{argv[-1]}': exit {p.returncode} in {took:.1f} s\n{p.stdout}\n{p.stderr}\n")
     t.log(f"ansible-playbook exit {p.returncode} in {took:.1f} s")
+    play.runs = getattr(play, "runs", 0) + 1
+    for ext in ("md", "json"):
+        src = os.path.join(report_dir, f"report.{ext}")
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(t.log_dir, f"{t.name}-{t.stamp}-report-run{play.runs}.{ext}"))
     return p, took
 
 
@@ -133,7 +138,8 @@ def history(h):
 def guest_ok(t, name, console, first_boot):
     """The guest ticks now, with its first boot id, and never printed
     another; its counter only went up, and across each pause longer than
-    5 s (a kexec of its host) by exactly one. Returns those pauses (s)."""
+    15 s (a kexec of its host: 20 s and more; a loaded machine stalls the
+    TCG host for up to about 6 s) by exactly one. Returns those pauses (s)."""
     ticks = console.ticks()
     later = console.wait_tick(t, ticks[-1]["n"], 120)
     ticks = console.ticks()
@@ -142,7 +148,7 @@ def guest_ok(t, name, console, first_boot):
     t.expect(later["boot"] == first_boot, f"{name}: the guest's boot id is {later['boot']}, not {first_boot}")
     pairs = list(zip(ticks, ticks[1:]))
     t.expect(all(b["n"] > a["n"] for a, b in pairs), f"{name}: the guest's counter went back")
-    pauses = [(a, b) for a, b in pairs if b["ts"] - a["ts"] > 5.0]
+    pauses = [(a, b) for a, b in pairs if b["ts"] - a["ts"] > 15.0]
     t.expect(all(b["n"] == a["n"] + 1 for a, b in pauses),
              f"{name}: across a pause the counter did not go on by one: {[(a['n'], b['n']) for a, b in pauses]}")
     return [round(b["ts"] - a["ts"], 1) for a, b in pauses]
@@ -275,8 +281,6 @@ def _run(t, t0, target, digest, venv, deb, cons, args):
     for name in HOSTS:
         t.expect(f"| {name} | updated | {rel} | {rel} |" in md, f"report.md has no updated row for {name}:\n{md}")
     t.expect("updated 3" in md, f"report.md's counts:\n{md}")
-    for ext in ("md", "json"):
-        shutil.copy(os.path.join(report_dir, f"report.{ext}"), os.path.join(t.log_dir, f"{t.name}-{t.stamp}-report.{ext}"))
     t.info(f"run 2 (same command, gate fixed): exit 0 in {took2:.0f} s; h1 skipped (same boot, 1 cycle), "
            f"h2 and h3 updated")
     t.info(f"every host booted the target (sha256 {digest[:16]}...; {rel}); guests kept their boot ids; VM blackouts on the consoles (s): "
