@@ -611,7 +611,10 @@ fn a_restored_vm_registers_in_updated_and_a_rollback_carries_it_back_to_the_prev
     assert!(cp.contains("was_running=true"), "{cp}");
     luod.expect_kexec_exit();
     let last = vm.ticks().pop().expect("ticks before the rollback");
-    assert!(last.n >= running.n, "the guest ran after its restore: {running:?} then {last:?}");
+    assert!(
+        last.n >= running.n,
+        "the guest ran after its restore: {running:?} then {last:?}"
+    );
     luod.start();
     assert_eq!(new.wait_exit(), 0, "{}", new.output());
     assert_eq!(phase(&luod, "web"), "awaiting-claim");
