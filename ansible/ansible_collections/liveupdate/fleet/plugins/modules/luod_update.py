@@ -17,8 +17,8 @@ description:
     back with C(luoctl rollback) (a live update to the previous kernel) and
     fails with the reason.
   - Before each C(luoctl finish) (of the update, or of the rollback) it
-    waits, up to O(reboot_timeout), until no VM is C(awaiting-claim): the
-    VMMs restore their VMs after the kexec at their own pace, and luod
+    waits, up to O(reboot_timeout), until no VM is C(awaiting-claim), since
+    the VMMs restore their VMs after the kexec at their own pace and luod
     refuses C(finish) until they have (after the wait, C(finish)'s refusal
     names the VMs).
   - This is an action plugin, since a module cannot wait for its own host across
