@@ -8,7 +8,9 @@
 //! Otherwise it starts the VM fresh on new memfds. Either way it then
 //! registers the VM (RAM and state memfds, tokens [`RAM_TOKEN`] and
 //! [`STATE_TOKEN`]) and answers luod's calls until QEMU ends or the VM is
-//! handed over to the next kernel.
+//! handed over to the next kernel. A restored VM registers at once, while
+//! luod is still `updated`, so that `luoctl rollback` can carry it back; a
+//! fresh one waits for `normal`.
 
 use crate::config::VmConfig;
 use crate::qemu::{CHECKPOINT_FORMAT, Checkpoint, Launch, Qemu, QemuError, blackout_ms, wall_clock_ns};
@@ -250,6 +252,10 @@ struct Vm<'a> {
     frozen: bool,
     /// A detail to report once the current call is answered.
     report: Option<String>,
+    /// Restored from a claim in this kernel and not registered yet: it
+    /// registers again while luod is still `updated`, so that a rollback
+    /// from `updated` carries it (lib/src/engine/reclaim.rs).
+    restored: bool,
 }
 
 /// Runs VM `s.name` with configuration `cfg` until it ends; prints what
@@ -327,6 +333,7 @@ fn start_fresh<'a>(s: &'a Settings, cfg: &'a VmConfig, launch: &Launch<'_>) -> R
         in_cycle: false,
         frozen: false,
         report: None,
+        restored: false,
     })
 }
 
@@ -433,6 +440,7 @@ fn restore<'a>(
                     in_cycle: false,
                     frozen: false,
                     report: None,
+                    restored: true,
                 });
             }
             Err(e) => {
@@ -513,6 +521,23 @@ impl Vm<'_> {
         let state = state_of(&mut c)?;
         match state {
             State::Updated if self.frozen => return Ok(Attach::HandedOver),
+            State::Updated if self.restored && !self.registered => {
+                let ram = [(RAM_TOKEN, self.ram.as_fd()), (STATE_TOKEN, self.state.as_fd())];
+                return match c.register_vm(self.name(), &ram) {
+                    Ok(conn) => Ok(Attach::Attached(conn)),
+                    Err(ClientError::Server(e)) => {
+                        // A luod that takes a VM back only after `finish`.
+                        say(format!(
+                            "VM {}: luod does not take the VM again before `finish` ({}): registering after it",
+                            self.name(),
+                            e.message
+                        ));
+                        self.restored = false;
+                        Ok(Attach::Later)
+                    }
+                    Err(e) => Err(e),
+                };
+            }
             State::Updated => return Ok(Attach::Later),
             State::Prepared | State::Frozen if !self.registered => return Ok(Attach::Later),
             State::Prepared | State::Frozen => {

@@ -630,6 +630,125 @@ fn a_running_migration_vetoes_prepare_with_qemus_status_and_prepare_works_once_i
     assert_eq!(l.stop(), 0);
 }
 
+/// The phase luod's `vm list --json` gives VM `name`.
+fn phase(luod: &Luod, name: &str) -> String {
+    let (rc, v) = luod.luoctl_json(&["vm", "list"]);
+    assert_eq!(rc, 0, "{v}");
+    v["vms"]
+        .as_array()
+        .and_then(|vms| vms.iter().find(|vm| vm["name"] == name))
+        .and_then(|vm| vm["phase"].as_str())
+        .unwrap_or("none")
+        .to_string()
+}
+
+#[test]
+fn a_restored_vm_registers_in_updated_and_a_rollback_carries_it_back_to_the_previous_kernel() {
+    let _g = lock();
+    let f = fixtures();
+    // The kernel to go back to (the file backend simulates the kexec): a
+    // bzImage header luod's image check takes, a file of root's.
+    let images = tempfile::tempdir().expect("tempdir");
+    let previous = images.path().join("vmlinuz-previous");
+    let mut bz = vec![0u8; 0x400];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    std::fs::write(&previous, &bz).expect("image");
+    std::fs::set_permissions(
+        &previous,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644),
+    )
+    .expect("chmod");
+    let mut luod = Luod::new("300M")
+        .arg("--rollback-kernel")
+        .arg(&previous)
+        .arg("--rollback-cmdline")
+        .arg("console=ttyS0")
+        .launched();
+    let vm = VmFiles::new(luod.dir(), "web", &f.qemu10, &[]);
+    let mut old = Launcher::start(&luod, &vm);
+    old.wait_line(" registered with luod (QEMU");
+    let first = vm.wait_ticks(15);
+    let mut c = luod.client();
+    c.prepare().expect("prepare");
+    c.freeze().expect("freeze");
+    old.wait_line("checkpointed");
+    c.reboot().expect("reboot");
+    drop(c);
+    luod.expect_kexec_exit();
+    luod.start();
+    assert_eq!(old.wait_exit(), 0, "{}", old.output());
+
+    // The new launcher restores the VM and registers it again at once,
+    // while luod is still `updated`.
+    let mut new = Launcher::start(&luod, &vm);
+    new.wait_line("restored");
+    new.wait_line("VM web registered with luod");
+    assert_eq!(luod.status().state, State::Updated);
+    assert_eq!(phase(&luod, "web"), "registered");
+    let running = vm.wait_ticks(first.n + 5);
+
+    // A failed validation, say: back to the previous kernel. luoctl rollback
+    // prepares, freezes (the launcher checkpoints the VM) and kexecs.
+    let out = luod.luoctl(&["rollback"]);
+    assert!(out.status.success(), "luoctl rollback: {}", stderr_of(&out));
+    let cp = new.wait_line("checkpointed");
+    assert!(cp.contains("was_running=true"), "{cp}");
+    luod.expect_kexec_exit();
+    let last = vm.ticks().pop().expect("ticks before the rollback");
+    assert!(
+        last.n >= running.n,
+        "the guest ran after its restore: {running:?} then {last:?}"
+    );
+    luod.start();
+    assert_eq!(new.wait_exit(), 0, "{}", new.output());
+    assert_eq!(phase(&luod, "web"), "awaiting-claim");
+
+    let mut third = Launcher::start(&luod, &vm);
+    third.wait_line("restored");
+    third.wait_line("VM web registered with luod");
+    let after = vm.wait_ticks(last.n + 5);
+    let next = vm
+        .ticks()
+        .into_iter()
+        .find(|t| t.n == last.n + 1)
+        .expect("the tick after the last one");
+    assert_eq!(
+        (next.boot.as_str(), after.boot.as_str()),
+        (first.boot.as_str(), first.boot.as_str())
+    );
+    assert_eq!(next.tmpfs, first.tmpfs, "the tmpfs file is intact");
+    assert!(
+        !vm.ticks().iter().any(|t| t.boot != first.boot),
+        "no tick from another boot"
+    );
+
+    let out = luod.luoctl(&["finish"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(phase(&luod, "web"), "registered", "finish keeps the registration");
+    let (_, history) = luod.luoctl_json(&["history"]);
+    let cycles: Vec<(u64, String, Option<u64>)> = history["cycles"]
+        .as_array()
+        .expect("cycles")
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_u64().unwrap_or(0),
+                c["outcome"].as_str().unwrap_or("").to_string(),
+                c["rollback_of"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        cycles,
+        [
+            (1, "rolled-back".to_string(), None),
+            (2, "finished".to_string(), Some(1))
+        ]
+    );
+    assert_eq!(third.stop(), 0);
+}
+
 #[test]
 fn luod_killed_while_the_vm_is_frozen_comes_back_and_cancel_resumes_the_same_qemu() {
     let _g = lock();

@@ -10,6 +10,7 @@ mod error;
 mod handover;
 mod images;
 mod quotas;
+mod reclaim;
 mod rollback;
 mod sessions;
 mod snapshot;
@@ -540,6 +541,8 @@ mod pin_tests;
 mod quota_tests;
 #[cfg(test)]
 mod reboot_path_tests;
+#[cfg(test)]
+mod reclaim_tests;
 #[cfg(test)]
 mod rollback_tests;
 #[cfg(test)]

@@ -257,6 +257,8 @@ impl Snapshot {
                         .find(|s| s.name.as_str() == vm_session(&v.name));
                     let phase = match session {
                         None => "abandoned",
+                        // Claimed and registered again in this kernel (reclaim.rs).
+                        Some(s) if !s.incoming => self.vm_phase(&v.name).unwrap_or("claimed"),
                         Some(s) if s.fds.iter().all(|f| f.retrieved) => "claimed",
                         Some(_) => "awaiting-claim",
                     };
@@ -281,17 +283,22 @@ impl Snapshot {
                     name: v.name.clone(),
                     owner_uid: v.owner_uid,
                     tokens: v.tokens.clone(),
-                    phase: if v.conn.as_ref().is_some_and(|c| !peer_closed(c)) {
-                        "registered"
-                    } else {
-                        "disconnected"
-                    }
-                    .into(),
+                    phase: self.vm_phase(&v.name).unwrap_or("disconnected").into(),
                     detail: note.detail,
                     blackout_ms: note.blackout_ms,
                 }
             })
             .collect()
+    }
+
+    /// A registered VM's phase: `registered` while its VMM is connected.
+    fn vm_phase(&self, name: &str) -> Option<&'static str> {
+        let v = self.vms.iter().find(|v| v.name == name)?;
+        Some(if v.conn.as_ref().is_some_and(|c| !peer_closed(c)) {
+            "registered"
+        } else {
+            "disconnected"
+        })
     }
 }
 

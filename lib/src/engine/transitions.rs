@@ -590,10 +590,13 @@ impl<R: Region> Engine<R> {
         if !unclaimed.is_empty() {
             return Err(EngineError::VmsNotRestored(unclaimed));
         }
+        // Sessions made in this kernel (a VM registered again after its
+        // claim, reclaim.rs) are outgoing: they stay, for the next update.
         let pending: Vec<String> = self
             .record
             .sessions
             .iter()
+            .filter(|s| s.incoming)
             .flat_map(|s| {
                 s.fds
                     .iter()
@@ -606,14 +609,14 @@ impl<R: Region> Engine<R> {
         }
         self.registry.finish()?;
         let mut notes = Vec::new();
-        for s in &self.record.sessions {
+        for s in self.record.sessions.iter().filter(|s| s.incoming) {
             if let Err(e) = self.kernel.finish_session(&s.name) {
                 notes.push(format!("session {} did not finish in the kernel: {e}", s.name));
             }
         }
         let report_before = self.report(from, started, Vec::new());
         next.state = to;
-        next.sessions.clear();
+        next.sessions.retain(|s| !s.incoming);
         next.subsystems.clear();
         self.carried_vms.clear();
         if let Some(mut u) = next.update.take() {

@@ -83,6 +83,17 @@ impl VmTable {
     pub(super) fn forget(&mut self, name: &str) {
         self.vms.retain(|v| v.name != name);
     }
+
+    /// Adds a registered VM with its VMM's connection.
+    pub(super) fn push_registered(&mut self, name: &str, owner_uid: u32, tokens: &[u64], conn: UnixStream) {
+        self.vms.push(Vm {
+            name: name.into(),
+            owner_uid,
+            tokens: tokens.to_vec(),
+            conn: Some(conn),
+            state: None,
+        });
+    }
 }
 
 /// What a new VMM gets when it claims a VM.
@@ -442,6 +453,10 @@ impl<R: Region> Engine<R> {
             vm.conn = Some(conn);
             return Ok(());
         }
+        if !fds.is_empty() && self.claimed_by(caller, name, tokens) {
+            // Claimed in this kernel, registered again before `finish` (reclaim.rs).
+            return self.vm_register_claimed(caller, name, tokens, fds, conn, &mut table);
+        }
         let existing = self.record.sessions.iter().find(|s| s.name == session);
         if let Some(s) = existing {
             // luod restarted: the VM's session is in the record, its VMM reconnects.
@@ -559,10 +574,10 @@ impl<R: Region> Engine<R> {
         self.saved_vms()
             .into_iter()
             .filter(|v| {
-                self.record
-                    .sessions
-                    .iter()
-                    .any(|s| s.name.as_str() == vm_session(&v.name) && s.fds.iter().any(|f| !f.retrieved))
+                self.record.sessions.iter().any(|s| {
+                    // A session made in this kernel (reclaim.rs) is the VM registered again, not unclaimed.
+                    s.incoming && s.name.as_str() == vm_session(&v.name) && s.fds.iter().any(|f| !f.retrieved)
+                })
             })
             .map(|v| match notes.get(&v.name).and_then(|n| n.detail.as_deref()) {
                 Some(detail) => format!("{} ({detail})", v.name),

@@ -140,6 +140,24 @@ class ActionModule(ActionBase):
                 return after, update_vms(updated.get('vms'), after.get('vms'))
             time.sleep(0.5)
 
+    def _wait_vms_claimed(self, task_vars, timeout):
+        """Before `finish`: waits until no VM of the update awaits its claim
+        (its VMM restores it after the kexec, at its own pace; luod refuses
+        `finish` until then). After the timeout `finish` runs anyway, and
+        its refusal names the VMs."""
+        deadline = time.time() + timeout
+        while True:
+            waiting = [v.get('name') for v in self._facts(task_vars).get('vms') or []
+                       if v.get('phase') == 'awaiting-claim']
+            if not waiting or time.time() >= deadline:
+                return
+            display.vvv('luod_update: waiting for VMs to be restored: %s' % ', '.join(waiting))
+            time.sleep(1)
+
+    def _finish(self, task_vars, timeout):
+        self._wait_vms_claimed(task_vars, timeout)
+        return self._step('finish', task_vars)
+
     def _kexec(self, task_vars, timeout, step='reboot'):
         """Runs freeze+reboot (or rollback) and waits for the host to come back."""
         before = self._facts(task_vars)
@@ -194,7 +212,7 @@ class ActionModule(ActionBase):
                 record['steps'].append('validate')
                 record['validation'] = validation.get('validation', [])
                 try:
-                    finish = self._step('finish', task_vars)
+                    finish = self._finish(task_vars, timeout)
                 except HostFailure as refused:
                     # luod refuses finish (exit 13) after its own post-update hook failed: a failed validation too.
                     if (refused.result.get('luoctl') or {}).get('rc') != VETOED:
@@ -209,7 +227,7 @@ class ActionModule(ActionBase):
                 try:
                     back = self._kexec(task_vars, timeout, step='rollback')
                     record['steps'].append('rollback')
-                    self._step('finish', task_vars)
+                    self._finish(task_vars, timeout)
                 except HostFailure as second:
                     raise HostFailure('%s; the rollback failed: %s' % (failure.msg, second.msg), second.result)
                 after, record['vms'] = self._vms_after(task_vars, back, vm_wait)

@@ -16,6 +16,11 @@ description:
     validation, then C(luoctl finish); or, when the validation fails, rolls
     back with C(luoctl rollback) (a live update to the previous kernel) and
     fails with the reason.
+  - Before each C(luoctl finish) (of the update, or of the rollback) it
+    waits, up to O(reboot_timeout), until no VM is C(awaiting-claim), since
+    the VMMs restore their VMs after the kexec at their own pace and luod
+    refuses C(finish) until they have (after the wait, C(finish)'s refusal
+    names the VMs).
   - This is an action plugin, since a module cannot wait for its own host across
     the kexec, so the controller runs M(liveupdate.fleet.luod_cycle) for each
     step and waits for the host in between (it resets the connection and
@@ -70,7 +75,7 @@ options:
     type: bool
     default: true
   reboot_timeout:
-    description: Seconds to wait for the host and luod to come back C(updated) after the kexec.
+    description: Seconds to wait for the host and luod to come back C(updated) after the kexec, and then for its VMs to be claimed before C(finish).
     type: int
     default: 600
   vm_report_timeout:

@@ -1,0 +1,290 @@
+"""fleet_rolling_update: the Ansible collection liveupdate.fleet rolls a new
+kernel across three Debian hosts, each running a QEMU VM, by live update.
+
+Three hosts (the host image, `-smp 1`, 1.5 GiB each), luod from the .deb
+under systemd, each with a VM `web` under `luo-qemu@web` (nested KVM, the
+qemu_vm_survives_kexec guest) whose console is the host's ttyS1, a file on
+this machine (qemuvm.Console). ssh on loopback ports. The controller is
+this machine: the pinned ansible-core of ansible/setup.sh runs the real
+playbook `liveupdate.fleet.rolling_update` with the inventory below.
+
+The target is the LUO kernel the hosts booted with 4 KiB of random bytes
+appended (kexec_file_load loads the bzImage's payload by its header and
+ignores the tail): another image with another SHA-256, so that no host is
+on the target before it is updated and a rolled-back host is not either,
+at no extra kernel build (a second build with another CONFIG_LOCALVERSION
+would make `uname -r` differ too, for 6.5 more minutes of a cold CI run).
+"On the new kernel" is therefore judged by what luod loaded and booted:
+the host's boot id changed and its last cycle's target is the pinned
+digest; `uname -r` is the same before and after, in the report too. The
+playbook stages it from this machine with its SHA-256 pinned. luod's
+rollback target is the image the harness booted (`rollback-kernel =
+"/boot/vmlinuz-luo"` in luod.toml: the harness boots it with QEMU's
+-kernel, so there is no /boot/vmlinuz-RELEASE).
+
+Health gates on every host: the VMs are `registered` with luod again (the
+launcher restored its VM and registered it in `updated`), and on h2 a gate
+that fails while /root/gate-fails exists.
+
+1. `serial: 1`, `max_fail_percentage: 0`, h2's gate failing: h1 is updated,
+   h2 is updated, fails its gate and is rolled back by `luoctl rollback` to
+   the kernel it came from (a second live update) with its VM alive, and the
+   run stops at the failure budget: h3 is untouched (same boot, no cycle).
+2. The gate fixed, the same command again: h1 is skipped (already on the
+   target: no new cycle, same boot), h2 and h3 are updated.
+Then every host runs the new kernel, every VM's guest kept its boot id and
+its counter went on across every kexec of its host (one VM blackout per
+kexec, measured on the consoles), and the report (report.json, report.md)
+has every host with kernels before and after, luod's blackout and the VMs.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import luodhost
+from qemuvm import consoles, define_vm, install_launcher, start_vm
+
+TIMEOUT = 2400
+HOSTS = ("h1", "h2", "h3")
+VM = "web"
+FAILING = "h2"
+
+# Every VM luod knows is registered again (restored by its launcher), within 120 s.
+VM_GATE = r"""#!/bin/sh
+for i in $(seq 120); do
+    luoctl --json vm list | python3 -c 'import json, sys
+vms = json.load(sys.stdin)["vms"]
+sys.exit(0 if vms and all(v["phase"] == "registered" for v in vms) else 1)' && exit 0
+    sleep 1
+done
+echo "health gate: the VMs are not running again: $(luoctl vm list | tr '\n' ' ')" >&2
+exit 1
+"""
+FAIL_GATE = ('test ! -e /root/gate-fails || { echo "health gate: the guest agent of web does not answer" >&2; '
+             'exit 1; }')
+
+
+def target_kernel(t):
+    """The fleet's target: the booted LUO kernel plus a random tail."""
+    path = os.path.join(t.work, "vmlinuz-fleet-target")
+    with open(t.luo_kernel, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data + os.urandom(4096))
+    return path
+
+
+def sha256(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def ansible_venv(t):
+    p = subprocess.run([os.path.join(t.repo, "ansible", "setup.sh")], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        t.fail(f"ansible/setup.sh failed ({p.returncode}): {p.stderr[-1500:]}")
+    return p.stdout.strip().splitlines()[-1]
+
+
+def setup_host(t, deb, name, qemu_args, console, out):
+    h = luodhost.boot_with_luod(t, deb, name=name, smp=1, mem=1536, qemu_args=qemu_args)
+    install_launcher(t, h)
+    h.ssh("cat >> /etc/luod/luod.toml", input='rollback-kernel = "/boot/vmlinuz-luo"\n')
+    h.check("systemctl restart luod && test \"$(luoctl --json status | python3 -c "
+            "'import json,sys; print(json.load(sys.stdin)[\"state\"])')\" = normal", timeout=120)
+    h.ssh("cat > /usr/local/bin/vm-gate && chmod 755 /usr/local/bin/vm-gate", input=VM_GATE)
+    define_vm(h, VM, "ttyS1")
+    first = start_vm(t, h, VM, console)
+    out[name] = {"host": h, "boot": h.boot_id(), "guest": first["boot"], "release": h.check("uname -r").strip()}
+
+
+def play(t, venv, inventory, evars, report_dir):
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=os.path.join(t.repo, "ansible"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_FORCE_COLOR="0", ANSIBLE_PIPELINING="1", ANSIBLE_HOST_KEY_CHECKING="0",
+               ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_TIMEOUT="30", ANSIBLE_LOCAL_TEMP=os.path.join(t.work, "atmp"),
+               PATH=os.path.join(venv, "bin") + os.pathsep + os.environ["PATH"])
+    evars = dict(evars, fleet_report_dir=report_dir, fleet_reboot_timeout=600, fleet_health_timeout=180)
+    argv = [os.path.join(venv, "bin", "ansible-playbook"), "-i", inventory, "liveupdate.fleet.rolling_update",
+            "-e", json.dumps(evars)]
+    t0 = time.monotonic()
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=t.work)
+    took = time.monotonic() - t0
+    with open(os.path.join(t.log_dir, f"{t.name}-{t.stamp}-ansible.log"), "a") as f:
+        f.write(f"# ansible-playbook ... -e '{argv[-1]}': exit {p.returncode} in {took:.1f} s\n{p.stdout}\n{p.stderr}\n")
+    t.log(f"ansible-playbook exit {p.returncode} in {took:.1f} s")
+    play.runs = getattr(play, "runs", 0) + 1
+    for ext in ("md", "json"):
+        src = os.path.join(report_dir, f"report.{ext}")
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(t.log_dir, f"{t.name}-{t.stamp}-report-run{play.runs}.{ext}"))
+    return p, took
+
+
+def report(report_dir):
+    with open(os.path.join(report_dir, "report.json")) as f:
+        return {r["host"]: r for r in json.load(f)["hosts"]}
+
+
+def history(h):
+    return [c for c in h.json("luoctl --json history")["cycles"] if c.get("target")]
+
+
+def guest_ok(t, name, console, first_boot):
+    """The guest ticks now, with its first boot id, and never printed
+    another; its counter only went up, and across each pause longer than
+    15 s (a kexec of its host: 20 s and more; a loaded machine stalls the
+    TCG host for up to about 6 s) by exactly one. Returns those pauses (s)."""
+    ticks = console.ticks()
+    later = console.wait_tick(t, ticks[-1]["n"], 120)
+    ticks = console.ticks()
+    boots = {k["boot"] for k in ticks}
+    t.expect(boots == {first_boot}, f"{name}: the guest's boot ids on its console: {boots}, want only {first_boot}")
+    t.expect(later["boot"] == first_boot, f"{name}: the guest's boot id is {later['boot']}, not {first_boot}")
+    pairs = list(zip(ticks, ticks[1:]))
+    t.expect(all(b["n"] > a["n"] for a, b in pairs), f"{name}: the guest's counter went back")
+    pauses = [(a, b) for a, b in pairs if b["ts"] - a["ts"] > 15.0]
+    t.expect(all(b["n"] == a["n"] + 1 for a, b in pauses),
+             f"{name}: across a pause the counter did not go on by one: {[(a['n'], b['n']) for a, b in pauses]}")
+    return [round(b["ts"] - a["ts"], 1) for a, b in pauses]
+
+
+def run(t):
+    t0 = time.monotonic()
+    target = target_kernel(t)
+    digest = sha256(target)
+    venv = ansible_venv(t)
+    deb = luodhost.build_deb(t)
+    # The guest's initramfs once, before the hosts are set up in parallel.
+    initrd = os.path.join(t.work, "guest-initrd.gz")
+    subprocess.run(["bash", os.path.join(t.repo, "qemu-launcher", "guest", "make-initrd.sh"), initrd], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    cons, args = {}, {}
+    for name in HOSTS:
+        c, a = consoles(t, [f"{name}-{VM}"])
+        cons[name], args[name] = c[f"{name}-{VM}"], a
+    try:
+        _run(t, t0, target, digest, venv, deb, cons, args)
+    finally:
+        for c in cons.values():
+            c.stop()
+
+
+def _run(t, t0, target, digest, venv, deb, cons, args):
+    fleet, errors = {}, []
+
+    def setup(name):
+        try:
+            setup_host(t, deb, name, args[name], cons[name], fleet)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(f"{name}: {e}")
+
+    threads = [threading.Thread(target=setup, args=(n,)) for n in HOSTS]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    t.expect(not errors, "setting the hosts up failed: " + "; ".join(errors))
+    t.measure("three hosts booted with luod and a running VM each", time.monotonic() - t0)
+    rel = {fleet[n]["release"] for n in HOSTS}
+    t.expect(len(rel) == 1, f"the hosts run different kernels: {rel}")
+    rel = rel.pop()
+    booted = sha256(t.luo_kernel)
+
+    inventory = {"hypervisors": {"hosts": {}, "vars": {
+        "ansible_user": "root", "ansible_ssh_private_key_file": t.image.key,
+        "ansible_ssh_common_args": ("-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes "
+                                    "-o ServerAliveInterval=5 -o ServerAliveCountMax=6"),
+        "ansible_python_interpreter": "/usr/bin/python3"}}}
+    for name in HOSTS:
+        gates = ["vm-gate"] + ([FAIL_GATE] if name == FAILING else [])
+        inventory["hypervisors"]["hosts"][name] = {"ansible_host": "127.0.0.1",
+                                                   "ansible_port": fleet[name]["host"].port,
+                                                   "fleet_health_commands": gates}
+    inv = os.path.join(t.work, "inventory.json")
+    with open(inv, "w") as f:
+        json.dump(inventory, f)
+    report_dir = os.path.join(t.work, "fleet-report")
+    evars = {"fleet_kernel_src": target, "fleet_kernel_sha256": digest, "fleet_serial": 1,
+             "fleet_max_fail_percentage": 0}
+    hosts = {n: fleet[n]["host"] for n in HOSTS}
+
+    # 1. h2's gate fails: h1 updated, h2 rolled back, the run stops before h3.
+    hosts[FAILING].check("touch /root/gate-fails")
+    p, took1 = play(t, venv, inv, evars, report_dir)
+    t.expect(p.returncode != 0, f"the run with h2's failing gate exited 0:\n{p.stdout[-3000:]}")
+    r = report(report_dir)
+    t.expect(r["h1"]["outcome"] == "updated" and (r["h1"]["kernel_before"], r["h1"]["kernel_after"]) == (rel, rel),
+             f"h1's record: {r['h1']}\n{p.stdout[-3000:]}")
+    c1 = history(hosts["h1"])
+    t.expect([(c["outcome"], c["target"]["kernel_sha256"]) for c in c1] == [("finished", digest)], f"h1's history: {c1}")
+    t.expect(hosts["h1"].boot_id() != fleet["h1"]["boot"], "h1's boot id did not change")
+    t.expect(r["h2"]["outcome"] == "rolled-back", f"h2's record: {r['h2']}\n{p.stdout[-3000:]}")
+    want = (f"validation `{FAIL_GATE}` exited 1: health gate: the guest agent of web does not answer; "
+            f"rolled back to {rel}")
+    t.expect(r["h2"]["message"] == want, f"h2's message: {r['h2']['message']!r}, want {want!r}")
+    t.expect(r["h2"]["steps"] == ["check", "prepare", "freeze", "reboot", "rollback"], f"h2's steps: {r['h2']}")
+    t.expect(r["h3"]["outcome"] == "pending", f"h3's record: {r['h3']}")
+    h2 = hosts["h2"]
+    st = luodhost.status(h2)
+    t.expect(st["state"] == "normal", f"h2's luod after the rollback: {st['state']} {st.get('notes')}")
+    cycles = history(h2)
+    got = [(c["id"], c["outcome"], c.get("rollback_of"), c["target"]["kernel_sha256"]) for c in cycles]
+    t.expect(got == [(1, "rolled-back", None, digest), (2, "finished", 1, booted)],
+             f"h2's history: {got} (the target {digest}, the booted kernel {booted})")
+    vms = h2.json("luoctl --json vm list")["vms"]
+    t.expect([(v["name"], v["phase"]) for v in vms] == [(VM, "registered")], f"h2's VMs after the rollback: {vms}")
+    gaps2 = guest_ok(t, "h2", cons["h2"], fleet["h2"]["guest"])
+    t.expect(len(gaps2) == 2, f"h2's guest paused {len(gaps2)} times ({gaps2} s), want 2: the update and the rollback")
+    h3 = hosts["h3"]
+    t.expect(h3.boot_id() == fleet["h3"]["boot"] and history(h3) == [] and luodhost.status(h3)["state"] == "normal",
+             "h3 was touched by the stopped run")
+    t.expect(guest_ok(t, "h3", cons["h3"], fleet["h3"]["guest"]) == [], "h3's guest paused in the stopped run")
+    t.info(f"run 1 (serial 1, max_fail_percentage 0, h2's gate failing): exit {p.returncode} in {took1:.0f} s; "
+           f"h1 updated; h2 rolled back to the booted kernel (cycles 1 rolled-back, 2 finished), its VM registered "
+           f"and its guest on with the same boot id (paused {gaps2} s); h3 untouched")
+
+    # 2. The gate fixed, the same command: h1 skipped, h2 and h3 updated.
+    h2.check("rm /root/gate-fails")
+    h1_boot = hosts["h1"].boot_id()
+    p, took2 = play(t, venv, inv, evars, report_dir)
+    t.expect(p.returncode == 0, f"the second run exited {p.returncode}:\n{p.stdout[-4000:]}")
+    r = report(report_dir)
+    t.expect(hosts["h1"].boot_id() == h1_boot and len(history(hosts["h1"])) == 1, "h1 was not skipped")
+    blackouts = {}
+    for name in HOSTS:
+        h = hosts[name]
+        rec = r[name]
+        t.expect(rec["outcome"] == "updated" and (rec["kernel_before"], rec["kernel_after"]) == (rel, rel),
+                 f"{name}'s record: {rec}")
+        last = history(h)[-1]
+        t.expect(last["outcome"] == "finished" and last["target"]["kernel_sha256"] == digest,
+                 f"{name}'s last cycle: {last}")
+        t.expect(h.boot_id() != fleet[name]["boot"], f"{name}'s boot id did not change")
+        t.expect(rec["luod_blackout_ns"] == last["blackout_ns"] and rec["luod_blackout_ns"] > 0,
+                 f"{name}'s report blackout {rec['luod_blackout_ns']}, luod's {last['blackout_ns']}")
+        t.expect([v["name"] for v in rec["vms"]] == [VM], f"{name}'s VMs in the report: {rec['vms']}")
+        vms = h.json("luoctl --json vm list")["vms"]
+        t.expect([(v["name"], v["phase"]) for v in vms] == [(VM, "registered")], f"{name}'s VMs: {vms}")
+        gaps = guest_ok(t, name, cons[name], fleet[name]["guest"])
+        want = {"h1": 1, "h2": 3, "h3": 1}[name]
+        t.expect(len(gaps) == want, f"{name}'s guest paused {len(gaps)} times ({gaps} s), want {want}")
+        blackouts[name] = gaps
+    t.expect(len(history(h2)) == 3, f"h2's cycles: {history(h2)}")
+    with open(os.path.join(report_dir, "report.md")) as f:
+        md = f.read()
+    for name in HOSTS:
+        t.expect(f"| {name} | updated | {rel} | {rel} |" in md, f"report.md has no updated row for {name}:\n{md}")
+    t.expect("updated 3" in md, f"report.md's counts:\n{md}")
+    t.info(f"run 2 (same command, gate fixed): exit 0 in {took2:.0f} s; h1 skipped (same boot, 1 cycle), "
+           f"h2 and h3 updated")
+    t.info(f"every host booted the target (sha256 {digest[:16]}...; {rel}); guests kept their boot ids; VM blackouts on the consoles (s): "
+           + ", ".join(f"{n} {blackouts[n]}" for n in HOSTS))
+    for line in md.strip().splitlines():
+        t.info("report.md: " + line)
+    t.measure("fleet scenario", time.monotonic() - t0)
