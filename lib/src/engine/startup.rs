@@ -125,6 +125,16 @@ impl<R: Region> Engine<R> {
                     tracing::warn!("{note}");
                     notes.push(note);
                 }
+                if let Some(why) = &report.journal.stopped {
+                    let note = format!(
+                        "the preserve journal after record generation {generation} ends in an entry that was cut \
+                         short or is damaged, ignored with anything after it ({why}): the preserve it held was \
+                         never acknowledged; {} entr(ies) before it were applied",
+                        report.journal.entries
+                    );
+                    tracing::warn!("{note}");
+                    notes.push(note);
+                }
                 (generation, record)
             }
         };
@@ -147,6 +157,8 @@ impl<R: Region> Engine<R> {
             rollback: Default::default(),
             carried_vms: Vec::new(),
             sysfs_root: std::path::PathBuf::from("/sys"),
+            snap: Default::default(),
+            tokens: None,
         };
         if let Some(found) = unreadable {
             engine.notes.push(found.note.clone());
