@@ -580,6 +580,8 @@ mod handover_tests;
 #[cfg(test)]
 mod image_tests;
 #[cfg(test)]
+mod journal_tests;
+#[cfg(test)]
 mod pin_tests;
 #[cfg(test)]
 mod quota_tests;
