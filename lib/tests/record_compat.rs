@@ -14,8 +14,8 @@
 
 use liveupdate::names::SessionName;
 use liveupdate::record::{
-    Booted, Cycle, Event, FORMAT_VERSION, FdRecord, Handover, HandoverRecord, HookRun, JournalEntry, KernelImage, MAGIC,
-    Outcome, RecordStore, Section, SessionRecord, SlotStatus, Timestamps, Update, Validation,
+    Booted, Cycle, Event, FORMAT_VERSION, FdRecord, Handover, HandoverRecord, HookRun, JournalEntry, KernelImage,
+    MAGIC, Outcome, RecordStore, Section, SessionRecord, SlotStatus, Timestamps, Update, Validation,
 };
 use liveupdate::region::{FileRegion, MemRegion};
 use liveupdate::state::State;
@@ -470,6 +470,9 @@ fn a_record_of_an_older_format_takes_no_journal_until_rewritten() {
             fd.data = None;
         }
         store.write(&mut record, &[]).unwrap();
-        assert!(store.append(&entry).unwrap(), "format {version} rewritten as {FORMAT_VERSION}");
+        assert!(
+            store.append(&entry).unwrap(),
+            "format {version} rewritten as {FORMAT_VERSION}"
+        );
     }
 }

@@ -43,15 +43,27 @@ fn preserve_until_refused(luod: &Luod, session: &'static str, from: u64) -> mpsc
 
 /// Kills luod once `kill_after` more preserves were acknowledged; returns
 /// (sent, acknowledged) once the preserving thread stopped.
-fn kill_during_preserves(luod: &mut Luod, rx: &mpsc::Receiver<(u64, bool)>, kill_after: usize) -> (BTreeSet<u64>, BTreeSet<u64>) {
+fn kill_during_preserves(
+    luod: &mut Luod,
+    rx: &mpsc::Receiver<(u64, bool)>,
+    kill_after: usize,
+) -> (BTreeSet<u64>, BTreeSet<u64>) {
     let (mut sent, mut acked) = (BTreeSet::new(), BTreeSet::new());
     while acked.len() < kill_after {
         let (token, ack) = rx.recv_timeout(Duration::from_secs(30)).expect("preserves go on");
-        if ack { acked.insert(token) } else { sent.insert(token) };
+        if ack {
+            acked.insert(token)
+        } else {
+            sent.insert(token)
+        };
     }
     luod.kill();
     while let Ok((token, ack)) = rx.recv_timeout(Duration::from_secs(30)) {
-        if ack { acked.insert(token) } else { sent.insert(token) };
+        if ack {
+            acked.insert(token)
+        } else {
+            sent.insert(token)
+        };
     }
     (sent, acked)
 }
@@ -72,7 +84,10 @@ fn a_luod_killed_while_preserving_keeps_every_acknowledged_file_and_invents_none
         let new: BTreeSet<u64> = found.difference(&expected).copied().collect();
         assert!(acked.is_subset(&new), "every acknowledged preserve survived the kill");
         assert!(new.is_subset(&sent), "no file that was not sent");
-        assert!(new.len() <= acked.len() + 1, "at most the one in flight besides: {new:?} vs {acked:?}");
+        assert!(
+            new.len() <= acked.len() + 1,
+            "at most the one in flight besides: {new:?} vs {acked:?}"
+        );
         expected.extend(new);
         next = sent.last().unwrap() + 1;
     }

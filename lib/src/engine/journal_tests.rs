@@ -54,9 +54,7 @@ fn a_snapshot_keeps_what_it_saw_while_later_preserves_show_in_later_ones() {
     preserve(&mut e, "vm0", 2).unwrap();
     let second = e.snapshot();
     preserve(&mut e, "vm0", 3).unwrap();
-    let files = |s: &Snapshot| -> Vec<u64> {
-        s.session_list(&Caller::ROOT)[0].files.iter().map(|f| f.token).collect()
-    };
+    let files = |s: &Snapshot| -> Vec<u64> { s.session_list(&Caller::ROOT)[0].files.iter().map(|f| f.token).collect() };
     assert_eq!(files(&first), [1]);
     assert_eq!(files(&second), [1, 2]);
     assert_eq!(files(&e.snapshot()), [1, 2, 3]);
@@ -139,8 +137,12 @@ fn check_names_what_caps_the_number_of_files() {
         "{}",
         item.detail
     );
-    assert!(item.detail.contains(" bytes of journal (1 entr(ies)); at "), "{}", item.detail);
-    assert!(item.detail.contains("more file(s) fit (--region-size (for a new region)); luod holds each of the 1 preserved file(s) open, of its limit of "), "{}", item.detail);
+    assert!(
+        item.detail.contains(" bytes of journal (1 entr(ies)); at "),
+        "{}",
+        item.detail
+    );
+    assert!(item.detail.contains("more file(s) fit (--region-size (for a new region)); luod holds each of the 1 preserved file(s) open twice (2 descriptors), of its limit of "), "{}", item.detail);
 }
 
 #[test]
@@ -158,10 +160,15 @@ fn check_is_not_ok_once_the_record_nears_its_slot() {
             Err(err) => {
                 assert!(!item.ok, "check warned before the cap was hit: {}", item.detail);
                 assert!(
-                    err.to_string().starts_with("handover record: the region must be at least "),
+                    err.to_string()
+                        .starts_with("handover record: the region must be at least "),
                     "{err}"
                 );
-                assert_eq!(e.record().sessions[0].fds.len() as u64, token, "the refused file is not recorded");
+                assert_eq!(
+                    e.record().sessions[0].fds.len() as u64,
+                    token,
+                    "the refused file is not recorded"
+                );
                 break;
             }
         }

@@ -502,7 +502,7 @@ impl<R: Region> Engine<R> {
             Some(u) => {
                 let payload = u.record.saturating_sub(crate::record::HEADER_LEN as u64);
                 let cap = u.slot.min(crate::record::MAX_RECORD_LEN);
-                let per_file = if files > 0 { payload / files + 1 } else { 8 };
+                let per_file = payload.checked_div(files).map_or(8, |b| b + 1);
                 let more = cap.saturating_sub(payload) / per_file.max(1);
                 ok &= payload.saturating_mul(10) <= cap.saturating_mul(9);
                 format!(
@@ -515,13 +515,19 @@ impl<R: Region> Engine<R> {
                     u.journal_entries,
                 )
             }
-            None => format!("no record written yet; its slot is {} bytes ({flag})", self.store.slot_len()),
+            None => format!(
+                "no record written yet; its slot is {} bytes ({flag})",
+                self.store.slot_len()
+            ),
         };
         if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
-            ok &= files.saturating_mul(10) <= soft.saturating_mul(9);
+            // Its own descriptor and the duplicate it keeps of what it
+            // parked (the park's holder keeps a third, in its own process).
+            let held = files.saturating_mul(2);
+            ok &= held.saturating_mul(10) <= soft.saturating_mul(9);
             detail.push_str(&format!(
-                "; luod holds each of the {files} preserved file(s) open, of its limit of {soft} open files \
-                 (RLIMIT_NOFILE, LimitNOFILE= in its unit)"
+                "; luod holds each of the {files} preserved file(s) open twice ({held} descriptors), of its limit \
+                 of {soft} open files (RLIMIT_NOFILE, LimitNOFILE= in its unit)"
             ));
         }
         (ok, detail)

@@ -10,10 +10,10 @@ use super::{Caller, Engine, blackout, summary};
 use crate::progress::ProgressCell;
 use crate::protocol::{CycleSummary, FileInfo, HistoryReport, SessionInfo, StatusReport, VmInfo};
 use crate::record::{FdRecord, HandoverRecord, SessionRecord};
-use std::sync::{Arc, Mutex, OnceLock};
 use crate::region::Region;
 use crate::state::State;
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The engine's committed state, as of the last change, plus a view of the
 /// change in progress.
@@ -236,7 +236,7 @@ impl Snapshot {
             cycles: self.record.get().history.clone(),
             events: self
                 .record
-            .get()
+                .get()
                 .events
                 .iter()
                 .filter(|e| caller.privileged || e.uid == caller.uid || e.detail.starts_with(&own))
@@ -266,7 +266,7 @@ impl Snapshot {
                 .map(|v| {
                     let session = self
                         .record
-            .get()
+                        .get()
                         .sessions
                         .iter()
                         .find(|s| s.name.as_str() == vm_session(&v.name));

@@ -86,7 +86,10 @@ impl Emulated {
                 continue;
             };
             let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
-            self.by_identity.entry(identity).or_default().push((name.clone(), token));
+            self.by_identity
+                .entry(identity)
+                .or_default()
+                .push((name.clone(), token));
             self.sessions
                 .entry(name.clone())
                 .or_default()
@@ -185,7 +188,10 @@ impl Kernel for Emulated {
             .sessions
             .get(session)
             .ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
-        if files.contains_key(&token) {
+        // A token whose file was taken back (a parked file the record never
+        // acknowledged, dropped at start) is free again: the engine, which
+        // keeps the tokens a session had, refused a taken one already.
+        if files.get(&token).is_some_and(|f| f.fd.is_some()) {
             return Err(KernelError::TokenExists {
                 session: session.to_string(),
                 token,
@@ -207,7 +213,10 @@ impl Kernel for Emulated {
             });
         }
         self.park(session, token, fd.as_fd())?;
-        self.by_identity.entry(identity).or_default().push((session.clone(), token));
+        self.by_identity
+            .entry(identity)
+            .or_default()
+            .push((session.clone(), token));
         self.sessions
             .get_mut(session)
             .expect("checked above")
@@ -261,7 +270,10 @@ impl Kernel for Emulated {
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
         self.park(session, token, fd.as_fd())?;
         let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
-        self.by_identity.entry(identity).or_default().push((session.clone(), token));
+        self.by_identity
+            .entry(identity)
+            .or_default()
+            .push((session.clone(), token));
         self.sessions
             .entry(session.clone())
             .or_default()

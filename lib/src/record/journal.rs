@@ -382,7 +382,11 @@ mod tests {
                 let mut image = store.region().0.clone();
                 image[at + byte] ^= 0x40;
                 let (mut reloaded, report) = reload(image);
-                assert_eq!(report.latest, Some((2, with(base(), &entries[..k]))), "entry {k} byte {byte}");
+                assert_eq!(
+                    report.latest,
+                    Some((2, with(base(), &entries[..k]))),
+                    "entry {k} byte {byte}"
+                );
                 assert_eq!(report.journal.entries, k as u64);
                 let stopped = report.journal.stopped.unwrap();
                 assert!(stopped.starts_with(&format!("journal entry {k} ")), "{stopped}");
@@ -396,8 +400,14 @@ mod tests {
     #[test]
     fn an_entry_that_does_not_fit_the_record_ends_the_replay() {
         for (bad, why) in [
-            (preserve(5, 2), "does not fit the record: it preserves a file in session #5, but the record has 2 session(s)"),
-            (preserve(0, 1), "does not fit the record: it preserves token 1 again in session vm0"),
+            (
+                preserve(5, 2),
+                "does not fit the record: it preserves a file in session #5, but the record has 2 session(s)",
+            ),
+            (
+                preserve(0, 1),
+                "does not fit the record: it preserves token 1 again in session vm0",
+            ),
         ] {
             let mut store = store();
             assert!(store.append(&preserve(1, 3)).unwrap());
@@ -476,7 +486,10 @@ mod tests {
             let complete = image == after;
             let (_, report) = reload(image);
             let expected = if complete {
-                with(base(), &[before_entries[0].clone(), before_entries[1].clone(), new.clone()])
+                with(
+                    base(),
+                    &[before_entries[0].clone(), before_entries[1].clone(), new.clone()],
+                )
             } else {
                 with(base(), &before_entries)
             };
