@@ -394,7 +394,8 @@ fn check_exits_3_and_names_the_failing_item_when_prepare_would_be_refused() {
             ("target kernel", true),
             ("kexec signatures", true),
             ("command line", true),
-            ("region capacity", false)
+            ("region capacity", false),
+            ("record room", true)
         ]
     );
     assert_eq!(v["error"]["kind"], "check-failed");
