@@ -396,7 +396,7 @@ fn not_regular(role: &str, p: &Path, what: &str) -> String {
 /// for `why` (privilege fails too).
 fn check_failed(why: &str) -> String {
     format!(
-        "luoctl: check: prepare would be refused (2 of 6 checks failed): privilege: transitions need root or \
+        "luoctl: check: prepare would be refused (2 of 7 checks failed): privilege: transitions need root or \
          CAP_SYS_BOOT; target kernel: {why}; fix what failed, then check again\n"
     )
 }
