@@ -119,7 +119,10 @@ fn json_status_shows_state_backend_generation_sessions_and_subsystems() {
     let status = json_status(&luod);
     assert_eq!(status["state"], "normal");
     assert_eq!(status["backend"], "file");
-    assert_eq!(status["generation"], 1, "one record for the session; the file is an entry of its journal");
+    assert_eq!(
+        status["generation"], 1,
+        "one record for the session; the file is an entry of its journal"
+    );
     assert_eq!(
         status["subsystems"],
         serde_json::json!(["region-capacity", "iommu", "devices", "kvm"])
