@@ -122,7 +122,7 @@ fn not_regular(role: &str, p: &Path, what: &str) -> String {
 /// luoctl's line for a `check` whose only failed items are `failed`, out of 6.
 fn check_failed(failed: &[String]) -> String {
     format!(
-        "luoctl: check: prepare would be refused ({} of 6 checks failed): {}; fix what failed, then check again",
+        "luoctl: check: prepare would be refused ({} of 7 checks failed): {}; fix what failed, then check again",
         failed.len(),
         failed.join("; ")
     )

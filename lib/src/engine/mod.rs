@@ -96,6 +96,11 @@ pub struct Engine<R: Region> {
     vm_notes: vms::VmNotes,
     /// Where sysfs is (the kexec signature policy is read there).
     sysfs_root: std::path::PathBuf,
+    /// The record as snapshots share it (see `snapshot.rs`).
+    snap: std::sync::Mutex<Option<snapshot::SnapBase>>,
+    /// (session position, token) of every file in the record, as of a
+    /// generation, so `session preserve` finds a taken token without a scan.
+    tokens: Option<(u64, std::collections::HashSet<(u32, u64)>)>,
 }
 
 impl<R: Region> std::fmt::Debug for Engine<R> {
@@ -365,6 +370,8 @@ impl<R: Region> Engine<R> {
                 format!("{files} preserved file(s), {bytes} bytes, carried by the kernel"),
             );
         }
+        let (ok, detail) = self.record_room(files);
+        item("record room", ok, detail);
         let ok = items.iter().all(|i| i.ok);
         CheckReport {
             ok,
@@ -483,6 +490,52 @@ impl<R: Region> Engine<R> {
         }
     }
 
+    /// The `check` item on what caps the number of preserved files: the
+    /// record's slot (and the payload limit), and the open files luod may
+    /// hold (it keeps every preserved file open). Not ok past 90 % of
+    /// either, so the cap shows before it is hit.
+    fn record_room(&self, files: u64) -> (bool, String) {
+        let flag = if self.kernel.handoff() == crate::kernel::Handoff::Copy {
+            "--region-size (for a new region)"
+        } else {
+            "--record-size (for a new record memfd)"
+        };
+        let mut ok = true;
+        let mut detail = match self.store.slot_use() {
+            Some(u) => {
+                let payload = u.record.saturating_sub(crate::record::HEADER_LEN as u64);
+                let cap = u.slot.min(crate::record::MAX_RECORD_LEN);
+                let per_file = payload.checked_div(files).map_or(8, |b| b + 1);
+                let more = cap.saturating_sub(payload) / per_file.max(1);
+                ok &= payload.saturating_mul(10) <= cap.saturating_mul(9);
+                format!(
+                    "the record takes {payload} bytes of payload (at most {cap}: the {}-byte slot, the {} MiB \
+                     payload limit) and {} bytes of journal ({} entr(ies)); at {per_file} bytes per file about \
+                     {more} more file(s) fit ({flag})",
+                    u.slot,
+                    crate::record::MAX_RECORD_LEN >> 20,
+                    u.journal,
+                    u.journal_entries,
+                )
+            }
+            None => format!(
+                "no record written yet; its slot is {} bytes ({flag})",
+                self.store.slot_len()
+            ),
+        };
+        if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+            // Its own descriptor and the duplicate it keeps of what it
+            // parked (the park's holder keeps a third, in its own process).
+            let held = files.saturating_mul(2);
+            ok &= held.saturating_mul(10) <= soft.saturating_mul(9);
+            detail.push_str(&format!(
+                "; luod holds each of the {files} preserved file(s) open twice ({held} descriptors), of its limit \
+                 of {soft} open files (RLIMIT_NOFILE, LimitNOFILE= in its unit)"
+            ));
+        }
+        (ok, detail)
+    }
+
     /// Number and total size of the files preserved now.
     fn preserved_totals(&self) -> (u64, u64) {
         let mut files = 0;
@@ -535,6 +588,8 @@ pub fn hex(bytes: &[u8]) -> String {
 mod handover_tests;
 #[cfg(test)]
 mod image_tests;
+#[cfg(test)]
+mod journal_tests;
 #[cfg(test)]
 mod pin_tests;
 #[cfg(test)]

@@ -106,7 +106,9 @@ fn each_quota_refuses_what_passes_it_and_changes_nothing() {
         "quota exceeded: uid 65534 holds 3 preserved file(s), and 1 more would pass its quota of 3 (luod --max-files-per-uid)",
     );
     assert!(err.hint().ends_with("raise luod --max-files-per-uid"), "{}", err.hint());
-    assert_eq!(e.generation(), generation + 1);
+    // Token 3 went to the journal (no new generation); the refusal wrote nothing.
+    assert_eq!(e.generation(), generation);
+    assert_eq!(e.record().sessions.iter().map(|s| s.fds.len()).sum::<usize>(), 3);
 
     // Another uid has quotas of its own.
     e.session_create(&OTHER, "o").unwrap();

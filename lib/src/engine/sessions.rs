@@ -9,7 +9,7 @@ use crate::kernel::KernelError;
 use crate::kernel::memfd;
 use crate::names::SessionName;
 use crate::protocol::SessionInfo;
-use crate::record::{FdRecord, SessionRecord};
+use crate::record::{FdRecord, JournalEntry, SessionRecord};
 use crate::region::Region;
 use crate::state::State;
 use std::os::fd::{AsFd, OwnedFd};
@@ -89,7 +89,7 @@ impl<R: Region> Engine<R> {
             });
         }
         let session = self.record.sessions[i].name.clone();
-        if self.record.sessions[i].fds.iter().any(|f| f.token == token) {
+        if self.token_taken(i, token) {
             return Err(EngineError::Kernel(KernelError::TokenExists {
                 session: session.to_string(),
                 token,
@@ -99,18 +99,52 @@ impl<R: Region> Engine<R> {
         let size = memfd::size(fd.as_fd()).map_err(|e| EngineError::Io(format!("cannot stat the file: {e}")))?;
         self.check_quota(self.record.sessions[i].owner_uid, (0, 1, size))?;
         self.kernel.preserve_fd(&session, token, fd)?;
-        let mut next = self.record.clone();
-        next.sessions[i].fds.push(FdRecord {
+        let file = FdRecord {
             token,
             size,
             data: None,
             retrieved: false,
-        });
-        if let Err(e) = self.commit(next) {
+        };
+        if let Err(e) = self.record_preserved(i, file) {
             let _ = self.kernel.retrieve_fd(&session, token);
             return Err(e);
         }
         Ok(size)
+    }
+
+    /// Whether session `i` holds `token` already (through an index of the
+    /// record's tokens, built again after each full write).
+    fn token_taken(&mut self, i: usize, token: u64) -> bool {
+        let generation = self.generation;
+        if self.tokens.as_ref().is_none_or(|(g, _)| *g != generation) {
+            self.tokens = Some((generation, crate::record::token_set(&self.record)));
+        }
+        self.tokens
+            .as_ref()
+            .is_some_and(|(_, set)| set.contains(&(i as u32, token)))
+    }
+
+    /// Writes that `file` is preserved in session `i`, then adopts it: an
+    /// entry appended to the record's journal when it takes one, else a
+    /// full write (which folds the journal in). Either way it is in the
+    /// region before the caller is answered.
+    fn record_preserved(&mut self, i: usize, file: FdRecord) -> Result<(), EngineError> {
+        let entry = JournalEntry::Preserve {
+            session: i as u32,
+            token: file.token,
+            size: file.size,
+        };
+        if self.store.append(&entry)? {
+            if let Some((_, set)) = self.tokens.as_mut() {
+                set.insert((i as u32, file.token));
+            }
+            self.record.sessions[i].fds.push(file.clone());
+            self.journaled_preserve(i, file);
+            return Ok(());
+        }
+        let mut next = self.record.clone();
+        next.sessions[i].fds.push(file);
+        self.commit(next).map(drop)
     }
 
     /// The caller's sessions.

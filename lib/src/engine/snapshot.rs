@@ -9,16 +9,17 @@ use super::vms::{VmNote, VmNotes, check_detail, peer_closed, saved_vms_of, vm_se
 use super::{Caller, Engine, EngineError, blackout, summary};
 use crate::progress::ProgressCell;
 use crate::protocol::{CycleSummary, FileInfo, HistoryReport, SessionInfo, StatusReport, VmInfo};
-use crate::record::{HandoverRecord, SessionRecord};
+use crate::record::{FdRecord, HandoverRecord, SessionRecord};
 use crate::region::Region;
 use crate::state::State;
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The engine's committed state, as of the last change, plus a view of the
 /// change in progress.
 #[derive(Debug)]
 pub struct Snapshot {
-    record: HandoverRecord,
+    record: SnapRecord,
     generation: u64,
     backend: String,
     region: String,
@@ -37,6 +38,51 @@ pub struct Snapshot {
 
 /// Reports kept before those of VMs luod does not know now are dropped.
 const MAX_VM_NOTES: usize = 4096;
+
+/// Files preserved through the journal since a snapshot's base record was
+/// copied, in order: (session position, file). Shared by the engine, which
+/// appends, and the snapshots, each of which reads its own prefix.
+pub(super) type PreserveLog = Arc<Mutex<Vec<(usize, FdRecord)>>>;
+
+/// The engine's copy of its record for snapshots, taken at a full write and
+/// shared by every snapshot until the next one; the preserves journaled
+/// since go to `log` instead of a new copy each (so publishing a snapshot
+/// after a preserve does not cost a copy of the whole record).
+#[derive(Debug)]
+pub(super) struct SnapBase {
+    generation: u64,
+    base: Arc<HandoverRecord>,
+    files: u64,
+    pub(super) log: PreserveLog,
+}
+
+/// The record as of a snapshot: the shared base plus the first `len`
+/// entries of the log, put together the first time a reader needs it.
+#[derive(Debug)]
+struct SnapRecord {
+    base: Arc<HandoverRecord>,
+    log: PreserveLog,
+    len: usize,
+    full: OnceLock<HandoverRecord>,
+}
+
+impl SnapRecord {
+    fn get(&self) -> &HandoverRecord {
+        if self.len == 0 {
+            return &self.base;
+        }
+        self.full.get_or_init(|| {
+            let mut record = (*self.base).clone();
+            let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, f) in &log[..self.len] {
+                if let Some(s) = record.sessions.get_mut(*i) {
+                    s.fds.push(f.clone());
+                }
+            }
+            record
+        })
+    }
+}
 
 /// A registered VM as the snapshot keeps it.
 #[derive(Debug)]
@@ -81,8 +127,30 @@ impl<R: Region> Engine<R> {
                 .collect(),
             None => Vec::new(),
         };
+        let mut cache = self.snap.lock().unwrap_or_else(|p| p.into_inner());
+        let reuse = cache.as_ref().is_some_and(|c| {
+            c.generation == self.generation
+                && c.log.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+                    <= crate::record::MIN_ENTRIES_BEFORE_FOLD.max(c.files)
+        });
+        if !reuse {
+            *cache = Some(SnapBase {
+                generation: self.generation,
+                base: Arc::new(self.record.clone()),
+                files: self.record.sessions.iter().map(|s| s.fds.len() as u64).sum(),
+                log: Arc::default(),
+            });
+        }
+        let base = cache.as_ref().expect("set above");
+        let record = SnapRecord {
+            base: base.base.clone(),
+            log: base.log.clone(),
+            len: base.log.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            full: OnceLock::new(),
+        };
+        drop(cache);
         Snapshot {
-            record: self.record.clone(),
+            record,
             generation: self.generation,
             backend: self.kernel.name().to_string(),
             region: self.store.region().describe(),
@@ -99,6 +167,16 @@ impl<R: Region> Engine<R> {
         }
     }
 
+    /// Tells the snapshots to come that the file `file` was preserved in
+    /// session `i` through the journal (the record changed without a new
+    /// generation).
+    pub(super) fn journaled_preserve(&self, i: usize, file: FdRecord) {
+        let cache = self.snap.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.as_ref().filter(|c| c.generation == self.generation) {
+            c.log.lock().unwrap_or_else(|p| p.into_inner()).push((i, file));
+        }
+    }
+
     /// The cell where a change in progress shows its step and what it
     /// waits for (shared with the subsystems and with every [`Snapshot`]).
     pub fn progress(&self) -> &ProgressCell {
@@ -109,19 +187,20 @@ impl<R: Region> Engine<R> {
 impl Snapshot {
     /// The state as of the last change.
     pub fn state(&self) -> State {
-        self.record.state
+        self.record.get().state
     }
 
     /// `status`: everything a caller may see.
     pub fn status(&self, caller: &Caller) -> StatusReport {
         let sessions = self
             .record
+            .get()
             .sessions
             .iter()
             .filter(|s| caller.privileged || s.owner_uid == caller.uid)
             .map(session_info)
             .collect();
-        let last_cycle = match &self.record.update {
+        let last_cycle = match &self.record.get().update {
             Some(u) => Some(CycleSummary {
                 id: u.id,
                 outcome: "in-progress".into(),
@@ -129,17 +208,17 @@ impl Snapshot {
                 timestamps: u.timestamps.clone(),
                 blackout_ns: blackout(&u.timestamps),
             }),
-            None => self.record.history.last().map(summary),
+            None => self.record.get().history.last().map(summary),
         };
         StatusReport {
-            state: self.record.state,
+            state: self.record.get().state,
             backend: self.backend.clone(),
             region: self.region.clone(),
             generation: self.generation,
             sessions,
             subsystems: self.subsystems.clone(),
             last_cycle,
-            live_updates: self.record.live_updates,
+            live_updates: self.record.get().live_updates,
             notes: match &self.park_notes {
                 Some(cell) => {
                     let park = cell.lock().unwrap_or_else(|p| p.into_inner());
@@ -160,9 +239,10 @@ impl Snapshot {
     pub fn history_report(&self, caller: &Caller) -> HistoryReport {
         let own = owner_prefix(caller.uid);
         HistoryReport {
-            cycles: self.record.history.clone(),
+            cycles: self.record.get().history.clone(),
             events: self
                 .record
+                .get()
                 .events
                 .iter()
                 .filter(|e| caller.privileged || e.uid == caller.uid || e.detail.starts_with(&own))
@@ -174,6 +254,7 @@ impl Snapshot {
     /// `session list`: the caller's own sessions.
     pub fn session_list(&self, caller: &Caller) -> Vec<SessionInfo> {
         self.record
+            .get()
             .sessions
             .iter()
             .filter(|s| s.owner_uid == caller.uid)
@@ -245,13 +326,14 @@ impl Snapshot {
     /// `vm list`: the VMs the caller may see (all for a privileged caller).
     pub fn vm_list(&self, caller: &Caller) -> Vec<VmInfo> {
         let visible = |uid: u32| caller.privileged || uid == caller.uid;
-        if self.record.state == State::Updated {
-            return saved_vms_of(&self.record)
+        if self.record.get().state == State::Updated {
+            return saved_vms_of(self.record.get())
                 .into_iter()
                 .filter(|v| visible(v.owner_uid))
                 .map(|v| {
                     let session = self
                         .record
+                        .get()
                         .sessions
                         .iter()
                         .find(|s| s.name.as_str() == vm_session(&v.name));

@@ -125,6 +125,16 @@ impl<R: Region> Engine<R> {
                     tracing::warn!("{note}");
                     notes.push(note);
                 }
+                if let Some(why) = &report.journal.stopped {
+                    let note = format!(
+                        "the preserve journal after record generation {generation} ends in an entry that was cut \
+                         short or is damaged, ignored with anything after it ({why}): the preserve it held was \
+                         never acknowledged; {} entr(ies) before it were applied",
+                        report.journal.entries
+                    );
+                    tracing::warn!("{note}");
+                    notes.push(note);
+                }
                 (generation, record)
             }
         };
@@ -148,6 +158,8 @@ impl<R: Region> Engine<R> {
             carried_vms: Vec::new(),
             vm_notes: Default::default(),
             sysfs_root: std::path::PathBuf::from("/sys"),
+            snap: Default::default(),
+            tokens: None,
         };
         if let Some(found) = unreadable {
             engine.notes.push(found.note.clone());
@@ -278,6 +290,10 @@ impl<R: Region> Engine<R> {
             self.notes.push(note);
         }
         let recovered = self.kernel.recover()?;
+        // Looked up once per file of the record, and the other way round:
+        // sets, not scans (a record may hold 100,000 files).
+        let parked: std::collections::HashSet<(&crate::names::SessionName, u64)> =
+            recovered.iter().map(|(n, t)| (n, *t)).collect();
         let mut changed = false;
         for s in &mut next.sessions {
             if s.incoming && self.kernel.handoff() == Handoff::Kernel {
@@ -310,7 +326,7 @@ impl<R: Region> Engine<R> {
             let before = s.fds.len();
             let name = s.name.clone();
             s.fds.retain(|f| {
-                let ok = f.retrieved || recovered.iter().any(|(n, t)| *n == name && *t == f.token);
+                let ok = f.retrieved || parked.contains(&(&name, f.token));
                 if !ok {
                     let note = format!(
                         "session {name} token {}: the preserved file did not survive luod's restart",
@@ -324,15 +340,20 @@ impl<R: Region> Engine<R> {
             changed |= s.fds.len() != before;
         }
         // Files parked but never acknowledged in the record: drop them.
-        for (name, token) in recovered {
-            let known = next
-                .sessions
-                .iter()
-                .any(|s| s.name == name && s.fds.iter().any(|f| f.token == token));
-            if !known {
-                tracing::warn!("dropping parked file {name}/{token}: not in the record");
-                let _ = self.kernel.retrieve_fd(&name, token);
-            }
+        let recorded: std::collections::HashSet<(&crate::names::SessionName, u64)> = next
+            .sessions
+            .iter()
+            .flat_map(|s| s.fds.iter().map(move |f| (&s.name, f.token)))
+            .collect();
+        let unknown: Vec<(crate::names::SessionName, u64)> = recovered
+            .iter()
+            .filter(|(name, token)| !recorded.contains(&(name, *token)))
+            .cloned()
+            .collect();
+        drop(recorded);
+        for (name, token) in unknown {
+            tracing::warn!("dropping parked file {name}/{token}: not in the record");
+            let _ = self.kernel.retrieve_fd(&name, token);
         }
         if changed || next != self.record {
             self.commit(next)?;

@@ -187,13 +187,9 @@ impl<R: Region> Engine<R> {
 
     /// Sizes of the preserved files as they are now, in the record.
     pub(super) fn refresh_sizes(&self, next: &mut HandoverRecord) {
+        let at = FilePositions::of(next);
         for (name, token, fd) in self.kernel.preserved() {
-            if let Some(f) = next
-                .sessions
-                .iter_mut()
-                .find(|s| s.name == name)
-                .and_then(|s| s.fds.iter_mut().find(|f| f.token == token))
-            {
+            if let Some(f) = at.get(next, &name, token) {
                 f.size = memfd::size(fd).unwrap_or(f.size);
             }
         }
@@ -517,13 +513,9 @@ impl<R: Region> Engine<R> {
         let preserved = self.kernel.preserved();
         let mut sources = Vec::new();
         if self.kernel.handoff() == Handoff::Copy {
+            let at = FilePositions::of(&next);
             for (name, token, fd) in &preserved {
-                let Some(f) = next
-                    .sessions
-                    .iter_mut()
-                    .find(|s| s.name == *name)
-                    .and_then(|s| s.fds.iter_mut().find(|f| f.token == *token))
-                else {
+                let Some(f) = at.get(&mut next, name, *token) else {
                     continue;
                 };
                 // The store reads the size again as it copies, and refuses a
@@ -736,4 +728,40 @@ fn push_history(record: &mut HandoverRecord, cycle: Cycle) {
     record.history.push(cycle);
     let excess = record.history.len().saturating_sub(HISTORY_LIMIT);
     record.history.drain(..excess);
+}
+
+/// Where each file of a record is, by session name and token: one pass over
+/// the record instead of a search per file.
+struct FilePositions {
+    sessions: std::collections::HashMap<crate::names::SessionName, (usize, std::collections::HashMap<u64, usize>)>,
+}
+
+impl FilePositions {
+    fn of(record: &HandoverRecord) -> Self {
+        let mut sessions = std::collections::HashMap::with_capacity(record.sessions.len());
+        for (i, s) in record.sessions.iter().enumerate() {
+            // The first session of a name, as a search would find.
+            sessions.entry(s.name.clone()).or_insert_with(|| {
+                let mut tokens = std::collections::HashMap::with_capacity(s.fds.len());
+                for (j, f) in s.fds.iter().enumerate() {
+                    tokens.entry(f.token).or_insert(j);
+                }
+                (i, tokens)
+            });
+        }
+        FilePositions { sessions }
+    }
+
+    /// The file `token` of session `name` in `record` (the record these
+    /// positions were taken of).
+    fn get<'r>(
+        &self,
+        record: &'r mut HandoverRecord,
+        name: &crate::names::SessionName,
+        token: u64,
+    ) -> Option<&'r mut crate::record::FdRecord> {
+        let (i, tokens) = self.sessions.get(name)?;
+        let j = tokens.get(&token)?;
+        record.sessions.get_mut(*i)?.fds.get_mut(*j)
+    }
 }

@@ -39,6 +39,11 @@ pub struct Emulated {
     name: &'static str,
     mode: KexecMode,
     sessions: BTreeMap<SessionName, BTreeMap<u64, File>>,
+    /// Where each file identity was preserved (entries are checked against
+    /// `sessions` when looked up, so one left behind by a file taken back
+    /// finds nothing), so `preserve_fd` finds a file preserved twice without
+    /// a scan of every file.
+    by_identity: std::collections::HashMap<(u64, u64), Vec<(SessionName, u64)>>,
     loaded: bool,
     park: Option<Box<dyn FdPark>>,
 }
@@ -55,6 +60,7 @@ impl Emulated {
             name,
             mode,
             sessions: BTreeMap::new(),
+            by_identity: std::collections::HashMap::new(),
             loaded: false,
             park,
         }
@@ -80,6 +86,10 @@ impl Emulated {
                 continue;
             };
             let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
+            self.by_identity
+                .entry(identity)
+                .or_default()
+                .push((name.clone(), token));
             self.sessions
                 .entry(name.clone())
                 .or_default()
@@ -92,6 +102,7 @@ impl Emulated {
     /// Forgets every file, as a kexec does (the holder drops its copies too).
     fn forget_all(&mut self) -> Result<(), KernelError> {
         self.sessions.clear();
+        self.by_identity.clear();
         if let Some(park) = self.park.as_mut() {
             park.clear().map_err(|e| KernelError::Park {
                 what: "cannot drop the parked files".into(),
@@ -113,6 +124,24 @@ impl Emulated {
             })?;
         }
         Ok(())
+    }
+
+    /// The session and token holding the file of `identity`, if one does.
+    fn holder_of(&mut self, identity: (u64, u64)) -> Option<(SessionName, u64)> {
+        let sessions = &self.sessions;
+        let held = |(name, token): &(SessionName, u64)| {
+            sessions
+                .get(name)
+                .and_then(|files| files.get(token))
+                .is_some_and(|f| f.fd.is_some() && f.identity == identity)
+        };
+        let entries = self.by_identity.get_mut(&identity)?;
+        entries.retain(held);
+        let found = entries.first().cloned();
+        if entries.is_empty() {
+            self.by_identity.remove(&identity);
+        }
+        found
     }
 
     fn unpark(&mut self, session: &SessionName, token: u64) {
@@ -159,7 +188,10 @@ impl Kernel for Emulated {
             .sessions
             .get(session)
             .ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
-        if files.contains_key(&token) {
+        // A token whose file was taken back (a parked file the record never
+        // acknowledged, dropped at start) is free again: the engine, which
+        // keeps the tokens a session had, refused a taken one already.
+        if files.get(&token).is_some_and(|f| f.fd.is_some()) {
             return Err(KernelError::TokenExists {
                 session: session.to_string(),
                 token,
@@ -174,17 +206,17 @@ impl Kernel for Emulated {
             op: "fstat".into(),
             errno: errno_of(&e),
         })?;
-        for (name, files) in &self.sessions {
-            for (t, f) in files {
-                if f.fd.is_some() && f.identity == identity {
-                    return Err(KernelError::AlreadyPreserved {
-                        session: name.to_string(),
-                        token: *t,
-                    });
-                }
-            }
+        if let Some((name, t)) = self.holder_of(identity) {
+            return Err(KernelError::AlreadyPreserved {
+                session: name.to_string(),
+                token: t,
+            });
         }
         self.park(session, token, fd.as_fd())?;
+        self.by_identity
+            .entry(identity)
+            .or_default()
+            .push((session.clone(), token));
         self.sessions
             .get_mut(session)
             .expect("checked above")
@@ -205,6 +237,8 @@ impl Kernel for Emulated {
             session: session.to_string(),
             token,
         })?;
+        let identity = file.identity;
+        self.holder_of(identity);
         self.unpark(session, token);
         Ok(fd)
     }
@@ -214,8 +248,9 @@ impl Kernel for Emulated {
             .sessions
             .remove(session)
             .ok_or_else(|| KernelError::NoSuchSession(session.to_string()))?;
-        for token in files.keys() {
+        for (token, f) in &files {
             self.unpark(session, *token);
+            self.holder_of(f.identity);
         }
         Ok(())
     }
@@ -235,6 +270,10 @@ impl Kernel for Emulated {
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
         self.park(session, token, fd.as_fd())?;
         let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
+        self.by_identity
+            .entry(identity)
+            .or_default()
+            .push((session.clone(), token));
         self.sessions
             .entry(session.clone())
             .or_default()

@@ -112,6 +112,8 @@ fn array<const N: usize>(h: &[u8; HEADER_LEN], at: usize) -> [u8; N] {
 /// A valid record found in a slot.
 #[derive(Debug)]
 pub(crate) struct SlotRecord {
+    /// Format version in the header.
+    pub version: u32,
     pub generation: u64,
     /// Header plus payload, in bytes from the slot start: data starts after.
     pub record_len: u64,
@@ -154,6 +156,7 @@ pub(crate) fn decode_slot(slot: &[u8], region_len: u64) -> Result<Option<SlotRec
         });
     }
     Ok(Some(SlotRecord {
+        version: header.version,
         generation: header.generation,
         record_len,
         record: decode_payload(header.version, payload)?,
@@ -166,6 +169,7 @@ pub(crate) fn decode_payload(version: u32, payload: &[u8]) -> Result<HandoverRec
     match version {
         1 => decode_exact::<v1::HandoverRecord>(payload).map(|v1| HandoverRecord::from(v2::HandoverRecord::from(v1))),
         2 => decode_exact::<v2::HandoverRecord>(payload).map(HandoverRecord::from),
+        // Format 4 has the payload of format 3 (it added the journal after it).
         _ => decode_exact::<HandoverRecord>(payload),
     }
 }
@@ -274,7 +278,7 @@ mod tests {
         ));
         assert_eq!(
             err.to_string(),
-            "record has format version 4 but this luod reads format versions 1 to 3: use a luod built for format version 4"
+            "record has format version 5 but this luod reads format versions 1 to 4: use a luod built for format version 5"
         );
     }
 

@@ -13,19 +13,21 @@
 
 mod codec;
 mod copy;
+mod journal;
 mod model;
 mod store;
 mod v1;
 mod v2;
 
+pub use journal::{JournalEntry, MIN_ENTRIES_BEFORE_FOLD, token_set};
 pub use model::*;
-pub use store::RecordStore;
+pub use store::{RecordStore, SlotUse};
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 /// Format version of the record (independent of the crate version).
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Oldest format version this luod still reads (and converts).
 pub const OLDEST_READABLE: u32 = 1;
@@ -409,6 +411,19 @@ pub struct LoadReport {
     pub latest: Option<(u64, HandoverRecord)>,
     /// Status of slot A and slot B.
     pub slots: [SlotStatus; 2],
+    /// The journal after the newest record, already applied to `latest`.
+    pub journal: JournalReport,
+}
+
+/// What the journal after the newest record held (see [`RecordStore::append`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalReport {
+    /// Entries applied to the record.
+    pub entries: u64,
+    /// Why the replay stopped before the journal's end marker: an entry cut
+    /// short or damaged (a change that was never acknowledged), ignored with
+    /// everything after it.
+    pub stopped: Option<String>,
 }
 
 /// What a write did.

@@ -3,9 +3,10 @@
 
 use super::codec::{self, Header};
 use super::copy;
+use super::journal::{self, ENTRY_HEADER_LEN, JournalEntry};
 use super::{
-    DataSource, Extent, FORMAT_VERSION, HEADER_LEN, HandoverRecord, LAYOUT_ALIGN, LoadReport, MAX_RECORD_LEN,
-    RecordError, SlotStatus, WriteReport, error_chain,
+    DataSource, Extent, FORMAT_VERSION, HEADER_LEN, HandoverRecord, JournalReport, LAYOUT_ALIGN, LoadReport,
+    MAX_RECORD_LEN, RecordError, SlotStatus, WriteReport, error_chain,
 };
 use crate::region::Region;
 use std::ops::Range;
@@ -20,6 +21,38 @@ struct Newest {
     data: (u64, u64),
 }
 
+/// The journal after the newest record (format 4 on): where the next entry
+/// goes. See `journal.rs`.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    /// Generation of the record it extends (part of every entry's CRC).
+    generation: u64,
+    /// Where the journal starts (from the region start).
+    start: u64,
+    /// Where the end marker is: the next entry goes there.
+    end: u64,
+    /// End of the slot: the journal and its end marker stay before it.
+    limit: u64,
+    /// Entries in the journal.
+    entries: u64,
+    /// Entries it takes before [`RecordStore::append`] asks for a full write.
+    fold_after: u64,
+}
+
+/// What the newest record takes of its slot ([`RecordStore::slot_use`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotUse {
+    /// Bytes of header and payload.
+    pub record: u64,
+    /// Bytes of journal (entries and end marker).
+    pub journal: u64,
+    /// Entries in the journal.
+    pub journal_entries: u64,
+    /// Size of each slot: the next full write (record, journal folded in,
+    /// and on a copying backend the data) must fit in one.
+    pub slot: u64,
+}
+
 /// Reads and writes records in the two slots of a region.
 ///
 /// The region is split in two slots of equal size (half the region, rounded
@@ -32,7 +65,8 @@ pub struct RecordStore<R: Region> {
     region: R,
     slot_len: u64,
     newest: Option<Newest>,
-    journal: Journal,
+    tail: Option<Tail>,
+    trace: Trace,
 }
 
 impl<R: Region> RecordStore<R> {
@@ -51,7 +85,8 @@ impl<R: Region> RecordStore<R> {
             region,
             slot_len,
             newest: None,
-            journal: Journal::default(),
+            tail: None,
+            trace: Trace::default(),
         };
         store.load()?;
         Ok(store)
@@ -96,9 +131,46 @@ impl<R: Region> RecordStore<R> {
                 data: (start + found.record_len, start + self.slot_len),
             }
         });
+        self.tail = None;
+        let mut journal = JournalReport::default();
+        if let Some((slot, found)) = latest.as_mut()
+            && found.version >= 4
+        {
+            let start = self.slot_start(*slot);
+            let used_end = found
+                .record
+                .extents
+                .iter()
+                .map(|e| e.offset + e.len)
+                .fold(start + found.record_len, u64::max);
+            let limit = start + self.slot_len;
+            if let Some(j) = journal::start_after(used_end).filter(|&j| j + ENTRY_HEADER_LEN <= limit) {
+                let bytes = &self.region.bytes()[range(j, limit - j)];
+                let replayed = journal::replay(bytes, found.generation, &mut found.record);
+                journal = JournalReport {
+                    entries: replayed.entries,
+                    stopped: replayed.stopped,
+                };
+                let files = found.record.sessions.iter().map(|s| s.fds.len() as u64).sum();
+                self.tail = Some(Tail {
+                    generation: found.generation,
+                    start: j,
+                    end: j + replayed.end as u64,
+                    limit,
+                    entries: replayed.entries,
+                    fold_after: journal::fold_after(files),
+                });
+                if journal.stopped.is_some() {
+                    // Whatever follows the last good entry is not ours: no
+                    // more entries until the next full write starts afresh.
+                    self.tail = None;
+                }
+            }
+        }
         Ok(LoadReport {
             latest: latest.map(|(_, found)| (found.generation, found.record)),
             slots,
+            journal,
         })
     }
 
@@ -159,7 +231,7 @@ impl<R: Region> RecordStore<R> {
         // 1. Invalidate the slot: from now on it reads as empty.
         let header_range = range(slot_start, HEADER_LEN as u64);
         bytes[header_range.clone()].fill(0);
-        self.journal.record(header_range.start, &bytes[header_range.clone()]);
+        self.trace.record(header_range.start, &bytes[header_range.clone()]);
         fence(Ordering::Release);
 
         // 2. Data, straight from each source into place.
@@ -177,7 +249,7 @@ impl<R: Region> RecordStore<R> {
         for (extent, crc) in extents.iter_mut().zip(crcs) {
             extent.crc32c = crc;
             let written = range(extent.offset, extent.len);
-            self.journal.record(written.start, &bytes[written]);
+            self.trace.record(written.start, &bytes[written]);
         }
         fence(Ordering::Release);
 
@@ -193,7 +265,22 @@ impl<R: Region> RecordStore<R> {
         };
         let payload_len = payload.len() as u64;
         let payload_crc32c = crc32c::crc32c(payload);
-        self.journal.record(payload_range.start, payload);
+        self.trace.record(payload_range.start, payload);
+
+        // 3b. An empty journal after the record and its data: an end marker
+        // at its start, so nothing an older generation left there is read.
+        let used_end = record
+            .extents
+            .iter()
+            .map(|e| e.offset + e.len)
+            .fold(slot_start + HEADER_LEN as u64 + payload_len, u64::max);
+        let slot_end = slot_start + self.slot_len;
+        let journal_start = journal::start_after(used_end).filter(|&j| j + ENTRY_HEADER_LEN <= slot_end);
+        if let Some(j) = journal_start {
+            let marker = range(j, ENTRY_HEADER_LEN);
+            bytes[marker.clone()].fill(0);
+            self.trace.record(marker.start, &bytes[marker]);
+        }
         fence(Ordering::Release);
 
         // 4. The header: the slot becomes valid.
@@ -205,7 +292,7 @@ impl<R: Region> RecordStore<R> {
             payload_crc32c,
         };
         bytes[header_range.clone()].copy_from_slice(&header.to_bytes());
-        self.journal.record(header_range.start, &bytes[header_range]);
+        self.trace.record(header_range.start, &bytes[header_range]);
 
         let record_len = HEADER_LEN as u64 + payload_len;
         self.newest = Some(Newest {
@@ -213,11 +300,78 @@ impl<R: Region> RecordStore<R> {
             generation,
             data: (slot_start + record_len, slot_start + self.slot_len),
         });
+        let files = record.sessions.iter().map(|s| s.fds.len() as u64).sum();
+        self.tail = journal_start.map(|start| Tail {
+            generation,
+            start,
+            end: start,
+            limit: slot_end,
+            entries: 0,
+            fold_after: journal::fold_after(files),
+        });
         Ok(WriteReport {
             generation,
             slot,
             record_bytes: record_len,
             data_bytes: lens.iter().sum(),
+        })
+    }
+
+    /// Appends `entry` to the journal of the newest record (see
+    /// `journal.rs`): true once it is in the region, false when the change
+    /// needs a full [`write`](Self::write) instead (no record yet, a record
+    /// of an older format, a journal that is full or has taken its share of
+    /// entries). Nothing is written when it returns false or fails.
+    ///
+    /// Order of the writes: a new end marker after the entry, the entry's
+    /// payload, its length and CRC last. Cut anywhere, the journal reads as
+    /// it was before (the entry fails its CRC, or the old end marker is
+    /// still in place).
+    pub fn append(&mut self, entry: &JournalEntry) -> Result<bool, RecordError> {
+        let Some(tail) = self.tail.as_mut() else {
+            return Ok(false);
+        };
+        let Ok(seq) = u32::try_from(tail.entries) else {
+            return Ok(false);
+        };
+        if tail.entries >= tail.fold_after {
+            return Ok(false);
+        }
+        let entry = journal::encode(entry, tail.generation, seq)?;
+        let end = tail.end + entry.len() as u64;
+        if end + ENTRY_HEADER_LEN > tail.limit {
+            return Ok(false);
+        }
+        let bytes = self.region.bytes_mut();
+        let marker = range(end, ENTRY_HEADER_LEN);
+        bytes[marker.clone()].fill(0);
+        self.trace.record(marker.start, &bytes[marker]);
+        let payload = range(tail.end + ENTRY_HEADER_LEN, entry.len() as u64 - ENTRY_HEADER_LEN);
+        bytes[payload.clone()].copy_from_slice(&entry[ENTRY_HEADER_LEN as usize..]);
+        self.trace.record(payload.start, &bytes[payload]);
+        fence(Ordering::Release);
+        let head = range(tail.end, ENTRY_HEADER_LEN);
+        bytes[head.clone()].copy_from_slice(&entry[..ENTRY_HEADER_LEN as usize]);
+        self.trace.record(head.start, &bytes[head]);
+        tail.end = end;
+        tail.entries += 1;
+        Ok(true)
+    }
+
+    /// Entries in the journal of the newest record.
+    pub fn journal_entries(&self) -> u64 {
+        self.tail.map_or(0, |t| t.entries)
+    }
+
+    /// What the newest record takes of its slot (`None` without a record).
+    pub fn slot_use(&self) -> Option<SlotUse> {
+        let newest = self.newest?;
+        let start = self.slot_start(newest.slot);
+        Some(SlotUse {
+            record: newest.data.0 - start,
+            journal: self.tail.map_or(0, |t| t.end + ENTRY_HEADER_LEN - t.start),
+            journal_entries: self.journal_entries(),
+            slot: self.slot_len,
         })
     }
 
@@ -293,9 +447,10 @@ impl<R: Region> RecordStore<R> {
         for slot in 0..2 {
             let header = range(self.slot_start(slot), HEADER_LEN as u64);
             self.region.bytes_mut()[header.clone()].fill(0);
-            self.journal.record(header.start, &self.region.bytes()[header]);
+            self.trace.record(header.start, &self.region.bytes()[header]);
         }
         self.newest = None;
+        self.tail = None;
         Ok(())
     }
 
@@ -353,6 +508,19 @@ impl<R: Region> RecordStore<R> {
     }
 }
 
+#[cfg(test)]
+impl<R: Region> RecordStore<R> {
+    /// From now on, keeps a copy of every write (see [`Trace`]).
+    pub(crate) fn start_trace(&mut self) {
+        self.trace.steps = Some(Vec::new());
+    }
+
+    /// The writes made since [`start_trace`](Self::start_trace), in order.
+    pub(crate) fn take_trace(&mut self) -> Vec<(usize, Vec<u8>)> {
+        self.trace.steps.take().unwrap_or_default()
+    }
+}
+
 /// Refuses a record whose files point at extents that will not exist.
 fn check_fd_extents(record: &HandoverRecord, extents: usize) -> Result<(), RecordError> {
     for session in &record.sessions {
@@ -402,12 +570,12 @@ fn align_up(value: u64) -> Option<u64> {
 /// test can rebuild the region as it was after any prefix of a write. In
 /// other builds it is empty and does nothing.
 #[derive(Debug, Default)]
-struct Journal {
+struct Trace {
     #[cfg(test)]
     steps: Option<Vec<(usize, Vec<u8>)>>,
 }
 
-impl Journal {
+impl Trace {
     #[inline(always)]
     fn record(&mut self, _offset: usize, _bytes: &[u8]) {
         #[cfg(test)]
@@ -1040,13 +1208,13 @@ pub(crate) mod tests {
         store.write(&mut previous, &[&b, &a]).unwrap();
         let before = store.region().0.clone();
 
-        store.journal.steps = Some(Vec::new());
+        store.trace.steps = Some(Vec::new());
         let mut next = rich_record();
         next.state = State::Updated;
         let (c, d) = (pattern(6000, 3), pattern(2500, 4));
         let report = store.write(&mut next, &[&c, &d]).unwrap();
         assert_eq!((report.generation, report.slot), (3, 0));
-        let steps = store.journal.steps.take().unwrap();
+        let steps = store.trace.steps.take().unwrap();
         let after = store.region().0.clone();
 
         let replay = |cut: usize| {
@@ -1060,7 +1228,7 @@ pub(crate) mod tests {
             image
         };
         let total: usize = steps.iter().map(|(_, bytes)| bytes.len()).sum();
-        // The journal holds every byte the write changed.
+        // The trace holds every byte the write changed.
         assert_eq!(replay(total), after);
 
         let mut cuts: Vec<usize> = (0..=total).step_by(64).collect();
