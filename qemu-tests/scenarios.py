@@ -615,6 +615,8 @@ def bench_report(name, res):
             lines.append(f"minimum: bare {min(bare):.3f} s, luod {min(total):.3f} s (the least disturbed runs: "
                          f"ratio of minima {min(total) / min(bare):.3f})")
             lines.append(f"RATIO blackout luod/bare = {med_l / med_b:.3f} (medians; target <= 1.10)")
+            import luod_share  # qemu-tests/luod_share.py
+            lines += luod_share.report(res, pairs)
         else:
             lines.append("not enough markers for the blackout benchmark")
     elif name == "bench_vm_blackout":

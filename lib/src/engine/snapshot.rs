@@ -30,7 +30,7 @@ pub struct Snapshot {
     park_notes: Option<crate::holder::ParkNotes>,
     vms: Vec<VmRow>,
     progress: ProgressCell,
-    reboot_path: Option<crate::systemd::RebootPath>,
+    reboot_path: Option<crate::systemd::RebootPathCell>,
 }
 
 /// A registered VM as the snapshot keeps it.
@@ -89,7 +89,7 @@ impl<R: Region> Engine<R> {
             park_notes: self.kernel.park_notes_cell(),
             vms,
             progress: self.registry.progress().clone(),
-            reboot_path: self.kernel.reboot_path(),
+            reboot_path: self.kernel.reboot_path_cell(),
         }
     }
 
@@ -142,7 +142,7 @@ impl Snapshot {
                 None => self.notes.clone(),
             },
             in_progress: self.progress.get(),
-            reboot_path: self.reboot_path.as_ref().map(|p| crate::protocol::RebootPathInfo {
+            reboot_path: self.reboot_path.as_ref().map(|c| c.get()).map(|p| crate::protocol::RebootPathInfo {
                 path: p.name().into(),
                 detail: p.describe(),
             }),
