@@ -138,7 +138,12 @@ fn reboot_path(args: &Args) -> (RebootPathCell, Option<AfterReady>) {
         let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let unit = unit.or_else(|| liveupdate::systemd::unit_of_cgroup(&cgroup));
         let path = liveupdate::systemd::detect_reboot_path(&systemctl, unit.as_deref());
-        tracing::info!("reboot path: {}: {} (detected in {:.1} ms)", path.name(), path.describe(), ms(t));
+        tracing::info!(
+            "reboot path: {}: {} (detected in {:.1} ms)",
+            path.name(),
+            path.describe(),
+            ms(t)
+        );
         filled.set(path);
     };
     (cell, Some(Box::new(detect)))

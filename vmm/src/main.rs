@@ -862,7 +862,10 @@ mod tests {
             (a.veto, a.hang_at, a.exit_at, a.no_ram_checksum),
             (None, None, None, false)
         );
-        assert_eq!((a.heartbeat_ms, a.guest.ram_size, a.idle_ms), (1000, DEFAULT_RAM_SIZE, 0));
+        assert_eq!(
+            (a.heartbeat_ms, a.guest.ram_size, a.idle_ms),
+            (1000, DEFAULT_RAM_SIZE, 0)
+        );
 
         let c = Cli::try_parse_from([
             "luo-test-vmm",

@@ -273,7 +273,10 @@ fn a_snapshot_does_not_wait_for_the_reboot_path_and_status_and_check_wait_for_it
     assert!(!reader.is_finished(), "status waits for the detection");
     cell.set(direct.clone());
     let status = reader.join().unwrap();
-    assert_eq!((status.path.as_str(), status.detail.as_str()), ("direct", direct.describe().as_str()));
+    assert_eq!(
+        (status.path.as_str(), status.detail.as_str()),
+        ("direct", direct.describe().as_str())
+    );
     assert_eq!(reboot_item(&e), format!("direct: {}", direct.describe()));
 }
 

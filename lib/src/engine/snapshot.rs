@@ -142,10 +142,14 @@ impl Snapshot {
                 None => self.notes.clone(),
             },
             in_progress: self.progress.get(),
-            reboot_path: self.reboot_path.as_ref().map(|c| c.get()).map(|p| crate::protocol::RebootPathInfo {
-                path: p.name().into(),
-                detail: p.describe(),
-            }),
+            reboot_path: self
+                .reboot_path
+                .as_ref()
+                .map(|c| c.get())
+                .map(|p| crate::protocol::RebootPathInfo {
+                    path: p.name().into(),
+                    detail: p.describe(),
+                }),
         }
     }
 
