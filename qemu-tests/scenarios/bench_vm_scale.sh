@@ -55,15 +55,15 @@ boot1() {
 	# Loaded once: `luoctl prepare` without --kernel takes it, and cancel
 	# leaves an image luod did not load.
 	run luo-qemu-tool kexec --kernel /kernel --cmdline "$(cat /proc/cmdline)" --load-only
-	step vmm-start 120
+	step vmm-start 300
 	start_vmm vm0
-	wait_for /run/vm0.log 'VMM: running' 60
+	wait_for /run/vm0.log 'VMM: running' 240
 	r=1
 	while [ $r -le $ROUNDS ]; do
 		round 1 $r
 		r=$((r + 1))
 	done
-	step vmm-start 120
+	step vmm-start 300
 	i=1
 	while [ $i -lt $VMS ]; do
 		start_vmm "vm$i"
@@ -71,7 +71,7 @@ boot1() {
 	done
 	i=1
 	while [ $i -lt $VMS ]; do
-		wait_for "/run/vm$i.log" 'VMM: running' 60
+		wait_for "/run/vm$i.log" 'VMM: running' 240
 		i=$((i + 1))
 	done
 	expect_exit 0 "vm$((VMS - 1))" luoctl vm list
