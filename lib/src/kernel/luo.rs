@@ -122,7 +122,7 @@ pub enum ParkedStart {
 /// (`luod-session-in`), then the session's old key (`luod-session`, from
 /// systemd's fd store) is dropped; [`Luo::before_cycle`] parks the new
 /// outgoing pair (`luod-record`, then `luod-session`) before it drops the
-/// incoming one.
+/// incoming one (whose session it finished first).
 pub fn parked_start<'a>(keys: impl IntoIterator<Item = &'a str>) -> ParkedStart {
     let (mut session, mut record, mut record_in) = (false, false, false);
     for k in keys {
@@ -698,27 +698,31 @@ impl Kernel for Luo {
     /// After a live update luod reads and writes the record memfd the
     /// kernel handed back, and preserves it in a new outgoing session only
     /// here, at the next `prepare`: outside the blackout. The retrieved
-    /// memfd itself is preserved again (no copy); the incoming session is
-    /// finished once the new pair is parked.
+    /// memfd itself is preserved again (no copy). The kernel refuses that
+    /// (`EBUSY`) while the memfd's incoming session is not finished, so the
+    /// incoming session is finished first; the memfd stays parked under
+    /// `luod-record-in` throughout, so a crash in between is read as a
+    /// restart with the record still to renew (see [`parked_start`]).
     fn before_cycle(&mut self) -> Result<(), KernelError> {
         let Some((record, old)) = self.incoming_record.take() else {
             return Ok(());
         };
+        if let Some(old) = old
+            && let Err(e) = uapi::finish(old.as_fd())
+        {
+            // Finished already (a restart after a crash right here).
+            tracing::warn!("finishing luod's incoming session failed: {e}");
+        }
         let renewed = self
             .open_device()
             .and_then(|dev| self.new_record_session(dev.as_fd(), record.as_fd()));
         if let Err(e) = renewed {
-            self.incoming_record = Some((record, old));
+            self.incoming_record = Some((record, None));
             return Err(e);
         }
         tracing::info!("luod's record preserved in a new session {RECORD_SESSION} for the next kexec");
         self.unpark(PARK_INCOMING_RECORD_SESSION);
         self.unpark(PARK_INCOMING_RECORD);
-        if let Some(old) = old
-            && let Err(e) = uapi::finish(old.as_fd())
-        {
-            tracing::warn!("finishing luod's incoming session failed: {e}");
-        }
         Ok(())
     }
 }
