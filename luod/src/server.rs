@@ -133,13 +133,8 @@ fn serve_engine<R: Region + 'static>(
         "luod {} serving {} (backend {}, state {}, record generation {})",
         env!("CARGO_PKG_VERSION"),
         args.socket.display(),
-        engine
-            .status(&Caller {
-                uid: 0,
-                pid: 0,
-                privileged: true
-            })
-            .backend,
+        // Not `status`: it would wait for a reboot path still being detected.
+        engine.snapshot().backend(),
         engine.state(),
         engine.generation()
     );

@@ -106,6 +106,12 @@ impl Snapshot {
         self.record.state
     }
 
+    /// The backend's name, without building a whole `status` (which waits
+    /// for a reboot path still being detected).
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
     /// `status`: everything a caller may see.
     pub fn status(&self, caller: &Caller) -> StatusReport {
         let sessions = self
