@@ -100,7 +100,6 @@ SCENARIOS = [
     Scenario("pinned_target_mismatch", "luo", 1, False),
     Scenario("already_on_target", "luo", 2, False),
     Scenario("bench_vm_blackout", "luo", 11, False, timeout=900, bench=True),
-    Scenario("bench_vm_scale", "luo", 1, False, timeout=600, bench=True, smp=2),
     Scenario("demo", "luo", 2, True, demo=True),
     Scenario("rollback_on_failed_validation", "luo", 3, True),
     Scenario("ten_updates_in_a_row", "luo", 11, True, timeout=600),
@@ -624,9 +623,6 @@ def bench_report(name, res):
     elif name == "bench_vm_blackout":
         import vm_bench  # qemu-tests/vm_bench.py
         lines += vm_bench.report(res, pairs)
-    elif name == "bench_vm_scale":
-        import vm_scale  # qemu-tests/vm_scale.py
-        lines += vm_scale.report(res, pairs)
     elif name == "bench_copy":
         b = res.bench
         if "record_write_ms" in b and "memcpy_ram_ms" in b:

@@ -8,6 +8,6 @@ cargo bench --locked -p liveupdate --bench record_write 2>&1
 echo "== luod: status during a freeze waiting on a hung VMM vs idle; threads and RSS at 5,000 idle connections vs 0"
 cargo bench --locked -p liveupdate-tests --bench responsiveness 2>&1
 if [ -x qemu-tests/bench.sh ]; then
-    echo "== QEMU: blackout vs bare kexec (and luod's share of it), VM blackout vs bare kexec, freeze with 8 VMs vs 1, reserved-memory copy vs memcpy"
+    echo "== QEMU: blackout vs bare kexec (and luod's share of it), VM blackout vs bare kexec, reserved-memory copy vs memcpy"
     qemu-tests/bench.sh
 fi
