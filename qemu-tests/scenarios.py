@@ -77,6 +77,7 @@ SCENARIOS = [
     Scenario("luod_restart_mid_cycle", "luo", 2, True),
     Scenario("two_updates_in_a_row", "luo", 3, True),
     Scenario("luod_systemd_path", "luo", 2, True),
+    Scenario("luod_restart_after_update", "luo", 3, True),
     Scenario("target_without_liveupdate", "luo", 1, False),
     Scenario("kexec_simple_64mib", "stock", 2, True, "memmap=160M$0x30000000", timeout=600),
     Scenario("garbage_region_at_boot", "stock", 1, False, "memmap=16M$0x30000000"),
@@ -623,6 +624,8 @@ def bench_report(name, res):
             lines.append(f"minimum: bare {min(bare):.3f} s, luod {min(total):.3f} s (the least disturbed runs: "
                          f"ratio of minima {min(total) / min(bare):.3f})")
             lines.append(f"RATIO blackout luod/bare = {med_l / med_b:.3f} (medians; target <= 1.10)")
+            import luod_share  # qemu-tests/luod_share.py
+            lines += luod_share.report(res, pairs)
         else:
             lines.append("not enough markers for the blackout benchmark")
     elif name == "bench_vm_blackout":

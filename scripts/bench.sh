@@ -10,6 +10,6 @@ cargo bench --locked -p liveupdate-tests --bench responsiveness 2>&1
 echo "== scale: per-file preserve and prepare+freeze+reboot cost at 10,000/100 and 100,000/10,000 files"
 cargo bench --locked -p liveupdate-tests --bench scale 2>&1
 if [ -x qemu-tests/bench.sh ]; then
-    echo "== QEMU: blackout vs bare kexec, reserved-memory copy vs memcpy, a QEMU VM's blackout vs bare kexec on the Debian host (and 4x its RAM)"
+    echo "== QEMU: blackout vs bare kexec (and luod's share of it), VM blackout vs bare kexec, reserved-memory copy vs memcpy, a QEMU VM's blackout vs bare kexec on the Debian host (and 4x its RAM)"
     qemu-tests/bench.sh
 fi

@@ -231,6 +231,64 @@ impl RebootPath {
     }
 }
 
+/// The reboot path as luod knows it: known at once, or being detected by a
+/// thread luod starts once it serves (the detection runs `systemctl show`
+/// twice, about 160 ms under TCG, which must not delay luod's start). Readers
+/// ([`get`](Self::get)) wait for the detection; clones share one value.
+#[derive(Debug, Clone)]
+pub struct RebootPathCell(std::sync::Arc<(std::sync::Mutex<Option<RebootPath>>, std::sync::Condvar)>);
+
+impl RebootPathCell {
+    /// A path known already.
+    pub fn known(path: RebootPath) -> Self {
+        RebootPathCell(std::sync::Arc::new((
+            std::sync::Mutex::new(Some(path)),
+            std::sync::Condvar::new(),
+        )))
+    }
+
+    /// A path to be [`set`](Self::set) by a detection still to run.
+    pub fn pending() -> Self {
+        RebootPathCell(std::sync::Arc::default())
+    }
+
+    /// Sets the detected path and wakes the readers.
+    pub fn set(&self, path: RebootPath) {
+        let (value, ready) = &*self.0;
+        *value.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+        ready.notify_all();
+    }
+
+    /// The path, once known without waiting; `None` while it is detected.
+    pub fn peek(&self) -> Option<RebootPath> {
+        self.0.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The path, waiting for the detection: at most as long as its two
+    /// `systemctl` calls may take, after which the direct path is taken,
+    /// with the reason.
+    pub fn get(&self) -> RebootPath {
+        let (value, ready) = &*self.0;
+        let deadline = Instant::now() + 2 * SYSTEMCTL_TIMEOUT + Duration::from_secs(5);
+        let mut guard = value.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(path) = guard.as_ref() {
+                return path.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return RebootPath::Direct {
+                    why: "the detection of systemd's reboot path did not finish".into(),
+                };
+            }
+            guard = ready
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
 /// The unit a process belongs to, from its `/proc/PID/cgroup` (cgroup v2:
 /// `0::/system.slice/luod.service`).
 pub fn unit_of_cgroup(cgroup: &str) -> Option<String> {
@@ -352,6 +410,22 @@ pub fn systemctl_kexec(systemctl_path: &Path) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pending_reboot_path_is_waited_for_and_shared_by_clones() {
+        let cell = RebootPathCell::pending();
+        assert_eq!(cell.peek(), None);
+        let reader = {
+            let cell = cell.clone();
+            std::thread::spawn(move || cell.get())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let path = RebootPath::Direct { why: "detected".into() };
+        cell.clone().set(path.clone());
+        assert_eq!(reader.join().unwrap(), path);
+        assert_eq!(cell.peek(), Some(path.clone()));
+        assert_eq!(RebootPathCell::known(path.clone()).get(), path);
+    }
+
     use super::*;
     use nix::sys::socket::{ControlMessageOwned, recvmsg};
 

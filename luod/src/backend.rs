@@ -13,7 +13,7 @@ use liveupdate::subsystem::Registry;
 use liveupdate::subsystems::devices::Devices;
 use liveupdate::subsystems::iommu::Iommu;
 use liveupdate::subsystems::qmp::QemuVm;
-use liveupdate::systemd::{Notifier, RebootPath, SystemdFdStore, take_listen_fds};
+use liveupdate::systemd::{Notifier, RebootPath, RebootPathCell, SystemdFdStore, take_listen_fds};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -70,12 +70,17 @@ pub enum StartError {
     Engine(#[from] liveupdate::engine::EngineError),
 }
 
+/// Work luod's start leaves until it serves: the blackout does not wait for it.
+pub type AfterReady = Box<dyn FnOnce() + Send>;
+
 /// The engine and what must stay open while it runs.
 pub struct Started<R: Region> {
     /// The engine.
     pub engine: Engine<R>,
     /// Held for luod's lifetime (the region file's lock).
     pub _lock: Option<File>,
+    /// Run on a thread of its own once luod serves (after `READY=1`).
+    pub after_ready: Option<AfterReady>,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError + use<> {
@@ -117,9 +122,37 @@ fn parks_in_systemd(args: &Args) -> bool {
 
 /// How `reboot` reaches the new kernel: the systemd path needs luod's
 /// sessions in systemd's fd store and a LUO-aware systemd that keeps it.
-fn reboot_path(args: &Args) -> RebootPath {
+/// Known at once when luod does not park in systemd's fd store; otherwise
+/// a cell the returned detection fills (two `systemctl show`, about 160 ms
+/// under TCG), run once luod serves so that it is not inside the blackout;
+/// `check`, `status` and `reboot` wait for it.
+fn reboot_path(args: &Args) -> (RebootPathCell, Option<AfterReady>) {
+    if let Some(path) = reboot_path_without_systemctl(args) {
+        tracing::info!("reboot path: {}: {}", path.name(), path.describe());
+        return (RebootPathCell::known(path), None);
+    }
+    let cell = RebootPathCell::pending();
+    let (filled, systemctl, unit) = (cell.clone(), args.systemctl.clone(), args.systemd_unit.clone());
+    let detect = move || {
+        let t = std::time::Instant::now();
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let unit = unit.or_else(|| liveupdate::systemd::unit_of_cgroup(&cgroup));
+        let path = liveupdate::systemd::detect_reboot_path(&systemctl, unit.as_deref());
+        tracing::info!(
+            "reboot path: {}: {} (detected in {:.1} ms)",
+            path.name(),
+            path.describe(),
+            ms(t)
+        );
+        filled.set(path);
+    };
+    (cell, Some(Box::new(detect)))
+}
+
+/// The reboot path when it needs no `systemctl`: the direct path, with why.
+fn reboot_path_without_systemctl(args: &Args) -> Option<RebootPath> {
     if !parks_in_systemd(args) {
-        return RebootPath::Direct {
+        return Some(RebootPath::Direct {
             why: if std::env::var_os("NOTIFY_SOCKET").is_some() {
                 "luod parks its sessions in its fd holder (--fd-store holder), which does not survive an orderly \
                  shutdown"
@@ -127,14 +160,9 @@ fn reboot_path(args: &Args) -> RebootPath {
             } else {
                 "luod does not run under systemd".into()
             },
-        };
+        });
     }
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let unit = args
-        .systemd_unit
-        .clone()
-        .or_else(|| liveupdate::systemd::unit_of_cgroup(&cgroup));
-    liveupdate::systemd::detect_reboot_path(&args.systemctl, unit.as_deref())
+    None
 }
 
 /// Where preserved files are parked: systemd's fd store or the holder.
@@ -299,6 +327,7 @@ pub fn file(args: &Args) -> Result<Started<FileRegion>, StartError> {
     Ok(Started {
         engine,
         _lock: Some(lock),
+        after_ready: None,
     })
 }
 
@@ -309,15 +338,18 @@ pub fn luo(args: &Args) -> Result<Started<MemfdRegion>, StartError> {
     tracing::debug!("fd park ready after {:.1} ms", ms(t));
     let (mut kernel, record, how) = Luo::start(&args.liveupdate_dev, park, args.record_size)?;
     tracing::info!("LUO backend: {how:?} start ({:.1} ms)", ms(t));
-    let path = reboot_path(args);
-    tracing::info!("reboot path: {}: {} ({:.1} ms)", path.name(), path.describe(), ms(t));
-    kernel.set_reboot_path(path);
+    let (path, after_ready) = reboot_path(args);
+    kernel.set_reboot_path_cell(path);
     let region = MemfdRegion::new(record).map_err(io("cannot map luod's record memfd from", &args.liveupdate_dev))?;
     let store = RecordStore::new(region)?;
     tracing::debug!("record loaded after {:.1} ms", ms(t));
     let engine = open_engine(args, Box::new(kernel), store, false, vec!["liveupdate=on".into()])?;
     tracing::debug!("engine open after {:.1} ms", ms(t));
-    Ok(Started { engine, _lock: None })
+    Ok(Started {
+        engine,
+        _lock: None,
+        after_ready,
+    })
 }
 
 fn ms(since: std::time::Instant) -> f64 {
@@ -349,7 +381,11 @@ pub fn reserved_memory(args: &Args) -> Result<Started<ReservedRegion>, StartErro
     let store = RecordStore::new(region)?;
     let kernel = Emulated::new("reserved-memory", KexecMode::Real, Some(holder(args)?));
     let engine = open_engine(args, Box::new(kernel), store, true, vec![range.memmap_param()])?;
-    Ok(Started { engine, _lock: None })
+    Ok(Started {
+        engine,
+        _lock: None,
+        after_ready: None,
+    })
 }
 
 /// True when this process has one thread (`/proc/self/status`).

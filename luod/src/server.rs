@@ -104,6 +104,7 @@ pub fn run(args: &Args) -> Result<u8, StartError> {
 
     let backend = backend::choose(args)?;
     let listener = bind(&args.socket, args.socket_group.as_deref())?;
+    tracing::debug!("socket bound; opening the {backend:?} backend");
     match backend {
         Backend::Luo => serve_engine(args, listener, stop, backend::luo(args)?),
         Backend::ReservedMemory => serve_engine(args, listener, stop, backend::reserved_memory(args)?),
@@ -117,7 +118,11 @@ fn serve_engine<R: Region + 'static>(
     stop: SigSet,
     started: backend::Started<R>,
 ) -> Result<u8, StartError> {
-    let backend::Started { engine, _lock } = started;
+    let backend::Started {
+        engine,
+        _lock,
+        after_ready,
+    } = started;
     let bound = std::fs::symlink_metadata(&args.socket)
         .map(|m| (m.dev(), m.ino()))
         .unwrap_or_default();
@@ -128,13 +133,8 @@ fn serve_engine<R: Region + 'static>(
         "luod {} serving {} (backend {}, state {}, record generation {})",
         env!("CARGO_PKG_VERSION"),
         args.socket.display(),
-        engine
-            .status(&Caller {
-                uid: 0,
-                pid: 0,
-                privileged: true
-            })
-            .backend,
+        // Not `status`: it would wait for a reboot path still being detected.
+        engine.snapshot().backend(),
         engine.state(),
         engine.generation()
     );
@@ -183,6 +183,14 @@ fn serve_engine<R: Region + 'static>(
         path: args.socket.display().to_string(),
         source: e,
     })?;
+    tracing::debug!("threads started; accepting connections");
+    // What the start left for later (the reboot path's detection): readers
+    // that need it wait for it, nobody else does.
+    if let Some(work) = after_ready
+        && let Err(e) = std::thread::Builder::new().name("luod-after-ready".into()).spawn(work)
+    {
+        tracing::error!("cannot start the thread that detects the reboot path: {e}");
+    }
     run_loop(&listener, &events, &limits, &jobs, timeout);
     drop((jobs, changes));
     // The change in progress answers first (bounded: a freeze waiting for

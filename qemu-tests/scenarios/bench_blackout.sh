@@ -14,6 +14,8 @@
 # start a fresh luod and run a cycle; odd kernels after the first retrieve
 # and check the memfd and finish the cycle first; the last one passes.
 ROUNDS=5
+# luod's start-up steps in its log (luo-qemu-tool luod-times prints them after each start).
+LUOD_FILTER=debug
 boot_any() {
 	if [ $((BOOT % 2)) = 1 ]; then
 		if [ "$BOOT" -gt 1 ]; then

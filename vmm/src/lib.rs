@@ -174,6 +174,10 @@ fn unblock_kick_signal() {
 #[derive(Debug, Default)]
 struct Shared {
     stop: AtomicBool,
+    /// An idle vCPU waits here between progress exits ([`Vm::set_idle`]);
+    /// [`Pauser::pause`] wakes it.
+    idle_lock: Mutex<()>,
+    idle_wake: std::sync::Condvar,
     /// The thread inside `run_until`, while it is inside.
     running_thread: Mutex<Option<libc::pthread_t>>,
     progress: Mutex<LiveProgress>,
@@ -214,6 +218,9 @@ impl Pauser {
     pub fn pause(&self) {
         self.0.stop.store(true, Ordering::SeqCst);
         self.0.kick();
+        // Under the lock: an idle vCPU checks `stop` under it before waiting.
+        let _idle = self.0.idle_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.0.idle_wake.notify_all();
     }
 
     /// Live progress, updated at every progress exit.
@@ -310,9 +317,18 @@ pub struct Vm {
     generation: u32,
     paused_ns: u64,
     restored_from: Option<VmStateV1>,
+    idle: Option<Duration>,
 }
 
 impl Vm {
+    /// Makes the vCPU idle for `idle` after each progress exit, as a guest
+    /// that mostly waits does (the guest's loop never halts): the VMM's
+    /// thread waits outside `KVM_RUN`, and a pause wakes it at once. `None`
+    /// (the default): the vCPU runs flat out.
+    pub fn set_idle(&mut self, idle: Option<Duration>) {
+        self.idle = idle.filter(|d| !d.is_zero());
+    }
+
     /// Creates a VM whose RAM is the first `ram_size` bytes of `ram` (a memfd
     /// or any fd that can be mapped shared), registered as guest-physical
     /// memory from address 0, and one vCPU. Does not touch the RAM content.
@@ -350,6 +366,7 @@ impl Vm {
             generation: 0,
             paused_ns: 0,
             restored_from: None,
+            idle: None,
         })
     }
 
@@ -635,6 +652,16 @@ impl Vm {
                     live.exits = self.progress_exits;
                     live.first_this_run.get_or_insert(stamp);
                     live.last = Some(stamp);
+                    drop(live);
+                    if let Some(idle) = self.idle {
+                        let guard = self.shared.idle_lock.lock().unwrap_or_else(|e| e.into_inner());
+                        if !self.shared.stop.load(Ordering::SeqCst) {
+                            let _ = self
+                                .shared
+                                .idle_wake
+                                .wait_timeout_while(guard, idle, |_| !self.shared.stop.load(Ordering::SeqCst));
+                        }
+                    }
                 }
                 Ok(VcpuExit::Intr) => self.vcpu.set_kvm_immediate_exit(0),
                 Err(e) if e.errno() == libc::EINTR => self.vcpu.set_kvm_immediate_exit(0),

@@ -147,6 +147,11 @@ struct ServeArgs {
     /// Print a heartbeat line (counter, running/paused) this often; 0: never.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     heartbeat_ms: u64,
+    /// Keep the vCPU idle this long after each progress exit (a VM that
+    /// mostly waits, as most of a host's VMs do; the guest's loop never
+    /// halts by itself); a pause wakes it at once. 0: run flat out.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    idle_ms: u64,
     #[command(flatten)]
     guest: GuestArgs,
 }
@@ -531,7 +536,8 @@ fn client_err(e: ClientError) -> String {
 
 fn cmd_serve(a: &ServeArgs) -> Result<bool, String> {
     let ram = create_ram_memfd("luo-test-vmm-ram", a.guest.ram_size).map_err(|e| e.to_string())?;
-    let vm = boot(&a.guest, ram).map_err(|e| e.to_string())?;
+    let mut vm = boot(&a.guest, ram).map_err(|e| e.to_string())?;
+    vm.set_idle(Some(Duration::from_millis(a.idle_ms)));
     let t = Instant::now();
     let client = Client::connect(&a.socket, "luo-test-vmm").map_err(client_err)?;
     let server = client.server().to_string();
@@ -856,7 +862,10 @@ mod tests {
             (a.veto, a.hang_at, a.exit_at, a.no_ram_checksum),
             (None, None, None, false)
         );
-        assert_eq!((a.heartbeat_ms, a.guest.ram_size), (1000, DEFAULT_RAM_SIZE));
+        assert_eq!(
+            (a.heartbeat_ms, a.guest.ram_size, a.idle_ms),
+            (1000, DEFAULT_RAM_SIZE, 0)
+        );
 
         let c = Cli::try_parse_from([
             "luo-test-vmm",
@@ -874,9 +883,12 @@ mod tests {
             "--no-ram-checksum",
             "--heartbeat-ms",
             "0",
+            "--idle-ms",
+            "5",
         ])
         .unwrap();
         let Cmd::Serve(a) = c.cmd else { panic!("not serve") };
+        assert_eq!(a.idle_ms, 5);
         assert_eq!(a.socket, PathBuf::from("/tmp/s"));
         assert_eq!(a.guest.ram_size, 4 << 20);
         assert_eq!(a.veto.as_deref(), Some("backup running"));
@@ -914,6 +926,7 @@ mod tests {
             &["serve", "--name", "v", "--hang-at", "freeze", "--exit-at", "freeze"],
             &["serve", "--name", "v", "--ram-size", "lots"],
             &["serve", "--name", "v", "--heartbeat-ms", "-1"],
+            &["serve", "--name", "v", "--idle-ms", "-1"],
         ];
         for args in bad {
             let argv = std::iter::once("luo-test-vmm").chain(args.iter().copied());

@@ -251,3 +251,60 @@ fn the_session_name_systemd_is_reserved() {
     );
     assert!(e.record().sessions.is_empty());
 }
+
+#[test]
+fn a_snapshot_does_not_wait_for_the_reboot_path_and_status_and_check_wait_for_it() {
+    // luod detects the systemd path once it serves (two `systemctl show`):
+    // the engine opens and publishes its state meanwhile, and a reader that
+    // asks for the path gets the detected one, never a guess.
+    let loaded = Arc::new(AtomicBool::new(true));
+    let (mut kernel, _) = FakeKernel::real_kexec(loaded);
+    let cell = crate::systemd::RebootPathCell::pending();
+    kernel.set_reboot_path_cell(cell.clone());
+    let store = RecordStore::new(MemRegion::zeroed(8 << 20)).unwrap();
+    let e = Engine::open(Box::new(kernel), Registry::new(), store, host()).unwrap();
+    let snapshot = e.snapshot();
+    assert_eq!(cell.peek(), None, "opening the engine and snapshotting it did not wait");
+    let direct = RebootPath::Direct {
+        why: "systemd 257 does not carry fd stores across a kexec; 261 and later do".into(),
+    };
+    let reader = std::thread::spawn(move || snapshot.status(&Caller::ROOT).reboot_path.unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!reader.is_finished(), "status waits for the detection");
+    cell.set(direct.clone());
+    let status = reader.join().unwrap();
+    assert_eq!(
+        (status.path.as_str(), status.detail.as_str()),
+        ("direct", direct.describe().as_str())
+    );
+    assert_eq!(reboot_item(&e), format!("direct: {}", direct.describe()));
+}
+
+#[test]
+fn prepare_readies_the_kernel_for_the_cycle_and_a_failure_there_changes_nothing() {
+    use crate::kernel::fake::Op;
+    let loaded = Arc::new(AtomicBool::new(true));
+    let (kernel, failures) = FakeKernel::real_kexec(loaded);
+    let calls = kernel.before_cycle_calls();
+    let store = RecordStore::new(MemRegion::zeroed(8 << 20)).unwrap();
+    let mut e = Engine::open(Box::new(kernel), Registry::new(), store, host()).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "not at the engine's start: at prepare");
+    failures.lock().unwrap().insert(
+        Op::BeforeCycle,
+        crate::kernel::KernelError::Luo {
+            op: "CREATE_SESSION luod".into(),
+            errno: nix::errno::Errno::ENOSPC,
+            why: "the kernel's table of sessions or files is full; preserve fewer".into(),
+        },
+    );
+    let generation = e.generation();
+    let err = e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "CREATE_SESSION luod failed with ENOSPC: No space left on device: the kernel's table of sessions or files is full; preserve fewer"
+    );
+    assert_eq!((e.state(), e.generation()), (State::Normal, generation));
+    failures.lock().unwrap().clear();
+    e.prepare(&Caller::ROOT, &PrepareArgs::default(), vec![]).unwrap();
+    assert_eq!((e.state(), calls.load(Ordering::SeqCst)), (State::Prepared, 1));
+}

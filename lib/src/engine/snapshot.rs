@@ -33,7 +33,7 @@ pub struct Snapshot {
     /// What VMMs reported (shared: a report changes it for every snapshot).
     vm_notes: VmNotes,
     progress: ProgressCell,
-    reboot_path: Option<crate::systemd::RebootPath>,
+    reboot_path: Option<crate::systemd::RebootPathCell>,
 }
 
 /// Reports kept before those of VMs luod does not know now are dropped.
@@ -163,7 +163,7 @@ impl<R: Region> Engine<R> {
             vms,
             vm_notes: self.vm_notes.clone(),
             progress: self.registry.progress().clone(),
-            reboot_path: self.kernel.reboot_path(),
+            reboot_path: self.kernel.reboot_path_cell(),
         }
     }
 
@@ -188,6 +188,12 @@ impl Snapshot {
     /// The state as of the last change.
     pub fn state(&self) -> State {
         self.record.get().state
+    }
+
+    /// The backend's name, without building a whole `status` (which waits
+    /// for a reboot path still being detected).
+    pub fn backend(&self) -> &str {
+        &self.backend
     }
 
     /// `status`: everything a caller may see.
@@ -227,10 +233,14 @@ impl Snapshot {
                 None => self.notes.clone(),
             },
             in_progress: self.progress.get(),
-            reboot_path: self.reboot_path.as_ref().map(|p| crate::protocol::RebootPathInfo {
-                path: p.name().into(),
-                detail: p.describe(),
-            }),
+            reboot_path: self
+                .reboot_path
+                .as_ref()
+                .map(|c| c.get())
+                .map(|p| crate::protocol::RebootPathInfo {
+                    path: p.name().into(),
+                    detail: p.describe(),
+                }),
         }
     }
 

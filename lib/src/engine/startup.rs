@@ -180,6 +180,8 @@ impl<R: Region> Engine<R> {
 
     /// First start in the new kernel: restore files and subsystems, enter `updated`.
     fn take_incoming(&mut self) -> Result<(), EngineError> {
+        let t = std::time::Instant::now();
+        let lap = |what: &str| tracing::debug!("incoming: {what} at {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
         let mut next = self.record.clone();
         let handover = next.handover.take();
         self.kernel.discard_all()?;
@@ -229,6 +231,7 @@ impl<R: Region> Engine<R> {
             }
             s.fds = kept;
         }
+        lap(&format!("{} session(s) taken from the kernel", next.sessions.len()));
         for l in &lost {
             let note = format!("preserved file lost in the handover: {l}");
             tracing::error!("{note}");
@@ -261,6 +264,7 @@ impl<R: Region> Engine<R> {
             tracing::error!("{note}");
             self.notes.push(note);
         }
+        lap("subsystems restored");
         next.state = State::Updated;
         Self::booted_from(&mut next, &self.host.boot_id);
         if let Some(u) = next.update.as_mut() {
@@ -277,6 +281,7 @@ impl<R: Region> Engine<R> {
             next.sessions.len()
         ));
         self.commit(next)?;
+        lap("record written (state updated)");
         Ok(())
     }
 

@@ -243,6 +243,9 @@ impl<R: Region> Engine<R> {
                 reason: f.reason,
             });
         }
+        // What luod's start left for later (LUO: its record in a new
+        // outgoing session), before anything of this cycle is loaded.
+        self.kernel.before_cycle()?;
         // What a rollback of this cycle goes back to.
         let previous = match self.running_kernel() {
             Ok(p) => Some(p),

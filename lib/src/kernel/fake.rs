@@ -27,6 +27,8 @@ pub enum Op {
     LoadKernel,
     /// `reboot`.
     Reboot,
+    /// `before_cycle` (the start of `prepare` and `rollback`).
+    BeforeCycle,
 }
 
 /// Failures to inject, shared with the test that set them.
@@ -46,7 +48,9 @@ pub struct FakeKernel {
     kexec_loaded: Arc<AtomicBool>,
     /// The reboot path of a real-kexec fake: the systemd path runs the
     /// (fake) `systemctl` it names, through the LUO backend's own code.
-    reboot_path: Option<crate::systemd::RebootPath>,
+    reboot_path: Option<crate::systemd::RebootPathCell>,
+    /// How many times `before_cycle` ran.
+    before_cycle: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeKernel {
@@ -79,6 +83,7 @@ impl FakeKernel {
                 handoff: Handoff::Copy,
                 kexec_loaded,
                 reboot_path: None,
+                before_cycle: Arc::default(),
             },
             failures,
         )
@@ -99,7 +104,18 @@ impl FakeKernel {
     /// [`Luo`](super::luo::Luo)): direct fails (nothing to kexec into), the
     /// systemd path runs `systemctl kexec`.
     pub fn set_reboot_path(&mut self, path: crate::systemd::RebootPath) {
-        self.reboot_path = Some(path);
+        self.reboot_path = Some(crate::systemd::RebootPathCell::known(path));
+    }
+
+    /// As [`set_reboot_path`](Self::set_reboot_path), with a path a test
+    /// fills later (luod detects it once it serves).
+    pub fn set_reboot_path_cell(&mut self, cell: crate::systemd::RebootPathCell) {
+        self.reboot_path = Some(cell);
+    }
+
+    /// Counts the calls of `before_cycle`.
+    pub fn before_cycle_calls(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.before_cycle.clone()
     }
 
     fn check(&self, op: Op) -> Result<(), KernelError> {
@@ -171,7 +187,7 @@ impl Kernel for FakeKernel {
         self.check(Op::Reboot)?;
         let nothing = || KernelError::Reboot("the fake kernel has nothing to kexec into".into());
         if let Some(path) = &self.reboot_path {
-            return super::luo::reboot_along(path, self.kexec_loaded.load(Ordering::SeqCst), nothing);
+            return super::luo::reboot_along(&path.get(), self.kexec_loaded.load(Ordering::SeqCst), nothing);
         }
         if self.real_kexec {
             return Err(nothing());
@@ -179,7 +195,15 @@ impl Kernel for FakeKernel {
         self.inner.reboot()
     }
     fn reboot_path(&self) -> Option<crate::systemd::RebootPath> {
+        self.reboot_path.as_ref().map(|c| c.get())
+    }
+    fn reboot_path_cell(&self) -> Option<crate::systemd::RebootPathCell> {
         self.reboot_path.clone()
+    }
+    fn before_cycle(&mut self) -> Result<(), KernelError> {
+        self.check(Op::BeforeCycle)?;
+        self.before_cycle.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
     fn park_notes(&self) -> Vec<String> {
         self.inner.park_notes()

@@ -14,7 +14,7 @@ use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome, kexec, memf
 use crate::holder::FdPark;
 use crate::names::SessionName;
 use crate::region::Region;
-use crate::systemd::RebootPath;
+use crate::systemd::{RebootPath, RebootPathCell};
 use nix::errno::Errno;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -31,6 +31,11 @@ const RECORD_TOKEN: u64 = 0;
 /// Park keys of luod's own session and record.
 const PARK_RECORD_SESSION: &str = "luod-session";
 const PARK_RECORD: &str = "luod-record";
+/// Park keys of luod's record as the previous kernel handed it over, until
+/// `prepare` preserves it in a new outgoing session ([`Luo::before_cycle`]):
+/// the retrieved record memfd itself, and luod's incoming session.
+const PARK_INCOMING_RECORD: &str = "luod-record-in";
+const PARK_INCOMING_RECORD_SESSION: &str = "luod-session-in";
 /// How long luod retries `EBUSY` on `/dev/liveupdate`.
 const BUSY_RETRY: Duration = Duration::from_secs(5);
 
@@ -68,7 +73,13 @@ pub struct Luo {
     /// back: `retrieve_session` takes them from here, never from the kernel
     /// (a second `RETRIEVE_SESSION` fails).
     delivered: BTreeMap<SessionName, OwnedFd>,
-    reboot_path: RebootPath,
+    reboot_path: RebootPathCell,
+    /// After a live update, until `prepare`: luod's record memfd as the
+    /// kernel handed it back (luod reads and writes it in place), and luod's
+    /// incoming session when luod still has it. Preserving the record in a
+    /// new outgoing session is left to [`Luo::before_cycle`]: the blackout
+    /// does not need it.
+    incoming_record: Option<(OwnedFd, Option<OwnedFd>)>,
 }
 
 fn park_session_key(name: &SessionName) -> String {
@@ -90,6 +101,10 @@ fn park_incoming_key(name: &SessionName) -> String {
 pub enum ParkedStart {
     /// luod's session and its record memfd: a restart in the same kernel.
     Restarted,
+    /// The record memfd of the previous kernel, retrieved and not preserved
+    /// in a new session yet (luod came up after a live update and no
+    /// `prepare` ran since): a restart in the same kernel.
+    RestartedIncoming,
     /// luod's session without the record memfd: systemd carried the fd
     /// store through a kexec (the record memfd is preserved in luod's own
     /// session, so systemd cannot preserve it a second time, and drops it),
@@ -100,15 +115,25 @@ pub enum ParkedStart {
 }
 
 /// Reads the park keys luod finds at start.
+///
+/// The keys luod parks are ordered so that a crash between two of them is
+/// read right: after a live update the incoming record memfd is parked
+/// first (`luod-record-in`), then luod's incoming session
+/// (`luod-session-in`), then the session's old key (`luod-session`, from
+/// systemd's fd store) is dropped; [`Luo::before_cycle`] parks the new
+/// outgoing pair (`luod-record`, then `luod-session`) before it drops the
+/// incoming one (whose session it finished first).
 pub fn parked_start<'a>(keys: impl IntoIterator<Item = &'a str>) -> ParkedStart {
-    let (mut session, mut record) = (false, false);
+    let (mut session, mut record, mut record_in) = (false, false, false);
     for k in keys {
         session |= k == PARK_RECORD_SESSION;
         record |= k == PARK_RECORD;
+        record_in |= k == PARK_INCOMING_RECORD;
     }
-    match (session, record) {
-        (true, true) => ParkedStart::Restarted,
-        (true, false) => ParkedStart::FromSystemd,
+    match (session, record, record_in) {
+        (true, true, _) => ParkedStart::Restarted,
+        (_, _, true) => ParkedStart::RestartedIncoming,
+        (true, false, false) => ParkedStart::FromSystemd,
         _ => ParkedStart::Kernel,
     }
 }
@@ -227,9 +252,10 @@ impl Luo {
             recovered: Vec::new(),
             record_session: None,
             delivered: BTreeMap::new(),
-            reboot_path: RebootPath::Direct {
+            reboot_path: RebootPathCell::known(RebootPath::Direct {
                 why: "luod does not park its sessions in systemd's fd store".into(),
-            },
+            }),
+            incoming_record: None,
         };
         let mut parked: BTreeMap<String, OwnedFd> = parked.into_iter().collect();
         match parked_start(parked.keys().map(String::as_str)) {
@@ -237,6 +263,40 @@ impl Luo {
                 let session = parked.remove(PARK_RECORD_SESSION).expect("parked_start saw it");
                 let record = parked.remove(PARK_RECORD).expect("parked_start saw it");
                 luo.record_session = Some(session);
+                // A crash inside before_cycle, after the new pair was
+                // parked: the incoming pair is done with.
+                if let Some(old) = parked.remove(PARK_INCOMING_RECORD_SESSION) {
+                    let _ = uapi::finish(old.as_fd());
+                    luo.unpark(PARK_INCOMING_RECORD_SESSION);
+                }
+                if parked.remove(PARK_INCOMING_RECORD).is_some() {
+                    luo.unpark(PARK_INCOMING_RECORD);
+                }
+                luo.adopt_parked(parked);
+                return Ok((luo, record, LuoStart::Restarted));
+            }
+            ParkedStart::RestartedIncoming => {
+                let record = parked.remove(PARK_INCOMING_RECORD).expect("parked_start saw it");
+                let session = match (
+                    parked.remove(PARK_INCOMING_RECORD_SESSION),
+                    parked.remove(PARK_RECORD_SESSION),
+                ) {
+                    (Some(session), stale) => {
+                        // systemd's key of the same session, not dropped yet.
+                        if stale.is_some() {
+                            luo.unpark(PARK_RECORD_SESSION);
+                        }
+                        Some(session)
+                    }
+                    (None, Some(session)) => {
+                        luo.put_parked(PARK_INCOMING_RECORD_SESSION, session.as_fd(), "luod's incoming session")?;
+                        luo.unpark(PARK_RECORD_SESSION);
+                        Some(session)
+                    }
+                    (None, None) => None,
+                };
+                let dup = record.try_clone().map_err(io_sys("dup (luod's record)"))?;
+                luo.incoming_record = Some((dup, session));
                 luo.adopt_parked(parked);
                 return Ok((luo, record, LuoStart::Restarted));
             }
@@ -253,17 +313,14 @@ impl Luo {
         lap("device open");
         match uapi::retrieve_session(dev_fd.as_fd(), RECORD_SESSION) {
             Ok(old_session) => {
-                let old = uapi::retrieve_fd(old_session.as_fd(), RECORD_TOKEN)
+                drop(dev_fd);
+                let record = uapi::retrieve_fd(old_session.as_fd(), RECORD_TOKEN)
                     .map_err(|e| sys("RETRIEVE_FD (luod record)", e))?;
-                let len = memfd::size(old.as_fd()).map_err(io_sys("fstat (luod's incoming record)"))?;
                 lap("incoming record retrieved");
-                let record = copy_memfd(old.as_fd(), len)?;
-                lap("record copied");
-                luo.new_record_session(dev_fd.as_fd(), record.as_fd())?;
-                lap("new record session preserved and parked");
-                if let Err(e) = uapi::finish(old_session.as_fd()) {
-                    tracing::warn!("finishing the incoming luod session failed: {e}");
-                }
+                // Read and written in place; preserved again in a new
+                // session at the next prepare (before_cycle), not here.
+                luo.keep_incoming_record(&record, old_session)?;
+                lap("incoming record and session parked");
                 Ok((luo, record, LuoStart::Incoming))
             }
             Err(Errno::ENOENT) => {
@@ -300,15 +357,12 @@ impl Luo {
             },
             e => sys("RETRIEVE_FD (luod record from systemd)", e),
         })?;
-        let len = memfd::size(old.as_fd()).map_err(io_sys("fstat (luod's incoming record)"))?;
-        let record = copy_memfd(old.as_fd(), len)?;
-        let dev = self.open_device()?;
-        // Replaces the old session in the park (and systemd's fd store).
-        self.new_record_session(dev.as_fd(), record.as_fd())?;
-        drop(dev);
-        if let Err(e) = uapi::finish(old_session.as_fd()) {
-            tracing::warn!("finishing luod's incoming session failed: {e}");
-        }
+        // Kept as it is, under the incoming keys (then systemd's key of
+        // the session is dropped); preserved again in a new session at the
+        // next prepare (before_cycle).
+        self.keep_incoming_record(&old, old_session)?;
+        self.unpark(PARK_RECORD_SESSION);
+        let record = old;
         for (key, fd) in parked {
             let mut parts = key.split('\0');
             let name = match (parts.next(), parts.next(), parts.next()) {
@@ -337,19 +391,43 @@ impl Luo {
 
     /// Sets how `reboot` reaches the new kernel.
     pub fn set_reboot_path(&mut self, path: RebootPath) {
-        self.reboot_path = path;
+        self.reboot_path = RebootPathCell::known(path);
     }
 
+    /// Sets how `reboot` reaches the new kernel as a cell a detection fills
+    /// later (`reboot` and `check` wait for it; see [`RebootPathCell`]).
+    pub fn set_reboot_path_cell(&mut self, cell: RebootPathCell) {
+        self.reboot_path = cell;
+    }
+
+    fn put_parked(&mut self, key: &str, fd: BorrowedFd<'_>, what: &str) -> Result<(), KernelError> {
+        let dup = fd.try_clone_to_owned().map_err(io_sys("dup (luod's record)"))?;
+        self.park.put(key, dup).map_err(park_err(what.to_string()))
+    }
+
+    /// After a live update: parks the incoming record memfd, then luod's
+    /// incoming session, and keeps both for [`before_cycle`](Kernel::before_cycle).
+    fn keep_incoming_record(&mut self, record: &OwnedFd, session: OwnedFd) -> Result<(), KernelError> {
+        self.put_parked(PARK_INCOMING_RECORD, record.as_fd(), "luod's incoming record")?;
+        self.put_parked(PARK_INCOMING_RECORD_SESSION, session.as_fd(), "luod's incoming session")?;
+        let dup = record.try_clone().map_err(io_sys("dup (luod's record)"))?;
+        self.incoming_record = Some((dup, Some(session)));
+        Ok(())
+    }
+
+    /// luod's record in a new outgoing session: the record memfd is parked
+    /// first (`luod-record`), then the session (`luod-session`), so a crash
+    /// in between is read as a restart with the incoming record still to
+    /// renew (see [`parked_start`]).
     fn new_record_session(&mut self, dev: BorrowedFd<'_>, record: BorrowedFd<'_>) -> Result<(), KernelError> {
         let session = uapi::create_session(dev, RECORD_SESSION).map_err(|e| sys("CREATE_SESSION luod", e))?;
         uapi::preserve_fd(session.as_fd(), record, RECORD_TOKEN).map_err(|e| sys("PRESERVE_FD (luod record)", e))?;
-        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(io_sys("dup (luod's record)"));
-        self.park
-            .put(PARK_RECORD_SESSION, dup(session.as_fd())?)
-            .map_err(park_err(format!("luod's own session {RECORD_SESSION}")))?;
-        self.park
-            .put(PARK_RECORD, dup(record)?)
-            .map_err(park_err("luod's record".into()))?;
+        self.put_parked(PARK_RECORD, record, "luod's record")?;
+        self.put_parked(
+            PARK_RECORD_SESSION,
+            session.as_fd(),
+            &format!("luod's own session {RECORD_SESSION}"),
+        )?;
         self.record_session = Some(session);
         Ok(())
     }
@@ -397,23 +475,6 @@ impl Luo {
             tracing::warn!("fd holder did not drop {key:?}: {e}");
         }
     }
-}
-
-fn copy_memfd(src: BorrowedFd<'_>, len: u64) -> Result<OwnedFd, KernelError> {
-    let err = io_sys("copy luod's incoming record");
-    let dst = memfd::create("luod-record").map_err(err)?;
-    let dst_file = std::fs::File::from(dst.try_clone().map_err(err)?);
-    dst_file.set_len(len).map_err(err)?;
-    let src_file = std::fs::File::from(src.try_clone_to_owned().map_err(err)?);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        std::os::unix::fs::FileExt::read_exact_at(&src_file, &mut buf[..n], off).map_err(err)?;
-        std::os::unix::fs::FileExt::write_all_at(&dst_file, &buf[..n], off).map_err(err)?;
-        off += n as u64;
-    }
-    Ok(dst)
 }
 
 impl Kernel for Luo {
@@ -623,11 +684,46 @@ impl Kernel for Luo {
                 "luod's own session is not open; its record would be lost".into(),
             ));
         }
-        reboot_along(&self.reboot_path, kexec::loaded(), kexec::reboot_into_loaded)
+        reboot_along(&self.reboot_path.get(), kexec::loaded(), kexec::reboot_into_loaded)
     }
 
     fn reboot_path(&self) -> Option<RebootPath> {
+        Some(self.reboot_path.get())
+    }
+
+    fn reboot_path_cell(&self) -> Option<RebootPathCell> {
         Some(self.reboot_path.clone())
+    }
+
+    /// After a live update luod reads and writes the record memfd the
+    /// kernel handed back, and preserves it in a new outgoing session only
+    /// here, at the next `prepare`: outside the blackout. The retrieved
+    /// memfd itself is preserved again (no copy). The kernel refuses that
+    /// (`EBUSY`) while the memfd's incoming session is not finished, so the
+    /// incoming session is finished first; the memfd stays parked under
+    /// `luod-record-in` throughout, so a crash in between is read as a
+    /// restart with the record still to renew (see [`parked_start`]).
+    fn before_cycle(&mut self) -> Result<(), KernelError> {
+        let Some((record, old)) = self.incoming_record.take() else {
+            return Ok(());
+        };
+        if let Some(old) = old
+            && let Err(e) = uapi::finish(old.as_fd())
+        {
+            // Finished already (a restart after a crash right here).
+            tracing::warn!("finishing luod's incoming session failed: {e}");
+        }
+        let renewed = self
+            .open_device()
+            .and_then(|dev| self.new_record_session(dev.as_fd(), record.as_fd()));
+        if let Err(e) = renewed {
+            self.incoming_record = Some((record, None));
+            return Err(e);
+        }
+        tracing::info!("luod's record preserved in a new session {RECORD_SESSION} for the next kexec");
+        self.unpark(PARK_INCOMING_RECORD_SESSION);
+        self.unpark(PARK_INCOMING_RECORD);
+        Ok(())
     }
 }
 
@@ -719,6 +815,37 @@ mod tests {
         assert_eq!(parked_start(["S\0vm0"]), ParkedStart::Kernel);
         assert_eq!(parked_start([PARK_RECORD]), ParkedStart::Kernel);
         assert_eq!(parked_start([]), ParkedStart::Kernel);
+    }
+
+    #[test]
+    fn parked_entries_after_a_live_update_are_read_right_whenever_luod_stopped() {
+        use ParkedStart::*;
+        let (rec, ses, rec_in, ses_in) = (
+            PARK_RECORD,
+            PARK_RECORD_SESSION,
+            PARK_INCOMING_RECORD,
+            PARK_INCOMING_RECORD_SESSION,
+        );
+        // The start after a kexec parks the incoming record, then the
+        // incoming session, then drops systemd's key of that session: a
+        // crash after any of these steps restarts with the incoming record.
+        for keys in [
+            vec![rec_in],
+            vec![rec_in, ses_in, "S\0vm0"],
+            vec![ses, rec_in],
+            vec![ses, rec_in, ses_in],
+        ] {
+            assert_eq!(parked_start(keys.iter().copied()), RestartedIncoming, "{keys:?}");
+        }
+        // before_cycle parks the new record, then the new session, then
+        // drops the incoming pair: before the new session is parked the
+        // incoming record is still the one to renew; after, it is a plain
+        // restart (the leftovers are dropped).
+        assert_eq!(parked_start([rec, rec_in, ses_in]), RestartedIncoming);
+        assert_eq!(parked_start([rec, ses, rec_in, ses_in]), Restarted);
+        assert_eq!(parked_start([rec, ses, rec_in]), Restarted);
+        // A session parked before its record is never the incoming kind.
+        assert_eq!(parked_start([ses_in]), Kernel);
     }
 
     #[test]

@@ -239,6 +239,21 @@ pub trait Kernel: Send + std::fmt::Debug {
         None
     }
 
+    /// The reboot path as a cell `status` reads when it answers, so that a
+    /// snapshot taken while the path is still being detected does not wait
+    /// for it (see [`RebootPathCell`](crate::systemd::RebootPathCell)).
+    fn reboot_path_cell(&self) -> Option<crate::systemd::RebootPathCell> {
+        self.reboot_path().map(crate::systemd::RebootPathCell::known)
+    }
+
+    /// Readies the kernel interface for a new cycle, at the start of
+    /// `prepare` (and of `rollback`): work luod's start leaves for later
+    /// because the blackout does not need it (LUO: preserving luod's record
+    /// in a new outgoing session). Nothing by default.
+    fn before_cycle(&mut self) -> Result<(), KernelError> {
+        Ok(())
+    }
+
     /// What the operator should know about where preserved files are parked
     /// (the fd holder died and was replaced, ...), for `status`.
     fn park_notes(&self) -> Vec<String> {

@@ -50,7 +50,8 @@ const USAGE: &str = "usage: luo-qemu-tool COMMAND [OPTIONS]
   check --manifest PATH [--socket PATH] [--marker PHASE] [--print-each] [--finish-sessions]
   gen   --size SIZE --out PATH [--seed S]
   probe [--dev /dev/liveupdate] [--expect absent|present] NAME...
-  kexec --kernel K [--initrd I] --cmdline C [--mark NAME]
+  kexec --kernel K [--initrd I] --cmdline C [--mark NAME] [--load-only]
+        (--load-only: kexec_file_load and return, for a `luoctl prepare` without --kernel)
   now   (CLOCK_REALTIME in ns)
   luod-times --exec-ns NS --log PATH   (luod's log lines, in ms after NS)
   luo-start-cost [--dev /dev/liveupdate]   (times the kernel calls of luod's LUO start,
@@ -67,7 +68,7 @@ struct Opts {
     words: Vec<String>,
 }
 
-const FLAGS: &[&str] = &["print-each", "finish-sessions", "restore"];
+const FLAGS: &[&str] = &["print-each", "finish-sessions", "restore", "load-only"];
 
 impl Opts {
     fn parse(args: &[String]) -> Result<Opts> {
@@ -465,6 +466,9 @@ fn cmd_kexec(o: &Opts) -> Result<()> {
         "kexec: kexec_file_load took {:.1} ms",
         started.elapsed().as_secs_f64() * 1e3
     );
+    if o.flag("load-only") {
+        return Ok(());
+    }
     if let Some(name) = o.get("mark") {
         marker(&format!("mark {name}"));
     }
