@@ -132,9 +132,10 @@ class HostScenario:
     qemu-tests/host/scenarios/NAME.py, run by qemu-tests/host/runner.py. Its
     module-level TIMEOUT (default 900), BENCH (default False), SMOKE
     (default False: a smoke check of the image that other host scenarios
-    cover, run by the groups `host` and `all` but not `tests`) and DEMO
-    (default False: a demo, in no group) are read here without importing
-    it."""
+    cover, run by the groups `host` and `all` but not `tests`), FLEET
+    (default False: the fleet scenario, groups `fleet`, `host` and `all`,
+    not `tests`) and DEMO (default False: a demo, in no group) are read here
+    without importing it."""
 
     def __init__(self, path):
         import ast
@@ -145,6 +146,7 @@ class HostScenario:
         self.bench = False
         self.demo = False
         self.smoke = False
+        self.fleet = False
         with open(path) as f:
             tree = ast.parse(f.read(), path)
         for node in tree.body:
@@ -155,6 +157,8 @@ class HostScenario:
                     self.bench = bool(ast.literal_eval(node.value))
                 elif node.targets[0].id == "SMOKE":
                     self.smoke = bool(ast.literal_eval(node.value))
+                elif node.targets[0].id == "FLEET":
+                    self.fleet = bool(ast.literal_eval(node.value))
                 elif node.targets[0].id == "DEMO":
                     self.demo = bool(ast.literal_eval(node.value))
 
@@ -172,7 +176,9 @@ GROUPS = {
     "smoke": [s.name for s in EXTERNAL],
     "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
     "bench": [s.name for s in SCENARIOS if s.bench],
-    "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo and not getattr(s, "smoke", False)],
+    "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo and not getattr(s, "smoke", False)
+              and not getattr(s, "fleet", False)],
+    "fleet": [s.name for s in SCENARIOS if getattr(s, "fleet", False)],
     "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench and not s.demo],
 }
 

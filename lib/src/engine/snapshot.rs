@@ -313,8 +313,8 @@ impl Snapshot {
 
     /// Every VM `vm list` would show root, with its owner.
     fn vm_owners(&self) -> Vec<(String, u32)> {
-        if self.record.state == State::Updated {
-            saved_vms_of(&self.record)
+        if self.record.get().state == State::Updated {
+            saved_vms_of(self.record.get())
                 .into_iter()
                 .map(|v| (v.name, v.owner_uid))
                 .collect()

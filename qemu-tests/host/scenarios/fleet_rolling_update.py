@@ -49,6 +49,10 @@ import luodhost
 from qemuvm import consoles, define_vm, install_launcher, start_vm
 
 TIMEOUT = 2400
+# Group `fleet` (and `host`, `all`), not `tests`: it has not yet passed from
+# start to finish (see qemu-tests/README.md), and three TCG hosts with nested
+# VMs on two cores do not fit CI's time budget as it stands.
+FLEET = True
 HOSTS = ("h1", "h2", "h3")
 VM = "web"
 FAILING = "h2"
