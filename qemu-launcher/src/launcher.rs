@@ -730,8 +730,16 @@ impl Vm<'_> {
                         self.registered = true;
                         self.conn = Some(c);
                         last_error = None;
-                        let run_state = self.qemu.run_state().unwrap_or_else(|e| format!("state unknown ({e})"));
-                        report(self.s, &format!("QEMU {}, {run_state}", self.qemu.version()), None);
+                        if self.restored {
+                            // Registered again right after the restore: the
+                            // restore's report (versions, parts, blackout)
+                            // stays what `vm list` shows.
+                            self.restored = false;
+                        } else {
+                            let run_state =
+                                self.qemu.run_state().unwrap_or_else(|e| format!("state unknown ({e})"));
+                            report(self.s, &format!("QEMU {}, {run_state}", self.qemu.version()), None);
+                        }
                     }
                     Ok(Attach::Later) => {}
                     Err(e) => {
