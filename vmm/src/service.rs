@@ -318,9 +318,13 @@ impl Guest for KvmGuest {
     fn resume(&mut self) -> Result<String, String> {
         let vm = self.paused.take().ok_or("the VM is not paused")?;
         let counter = vm.counter();
-        *self.monitor.resumed_from.lock().unwrap_or_else(|e| e.into_inner()) = vm.last_progress();
+        let from = vm.last_progress();
         self.monitor.paused.store(false, Ordering::SeqCst);
+        // `spawn` clears the previous run's first progress before the vCPU
+        // runs; only then may the monitor look for the first progress after
+        // this resume (set before, it could report the last run's first one).
         self.running = Some(vm.spawn());
+        *self.monitor.resumed_from.lock().unwrap_or_else(|e| e.into_inner()) = from;
         Ok(format!("counter={counter} {}", clocks()))
     }
 
