@@ -736,8 +736,7 @@ impl Vm<'_> {
                             // stays what `vm list` shows.
                             self.restored = false;
                         } else {
-                            let run_state =
-                                self.qemu.run_state().unwrap_or_else(|e| format!("state unknown ({e})"));
+                            let run_state = self.qemu.run_state().unwrap_or_else(|e| format!("state unknown ({e})"));
                             report(self.s, &format!("QEMU {}, {run_state}", self.qemu.version()), None);
                         }
                     }

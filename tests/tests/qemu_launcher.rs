@@ -379,7 +379,12 @@ fn a_qemu_vm_keeps_its_guest_across_the_simulated_kexec() {
     // next update (one registration, no other); the restore's report and the
     // last update's blackout stay.
     let v = vm_json(&luod, "web", "the VM after finish", |v| v["phase"] == "registered");
-    assert_eq!(new.output().matches("VM web registered with luod").count(), 1, "{}", new.output());
+    assert_eq!(
+        new.output().matches("VM web registered with luod").count(),
+        1,
+        "{}",
+        new.output()
+    );
     assert_eq!(v["detail"].as_str(), Some(detail), "{v}");
     assert_eq!(v["blackout_ms"].as_u64(), Some(blackout), "{v}");
     assert_eq!(new.stop(), 0);
