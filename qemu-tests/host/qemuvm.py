@@ -270,3 +270,19 @@ def describe(first, last, nxt):
     if nxt["disk"]:
         text += f", disk md5 {nxt['disk']} unchanged, disk counter {nxt['dn']} (no write lost)"
     return text
+
+
+def with_vm_host(t, names, body):
+    """The .deb built, one Console per VM name (the host's ttyS1, ttyS2, ...
+    in order), a host booted with luod from it and the launcher installed:
+    returns body(h, consoles by name, the host's QEMU version line); the
+    consoles stop at the end, whatever happens."""
+    import luodhost
+    deb = luodhost.build_deb(t)
+    cons, qemu_args = consoles(t, list(names))
+    try:
+        h = luodhost.boot_with_luod(t, deb, qemu_args=qemu_args)
+        return body(h, cons, install_launcher(t, h))
+    finally:
+        for c in cons.values():
+            c.stop()

@@ -22,25 +22,17 @@ back to normal, a still ticking, and b's launcher reports its QEMU killed.
 """
 
 import luodhost
-from qemuvm import consoles, define_vm, install_launcher, qemu_pid, start_vms, wait_launcher
+from qemuvm import define_vm, qemu_pid, start_vms, wait_launcher, with_vm_host
 
 TIMEOUT = 1500
 VMS = ("a", "b")
 
 
 def run(t):
-    deb = luodhost.build_deb(t)
-    cons, qemu_args = consoles(t, list(VMS))
-    try:
-        _run(t, deb, cons, qemu_args)
-    finally:
-        for c in cons.values():
-            c.stop()
+    with_vm_host(t, VMS, lambda h, cons, qemu_version: _run(t, h, cons, qemu_version))
 
 
-def _run(t, deb, cons, qemu_args):
-    h = luodhost.boot_with_luod(t, deb, qemu_args=qemu_args)
-    qemu_version = install_launcher(t, h)
+def _run(t, h, cons, qemu_version):
     t.info(f"host: {h.last_boot['release']}, {qemu_version}")
     for i, vm in enumerate(VMS):
         define_vm(h, vm, f"ttyS{i + 1}")

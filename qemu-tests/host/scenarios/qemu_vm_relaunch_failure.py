@@ -23,20 +23,15 @@ and disk files identical, no disk write lost; then finish succeeds.
 """
 
 import luodhost
-from qemuvm import (consoles, define_vm, describe, disk_path, expect_continues, install_launcher, last_tick_paused,
-                    launcher_log, start_vm, wait_launcher)
+from qemuvm import (define_vm, describe, disk_path, expect_continues, last_tick_paused, launcher_log, start_vm,
+                    wait_launcher, with_vm_host)
 
 TIMEOUT = 1500
 VM = "db"
 
 
 def run(t):
-    deb = luodhost.build_deb(t)
-    cons, qemu_args = consoles(t, [VM])
-    try:
-        _run(t, deb, cons[VM], qemu_args)
-    finally:
-        cons[VM].stop()
+    with_vm_host(t, [VM], lambda h, cons, qemu_version: _run(t, h, cons[VM], qemu_version))
 
 
 def vm_session(h):
@@ -44,9 +39,7 @@ def vm_session(h):
     return next((s for s in st["sessions"] if s["name"] == f"vm-{VM}"), None)
 
 
-def _run(t, deb, console, qemu_args):
-    h = luodhost.boot_with_luod(t, deb, qemu_args=qemu_args)
-    qemu_version = install_launcher(t, h)
+def _run(t, h, console, qemu_version):
     t.info(f"host: {h.last_boot['release']}, {qemu_version}")
     define_vm(h, VM, "ttyS1", disk=True)
     first = start_vm(t, h, VM, console)

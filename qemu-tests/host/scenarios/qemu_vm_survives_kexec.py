@@ -30,25 +30,17 @@ and the launcher registers the VM again.
 import re
 
 import luodhost
-from qemuvm import (consoles, define_vm, describe, expect_continues, field, install_launcher, last_tick_paused, start_vm,
-                    wait_launcher)
+from qemuvm import define_vm, describe, expect_continues, field, last_tick_paused, start_vm, wait_launcher, with_vm_host
 
 TIMEOUT = 1800
 VM = "web"
 
 
 def run(t):
-    deb = luodhost.build_deb(t)
-    cons, qemu_args = consoles(t, [VM])
-    try:
-        _run(t, deb, cons[VM], qemu_args)
-    finally:
-        cons[VM].stop()
+    with_vm_host(t, [VM], lambda h, cons, qemu_version: _run(t, h, cons[VM], qemu_version))
 
 
-def _run(t, deb, console, qemu_args):
-    h = luodhost.boot_with_luod(t, deb, qemu_args=qemu_args)
-    qemu_version = install_launcher(t, h)
+def _run(t, h, console, qemu_version):
     uart = h.ssh("cat /sys/class/tty/ttyS1/port /sys/class/tty/ttyS1/type")
     t.expect(uart.rc == 0 and uart.stdout.split()[-1] != "0",
              f"the host's ttyS1 (the guest's console) is missing: {uart.stdout} {uart.stderr}")

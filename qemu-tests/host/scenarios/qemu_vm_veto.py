@@ -16,7 +16,7 @@ counter goes on without a gap across the prepare.
 """
 
 import luodhost
-from qemuvm import consoles, define_vm, install_launcher, launcher_log, start_vm
+from qemuvm import define_vm, launcher_log, start_vm, with_vm_host
 
 TIMEOUT = 1200
 VM = "shm"
@@ -24,17 +24,10 @@ REASON = "Migration is disabled when using feature 'peer mode' in device 'ivshme
 
 
 def run(t):
-    deb = luodhost.build_deb(t)
-    cons, qemu_args = consoles(t, [VM])
-    try:
-        _run(t, deb, cons[VM], qemu_args)
-    finally:
-        cons[VM].stop()
+    with_vm_host(t, [VM], lambda h, cons, qemu_version: _run(t, h, cons[VM], qemu_version))
 
 
-def _run(t, deb, console, qemu_args):
-    h = luodhost.boot_with_luod(t, deb, qemu_args=qemu_args)
-    qemu_version = install_launcher(t, h)
+def _run(t, h, console, qemu_version):
     t.info(f"host: {h.last_boot['release']}, {qemu_version}")
     define_vm(h, VM, "ttyS1", extra_args=[
         "-object", "memory-backend-file,id=shm0,size=1M,mem-path=/dev/shm/luo-veto,share=on",
