@@ -207,7 +207,19 @@ fn out_of_descriptors_luod_backs_off_logs_once_and_recovers_when_connections_clo
     // free descriptor number: luod cannot open anything more until one of
     // those connections closes.
     let held: Vec<UnixStream> = (0..16).map(|_| greeted(&luod)).collect();
-    let fds = open_fds(pid);
+    // Once luod's descriptors settle (the status connection above may still
+    // be closing on luod's side: a number freed after the limit is set would
+    // let one accept through, and the log would flap).
+    let mut fds = open_fds(pid);
+    let settle = Instant::now() + Duration::from_secs(5);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = open_fds(pid);
+        if now == fds || Instant::now() > settle {
+            break;
+        }
+        fds = now;
+    }
     let lowest_free = (0..).find(|n| !fds.contains(n)).expect("a free number");
     let limit = format!("--nofile={lowest_free}:{lowest_free}");
     let set = std::process::Command::new("prlimit")
