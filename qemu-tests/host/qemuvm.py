@@ -83,6 +83,11 @@ class Console:
             later = [k for k in self.ticks() if k["n"] > after]
             if later:
                 return later[0]
+            dead = [h for h in getattr(t, "hosts", []) if h.proc is not None and not h.running()]
+            if dead:
+                t.fail(f"waiting for a tick past n={after}: the host's QEMU exited with status "
+                       f"{dead[0].proc.returncode} (its log: {dead[0].qemu_log}); the guest's console "
+                       f"ends:\n{self.tail()}")
             time.sleep(0.05)
         t.fail(f"the guest printed no tick past n={after} within {timeout} s; its console ends:\n{self.tail()}")
 
