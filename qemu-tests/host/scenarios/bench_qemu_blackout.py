@@ -73,7 +73,7 @@ ROUNDS = int(os.environ.get("LUO_BENCH_ROUNDS", "5"))
 # No round starts after this many seconds of rounds (LUO_BENCH_BUDGET_S), so
 # that a slow or loaded machine prints fewer rounds, saying so, instead of
 # running past CI's time limit.
-BUDGET_S = float(os.environ.get("LUO_BENCH_BUDGET_S", "1500"))
+BUDGET_S = float(os.environ.get("LUO_BENCH_BUDGET_S", "1000"))
 # name: (guest RAM MiB, MiB the guest fills before it ticks, host serial port)
 VMS = {"small": (128, 32, "ttyS1"), "big": (512, 384, "ttyS2")}
 MARKS = "ttyS3"
