@@ -83,13 +83,22 @@ class Console:
             later = [k for k in self.ticks() if k["n"] > after]
             if later:
                 return later[0]
-            dead = [h for h in getattr(t, "hosts", []) if h.proc is not None and not h.running()]
-            if dead:
-                t.fail(f"waiting for a tick past n={after}: the host's QEMU exited with status "
-                       f"{dead[0].proc.returncode} (its log: {dead[0].qemu_log}); the guest's console "
-                       f"ends:\n{self.tail()}")
+            expect_host_alive(t, f"waiting for a tick past n={after}", self)
             time.sleep(0.05)
         t.fail(f"the guest printed no tick past n={after} within {timeout} s; its console ends:\n{self.tail()}")
+
+
+def expect_host_alive(t, doing, console=None):
+    """Fails at once, with HOST_DIED in the reason, when a host's QEMU has
+    exited while it should run (rather than wait out a long timeout);
+    scenarios.py runs such a scenario once more (a harness failure)."""
+    dead = [h for h in getattr(t, "hosts", []) if h.proc is not None and not h.running()]
+    if dead:
+        tail = f"; the guest's console ends:\n{console.tail()}" if console else ""
+        t.fail(f"{doing}: {HOST_DIED} with status {dead[0].proc.returncode} (its log: {dead[0].qemu_log}){tail}")
+
+
+HOST_DIED = "the host's QEMU exited"
 
 
 def consoles(t, names):

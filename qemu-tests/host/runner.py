@@ -126,6 +126,24 @@ def load(name):
     return mod
 
 
+def host_panic(t):
+    """The first `Kernel panic` line in a host's serial console, if any: the
+    host's own kernel (the LUO test kernel under TCG, running nested KVM
+    guests) died under the scenario, a failure of the harness's machine
+    rather than of the code under test. No host scenario panics a host on
+    purpose."""
+    for h in t.hosts:
+        try:
+            with open(h.serial_log, "rb") as f:
+                for raw in f:
+                    line = raw.decode("utf-8", "replace").strip()
+                    if "Kernel panic - not syncing" in line:
+                        return line[-160:]
+        except OSError:
+            pass
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name")
@@ -160,6 +178,11 @@ def main():
         print("@@PASS", flush=True)
         return 0
     first, _, rest = verdict.partition("\n")
+    panic = host_panic(t)
+    if panic:
+        # Said first: scenarios.py runs a scenario whose host kernel
+        # panicked once more (HOST_DIED).
+        first = f"the host's QEMU exited: its kernel panicked ({panic}); then: {first}"
     if rest:
         print(rest, flush=True)
     print(f"@@FAIL {first}", flush=True)

@@ -63,10 +63,10 @@ import statistics
 import time
 
 import luodhost
-from qemuvm import TICK, consoles, define_vm, field, install_launcher, launcher_log, wait_launcher
+from qemuvm import TICK, consoles, define_vm, expect_host_alive, field, install_launcher, launcher_log, wait_launcher
 
 BENCH = True
-TIMEOUT = 2700
+TIMEOUT = 1500
 # At least 5 (the "medians of at least 5 interleaved rounds"); LUO_BENCH_ROUNDS
 # overrides it for a quicker look by hand.
 ROUNDS = int(os.environ.get("LUO_BENCH_ROUNDS", "5"))
@@ -107,6 +107,7 @@ def wait_line(t, con, regex, idx, timeout, what):
     rx = re.compile(regex)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        expect_host_alive(t, f"waiting for {what}", con)
         for ts, line in lines_since(con, idx):
             m = rx.search(line)
             if m:
