@@ -205,7 +205,9 @@ def disk_path(name):
 
 def define_vm(h, name, tty, memory_mib=128, state_mib=4, append="", extra_args=(), disk=False):
     """/etc/luod/vms/NAME.toml: the guest on the host's serial port `tty`
-    (e.g. ttyS1), logged to /var/lib/luo-vm/NAME.serial. With disk, a new
+    (e.g. ttyS1), logged to /var/lib/luo-vm/NAME.serial; with tty None, on
+    that file alone (a file chardev, appended to by each QEMU: it never
+    makes the guest wait for a slow port). With disk, a new
     1 MiB raw image /var/lib/luo-vm/NAME.img is its virtio disk."""
     if disk:
         h.check(f"rm -f {disk_path(name)} && truncate -s 1M {disk_path(name)}")
@@ -213,7 +215,8 @@ def define_vm(h, name, tty, memory_mib=128, state_mib=4, append="", extra_args=(
     args = ["-nodefaults", "-machine", "q35", "-accel", "kvm", "-cpu", "qemu64", "-smp", "1", "-display", "none",
             "-kernel", "/var/lib/luo-vm/vmlinuz", "-initrd", "/var/lib/luo-vm/initrd.gz",
             "-append", ("console=ttyS0,115200 quiet " + append).strip(),
-            "-chardev", f"serial,id=ser,path=/dev/{tty},logfile=/var/lib/luo-vm/{name}.serial,logappend=on",
+            "-chardev", (f"serial,id=ser,path=/dev/{tty},logfile=/var/lib/luo-vm/{name}.serial,logappend=on" if tty
+                         else f"file,id=ser,path=/var/lib/luo-vm/{name}.serial,append=on"),
             "-serial", "chardev:ser", *extra_args]
     toml = (f'qemu = "/usr/bin/qemu-system-x86_64"\nmemory_mib = {memory_mib}\nstate_mib = {state_mib}\n'
             "timeout_secs = 60\nargs = [" + ", ".join(f'"{a}"' for a in args) + "]\n")
