@@ -212,10 +212,10 @@ def vm_carried(t, name, h, kexecs):
     """The VM went through each of the host's `kexecs` live updates
     running, by luo-qemu's journal of each boot (persistent across the
     kexecs): the boot before each kexec checkpointed it with the guest
-    running, the boot after restored it from that checkpoint. (The console
-    shows the guest's pauses too, but two kexecs in quick succession, as an
-    update and its rollback, may show as one: the guest's serial output of
-    the seconds in between can reach this machine only after the second.)"""
+    running, the boot after restored it from that checkpoint. (The guest's
+    own ticks cannot tell this apart from a guest that never ran between an
+    update and its quick rollback: under TCG a restored guest may print its
+    first tick only after the rollback's checkpoint.)"""
     for k in range(kexecs):
         before, after = launcher_log(h, VM, f"-b {k - kexecs}"), launcher_log(h, VM, f"-b {k - kexecs + 1}")
         t.expect(any(f"VM {VM} checkpointed:" in line and "was_running=true" in line for line in before.splitlines()),
