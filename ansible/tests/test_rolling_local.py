@@ -305,6 +305,7 @@ def test_5_resume_skips_the_updated_host_and_rolls_back_at_a_failed_health_gate(
     assert [(c['id'], c['outcome'], c['target']['kernel_sha256']) for c in cycles] == [
         (1, 'rolled-back', fleet.sha), (2, 'finished', fleet.previous_sha)]
     assert cycles[0]['rolled_back_by'] == 2 and cycles[1]['rollback_of'] == 1
+    assert report['h2']['luod_blackout_ns'] == cycles[1]['blackout_ns'] > 0, "the rollback's luod blackout"
     assert h2.starts == 3, 'luod came back after the update and after the rollback'
     assert report['h3']['outcome'] == 'pending'
     untouched(fleet.hosts['h3'])

@@ -227,11 +227,13 @@ class ActionModule(ActionBase):
                 try:
                     back = self._kexec(task_vars, timeout, step='rollback')
                     record['steps'].append('rollback')
-                    self._finish(task_vars, timeout)
+                    finished = self._finish(task_vars, timeout)
                 except HostFailure as second:
                     raise HostFailure('%s; the rollback failed: %s' % (failure.msg, second.msg), second.result)
                 after, record['vms'] = self._vms_after(task_vars, back, vm_wait)
-                record.update(kernel_after=after.get('running_kernel'), outcome='rolled-back', luod=after)
+                # The luod blackout a rolled-back host reports is its rollback's (the last pause its VMs saw).
+                record.update(kernel_after=after.get('running_kernel'), outcome='rolled-back', luod=after,
+                              blackout_ns=((finished.get('report') or {}).get('cycle') or {}).get('blackout_ns'))
                 raise HostFailure('%s; rolled back to %s' % (failure.msg, after.get('running_kernel')), failure.result)
             record['steps'].append('finish')
             record['finish'] = finish.get('report')

@@ -142,8 +142,10 @@ steps:
   type: list
   elements: str
 blackout_ns:
-  description: luod's blackout of the cycle (freeze start to C(updated)), in nanoseconds.
-  returned: when updated
+  description:
+    - luod's blackout of the cycle (freeze start to C(updated)), in nanoseconds; for a host rolled back, the
+      rollback's (the last pause its VMs saw).
+  returned: when updated or rolled back
   type: int
 vms:
   description:
