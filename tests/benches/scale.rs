@@ -7,7 +7,10 @@
 //!   file into the region): per file, at the same ratios.
 //!
 //! The 100-file figures are the median of 5 rounds (each a fresh luod); the
-//! others are one round. Run with `cargo bench -p liveupdate-tests --bench
+//! larger ones the median of 3 (the machine is shared: one round of a
+//! fraction of a second is easily caught by other load). With
+//! `LUO_BENCH_STEPS=1` each round prints its prepare, freeze and reboot
+//! times. Run with `cargo bench -p liveupdate-tests --bench
 //! scale` (as root). It prints and never fails on a figure; without root, or
 //! when a step cannot run, it says why and exits 0. The 100,000-file round
 //! needs 100,000 descriptors in luod and in its fd holder: it raises
@@ -49,9 +52,19 @@ fn measure(luod: &mut Luod, files: u64) -> Result<(f64, f64), String> {
     }
     let start = Instant::now();
     conn.prepare().map_err(|e| e.message)?;
+    let prepared = start.elapsed();
     conn.freeze().map_err(|e| e.message)?;
+    let frozen = start.elapsed();
     conn.reboot().map_err(|e| e.message)?;
     let cycle = start.elapsed();
+    if std::env::var_os("LUO_BENCH_STEPS").is_some() {
+        println!(
+            "  {files} files: prepare {:.2} ms, freeze {:.2} ms, reboot {:.2} ms",
+            prepared.as_secs_f64() * 1e3,
+            (frozen - prepared).as_secs_f64() * 1e3,
+            (cycle - frozen).as_secs_f64() * 1e3
+        );
+    }
     luod.expect_kexec_exit();
     Ok((
         preserving.as_secs_f64() / files as f64,
@@ -182,34 +195,50 @@ fn main() {
     let only: Option<Vec<u64>> = std::env::var("LUO_BENCH_FILES")
         .ok()
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
-    let mut sizes = vec![(100u64, 5), (10_000, 1), (100_000, 1)];
+    let mut sizes = vec![(100u64, 5), (10_000, 3), (100_000, 3)];
     let fits = largest_that_fits();
     if fits < 10_000 && fits > 100 && raise_nofile(10_000).is_err() {
         // Where 10,000 files cannot be held (a hard limit under 21,000 that
         // cannot be raised), the largest number that can stands in.
         println!("(10,000 files need more descriptors than this host allows: measuring {fits} as well)");
-        sizes.insert(1, (fits, 1));
+        sizes.insert(1, (fits, 3));
     }
-    for (files, rounds) in sizes {
-        if only.as_ref().is_some_and(|only| !only.contains(&files)) {
-            continue;
+    sizes.retain(|(files, _)| only.as_ref().is_none_or(|only| only.contains(files)));
+    // The rounds of every size take turns (100, 10,000, 100,000, 100, ...):
+    // load that comes and goes on a shared machine then falls on every size
+    // alike, instead of on whichever size ran while it lasted.
+    let mut results: Vec<Result<Vec<(f64, f64)>, String>> = sizes
+        .iter()
+        .map(|&(files, _)| raise_nofile(files).map(|()| Vec::new()))
+        .collect();
+    let mut spent = vec![Duration::ZERO; sizes.len()];
+    let most = sizes.iter().map(|&(_, rounds)| rounds).max().unwrap_or(0);
+    for turn in 0..most {
+        for (i, &(files, rounds)) in sizes.iter().enumerate() {
+            if turn >= rounds {
+                continue;
+            }
+            if let Ok(done) = &mut results[i] {
+                let started = Instant::now();
+                match round(files) {
+                    Ok(r) => done.push(r),
+                    Err(e) => results[i] = Err(e),
+                }
+                spent[i] += started.elapsed();
+            }
         }
-        let started = Instant::now();
-        let measured = raise_nofile(files).and_then(|()| {
-            let results = (0..rounds).map(|_| round(files)).collect::<Result<Vec<_>, _>>()?;
-            Ok((
-                median(results.iter().map(|r| r.0).collect()),
-                median(results.iter().map(|r| r.1).collect()),
-            ))
-        });
-        match measured {
-            Ok((preserve, cycle)) => {
+    }
+    for ((&(files, rounds), result), spent) in sizes.iter().zip(results).zip(spent) {
+        match result {
+            Ok(results) => {
+                let preserve = median(results.iter().map(|r| r.0).collect());
+                let cycle = median(results.iter().map(|r| r.1).collect());
                 println!(
                     "{files:>7} files: preserve {:>8.4} ms per file; prepare+freeze+reboot {:>8.4} ms per file \
                      ({:.1} s for the round{})",
                     preserve * 1e3,
                     cycle * 1e3,
-                    started.elapsed().as_secs_f64(),
+                    spent.as_secs_f64(),
                     if rounds > 1 { "s, medians" } else { "" }
                 );
                 figures.push((files, preserve, cycle));

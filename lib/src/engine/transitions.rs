@@ -189,7 +189,7 @@ impl<R: Region> Engine<R> {
     pub(super) fn refresh_sizes(&self, next: &mut HandoverRecord) {
         let at = FilePositions::of(next);
         for (name, token, fd) in self.kernel.preserved() {
-            if let Some(f) = at.get(next, &name, token) {
+            if let Some(f) = at.get(next, name, token) {
                 f.size = memfd::size(fd).unwrap_or(f.size);
             }
         }

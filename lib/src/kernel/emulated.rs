@@ -46,6 +46,10 @@ pub struct Emulated {
     by_identity: std::collections::HashMap<(u64, u64), Vec<(SessionName, u64)>>,
     loaded: bool,
     park: Option<Box<dyn FdPark>>,
+    /// After a simulated kexec: luod's own descriptors of the files the
+    /// kexec dropped, closed when luod exits right after its answer (see
+    /// [`Kernel::reboot`] below).
+    dropped_at_exit: Vec<BTreeMap<u64, File>>,
 }
 
 /// Key of a parked file: token and session name (names cannot hold NUL).
@@ -63,6 +67,7 @@ impl Emulated {
             by_identity: std::collections::HashMap::new(),
             loaded: false,
             park,
+            dropped_at_exit: Vec::new(),
         }
     }
 
@@ -255,12 +260,12 @@ impl Kernel for Emulated {
         Ok(())
     }
 
-    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)> {
+    fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)> {
         let mut out = Vec::new();
         for (name, files) in &self.sessions {
             for (token, f) in files {
                 if let Some(fd) = &f.fd {
-                    out.push((name.clone(), *token, fd.as_fd()));
+                    out.push((name, *token, fd.as_fd()));
                 }
             }
         }
@@ -328,7 +333,17 @@ impl Kernel for Emulated {
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
         match self.mode {
             KexecMode::Simulated => {
-                self.forget_all()?;
+                // The kexec drops every file: the holder lets go of its
+                // duplicates now, so the next luod finds none. luod's own
+                // descriptors are closed when it exits, right after its
+                // answer: a real kexec tears nothing down, and closing the
+                // last descriptor of each of thousands of memfds (freeing
+                // its pages) would put a cost in the answer's time that
+                // only the simulation has.
+                let sessions = std::mem::take(&mut self.sessions);
+                let cleared = self.forget_all();
+                self.dropped_at_exit.extend(sessions.into_values());
+                cleared?;
                 Ok(RebootOutcome::Simulated)
             }
             KexecMode::Real => {

@@ -155,7 +155,7 @@ impl Kernel for FakeKernel {
         self.check(Op::FinishSession)?;
         self.inner.finish_session(session)
     }
-    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)> {
+    fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)> {
         self.inner.preserved()
     }
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {

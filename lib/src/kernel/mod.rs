@@ -210,7 +210,9 @@ pub trait Kernel: Send + std::fmt::Debug {
     /// closing the session unpreserves its files).
     fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError>;
     /// Preserved files, for copying backends: session, token, and the file.
-    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)>;
+    /// (Borrowed: `prepare`, `freeze` and `reboot` walk every file, and a
+    /// copy of the session's name per file is work that grows with them.)
+    fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)>;
     /// After a copying handoff: a file recreated from the region, to be
     /// retrieved later under `session`/`token`.
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError>;
