@@ -158,6 +158,9 @@ impl Kernel for FakeKernel {
     fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)> {
         self.inner.preserved()
     }
+    fn preserved_sources(&self) -> Vec<(&SessionName, u64, crate::record::PreservedSource<'_>)> {
+        self.inner.preserved_sources()
+    }
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
         self.inner.adopt_incoming(session, token, fd)
     }
