@@ -11,15 +11,18 @@
 //! a luod started again takes them back with [`Emulated::recover`].
 
 use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome, kexec, memfd};
-use crate::holder::FdPark;
+use crate::holder::{FdPark, SharedFd};
 use crate::names::SessionName;
 use crate::record::{PreservedSource, SealedMapping};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 #[derive(Debug)]
 struct File {
-    fd: Option<OwnedFd>,
+    /// The file, shared with the park (which keeps it open too): luod holds
+    /// each preserved file open once.
+    fd: Option<SharedFd>,
     identity: (u64, u64),
     /// A memfd sealed against shrinking, of at least [`MAP_MIN`] bytes, is
     /// mapped when it is preserved: the handover copies it at memory speed
@@ -28,7 +31,7 @@ struct File {
 }
 
 impl File {
-    fn new(fd: OwnedFd, identity: (u64, u64)) -> File {
+    fn new(fd: SharedFd, identity: (u64, u64)) -> File {
         let map = SealedMapping::of(fd.as_fd());
         File {
             fd: Some(fd),
@@ -94,7 +97,7 @@ impl Emulated {
         let Some(park) = self.park.as_mut() else {
             return Ok(Vec::new());
         };
-        let parked = park.fetch_all().map_err(|e| KernelError::Park {
+        let parked = park.fetch_all_shared().map_err(|e| KernelError::Park {
             what: "cannot take back the parked files".into(),
             reason: e.to_string(),
         })?;
@@ -133,16 +136,13 @@ impl Emulated {
         Ok(())
     }
 
-    fn park(&mut self, session: &SessionName, token: u64, fd: BorrowedFd<'_>) -> Result<(), KernelError> {
+    fn park(&mut self, session: &SessionName, token: u64, fd: &SharedFd) -> Result<(), KernelError> {
         if let Some(park) = self.park.as_mut() {
-            let fd = fd.try_clone_to_owned().map_err(|e| KernelError::Sys {
-                op: "dup".into(),
-                errno: errno_of(&e),
-            })?;
-            park.put(&park_key(session, token), fd).map_err(|e| KernelError::Park {
-                what: format!("cannot park session {session} token {token}"),
-                reason: e.to_string(),
-            })?;
+            park.put_shared(&park_key(session, token), fd)
+                .map_err(|e| KernelError::Park {
+                    what: format!("cannot park session {session} token {token}"),
+                    reason: e.to_string(),
+                })?;
         }
         Ok(())
     }
@@ -233,7 +233,8 @@ impl Kernel for Emulated {
                 token: t,
             });
         }
-        self.park(session, token, fd.as_fd())?;
+        let fd = Arc::new(fd);
+        self.park(session, token, &fd)?;
         self.by_identity
             .entry(identity)
             .or_default()
@@ -262,7 +263,14 @@ impl Kernel for Emulated {
         let identity = file.identity;
         self.holder_of(identity);
         self.unpark(session, token);
-        Ok(fd)
+        // The park let go of its share; one still held elsewhere (a new
+        // holder being filled at this moment) leaves a duplicate to hand out.
+        Arc::try_unwrap(fd).or_else(|shared| {
+            shared.try_clone().map_err(|e| KernelError::Sys {
+                op: "dup".into(),
+                errno: errno_of(&e),
+            })
+        })
     }
 
     fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError> {
@@ -289,6 +297,11 @@ impl Kernel for Emulated {
         out
     }
 
+    fn descriptors_per_file(&self) -> u64 {
+        // Shared with the park (`FdPark::put_shared`).
+        1
+    }
+
     fn preserved_sources(&self) -> Vec<(&SessionName, u64, PreservedSource<'_>)> {
         let mut out = Vec::new();
         for (name, files) in &self.sessions {
@@ -306,7 +319,8 @@ impl Kernel for Emulated {
     }
 
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
-        self.park(session, token, fd.as_fd())?;
+        let fd = Arc::new(fd);
+        self.park(session, token, &fd)?;
         let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
         self.by_identity
             .entry(identity)

@@ -158,6 +158,9 @@ impl Kernel for FakeKernel {
     fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)> {
         self.inner.preserved()
     }
+    fn descriptors_per_file(&self) -> u64 {
+        self.inner.descriptors_per_file()
+    }
     fn preserved_sources(&self) -> Vec<(&SessionName, u64, crate::record::PreservedSource<'_>)> {
         self.inner.preserved_sources()
     }

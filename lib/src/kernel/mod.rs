@@ -213,6 +213,12 @@ pub trait Kernel: Send + std::fmt::Debug {
     /// (Borrowed: `prepare`, `freeze` and `reboot` walk every file, and a
     /// copy of the session's name per file is work that grows with them.)
     fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)>;
+    /// Descriptors luod holds per preserved file (for `check`): its own and,
+    /// unless the backend shares it with the park, the duplicate it keeps of
+    /// what it parked.
+    fn descriptors_per_file(&self) -> u64 {
+        2
+    }
     /// [`preserved`](Self::preserved) as the sources a copying handoff
     /// reads: with the mapping a backend made of a file, if it made one.
     fn preserved_sources(&self) -> Vec<(&SessionName, u64, crate::record::PreservedSource<'_>)> {
