@@ -644,17 +644,21 @@ def bench_report(name, res):
         b = res.bench
         if "record_write_ms" in b and "memcpy_ram_ms" in b:
             mib = b.get("copy_bytes", 64 << 20) / (1 << 20)
-            for key, what in (("memcpy_ram_ms", "memcpy RAM->RAM"), ("record_write_ms", "RecordStore::write memfd->region"),
+            for key, what in (("memcpy_ram_ms", "memcpy RAM->RAM"),
+                              ("record_write_ms", "RecordStore::write sealed memfd->region, through its mapping"),
+                              ("record_write_pread_ms", "RecordStore::write memfd->region with pread (an unsealed memfd)"),
                               ("memcpy_region_ms", "memcpy memfd mapping->region"), ("pread_ms", "pread memfd->RAM"),
                               ("crc32c_ms", "crc32c of 64 MiB in RAM")):
                 if key in b:
                     lines.append(f"{what}: {b[key]:.1f} ms ({mib / (b[key] / 1e3):.0f} MiB/s), best of 3, {mib:.0f} MiB")
-            lines.append(f"RATIO copy bandwidth record/memcpy = {b['memcpy_ram_ms'] / b['record_write_ms']:.3f} (target >= 0.5)")
+            lines.append(f"RATIO copy bandwidth record/memcpy = {b['memcpy_ram_ms'] / b['record_write_ms']:.3f} (target >= 0.9)")
             h = res.bench_host
             if "record_write_ms" in h and "memcpy_ram_ms" in h:
                 lines.append(f"host-native reference (same tool and code, file region on tmpfs, no TCG): memcpy {h['memcpy_ram_ms']:.1f} ms, "
                              f"RecordStore::write {h['record_write_ms']:.1f} ms, pread {h.get('pread_ms', 0):.1f} ms, "
-                             f"crc32c {h.get('crc32c_ms', 0):.1f} ms: ratio {h['memcpy_ram_ms'] / h['record_write_ms']:.3f}")
+                             f"crc32c {h.get('crc32c_ms', 0):.1f} ms: ratio {h['memcpy_ram_ms'] / h['record_write_ms']:.3f}"
+                             + (f" (with pread, as for an unsealed memfd: {h['memcpy_ram_ms'] / h['record_write_pread_ms']:.3f})"
+                                if "record_write_pread_ms" in h else ""))
         else:
             lines.append("the copy benchmark printed no numbers")
     return lines

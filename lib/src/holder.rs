@@ -44,6 +44,18 @@ pub trait FdPark: Send + std::fmt::Debug {
     fn remove(&mut self, key: &str) -> io::Result<()>;
     /// Duplicates of every parked file; the park keeps its own.
     fn fetch_all(&mut self) -> io::Result<Vec<(String, OwnedFd)>>;
+    /// Parks `fd` under `key` as [`put`](Self::put) does, sharing the
+    /// caller's descriptor where the park keeps one in luod (the fd
+    /// holder's client, systemd's fd store): luod then holds each file
+    /// open once, not twice. The default parks a duplicate.
+    fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
+        self.put(key, fd.try_clone()?)
+    }
+    /// Every parked file, as [`fetch_all`](Self::fetch_all), shared with
+    /// the park where it keeps them in luod instead of duplicated.
+    fn fetch_all_shared(&mut self) -> io::Result<Vec<(String, SharedFd)>> {
+        Ok(self.fetch_all()?.into_iter().map(|(k, fd)| (k, Arc::new(fd))).collect())
+    }
     /// Drops every file (what a kexec does to them). A holder process then
     /// ends once luod disconnects, as it holds nothing.
     fn clear(&mut self) -> io::Result<()>;
@@ -59,6 +71,10 @@ pub trait FdPark: Send + std::fmt::Debug {
         None
     }
 }
+
+/// A descriptor luod and its park both keep: one open file, however many
+/// holders of it in luod (see [`FdPark::put_shared`]).
+pub type SharedFd = Arc<OwnedFd>;
 
 /// Notes about the park, written by the thread that watches the holder.
 pub type ParkNotes = Arc<Mutex<VecDeque<String>>>;
@@ -142,9 +158,10 @@ struct Link {
     pid: i32,
     /// Bumped each time the connection is replaced.
     generation: u64,
-    /// What the holder holds, as luod's own duplicates: re-parked in a new
-    /// holder when this one dies.
-    mirror: BTreeMap<String, OwnedFd>,
+    /// What the holder holds, as luod's own descriptors (shared with the
+    /// backend's, see [`FdPark::put_shared`]): re-parked in a new holder
+    /// when this one dies.
+    mirror: BTreeMap<String, SharedFd>,
     /// Notes for `status`, behind their own lock: `status` must not wait
     /// while a holder is being replaced.
     notes: Arc<Mutex<VecDeque<String>>>,
@@ -414,7 +431,7 @@ impl HolderClient {
             sock,
             pid,
             generation: 0,
-            mirror: files.into_iter().collect(),
+            mirror: files.into_iter().map(|(k, fd)| (k, Arc::new(fd))).collect(),
             notes: Arc::clone(&notes),
             outage_noted: false,
         }));
@@ -442,7 +459,7 @@ impl HolderClient {
                 sock,
                 pid,
                 generation: 0,
-                mirror: files.into_iter().collect(),
+                mirror: files.into_iter().map(|(k, fd)| (k, Arc::new(fd))).collect(),
                 notes: Arc::clone(&notes),
                 outage_noted: false,
             })),
@@ -536,8 +553,23 @@ impl FdPark for HolderClient {
     fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
         let mut l = lock(&self.link);
         l.request(&HolderRequest::Put { key: key.to_string() }, &[fd.as_fd()])?;
-        l.mirror.insert(key.to_string(), fd);
+        l.mirror.insert(key.to_string(), Arc::new(fd));
         Ok(())
+    }
+
+    fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
+        let mut l = lock(&self.link);
+        l.request(&HolderRequest::Put { key: key.to_string() }, &[fd.as_fd()])?;
+        l.mirror.insert(key.to_string(), Arc::clone(fd));
+        Ok(())
+    }
+
+    fn fetch_all_shared(&mut self) -> io::Result<Vec<(String, SharedFd)>> {
+        Ok(lock(&self.link)
+            .mirror
+            .iter()
+            .map(|(k, fd)| (k.clone(), Arc::clone(fd)))
+            .collect())
     }
 
     fn remove(&mut self, key: &str) -> io::Result<()> {
@@ -575,12 +607,19 @@ impl FdPark for HolderClient {
 /// An in-process park, for tests and for hosts where crash survival is not
 /// wanted. Files die with the process.
 #[derive(Debug, Default)]
-pub struct MemPark(BTreeMap<String, OwnedFd>);
+pub struct MemPark(BTreeMap<String, SharedFd>);
 
 impl FdPark for MemPark {
     fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
-        self.0.insert(key.to_string(), fd);
+        self.0.insert(key.to_string(), Arc::new(fd));
         Ok(())
+    }
+    fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
+        self.0.insert(key.to_string(), Arc::clone(fd));
+        Ok(())
+    }
+    fn fetch_all_shared(&mut self) -> io::Result<Vec<(String, SharedFd)>> {
+        Ok(self.0.iter().map(|(k, fd)| (k.clone(), Arc::clone(fd))).collect())
     }
     fn remove(&mut self, key: &str) -> io::Result<()> {
         self.0.remove(key);

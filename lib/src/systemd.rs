@@ -8,7 +8,7 @@
 //! `FileDescriptorStorePreserve=yes` keeps them even while the unit is
 //! stopped. See `luod/luod.service`.
 
-use crate::holder::FdPark;
+use crate::holder::{FdPark, SharedFd};
 use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 use std::collections::BTreeMap;
 use std::io;
@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// First fd systemd passes (`SD_LISTEN_FDS_START`).
@@ -87,12 +88,13 @@ impl Notifier {
     }
 }
 
-/// systemd's fd store. luod keeps a duplicate of everything it parks so
-/// `fetch_all` needs no round trip.
+/// systemd's fd store. luod keeps a descriptor of everything it parks so
+/// `fetch_all` needs no round trip (shared with the backend's own, see
+/// [`FdPark::put_shared`]).
 #[derive(Debug)]
 pub struct SystemdFdStore {
     notifier: Notifier,
-    parked: BTreeMap<String, OwnedFd>,
+    parked: BTreeMap<String, SharedFd>,
 }
 
 impl SystemdFdStore {
@@ -101,7 +103,7 @@ impl SystemdFdStore {
     pub fn new(notifier: Notifier, passed: Vec<(String, OwnedFd)>) -> Self {
         let parked = passed
             .into_iter()
-            .filter_map(|(name, fd)| key_of(&name).map(|k| (k, fd)))
+            .filter_map(|(name, fd)| key_of(&name).map(|k| (k, Arc::new(fd))))
             .collect();
         SystemdFdStore { notifier, parked }
     }
@@ -145,8 +147,23 @@ impl FdPark for SystemdFdStore {
         }
         self.notifier
             .notify(&format!("FDSTORE=1\nFDNAME={name}"), &[fd.as_raw_fd()])?;
-        self.parked.insert(key.to_string(), fd);
+        self.parked.insert(key.to_string(), Arc::new(fd));
         Ok(())
+    }
+
+    fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
+        let name = fd_name(key);
+        if self.parked.contains_key(key) {
+            self.notifier.notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])?;
+        }
+        self.notifier
+            .notify(&format!("FDSTORE=1\nFDNAME={name}"), &[fd.as_raw_fd()])?;
+        self.parked.insert(key.to_string(), Arc::clone(fd));
+        Ok(())
+    }
+
+    fn fetch_all_shared(&mut self) -> io::Result<Vec<(String, SharedFd)>> {
+        Ok(self.parked.iter().map(|(k, fd)| (k.clone(), Arc::clone(fd))).collect())
     }
 
     fn remove(&mut self, key: &str) -> io::Result<()> {

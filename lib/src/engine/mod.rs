@@ -524,13 +524,16 @@ impl<R: Region> Engine<R> {
             ),
         };
         if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
-            // Its own descriptor and the duplicate it keeps of what it
-            // parked (the park's holder keeps a third, in its own process).
-            let held = files.saturating_mul(2);
+            // Its own descriptor and, on backends that do not share it with
+            // the park, the duplicate it keeps of what it parked (the park's
+            // holder keeps one more, in its own process).
+            let per_file = self.kernel.descriptors_per_file();
+            let held = files.saturating_mul(per_file);
             ok &= held.saturating_mul(10) <= soft.saturating_mul(9);
+            let times = if per_file == 1 { "once" } else { "twice" };
             detail.push_str(&format!(
-                "; luod holds each of the {files} preserved file(s) open twice ({held} descriptors), of its limit \
-                 of {soft} open files (RLIMIT_NOFILE, LimitNOFILE= in its unit)"
+                "; luod holds each of the {files} preserved file(s) open {times} ({held} descriptor(s)), of its \
+                 limit of {soft} open files (RLIMIT_NOFILE, LimitNOFILE= in its unit)"
             ));
         }
         (ok, detail)

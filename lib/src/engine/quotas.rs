@@ -26,7 +26,7 @@ use crate::protocol::HistoryReport;
 use crate::record::{Event, HandoverRecord};
 use crate::region::Region;
 use crate::state::State;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What one uid may hold in luod. uid 0 is exempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +111,7 @@ impl<R: Region> Engine<R> {
     /// token; files the kernel interface does not hold keep their recorded size.
     /// Only the sessions `wanted` picks are looked at (one `fstat` per file
     /// of those, none for the others).
-    fn live_sizes_of(&self, wanted: impl Fn(&SessionName) -> bool) -> BTreeMap<(SessionName, u64), u64> {
+    fn live_sizes_of(&self, wanted: impl Fn(&SessionName) -> bool) -> HashMap<(&SessionName, u64), u64> {
         self.kernel
             .preserved()
             .into_iter()
@@ -135,7 +135,7 @@ impl<R: Region> Engine<R> {
             usage.0 += 1;
             for f in &s.fds {
                 usage.1 += 1;
-                usage.2 += live.get(&(s.name.clone(), f.token)).copied().unwrap_or(f.size);
+                usage.2 += live.get(&(&s.name, f.token)).copied().unwrap_or(f.size);
             }
         }
         usage
@@ -198,10 +198,22 @@ impl<R: Region> Engine<R> {
 
     /// [`check_bytes`](Self::check_bytes) with every file's size as it is now.
     /// (No copy of the record: the sizes are looked up as the sums are made.)
+    /// Only the files of sessions a quota applies to (uids other than 0) are
+    /// looked at: root's files, however many, cost nothing here.
     pub(super) fn check_bytes_now(&self) -> Result<(), EngineError> {
-        let live = self.live_sizes_of(|_| true);
+        let counted: HashSet<&SessionName> = self
+            .record
+            .sessions
+            .iter()
+            .filter(|s| s.owner_uid != 0)
+            .map(|s| &s.name)
+            .collect();
+        if counted.is_empty() {
+            return Ok(());
+        }
+        let live = self.live_sizes_of(|name| counted.contains(name));
         self.check_bytes_sized(&self.record, |name, f| {
-            live.get(&(name.clone(), f.token)).copied().unwrap_or(f.size)
+            live.get(&(name, f.token)).copied().unwrap_or(f.size)
         })
     }
 
@@ -228,7 +240,7 @@ impl<R: Region> Engine<R> {
             let bytes: u64 = removed
                 .fds
                 .iter()
-                .map(|f| live.get(&(session.clone(), f.token)).copied().unwrap_or(f.size))
+                .map(|f| live.get(&(&session, f.token)).copied().unwrap_or(f.size))
                 .sum();
             let pending = removed.fds.iter().filter(|f| !f.retrieved).count();
             next.push_event(Event {

@@ -189,7 +189,7 @@ impl<R: Region> Engine<R> {
     pub(super) fn refresh_sizes(&self, next: &mut HandoverRecord) {
         let at = FilePositions::of(next);
         for (name, token, fd) in self.kernel.preserved() {
-            if let Some(f) = at.get(next, &name, token) {
+            if let Some(f) = at.get(next, name, token) {
                 f.size = memfd::size(fd).unwrap_or(f.size);
             }
         }
@@ -513,19 +513,19 @@ impl<R: Region> Engine<R> {
                 u.timestamps.reboot = Some(now());
             }
         }
-        let preserved = self.kernel.preserved();
+        let preserved = self.kernel.preserved_sources();
         let mut sources = Vec::new();
         if self.kernel.handoff() == Handoff::Copy {
             let at = FilePositions::of(&next);
-            for (name, token, fd) in &preserved {
+            for (name, token, source) in &preserved {
                 let Some(f) = at.get(&mut next, name, *token) else {
                     continue;
                 };
                 // The store reads the size again as it copies, and refuses a
                 // file that changed size in between.
-                f.size = fd.data_len();
+                f.size = source.data_len();
                 f.data = Some(sources.len() as u32);
-                sources.push(*fd);
+                sources.push(*source);
             }
         }
         if self.kernel.handoff() != Handoff::Copy {

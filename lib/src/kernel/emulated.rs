@@ -11,15 +11,34 @@
 //! a luod started again takes them back with [`Emulated::recover`].
 
 use super::{Handoff, Kernel, KernelError, KernelLoad, RebootOutcome, kexec, memfd};
-use crate::holder::FdPark;
+use crate::holder::{FdPark, SharedFd};
 use crate::names::SessionName;
+use crate::record::{PreservedSource, SealedMapping};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 #[derive(Debug)]
 struct File {
-    fd: Option<OwnedFd>,
+    /// The file, shared with the park (which keeps it open too): luod holds
+    /// each preserved file open once.
+    fd: Option<SharedFd>,
     identity: (u64, u64),
+    /// A memfd sealed against shrinking, of at least [`MAP_MIN`] bytes, is
+    /// mapped when it is preserved: the handover copies it at memory speed
+    /// instead of with `pread` (see `record/mapped.rs`).
+    map: Option<SealedMapping>,
+}
+
+impl File {
+    fn new(fd: SharedFd, identity: (u64, u64)) -> File {
+        let map = SealedMapping::of(fd.as_fd());
+        File {
+            fd: Some(fd),
+            identity,
+            map,
+        }
+    }
 }
 
 /// What `reboot` does.
@@ -46,6 +65,10 @@ pub struct Emulated {
     by_identity: std::collections::HashMap<(u64, u64), Vec<(SessionName, u64)>>,
     loaded: bool,
     park: Option<Box<dyn FdPark>>,
+    /// After a simulated kexec: luod's own descriptors of the files the
+    /// kexec dropped, closed when luod exits right after its answer (see
+    /// [`Kernel::reboot`] below).
+    dropped_at_exit: Vec<BTreeMap<u64, File>>,
 }
 
 /// Key of a parked file: token and session name (names cannot hold NUL).
@@ -63,6 +86,7 @@ impl Emulated {
             by_identity: std::collections::HashMap::new(),
             loaded: false,
             park,
+            dropped_at_exit: Vec::new(),
         }
     }
 
@@ -73,7 +97,7 @@ impl Emulated {
         let Some(park) = self.park.as_mut() else {
             return Ok(Vec::new());
         };
-        let parked = park.fetch_all().map_err(|e| KernelError::Park {
+        let parked = park.fetch_all_shared().map_err(|e| KernelError::Park {
             what: "cannot take back the parked files".into(),
             reason: e.to_string(),
         })?;
@@ -93,7 +117,7 @@ impl Emulated {
             self.sessions
                 .entry(name.clone())
                 .or_default()
-                .insert(token, File { fd: Some(fd), identity });
+                .insert(token, File::new(fd, identity));
             out.push((name, token));
         }
         Ok(out)
@@ -112,16 +136,13 @@ impl Emulated {
         Ok(())
     }
 
-    fn park(&mut self, session: &SessionName, token: u64, fd: BorrowedFd<'_>) -> Result<(), KernelError> {
+    fn park(&mut self, session: &SessionName, token: u64, fd: &SharedFd) -> Result<(), KernelError> {
         if let Some(park) = self.park.as_mut() {
-            let fd = fd.try_clone_to_owned().map_err(|e| KernelError::Sys {
-                op: "dup".into(),
-                errno: errno_of(&e),
-            })?;
-            park.put(&park_key(session, token), fd).map_err(|e| KernelError::Park {
-                what: format!("cannot park session {session} token {token}"),
-                reason: e.to_string(),
-            })?;
+            park.put_shared(&park_key(session, token), fd)
+                .map_err(|e| KernelError::Park {
+                    what: format!("cannot park session {session} token {token}"),
+                    reason: e.to_string(),
+                })?;
         }
         Ok(())
     }
@@ -212,7 +233,8 @@ impl Kernel for Emulated {
                 token: t,
             });
         }
-        self.park(session, token, fd.as_fd())?;
+        let fd = Arc::new(fd);
+        self.park(session, token, &fd)?;
         self.by_identity
             .entry(identity)
             .or_default()
@@ -220,7 +242,7 @@ impl Kernel for Emulated {
         self.sessions
             .get_mut(session)
             .expect("checked above")
-            .insert(token, File { fd: Some(fd), identity });
+            .insert(token, File::new(fd, identity));
         Ok(())
     }
 
@@ -237,10 +259,18 @@ impl Kernel for Emulated {
             session: session.to_string(),
             token,
         })?;
+        file.map = None;
         let identity = file.identity;
         self.holder_of(identity);
         self.unpark(session, token);
-        Ok(fd)
+        // The park let go of its share; one still held elsewhere (a new
+        // holder being filled at this moment) leaves a duplicate to hand out.
+        Arc::try_unwrap(fd).or_else(|shared| {
+            shared.try_clone().map_err(|e| KernelError::Sys {
+                op: "dup".into(),
+                errno: errno_of(&e),
+            })
+        })
     }
 
     fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError> {
@@ -255,12 +285,33 @@ impl Kernel for Emulated {
         Ok(())
     }
 
-    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)> {
+    fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)> {
         let mut out = Vec::new();
         for (name, files) in &self.sessions {
             for (token, f) in files {
                 if let Some(fd) = &f.fd {
-                    out.push((name.clone(), *token, fd.as_fd()));
+                    out.push((name, *token, fd.as_fd()));
+                }
+            }
+        }
+        out
+    }
+
+    fn descriptors_per_file(&self) -> u64 {
+        // Shared with the park (`FdPark::put_shared`).
+        1
+    }
+
+    fn preserved_sources(&self) -> Vec<(&SessionName, u64, PreservedSource<'_>)> {
+        let mut out = Vec::new();
+        for (name, files) in &self.sessions {
+            for (token, f) in files {
+                if let Some(fd) = &f.fd {
+                    let source = PreservedSource {
+                        fd: fd.as_fd(),
+                        map: f.map.as_ref(),
+                    };
+                    out.push((name, *token, source));
                 }
             }
         }
@@ -268,7 +319,8 @@ impl Kernel for Emulated {
     }
 
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
-        self.park(session, token, fd.as_fd())?;
+        let fd = Arc::new(fd);
+        self.park(session, token, &fd)?;
         let identity = memfd::identity(fd.as_fd()).unwrap_or_default();
         self.by_identity
             .entry(identity)
@@ -277,7 +329,7 @@ impl Kernel for Emulated {
         self.sessions
             .entry(session.clone())
             .or_default()
-            .insert(token, File { fd: Some(fd), identity });
+            .insert(token, File::new(fd, identity));
         Ok(())
     }
 
@@ -328,7 +380,17 @@ impl Kernel for Emulated {
     fn reboot(&mut self) -> Result<RebootOutcome, KernelError> {
         match self.mode {
             KexecMode::Simulated => {
-                self.forget_all()?;
+                // The kexec drops every file: the holder lets go of its
+                // duplicates now, so the next luod finds none. luod's own
+                // descriptors are closed when it exits, right after its
+                // answer: a real kexec tears nothing down, and closing the
+                // last descriptor of each of thousands of memfds (freeing
+                // its pages) would put a cost in the answer's time that
+                // only the simulation has.
+                let sessions = std::mem::take(&mut self.sessions);
+                let cleared = self.forget_all();
+                self.dropped_at_exit.extend(sessions.into_values());
+                cleared?;
                 Ok(RebootOutcome::Simulated)
             }
             KexecMode::Real => {

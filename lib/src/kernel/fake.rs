@@ -155,8 +155,14 @@ impl Kernel for FakeKernel {
         self.check(Op::FinishSession)?;
         self.inner.finish_session(session)
     }
-    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)> {
+    fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)> {
         self.inner.preserved()
+    }
+    fn descriptors_per_file(&self) -> u64 {
+        self.inner.descriptors_per_file()
+    }
+    fn preserved_sources(&self) -> Vec<(&SessionName, u64, crate::record::PreservedSource<'_>)> {
+        self.inner.preserved_sources()
     }
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError> {
         self.inner.adopt_incoming(session, token, fd)

@@ -626,11 +626,11 @@ impl Kernel for Luo {
         Ok(())
     }
 
-    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)> {
+    fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)> {
         let mut out = Vec::new();
         for (name, s) in &self.outgoing {
             for (token, (fd, _)) in &s.files {
-                out.push((name.clone(), *token, fd.as_fd()));
+                out.push((name, *token, fd.as_fd()));
             }
         }
         out

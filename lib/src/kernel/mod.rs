@@ -210,7 +210,23 @@ pub trait Kernel: Send + std::fmt::Debug {
     /// closing the session unpreserves its files).
     fn finish_session(&mut self, session: &SessionName) -> Result<(), KernelError>;
     /// Preserved files, for copying backends: session, token, and the file.
-    fn preserved(&self) -> Vec<(SessionName, u64, BorrowedFd<'_>)>;
+    /// (Borrowed: `prepare`, `freeze` and `reboot` walk every file, and a
+    /// copy of the session's name per file is work that grows with them.)
+    fn preserved(&self) -> Vec<(&SessionName, u64, BorrowedFd<'_>)>;
+    /// Descriptors luod holds per preserved file (for `check`): its own and,
+    /// unless the backend shares it with the park, the duplicate it keeps of
+    /// what it parked.
+    fn descriptors_per_file(&self) -> u64 {
+        2
+    }
+    /// [`preserved`](Self::preserved) as the sources a copying handoff
+    /// reads: with the mapping a backend made of a file, if it made one.
+    fn preserved_sources(&self) -> Vec<(&SessionName, u64, crate::record::PreservedSource<'_>)> {
+        self.preserved()
+            .into_iter()
+            .map(|(name, token, fd)| (name, token, crate::record::PreservedSource { fd, map: None }))
+            .collect()
+    }
     /// After a copying handoff: a file recreated from the region, to be
     /// retrieved later under `session`/`token`.
     fn adopt_incoming(&mut self, session: &SessionName, token: u64, fd: OwnedFd) -> Result<(), KernelError>;

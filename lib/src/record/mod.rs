@@ -14,12 +14,14 @@
 mod codec;
 mod copy;
 mod journal;
+mod mapped;
 mod model;
 mod store;
 mod v1;
 mod v2;
 
 pub use journal::{JournalEntry, MIN_ENTRIES_BEFORE_FOLD, token_set};
+pub use mapped::{MAP_MIN, PreservedSource, SealedMapping, shrink_sealed};
 pub use model::*;
 pub use store::{RecordStore, SlotUse};
 
