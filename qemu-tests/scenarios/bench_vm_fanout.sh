@@ -12,16 +12,19 @@
 # finishes, and serves the next round's VMs.
 #
 # The VMs are as most of a host's VMs are: mostly waiting (--idle-ms: the
-# vCPU idles 10 ms after each progress exit, one every 1024 iterations of its
-# loop; a pause wakes it at once; the claiming VMM runs its guest 1 s). A
-# guest that runs flat out is, under TCG, a nested KVM guest emulated
-# instruction by instruction that takes a whole vCPU of this guest: eight of
-# them (the first attempt at this benchmark) starved luod and this shell,
-# and the run hung while starting them. The VMMs are started one after
-# another, each waited for until it registered (`VMM: running`), 2 MiB of
-# guest RAM each. No RAM hash at the pause nor at the claim, as a real VMM.
+# vCPU idles 10 ms after each progress exit, one every 1024 iterations of
+# its loop; a pause wakes it at once). A flat-out guest is, under TCG, a
+# nested KVM guest emulated instruction by instruction that takes all the
+# CPU this guest has. The VMMs are started one after another, each waited
+# for until it registered (`VMM: running`); 2 MiB of guest RAM each; no RAM
+# hash at the pause nor at the claim, as a real VMM; the claiming VMM runs
+# its guest 1 s (its TSC rate is calibrated over the run).
+#
+# The loops count in `vi`: the helpers (wait_for among them) use `i`. The
+# first attempt at this benchmark (bench_vm_scale, removed) counted its VMMs
+# in `i` around wait_for, which reset it: its loop never ended, and that is
+# why it "hung starting 7 more luo-test-vmm".
 ROUNDS=3
-# (Loop variables are vi: the helpers, wait_for among them, use i.)
 MANY=8
 VMM_OPTS="--no-ram-checksum --heartbeat-ms 0 --idle-ms 10 --progress-every 1024"
 
