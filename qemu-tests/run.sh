@@ -77,7 +77,7 @@ bindir="$target_dir/$triple/release"
 # Static and not position-independent: QEMU 7.2's TCG (Debian 12) keys its
 # translated code by virtual address, so a static-pie, loaded at a new random
 # base by each exec, is translated again at every start (a luoctl call: 75-90
-# ms; non-PIE 33-46 ms once its code was translated in this kernel).
+# ms; non-PIE 33-47 ms once its code was translated in this kernel).
 rustflags="-C target-feature=+crt-static -C relocation-model=static"
 log "running: RUSTFLAGS='$rustflags' CARGO_TARGET_DIR=$target_dir cargo build --release --locked --target $triple -p luod -p luoctl -p luo-qemu-tool -p luo-test-vmm -p luo-qemu"
 if ! (cd "$REPO" && RUSTFLAGS="$rustflags" CARGO_TARGET_DIR="$target_dir" \
