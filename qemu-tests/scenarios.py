@@ -100,6 +100,7 @@ SCENARIOS = [
     Scenario("pinned_target_mismatch", "luo", 1, False),
     Scenario("already_on_target", "luo", 2, False),
     Scenario("bench_vm_blackout", "luo", 11, False, timeout=900, bench=True),
+    Scenario("bench_vm_fanout", "luo", 7, False, timeout=600, bench=True),
     Scenario("demo", "luo", 2, True, demo=True),
     Scenario("rollback_on_failed_validation", "luo", 3, True),
     Scenario("ten_updates_in_a_row", "luo", 11, True, timeout=600),
@@ -640,6 +641,9 @@ def bench_report(name, res):
     elif name == "bench_vm_blackout":
         import vm_bench  # qemu-tests/vm_bench.py
         lines += vm_bench.report(res, pairs)
+    elif name == "bench_vm_fanout":
+        import vm_fanout  # qemu-tests/vm_fanout.py
+        lines += vm_fanout.report(res, pairs)
     elif name == "bench_copy":
         b = res.bench
         if "record_write_ms" in b and "memcpy_ram_ms" in b:
