@@ -56,9 +56,13 @@ import luodhost
 from qemuvm import TICK, define_vm, install_launcher, launcher_log, wait_launcher
 
 TIMEOUT = 2400
-# In `tests` (and `host`, `all`): a host scenario, so scenarios.py runs it
-# alone with every CPU (its three -smp 1 hosts share them). Measured time in
-# qemu-tests/README.md.
+# Group `fleet` (and `host`, `all`), not `tests`: it passed end to end once
+# (1632 s at load 7-13), and in the next run (idle, 947 s) both playbook
+# runs and their checks passed but h2's guest printed no tick in the 120 s
+# after its third restore (update, rollback, update), though luo-qemu
+# reported it restored and running: not understood yet (qemu-tests/README.md).
+# A host scenario: scenarios.py runs it alone with every CPU.
+FLEET = True
 HOSTS = ("h1", "h2", "h3")
 VM = "web"
 FAILING = "h2"
