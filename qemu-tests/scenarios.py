@@ -183,9 +183,10 @@ GROUPS = {
     "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench and not s.demo],
 }
 
-# qemu-tests/host/qemuvm.py's HOST_DIED: a host scenario that failed with it
-# in its reason is run once more.
+# qemu-tests/host/qemuvm.py's HOST_DIED and GUEST_RESET: a host scenario that
+# failed with one of them in its reason is run once more, saying so.
 HOST_DIED = "the host's QEMU exited"
+GUEST_RESET = "the nested guest reset itself"
 MARKER = re.compile(r"@@LUO (\S+)\s?(.*)$")
 print_lock = threading.Lock()
 
@@ -777,11 +778,12 @@ def main():
                     res.why = f"not run: the overall timeout of {a.total_timeout:.0f} s has passed"
                 else:
                     res = run_scenario(BY_NAME[n], fixtures, kernels, a.log_dir, a.verbose)
-                    if not res.ok and isinstance(BY_NAME[n], HostScenario) and HOST_DIED in (res.why or ""):
+                    why = res.why or ""
+                    if not res.ok and isinstance(BY_NAME[n], HostScenario) and (HOST_DIED in why or GUEST_RESET in why):
                         # The host's own QEMU (TCG, running nested KVM guests)
-                        # exited under the scenario: a failure of the
-                        # harness's machine, not of the code under test. Once
-                        # more, and say so.
+                        # exited under the scenario, or a nested guest reset
+                        # itself in its QEMU (see qemuvm.GUEST_RESET): once
+                        # more, and the result says so.
                         first = res.why
                         res = run_scenario(BY_NAME[n], fixtures, kernels, a.log_dir, a.verbose)
                         res.details.insert(0, f"run twice: in the first run {first}")

@@ -18,6 +18,7 @@ here, across the host's kexec.
 import lzma
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -99,6 +100,13 @@ def expect_host_alive(t, doing, console=None):
 
 
 HOST_DIED = "the host's QEMU exited"
+# A guest of the Debian host (nested KVM under this machine's TCG) that reset
+# itself in its QEMU: seen before any update (CI, 2026-11-30: VM a's guest
+# reset while booting) and after a restore whose first tick went on intact
+# (qemu_two_vms_two_updates after its second update, fleet_rolling_update
+# after a third). Not understood; scenarios.py runs such a scenario once
+# more and says so in its result.
+GUEST_RESET = "the nested guest reset itself"
 
 
 def consoles(t, names):
@@ -280,12 +288,18 @@ def expect_continues(t, console, first, last, disk=True):
     with the next counter value, the same boot id, the uptime going on,
     the same tmpfs file and (with disk) the same disk file and no lost disk
     write; no tick of another boot. Returns the first tick after."""
+    t.expect(last["boot"] == first["boot"],
+             f"{GUEST_RESET} before the update (boot {first['boot']}, then {last['boot']}; no checkpoint yet)")
     nxt = console.wait_tick(t, last["n"], 300)
     after = console.wait_tick(t, last["n"] + 5, 120)
     t.expect(nxt["n"] == last["n"] + 1, f"the counter went from {last['n']} to {nxt['n']}, not on by one")
-    t.expect(nxt["boot"] == first["boot"] and after["boot"] == first["boot"],
-             f"the guest's boot id changed: {first['boot']} -> {nxt['boot']}")
+    t.expect(nxt["boot"] == first["boot"], f"the guest's boot id changed: {first['boot']} -> {nxt['boot']}")
     t.expect(nxt["tmpfs"] == first["tmpfs"], f"the tmpfs file changed: {first['tmpfs']} -> {nxt['tmpfs']}")
+    later = {k["boot"] for k in ticks_since(console, nxt)} - {first["boot"]}
+    t.expect(not later and after["boot"] == first["boot"],
+             f"{GUEST_RESET} after its restore: its first tick after the pause went on from the checkpoint "
+             f"(n={last['n']} -> {nxt['n']}, boot {nxt['boot']}, the same tmpfs file), then a new boot {later or after['boot']} "
+             f"printed (the same QEMU: a triple fault or reset inside the nested KVM guest)")
     t.expect(last["up"] < nxt["up"] < after["up"], f"the guest's uptime did not go on: {last['up']} -> {nxt['up']}")
     if disk:
         t.expect(first["disk"] is not None, f"the guest has no disk: {console.tail(3)}")
@@ -318,5 +332,15 @@ def with_vm_host(t, names, body):
         h = luodhost.boot_with_luod(t, deb, qemu_args=qemu_args)
         return body(h, cons, install_launcher(t, h))
     finally:
-        for c in cons.values():
+        for name, c in cons.items():
             c.stop()
+            keep_console(t, name, c)
+
+
+def keep_console(t, name, console):
+    """A copy of VM name's console in the log directory, beside the host's
+    serial log (a guest's own panic or reset is only seen there)."""
+    try:
+        shutil.copy(console.path, os.path.join(t.log_dir, f"{t.name}-{t.stamp}-vm-{name}.console.log"))
+    except OSError as e:
+        t.log(f"could not keep VM {name}'s console: {e}")
