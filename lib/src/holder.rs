@@ -551,10 +551,7 @@ fn stopped(stop: &OwnedFd, timeout: Duration) -> bool {
 
 impl FdPark for HolderClient {
     fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
-        let mut l = lock(&self.link);
-        l.request(&HolderRequest::Put { key: key.to_string() }, &[fd.as_fd()])?;
-        l.mirror.insert(key.to_string(), Arc::new(fd));
-        Ok(())
+        self.put_shared(key, &Arc::new(fd))
     }
 
     fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
@@ -611,8 +608,7 @@ pub struct MemPark(BTreeMap<String, SharedFd>);
 
 impl FdPark for MemPark {
     fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
-        self.0.insert(key.to_string(), Arc::new(fd));
-        Ok(())
+        self.put_shared(key, &Arc::new(fd))
     }
     fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
         self.0.insert(key.to_string(), Arc::clone(fd));

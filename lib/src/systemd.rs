@@ -141,14 +141,7 @@ pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
 
 impl FdPark for SystemdFdStore {
     fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
-        let name = fd_name(key);
-        if self.parked.contains_key(key) {
-            self.notifier.notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])?;
-        }
-        self.notifier
-            .notify(&format!("FDSTORE=1\nFDNAME={name}"), &[fd.as_raw_fd()])?;
-        self.parked.insert(key.to_string(), Arc::new(fd));
-        Ok(())
+        self.put_shared(key, &Arc::new(fd))
     }
 
     fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
