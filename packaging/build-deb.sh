@@ -35,6 +35,12 @@ for tool in dpkg-deb dpkg-shlibdeps strip gzip; do
     command -v "$tool" >/dev/null || { echo "build-deb.sh: $tool is missing (apt-get install dpkg-dev binutils)" >&2; exit 1; }
 done
 
+# One build at a time: host scenarios that run at once each build the
+# package, and two builds in the same staging tree break each other.
+mkdir -p target
+exec 9>target/build-deb.lock
+flock 9
+
 # Reproducible: every date comes from the last commit (or SOURCE_DATE_EPOCH).
 : "${SOURCE_DATE_EPOCH:=$(git log -1 --format=%ct 2>/dev/null || date +%s)}"
 export SOURCE_DATE_EPOCH

@@ -134,9 +134,11 @@ class HostScenario:
     module-level TIMEOUT (default 900), BENCH (default False), SMOKE
     (default False: a smoke check of the image that other host scenarios
     cover, run by the groups `host` and `all` but not `tests`), FLEET
-    (default False: the fleet scenario, groups `fleet`, `host` and `all`,
-    not `tests`) and DEMO (default False: a demo, in no group) are read here
-    without importing it."""
+    (default False: the fleet scenario, also in its own group `fleet`),
+    CPUS (default 1: the host vCPUs it runs at once, which is what it takes
+    of this machine's CPUs; hosts have one vCPU, see hostvm.Host) and DEMO
+    (default False: a demo, in no group) are read here without importing
+    it."""
 
     def __init__(self, path):
         import ast
@@ -148,6 +150,7 @@ class HostScenario:
         self.demo = False
         self.smoke = False
         self.fleet = False
+        self.cpus = 1
         with open(path) as f:
             tree = ast.parse(f.read(), path)
         for node in tree.body:
@@ -160,6 +163,8 @@ class HostScenario:
                     self.smoke = bool(ast.literal_eval(node.value))
                 elif node.targets[0].id == "FLEET":
                     self.fleet = bool(ast.literal_eval(node.value))
+                elif node.targets[0].id == "CPUS":
+                    self.cpus = int(ast.literal_eval(node.value))
                 elif node.targets[0].id == "DEMO":
                     self.demo = bool(ast.literal_eval(node.value))
 
@@ -177,16 +182,17 @@ GROUPS = {
     "smoke": [s.name for s in EXTERNAL],
     "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
     "bench": [s.name for s in SCENARIOS if s.bench],
-    "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo and not getattr(s, "smoke", False)
-              and not getattr(s, "fleet", False)],
+    "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo and not getattr(s, "smoke", False)],
     "fleet": [s.name for s in SCENARIOS if getattr(s, "fleet", False)],
     "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench and not s.demo],
 }
 
-# qemu-tests/host/qemuvm.py's HOST_DIED and GUEST_RESET: a host scenario that
-# failed with one of them in its reason is run once more, saying so.
+# qemu-tests/host/qemuvm.py's HOST_DIED, GUEST_RESET and GUEST_STALLED: a host
+# scenario that failed with one of them in its reason is run once more,
+# saying so.
 HOST_DIED = "the host's QEMU exited"
 GUEST_RESET = "the nested guest reset itself"
+GUEST_STALLED = "the nested guest stopped printing"
 MARKER = re.compile(r"@@LUO (\S+)\s?(.*)$")
 print_lock = threading.Lock()
 
@@ -680,7 +686,7 @@ def main():
     ap.add_argument("--log-dir", default=os.path.join(os.environ.get("LUO_CACHE", "/var/cache/liveupdate-qemu"), "logs"))
     ap.add_argument("--jobs", "-j", type=int, default=int(os.environ.get("LUO_QEMU_JOBS", "0") or 0),
                     help="CPUs to fill with scenarios at once (default: this machine's CPU count); a busybox "
-                         "scenario takes its -smp, a Debian-host scenario all of them (it runs alone)")
+                         "scenario takes its -smp, a Debian-host scenario its hosts' vCPUs (CPUS, default 1)")
     ap.add_argument("--verbose", "-v", action="store_true", help="echo the console")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--needs", action="store_true", help="print the number of scenarios selected and the kernels they need")
@@ -749,13 +755,14 @@ def main():
 
     # Scenarios share the CPUs: a busybox scenario takes as many as its
     # QEMU's -smp (TCG runs a thread per vCPU), a check 1, a Debian-host
-    # scenario (-smp 2, possibly several hosts) all of them, so it runs
-    # alone. The next scenario to start is the first queued one that fits.
+    # scenario its CPUS (its hosts' vCPUs: one host of -smp 1 unless it
+    # says more). The next scenario to start is the first queued one that
+    # fits.
     cpus = a.jobs if a.jobs > 0 else (os.cpu_count() or 1)
 
     def weight(n):
         sc = BY_NAME[n]
-        return cpus if isinstance(sc, HostScenario) else min(cpus, getattr(sc, "smp", 1))
+        return min(cpus, sc.cpus if isinstance(sc, HostScenario) else getattr(sc, "smp", 1))
 
     sched = threading.Condition()
     free = [cpus]
@@ -779,10 +786,12 @@ def main():
                 else:
                     res = run_scenario(BY_NAME[n], fixtures, kernels, a.log_dir, a.verbose)
                     why = res.why or ""
-                    if not res.ok and isinstance(BY_NAME[n], HostScenario) and (HOST_DIED in why or GUEST_RESET in why):
+                    harness = (HOST_DIED, GUEST_RESET, GUEST_STALLED)
+                    if not res.ok and isinstance(BY_NAME[n], HostScenario) and any(k in why for k in harness):
                         # The host's own QEMU (TCG, running nested KVM guests)
                         # exited under the scenario, or a nested guest reset
-                        # itself in its QEMU (see qemuvm.GUEST_RESET): once
+                        # itself in its QEMU or stopped printing (see
+                        # qemuvm.GUEST_RESET, GUEST_STALLED): once
                         # more, and the result says so.
                         first = res.why
                         res = run_scenario(BY_NAME[n], fixtures, kernels, a.log_dir, a.verbose)

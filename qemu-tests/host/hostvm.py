@@ -82,7 +82,7 @@ class Host:
     scenario can power the host off and boot it again on another kernel.
     """
 
-    def __init__(self, image, luo_kernel=None, kernel="luo", mem=2048, smp=2, cmdline_extra="",
+    def __init__(self, image, luo_kernel=None, kernel="luo", mem=2048, smp=1, cmdline_extra="",
                  qemu_args=(), log_prefix=None, work_dir=None, echo=None):
         if kernel not in ("luo", "stock"):
             raise ValueError(f"kernel must be 'luo' or 'stock', not {kernel!r}")
@@ -92,6 +92,11 @@ class Host:
         self.luo_kernel = luo_kernel
         self.kernel = kernel
         self.mem = mem
+        # One vCPU unless asked: with two, TCG ran a stale translation of a
+        # finished kernel text patch (an int3) in a KVM vCPU thread as nested
+        # VMs started, and the host oopsed or reset itself (2026-11-30); and a
+        # host of one vCPU takes one of this machine's CPUs, so two host
+        # scenarios run at once (scenarios.py's CPUS).
         self.smp = smp
         self.cmdline_extra = cmdline_extra
         self.qemu_args = list(qemu_args)

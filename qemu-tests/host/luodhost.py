@@ -60,14 +60,25 @@ ExecStart=/usr/bin/python3 /usr/local/bin/lu-client {mode}
 """
 
 
-def build_deb(t):
-    """packaging/build-deb.sh; the .deb's path."""
+def build_deb(t, version=None):
+    """packaging/build-deb.sh (with LIVEUPDATE_DEB_VERSION=`version` if
+    given); the path of a copy of the .deb in t.work.
+    Host scenarios run two at once: the lock holds off another scenario's
+    build until this one has its copy (a build rewrites the .deb in place)."""
+    import fcntl
+    import shutil
     t0 = time.monotonic()
-    p = subprocess.run([os.path.join(t.repo, "packaging", "build-deb.sh")], cwd=t.repo,
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if p.returncode != 0:
-        t.fail(f"packaging/build-deb.sh failed ({p.returncode}): {p.stderr[-1500:]}")
-    deb = os.path.join(t.repo, p.stdout.strip().splitlines()[-1])
+    os.makedirs(os.path.join(t.repo, "target"), exist_ok=True)
+    with open(os.path.join(t.repo, "target", "build-deb.scenario.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env = dict(os.environ, **({"LIVEUPDATE_DEB_VERSION": version} if version else {}))
+        p = subprocess.run([os.path.join(t.repo, "packaging", "build-deb.sh")], cwd=t.repo, env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if p.returncode != 0:
+            t.fail(f"packaging/build-deb.sh failed ({p.returncode}): {p.stderr[-1500:]}")
+        built = os.path.join(t.repo, p.stdout.strip().splitlines()[-1])
+        deb = os.path.join(t.work, os.path.basename(built))
+        shutil.copyfile(built, deb)
     t.log(f"built {os.path.basename(deb)} in {time.monotonic() - t0:.1f} s")
     return deb
 

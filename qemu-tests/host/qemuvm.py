@@ -107,6 +107,27 @@ HOST_DIED = "the host's QEMU exited"
 # after a third). Not understood; scenarios.py runs such a scenario once
 # more and says so in its result.
 GUEST_RESET = "the nested guest reset itself"
+# A restored guest whose QEMU runs (luo-qemu reported it restored and
+# running, its process is alive) but that printed no tick for minutes: seen
+# twice in fleet_rolling_update on h2 (after its second and its third
+# restore) on 2026-11-30, both times at a guest uptime near 900 s. Not
+# understood either; the failure carries QEMU's CPU time over 5 s (a spinning
+# or a halted guest) and the host's kernel log, and scenarios.py runs the
+# scenario once more.
+GUEST_STALLED = "the nested guest stopped printing"
+
+
+def stall_report(h, vm):
+    """What the host knows about VM `vm`'s QEMU when its guest prints
+    nothing: (alive, text). Alive: its process exists."""
+    out = h.ssh(f"pid=$(pgrep -f 'qemu-system-x86_64.*-name {vm}' | head -1); "
+                "if [ -z \"$pid\" ]; then echo 'no QEMU process'; exit 3; fi; "
+                "echo \"QEMU pid $pid: $(ps -o stat=,etime=,time= -p $pid)\"; "
+                "a=$(awk '{print $14+$15}' /proc/$pid/stat); sleep 5; b=$(awk '{print $14+$15}' /proc/$pid/stat); "
+                "echo \"CPU ticks in 5 s: $((b - a)) (of $((5 * $(getconf CLK_TCK))))\"; "
+                "for t in /proc/$pid/task/*; do echo \"  thread $(cat $t/comm): $(awk '{print $3}' $t/stat)\"; done; "
+                "dmesg | tail -n 12", timeout=60)
+    return out.rc == 0, (out.stdout + out.stderr).strip()
 
 
 def consoles(t, names):

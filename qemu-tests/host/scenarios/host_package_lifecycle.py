@@ -17,12 +17,10 @@ a newer build, VERSION+host1). On the host:
    kept; dpkg and systemd no longer know the package or the unit.
 """
 
-import hashlib
-import json
 import os
-import shlex
-import subprocess
 import time
+
+import luodhost
 
 TIMEOUT = 1500
 
@@ -36,20 +34,6 @@ subprocess.run(["luoctl", "session", "preserve", "pkg-client", "--token", "1", "
                pass_fds=[fd], check=True)
 print(hashlib.sha256(data).hexdigest())
 """
-
-
-def build(t, version=None):
-    env = dict(os.environ)
-    if version:
-        env["LIVEUPDATE_DEB_VERSION"] = version
-    t0 = time.monotonic()
-    p = subprocess.run([os.path.join(t.repo, "packaging", "build-deb.sh")], cwd=t.repo, env=env,
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if p.returncode != 0:
-        t.fail(f"packaging/build-deb.sh failed ({p.returncode}): {p.stderr[-1500:]}")
-    deb = os.path.join(t.repo, p.stdout.strip().splitlines()[-1])
-    t.log(f"built {os.path.basename(deb)} in {time.monotonic() - t0:.1f} s")
-    return deb
 
 
 def installed(h):
@@ -77,7 +61,7 @@ def run(t):
     with open(os.path.join(t.repo, "Cargo.toml")) as f:
         version = next(line.split('"')[1] for line in f if line.startswith("version = "))
     newer = f"{version}+host1"
-    deb1, deb2 = build(t), build(t, newer)
+    deb1, deb2 = luodhost.build_deb(t), luodhost.build_deb(t, newer)
 
     h = t.host()
     h.boot(timeout=300)

@@ -8,9 +8,7 @@ command line too): in the new kernel luod is `updated` with the same
 backend, the member takes the memfd back byte-identical (SHA-256), `finish`
 returns to `normal`."""
 
-import os
-import subprocess
-import time
+import luodhost
 
 TIMEOUT = 1500
 MEMMAP = "memmap=64M$0x30000000"
@@ -28,19 +26,8 @@ print(hashlib.sha256(data).hexdigest())
 """
 
 
-def build_deb(t):
-    t0 = time.monotonic()
-    p = subprocess.run([os.path.join(t.repo, "packaging", "build-deb.sh")], cwd=t.repo, stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        t.fail(f"packaging/build-deb.sh failed ({p.returncode}): {p.stderr[-1500:]}")
-    deb = os.path.join(t.repo, p.stdout.strip().splitlines()[-1])
-    t.log(f"built {os.path.basename(deb)} in {time.monotonic() - t0:.1f} s")
-    return deb
-
-
 def run(t):
-    deb = build_deb(t)
+    deb = luodhost.build_deb(t)
     h = t.host(kernel="stock", cmdline_extra=MEMMAP)
     h.boot(timeout=400)
     t.measure("stock kernel: boot to ssh", h.last_boot["ssh"])
