@@ -57,7 +57,7 @@ boot1() {
 	step prepare 120
 	demo "luoctl prepare --kernel /kernel --initrd initrd.cpio --reuse-cmdline"
 	luoctl prepare --kernel /kernel --initrd /run/initrd.cpio --reuse-cmdline | sed 's/^/DEMO:   /'
-	[ "$(luoctl --json status | sed -n 's/.*"state": "\(.*\)".*/\1/p')" = prepared ] || fail "prepare"
+	[ "$(luoctl --json status | luo-qemu-tool json state)" = prepared ] || fail "prepare"
 	step freeze 60
 	demo "workload pauses; luoctl freeze"
 	mark freeze-start

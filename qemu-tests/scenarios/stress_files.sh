@@ -8,7 +8,7 @@ boot1() {
 	start_luod
 	step fill 600
 	run luo-qemu-tool fill --prefix f --sessions 4 --files 256 --sizes 0,1,4095,4096,4097,65536,12345 --seed 5 --manifest /manifest --marker before --print-each
-	c=$(luoctl --json session list | grep -c '"token"')
+	c=$(luoctl --json session list | luo-qemu-tool json --count 'sessions.*.files.*')
 	[ "$c" = 1024 ] || fail "session list shows $c files, expected 1024"
 	luo_cycle
 }
@@ -16,7 +16,7 @@ boot1() {
 boot2() {
 	wait_updated
 	status_json
-	c=$(luoctl --json session list | grep -c '"token"')
+	c=$(luoctl --json session list | luo-qemu-tool json --count 'sessions.*.files.*')
 	[ "$c" = 1024 ] || fail "session list shows $c incoming files, expected 1024"
 	step retrieve 600
 	run luo-qemu-tool check --manifest /manifest --marker after --print-each

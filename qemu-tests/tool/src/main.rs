@@ -27,6 +27,7 @@
 //! scenario's `/init` sends to the serial console.
 
 mod fake_pid1;
+mod json;
 
 use liveupdate::kernel::{kexec, memfd, uapi};
 use liveupdate::protocol::client::Client;
@@ -55,6 +56,8 @@ const USAGE: &str = "usage: luo-qemu-tool COMMAND [OPTIONS]
   kexec --kernel K [--initrd I] --cmdline C [--mark NAME] [--load-only]
         (--load-only: kexec_file_load and return, for a `luoctl prepare` without --kernel)
   now   (CLOCK_REALTIME in ns)
+  json [--count] PATH   (JSON on stdin, e.g. `luoctl --json status`: prints each value at PATH, keys
+        and array indexes joined by '.', '*' for every element; strings bare; --count: how many)
   luod-times --exec-ns NS --log PATH   (luod's log lines, in ms after NS)
   luo-start-cost [--dev /dev/liveupdate]   (times the kernel calls of luod's LUO start,
         taking luod's incoming record session: run it instead of luod)
@@ -70,7 +73,7 @@ struct Opts {
     words: Vec<String>,
 }
 
-const FLAGS: &[&str] = &["print-each", "finish-sessions", "restore", "load-only"];
+const FLAGS: &[&str] = &["print-each", "finish-sessions", "restore", "load-only", "count"];
 
 impl Opts {
     fn parse(args: &[String]) -> Result<Opts> {
@@ -774,6 +777,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             "luod-times" => cmd_luod_times(&o),
+            "json" => json::cmd(&o.words, o.flag("count")),
             "luo-start-cost" => cmd_luo_start_cost(&o),
             "fake-pid1" => fake_pid1::run(
                 o.req("notify")?,
