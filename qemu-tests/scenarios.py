@@ -136,8 +136,9 @@ class HostScenario:
     cover, run by the groups `host` and `all` but not `tests`), FLEET
     (default False: the fleet scenario, also in its own group `fleet`),
     CPUS (default 1: the host vCPUs it runs at once, which is what it takes
-    of this machine's CPUs; hosts have one vCPU, see hostvm.Host) and DEMO
-    (default False: a demo, in no group) are read here without importing
+    of this machine's CPUs; hosts have one vCPU, see hostvm.Host), DEMO
+    (default False: a demo, in no group) and DIAG (default False: a
+    diagnosis run by name, in no group) are read here without importing
     it."""
 
     def __init__(self, path):
@@ -150,6 +151,7 @@ class HostScenario:
         self.demo = False
         self.smoke = False
         self.fleet = False
+        self.diag = False
         self.cpus = 1
         with open(path) as f:
             tree = ast.parse(f.read(), path)
@@ -167,6 +169,8 @@ class HostScenario:
                     self.cpus = int(ast.literal_eval(node.value))
                 elif node.targets[0].id == "DEMO":
                     self.demo = bool(ast.literal_eval(node.value))
+                elif node.targets[0].id == "DIAG":
+                    self.diag = bool(ast.literal_eval(node.value))
 
 
 def host_scenarios():
@@ -177,14 +181,16 @@ def host_scenarios():
 SCENARIOS += host_scenarios()
 BY_NAME = {s.name: s for s in SCENARIOS}
 GROUPS = {
-    "all": [s.name for s in SCENARIOS if not s.demo],
+    "all": [s.name for s in SCENARIOS if not s.demo and not getattr(s, "diag", False)],
     "luo": [s.name for s in SCENARIOS if s.kernel == "luo" and not s.bench],
     "smoke": [s.name for s in EXTERNAL],
     "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
     "bench": [s.name for s in SCENARIOS if s.bench],
-    "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo and not getattr(s, "smoke", False)],
+    "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo and not getattr(s, "smoke", False)
+              and not getattr(s, "diag", False)],
     "fleet": [s.name for s in SCENARIOS if getattr(s, "fleet", False)],
-    "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench and not s.demo],
+    "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench and not s.demo
+             and not getattr(s, "diag", False)],
 }
 
 # qemu-tests/host/qemuvm.py's HOST_DIED, GUEST_RESET and GUEST_STALLED: a host

@@ -38,8 +38,14 @@ import tempfile
 import time
 
 CACHE = os.environ.get("LUO_CACHE", "/var/cache/liveupdate-qemu")
-LUO_CMDLINE = "root=/dev/vda rw console=ttyS0 liveupdate=on panic=-1"
-STOCK_CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1"
+# tsc=reliable: under TCG the host's TSC is this machine's, but the kernel's
+# clocksource watchdog, timing it against the emulated HPET of a loaded
+# machine, marked it unstable (`Marking TSC unstable due to clocksource
+# watchdog`) in most boots; KVM then keeps nested guests' TSCs by catch-up,
+# and a guest restored by luo-qemu after a live update had its clock run at
+# twice the real rate (diag_guest_clock, 2026-11-30).
+LUO_CMDLINE = "root=/dev/vda rw console=ttyS0 liveupdate=on panic=-1 tsc=reliable"
+STOCK_CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1 tsc=reliable"
 MARKER = re.compile(r"@@HOST (\S+) (\S+) (\S+)(?: uptime=(\S+))?")
 
 CmdResult = collections.namedtuple("CmdResult", "rc stdout stderr")

@@ -43,6 +43,12 @@ the boot), `BENCH up` -> first tick (the launcher: claim, QEMU relaunch,
 state load, the guest's next tick); and the launcher's own checkpoint_ms,
 relaunch_ms and load_ms.
 
+Each kexec, VM round's and bare one's alike, is split by the new boot's
+monotonic clock (systemd's timestamps): the old boot's end (shutdown; in a
+VM round also luod's reboot path), the kernel until systemd starts, systemd
+until luod is ready, luod ready until `BENCH up`; printed as medians for
+both kinds, so that the VM round's longer kexec shows where it is longer.
+
 4x RAM: two VMs run in every VM round, `small` (128 MiB, the guest fills 32
 MiB of tmpfs before it ticks: qemu-launcher/guest/fill; 64 MiB does not fit
 next to Debian's stock kernel and its initramfs) and `big` (512 MiB, fills
@@ -151,6 +157,21 @@ def start_vms(t, h, cons, order):
     return out
 
 
+def boot_parts(h, span):
+    """Where a kexec's `span` seconds (from `BENCH kexec` or `BENCH reboot`
+    to `BENCH up`) went, by the new boot's monotonic clock (it starts with
+    the new kernel): the old boot's end (its shutdown, and for a live update
+    luod's reboot path), the new kernel until systemd starts, systemd until
+    luod is ready, luod ready until bench-mark.service runs."""
+    us = [int(x or 0) for x in h.check(
+        "systemctl show -p UserspaceTimestampMonotonic --value; "
+        "systemctl show -p ActiveEnterTimestampMonotonic --value luod.service; "
+        "systemctl show -p ExecMainStartTimestampMonotonic --value bench-mark.service").split()]
+    userspace, luod, mark = (u / 1e6 for u in us)
+    return {"old boot's end": span - mark, "kernel": userspace, "systemd -> luod ready": luod - userspace,
+            "luod ready -> BENCH up": mark - luod}
+
+
 def bare_round(t, h, marks):
     st = luodhost.status(h)
     t.expect(st["state"] == "normal" and not st["sessions"],
@@ -161,7 +182,7 @@ def bare_round(t, h, marks):
     k = h.kexec(f"echo BENCH kexec > /dev/{MARKS}; systemctl kexec", timeout=900)
     t0, _ = wait_line(t, marks, r"BENCH kexec", idx, 10, "BENCH kexec")
     t1, _ = wait_line(t, marks, r"BENCH up " + re.escape(k["boot_id"]), idx, 60, "BENCH up of the new boot")
-    return t1 - t0
+    return t1 - t0, boot_parts(h, t1 - t0)
 
 
 def vm_round(t, h, cons, marks, order):
@@ -177,7 +198,7 @@ def vm_round(t, h, cons, marks, order):
              f"after the kexec luod is {st['state']}: {h.ssh('cat /root/freeze.out /root/reboot.err').stdout}")
     t_reboot, _ = wait_line(t, marks, r"BENCH reboot", idx, 10, "BENCH reboot")
     t_up, _ = wait_line(t, marks, r"BENCH up " + re.escape(k["boot_id"]), idx, 60, "BENCH up of the new boot")
-    res = {"kexec": t_up - t_reboot, "fill": {}, "vm": {}}
+    res = {"kexec": t_up - t_reboot, "parts": boot_parts(h, t_up - t_reboot), "fill": {}, "vm": {}}
     for name in order:
         cidx, boot, fill_s = vms[name]
         restored = wait_launcher(t, h, name, "restored", 600)
@@ -242,7 +263,7 @@ def _run(t, deb, cons, qemu_args):
     load0 = open("/proc/loadavg").read().split()[:3]
     t.info(f"host: {h.last_boot['release']}, {qemu_version}, -m {h.mem} -smp {h.smp} (TCG), nested KVM; "
            f"load average on this machine at the start {' '.join(load0)}")
-    bare, vm = [], []
+    bare, bare_parts, vm = [], [], []
     host_died = None
     t_start = time.monotonic()
     for r in range(ROUNDS):
@@ -259,7 +280,7 @@ def _run(t, deb, cons, qemu_args):
             t.log(f"round {r + 1}: VM blackout " + ", ".join(f"{n} {v['vm'][n]['blackout']:.2f} s" for n in VMS)
                   + f" (kexec {v['kexec']:.2f} s)")
             h.check("systemctl disable --now " + " ".join(f"luo-qemu@{n}" for n in VMS), timeout=120)
-            b = bare_round(t, h, marks)
+            b, bparts = bare_round(t, h, marks)
             t.log(f"round {r + 1}: bare kexec {b:.2f} s")
         except Exception as e:
             # The host's own QEMU (TCG emulating the host's SVM for its
@@ -274,6 +295,7 @@ def _run(t, deb, cons, qemu_args):
             t.info(host_died.splitlines()[0][:600] + f"; the medians below are of {r} round(s)")
             break
         bare.append(b)
+        bare_parts.append(bparts)
         vm.append(v)
     load1 = open("/proc/loadavg").read().split()[:3]
     t.info(f"{len(vm)} rounds (VM, bare, ...) in {time.monotonic() - t_start:.0f} s; "
@@ -294,6 +316,9 @@ def _run(t, deb, cons, qemu_args):
                f"state {med(col(name, 'state_bytes')) / 1e3:.0f} KB; guest fill "
                f"{fmt([v['fill'][name] for v in vm], 's', 1, 1)}")
     t.info(f"  kexec of the VM rounds (luoctl reboot -> BENCH up): {fmt([v['kexec'] for v in vm])}")
+    for part in (bare_parts[0] if bare_parts else {}):
+        t.info(f"  kexec part {part!r}: VM rounds {fmt([v['parts'][part] for v in vm])}; "
+               f"bare {fmt([p[part] for p in bare_parts])}")
     small, big = list(VMS)
     ratio = med(col(small, "blackout")) / med(bare)
     t.info(f"RATIO VM blackout / bare kexec (medians, {small} VM): {ratio:.3f} (target <= 1.15); "
