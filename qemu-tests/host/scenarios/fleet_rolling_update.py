@@ -56,10 +56,11 @@ import luodhost
 from qemuvm import GUEST_STALLED, TICK, define_vm, install_launcher, launcher_log, stall_report, wait_launcher
 
 TIMEOUT = 2400
-# In `tests` (and its own group `fleet`). It passed end to end at load
-# (1632 s, load 7-13); twice in five runs h2's guest printed no tick for 120
-# s after its second or third restore though luo-qemu reported it restored
-# and running (qemuvm.GUEST_STALLED: scenarios.py runs it once more).
+# In `tests` (and its own group `fleet`). Three of its five runs before
+# 2026-11-30's `tsc=reliable` on the hosts (hostvm.LUO_CMDLINE) ended with a
+# restored guest that printed nothing for 120 s though luo-qemu reported it
+# restored and running (qemuvm.GUEST_STALLED: scenarios.py runs it once
+# more); on those hosts a restored guest's clock ran at twice the real rate.
 # Three hosts of one vCPU: it takes three CPUs, that is all of this machine's.
 CPUS = 3
 FLEET = True
