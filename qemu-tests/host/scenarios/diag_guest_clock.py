@@ -102,8 +102,11 @@ def run(t):
                f"{s[-1][1]}; guest seconds per real second over the last {WATCH_S / 2:.0f} s: {rate:.3f}; "
                f"gaps: {'; '.join(gaps) or 'none'}")
         clk = h.ssh(f"grep -a -i -E 'clocksource|tsc|kvm-clock|hpet|timer' /var/lib/luo-vm/{VM}.serial | head -30").stdout
-        t.info(f"host {name}: the guest's clock lines:\n{clk}")
+        for line in clk.splitlines():
+            t.info(f"host {name}: guest: {line}")
         host_clk = h.ssh("dmesg | grep -i -E 'tsc|clocksource|kvm' | tail -8").stdout
-        t.info(f"host {name}: its own clock lines:\n{host_clk}")
+        for line in host_clk.splitlines():
+            t.info(f"host {name}: host: {line}")
         if tail > 20:
-            t.info(f"host {name}: {stall_report(h, VM)[1]}")
+            for line in stall_report(h, VM)[1].splitlines():
+                t.info(f"host {name}: stalled: {line}")
