@@ -109,12 +109,12 @@ HOST_DIED = "the host's QEMU exited"
 GUEST_RESET = "the nested guest reset itself"
 # A restored guest whose QEMU runs (luo-qemu reported it restored and
 # running, its process is alive) but that printed no tick for minutes: seen
-# in three of five runs of fleet_rolling_update on 2026-11-30, on hosts
-# whose kernel had marked its TSC unstable (before hostvm's tsc=reliable);
-# a restored guest on such a host ran its clock at twice the real rate
-# (diag_guest_clock). The failure carries QEMU's CPU time over 5 s (a
-# spinning or a halted guest) and the host's kernel log, and scenarios.py
-# runs the scenario once more.
+# in five of seven runs of fleet_rolling_update by 2026-11-30, before and
+# after hostvm's tsc=reliable (without it a restored guest's clock ran at
+# twice the real rate: diag_guest_clock; with it a stalled guest's clock
+# had all but stopped). Not understood. The failure carries QEMU's CPU
+# time over 5 s (a spinning or a halted guest) and the host's kernel log,
+# and scenarios.py runs the scenario once more.
 GUEST_STALLED = "the nested guest stopped printing"
 
 
