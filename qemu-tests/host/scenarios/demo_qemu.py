@@ -32,7 +32,7 @@ VM = "web"
 
 
 def run(t):
-    t.demo("building the .deb (luod, luoctl) and booting the Debian host (QEMU TCG, 2 vCPUs, 2 GiB)")
+    t.demo("building the .deb (luod, luoctl) and booting the Debian host (QEMU TCG, 1 vCPU, 2 GiB)")
     deb = luodhost.build_deb(t)
     cons, qemu_args = consoles(t, [VM])
     try:
