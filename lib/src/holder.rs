@@ -38,19 +38,20 @@ use std::time::{Duration, Instant};
 
 /// Somewhere to park file descriptors that must outlive luod.
 pub trait FdPark: Send + std::fmt::Debug {
-    /// Parks a duplicate of a file under `key` (replacing any file under it).
-    fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()>;
+    /// Parks a file under `key` (replacing any file under it): as
+    /// [`put_shared`](Self::put_shared) with the caller's descriptor.
+    fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
+        self.put_shared(key, &Arc::new(fd))
+    }
     /// Drops the file under `key`.
     fn remove(&mut self, key: &str) -> io::Result<()>;
     /// Duplicates of every parked file; the park keeps its own.
     fn fetch_all(&mut self) -> io::Result<Vec<(String, OwnedFd)>>;
-    /// Parks `fd` under `key` as [`put`](Self::put) does, sharing the
+    /// Parks `fd` under `key` (replacing any file under it), sharing the
     /// caller's descriptor where the park keeps one in luod (the fd
-    /// holder's client, systemd's fd store): luod then holds each file
-    /// open once, not twice. The default parks a duplicate.
-    fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
-        self.put(key, fd.try_clone()?)
-    }
+    /// holder's client, systemd's fd store, [`MemPark`]): luod then holds
+    /// each file open once, not twice.
+    fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()>;
     /// Every parked file, as [`fetch_all`](Self::fetch_all), shared with
     /// the park where it keeps them in luod instead of duplicated.
     fn fetch_all_shared(&mut self) -> io::Result<Vec<(String, SharedFd)>> {
@@ -550,10 +551,6 @@ fn stopped(stop: &OwnedFd, timeout: Duration) -> bool {
 }
 
 impl FdPark for HolderClient {
-    fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
-        self.put_shared(key, &Arc::new(fd))
-    }
-
     fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
         let mut l = lock(&self.link);
         l.request(&HolderRequest::Put { key: key.to_string() }, &[fd.as_fd()])?;
@@ -607,9 +604,6 @@ impl FdPark for HolderClient {
 pub struct MemPark(BTreeMap<String, SharedFd>);
 
 impl FdPark for MemPark {
-    fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
-        self.put_shared(key, &Arc::new(fd))
-    }
     fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
         self.0.insert(key.to_string(), Arc::clone(fd));
         Ok(())

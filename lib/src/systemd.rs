@@ -140,10 +140,6 @@ pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
 }
 
 impl FdPark for SystemdFdStore {
-    fn put(&mut self, key: &str, fd: OwnedFd) -> io::Result<()> {
-        self.put_shared(key, &Arc::new(fd))
-    }
-
     fn put_shared(&mut self, key: &str, fd: &SharedFd) -> io::Result<()> {
         let name = fd_name(key);
         if self.parked.contains_key(key) {

@@ -188,8 +188,8 @@ fn a_vm_whose_ram_is_not_a_memfd_is_refused_before_anything_is_paused() {
 struct SharedPark(Arc<Mutex<crate::holder::MemPark>>);
 
 impl crate::holder::FdPark for SharedPark {
-    fn put(&mut self, key: &str, fd: OwnedFd) -> std::io::Result<()> {
-        self.0.lock().unwrap().put(key, fd)
+    fn put_shared(&mut self, key: &str, fd: &crate::holder::SharedFd) -> std::io::Result<()> {
+        self.0.lock().unwrap().put_shared(key, fd)
     }
     fn remove(&mut self, key: &str) -> std::io::Result<()> {
         self.0.lock().unwrap().remove(key)

@@ -425,7 +425,7 @@ mod tests {
     struct BrokenPark;
 
     impl FdPark for BrokenPark {
-        fn put(&mut self, _key: &str, _fd: OwnedFd) -> std::io::Result<()> {
+        fn put_shared(&mut self, _key: &str, _fd: &crate::holder::SharedFd) -> std::io::Result<()> {
             Err(std::io::Error::other("the holder is gone"))
         }
         fn remove(&mut self, _key: &str) -> std::io::Result<()> {
