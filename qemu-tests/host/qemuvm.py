@@ -233,18 +233,32 @@ def disk_path(name):
     return f"/var/lib/luo-vm/{name}.img"
 
 
+# The guest's clock: the TSC, not kvm-clock. The Debian hosts run under TCG,
+# which offers no invariant TSC (QEMU's TCG_APM_FEATURES is 0), so a host's
+# KVM has no master clock and QEMU restores a guest's kvm-clock by its
+# fallback (the time from the pvclock page in guest RAM). After such a
+# restore a Linux guest on kvm-clock sat nearly still for tens of seconds
+# to minutes, and ran on normally after (diag_guest_clock, 2026-11-30: 40 s
+# and 104 s on one host, over 120 s in the fleet: GUEST_STALLED); on the TSC
+# (this line, in the same runs) it went on at once, at 1.000 guest seconds
+# per real second, its uptime counting the blackout. tsc=reliable keeps the
+# guest's clocksource watchdog from swapping the TSC for kvm-clock again.
+GUEST_CLOCK = "clocksource=tsc tsc=reliable"
+
+
 def define_vm(h, name, tty, memory_mib=128, state_mib=4, append="", extra_args=(), disk=False):
     """/etc/luod/vms/NAME.toml: the guest on the host's serial port `tty`
     (e.g. ttyS1), logged to /var/lib/luo-vm/NAME.serial; with tty None, on
     that file alone (a file chardev, appended to by each QEMU: it never
     makes the guest wait for a slow port). With disk, a new
-    1 MiB raw image /var/lib/luo-vm/NAME.img is its virtio disk."""
+    1 MiB raw image /var/lib/luo-vm/NAME.img is its virtio disk. `append`
+    goes on the guest's command line after GUEST_CLOCK."""
     if disk:
         h.check(f"rm -f {disk_path(name)} && truncate -s 1M {disk_path(name)}")
         extra_args = ["-drive", f"file={disk_path(name)},if=virtio,format=raw", *extra_args]
     args = ["-nodefaults", "-machine", "q35", "-accel", "kvm", "-cpu", "qemu64", "-smp", "1", "-display", "none",
             "-kernel", "/var/lib/luo-vm/vmlinuz", "-initrd", "/var/lib/luo-vm/initrd.gz",
-            "-append", ("console=ttyS0,115200 quiet " + append).strip(),
+            "-append", f"console=ttyS0,115200 quiet {GUEST_CLOCK} {append}".strip(),
             "-chardev", (f"serial,id=ser,path=/dev/{tty},logfile=/var/lib/luo-vm/{name}.serial,logappend=on" if tty
                          else f"file,id=ser,path=/var/lib/luo-vm/{name}.serial,append=on"),
             "-serial", "chardev:ser", *extra_args]
