@@ -109,12 +109,11 @@ HOST_DIED = "the host's QEMU exited"
 GUEST_RESET = "the nested guest reset itself"
 # A restored guest whose QEMU runs (luo-qemu reported it restored and
 # running, its process is alive) but that printed no tick for minutes: seen
-# in five of seven runs of fleet_rolling_update by 2026-11-30, before and
-# after hostvm's tsc=reliable (without it a restored guest's clock ran at
-# twice the real rate: diag_guest_clock; with it a stalled guest's clock
-# had all but stopped). Not understood. The failure carries QEMU's CPU
-# time over 5 s (a spinning or a halted guest) and the host's kernel log,
-# and scenarios.py runs the scenario once more.
+# in five of seven runs of fleet_rolling_update by 2026-11-30, a guest on
+# kvm-clock whose clock sat nearly still after its restore (GUEST_CLOCK
+# below: the guests now run on the TSC). Kept as a check: the failure
+# carries QEMU's CPU time over 5 s (a spinning or a halted guest) and the
+# host's kernel log, and scenarios.py runs the scenario once more.
 GUEST_STALLED = "the nested guest stopped printing"
 
 
