@@ -59,7 +59,7 @@ TIMEOUT = 1500  # 642 s measured (2026-11-30, alone on the machine)
 # In `tests` (CI) and in a group `fleet` of its own. It was kept out of
 # `tests` until 2026-11-30: a guest that luo-qemu restored stopped printing
 # for minutes in most runs (qemuvm.GUEST_STALLED), a guest on kvm-clock
-# held nearly still after its restore (qemuvm.GUEST_CLOCK says why); on
+# held nearly still after its restore (qemuvm.GUEST_CLOCK); on
 # the TSC, and ticking once a second, it passed in 642 s against 1632 s.
 # Three hosts of one vCPU: it takes three CPUs, that is all of this machine's.
 CPUS = 3
