@@ -1,8 +1,9 @@
 """diag_guest_clock: two hosts (LUO_DIAG_HOSTS: up to three, as in the
 fleet), one VM each (the fleet's guest, console in a file on its host);
 the hosts named in LUO_DIAG_UPDATE (default "b"; "" for none) each
-live-update once, at once, the others never do; then every guest is watched for WATCH_S seconds, every 5 s: its last
-tick and uptime against this machine's clock. Prints the guest clock's
+live-update once, at once, the others never do; then every guest is
+watched for WATCH_S seconds, every 5 s: its last tick and uptime against
+this machine's clock. Prints the guest clock's
 rate (guest seconds per real second) per host, over the first and the last
 half of the watch, every gap of more than 20 s without a new tick, and the
 guest's clocksource, and for an updated host every sample and the guest's
@@ -121,7 +122,7 @@ def run(t):
         if tail > 20:
             gaps.append(f"none for the last {tail:.0f} s after n={changes[-1][1]}")
         # Rates over the first and the last half of the watch (the last:
-        # after b's update).
+        # after the updates).
 
         def rate(xs):
             return (xs[-1][2] - xs[0][2]) / (xs[-1][0] - xs[0][0]) if len(xs) > 1 and xs[-1][0] > xs[0][0] else float("nan")
@@ -139,8 +140,8 @@ def run(t):
         for line in host_clk.splitlines():
             t.info(f"host {name}: host: {line}")
         if name in UPDATE:
-            # Every sample from the last one before the pause on: real
-            # seconds since the watch began, counter, guest uptime.
+            # Every sample: real seconds since the watch began, counter,
+            # guest uptime.
             t0 = s[0][0]
             t.info(f"host {name}: samples (real s, n, up): " + " ".join(f"{ts - t0:.0f}/{n}/{up:.1f}" for ts, n, up in s))
             serial = h.ssh(f"cat /var/lib/luo-vm/{VM}.serial", timeout=120).stdout
