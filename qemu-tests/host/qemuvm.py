@@ -238,13 +238,13 @@ def disk_path(name):
 # on kvm-clock sat nearly still for tens of seconds to minutes, and ran on
 # normally after (diag_guest_clock, 2026-11-30: 40 s and 104 s on one host,
 # over 120 s in the fleet: GUEST_STALLED); on the TSC (this line, in the
-# same runs) it went on at once, at 1.000 guest seconds per real second,
-# its uptime counting the blackout. Not traced: these hosts run under TCG,
-# which offers no invariant TSC (QEMU's TCG_APM_FEATURES is 0), and each
-# boot calibrates the TSC rate anew, so the restore asks KVM for a rate it
-# cannot scale to (QEMU: "TSC frequency mismatch ... TSC scaling
-# unavailable"). tsc=reliable keeps the guest's clocksource watchdog from
-# swapping the TSC for kvm-clock again.
+# same runs) it went on at once, at 1.000 guest seconds per real second
+# (its uptime counting the blackout there; not in the demo's run). Not
+# traced: these hosts run under TCG, which offers no invariant TSC (QEMU's
+# TCG_APM_FEATURES is 0), and each boot calibrates the TSC rate anew, so
+# the restore asks KVM for a rate it cannot scale to (QEMU: "TSC frequency
+# mismatch ... TSC scaling unavailable"). tsc=reliable keeps the guest's
+# clocksource watchdog from swapping the TSC for kvm-clock again.
 GUEST_CLOCK = "clocksource=tsc tsc=reliable"
 
 
