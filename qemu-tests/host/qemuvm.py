@@ -128,6 +128,14 @@ def stall_report(h, vm):
                 "a=$(awk '{print $14+$15}' /proc/$pid/stat); sleep 5; b=$(awk '{print $14+$15}' /proc/$pid/stat); "
                 "echo \"CPU ticks in 5 s: $((b - a)) (of $((5 * $(getconf CLK_TCK))))\"; "
                 "for t in /proc/$pid/task/*; do echo \"  thread $(cat $t/comm): $(awk '{print $3}' $t/stat)\"; done; "
+                # KVM's view of the VM (the guest's TSC offset and scaling,
+                # its exit counters): for the next diagnosis of a stall.
+                "mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null; "
+                "d=$(ls -d /sys/kernel/debug/kvm/$pid-* 2>/dev/null | head -1); "
+                "if [ -n \"$d\" ]; then for f in $d/vcpu0/tsc-offset $d/vcpu0/tsc-scaling-ratio; do "
+                "[ -r $f ] && echo \"  $(basename $f): $(cat $f)\"; done; "
+                "for k in halt_exits irq_injections exits halt_wakeup; do a=$(cat $d/$k 2>/dev/null); "
+                "[ -n \"$a\" ] && echo \"  $k: $a\"; done; fi; "
                 "dmesg | tail -n 12", timeout=60)
     return out.rc == 0, (out.stdout + out.stderr).strip()
 
