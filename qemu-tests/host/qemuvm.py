@@ -111,9 +111,10 @@ GUEST_RESET = "the nested guest reset itself"
 # running, its process is alive) but that printed no tick for minutes: seen
 # in five of seven runs of fleet_rolling_update by 2026-11-30, a guest on
 # kvm-clock whose clock sat nearly still after its restore (GUEST_CLOCK
-# below: the guests now run on the TSC). On the TSC, in two of the next
-# four runs: no tick at all after the restore, its QEMU 4 % busy (a halted
-# guest that nothing woke). Not understood. The
+# below: the guests now run on the TSC). On the TSC, in three of the next
+# five runs: no tick at all after the restore, its QEMU 4 % busy; in one,
+# KVM's tsc-offset showed the guest's TSC started again from about 0 at the
+# restore (not its checkpoint value), so its clock stood still. The
 # failure carries QEMU's CPU time over 5 s (a spinning or a halted guest)
 # and the host's kernel log, and scenarios.py runs the scenario once more.
 GUEST_STALLED = "the nested guest stopped printing"

@@ -63,7 +63,9 @@ TIMEOUT = 1500  # 642 s measured (2026-11-30, alone on the machine)
 # passed in 642 s and 636 s, and then stalled in two runs in a row in
 # another way: a restored guest that printed nothing, halted, its QEMU 4 %
 # busy (h3 after its update in run 2; h2 after its first restore in run
-# 1). At two runs in four, a CI run would fail one time in four.
+# 1; h3 again in a fifth run, whose guest TSC had started again from about
+# 0 at the restore: qemu-tests/README.md). At three runs in five, a CI run
+# would fail about one time in three.
 # Three hosts of one vCPU: it takes three CPUs, that is all of this machine's.
 CPUS = 3
 FLEET = True
