@@ -60,9 +60,9 @@ TIMEOUT = 1500  # 642 s measured (2026-11-30, alone on the machine)
 # 2026-11-30 a restored guest on kvm-clock stopped printing for minutes in
 # five of seven runs (qemuvm.GUEST_STALLED; it sat nearly still after its
 # restore); on the TSC (qemuvm.GUEST_CLOCK) and ticking once a second it
-# passed in 642 s and 636 s, and then stalled in two runs in a row in
-# another way: a restored guest that printed nothing, halted, its QEMU 4 %
-# busy (h3 after its update in run 2; h2 after its first restore in run
+# passed in 642 s and 636 s, and then stalled in each of the next three
+# runs in another way: a restored guest that printed nothing, halted, its
+# QEMU 4 % busy (h3 after its update in run 2; h2 after its first restore in run
 # 1; h3 again in a fifth run, whose guest TSC had started again from about
 # 0 at the restore: qemu-tests/README.md). At three runs in five, a CI run
 # would fail about one time in three.
