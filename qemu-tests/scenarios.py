@@ -134,8 +134,8 @@ class HostScenario:
     module-level TIMEOUT (default 900), BENCH (default False), SMOKE
     (default False: a smoke check of the image that other host scenarios
     cover, run by the groups `host` and `all` but not `tests`), FLEET
-    (default False: the fleet scenario, in its own group `fleet` and in
-    `host` and `all`, not in `tests`),
+    (default False: the fleet scenario, in its own group `fleet` as well as
+    in `tests`, `host` and `all`),
     CPUS (default 1: the host vCPUs it runs at once, which is what it takes
     of this machine's CPUs; hosts have one vCPU, see hostvm.Host), DEMO
     (default False: a demo, in no group) and DIAG (default False: a
@@ -188,7 +188,7 @@ GROUPS = {
     "stock": [s.name for s in SCENARIOS if s.kernel == "stock" and not s.bench],
     "bench": [s.name for s in SCENARIOS if s.bench],
     "tests": [s.name for s in SCENARIOS if not s.bench and not s.demo and not getattr(s, "smoke", False)
-              and not getattr(s, "diag", False) and not getattr(s, "fleet", False)],
+              and not getattr(s, "diag", False)],
     "fleet": [s.name for s in SCENARIOS if getattr(s, "fleet", False)],
     "host": [s.name for s in SCENARIOS if s.kernel == "host" and not s.bench and not s.demo
              and not getattr(s, "diag", False)],

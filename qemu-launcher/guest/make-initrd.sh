@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the launcher tests' guest initramfs (busybox + ./init) at $1.
-# Needs Debian's busybox-static (a static /bin/busybox), cpio and gzip.
+# Needs Debian's busybox-static (a static /bin/busybox), cpio and gzip;
+# with cc and a static libc it adds /bin/tsc (tsc.c).
 #
 #   make-initrd.sh OUT [MODULE.ko...]
 #
@@ -20,6 +21,12 @@ mkdir -p "$tmp"/{bin,proc,sys,dev,tmp}
 cp "$here/fill" "$tmp/fill.sh"
 cp "$bb" "$tmp/bin/busybox"
 cp "$here/init" "$tmp/init"
+# /bin/tsc (the guest's TSC on every tick), when a C compiler and a static
+# libc are here (Rust's toolchain needs cc anyway).
+if command -v cc >/dev/null && ! cc -static -O2 -o "$tmp/bin/tsc" "$here/tsc.c" 2>"$tmp/cc.err"; then
+  echo "make-initrd: no /bin/tsc in the guest (cc -static failed: $(head -c 300 "$tmp/cc.err"))" >&2
+fi
+rm -f "$tmp/cc.err"
 if [ $# -gt 0 ]; then
   mkdir -p "$tmp/lib/modules"
   for ko in "$@"; do

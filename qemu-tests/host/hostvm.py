@@ -27,6 +27,7 @@ lines; a wait also fails at once if QEMU exits or the kernel panics.
 """
 
 import collections
+import functools
 import json
 import os
 import re
@@ -46,6 +47,65 @@ CACHE = os.environ.get("LUO_CACHE", "/var/cache/liveupdate-qemu")
 # twice the real rate (diag_guest_clock, 2026-11-30).
 LUO_CMDLINE = "root=/dev/vda rw console=ttyS0 liveupdate=on panic=-1 tsc=reliable"
 STOCK_CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1 tsc=reliable"
+
+# tsc_early_khz=<this machine's TSC rate>: the same TSC rate in every boot
+# of every host. KVM takes its guests' TSC rate from the kernel's early
+# calibration; under TCG that calibration sometimes fails against the PIT
+# and falls back to the HPET, 470 ppm low (2594.9 MHz against 2596.1), and
+# KVM then runs its guests at a rate it cannot honour ("kvm: user requested
+# TSC rate below hardware speed"). A VM checkpointed in such a boot and
+# restored in a boot whose calibration came out right stalled after its
+# restore: QEMU asks for the old rate, KVM cannot scale to it ("TSC
+# frequency mismatch ... TSC scaling unavailable"), and the restored guest
+# printed nothing for minutes. Every such stall up to 2026-11-30 (CI's
+# qemu_two_vms_two_updates, fleet_rolling_update's h2 and h3) followed a
+# first boot calibrated against the HPET; the runs without one did not
+# stall. TCG's TSC is this machine's own counter (QEMU reads it with
+# rdtsc), so this machine's rate is the right one for every host.
+TSC_KHZ_LINE = re.compile(r"tsc: (?:Refined TSC clocksource calibration: |Detected )([\d.]+) MHz")
+
+
+@functools.lru_cache(maxsize=None)
+def machine_tsc_khz():
+    """This machine's TSC rate in kHz, as its kernel found it (its log), or
+    measured here against CLOCK_MONOTONIC_RAW with a small C program; None
+    when neither works (the hosts then calibrate their TSC themselves)."""
+    for cmd in (["dmesg"], ["journalctl", "-k", "-b", "-o", "cat", "--no-pager"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        rates = [float(m.group(1)) for m in TSC_KHZ_LINE.finditer(out)]
+        if rates:
+            return round(rates[-1] * 1000)
+    return measure_tsc_khz()
+
+
+MEASURE_TSC_C = r"""
+#include <stdio.h>
+#include <time.h>
+#include <x86intrin.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC_RAW, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(void) {
+    double t0 = now(), t1; unsigned long long c0 = __rdtsc(), c1;
+    do { t1 = now(); c1 = __rdtsc(); } while (t1 - t0 < 0.5);
+    printf("%.0f\n", (c1 - c0) / (t1 - t0) / 1000.0);
+    return 0;
+}
+"""
+
+
+def measure_tsc_khz():
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = os.path.join(d, "tsc.c"), os.path.join(d, "tsc")
+        with open(src, "w") as f:
+            f.write(MEASURE_TSC_C)
+        try:
+            subprocess.run(["cc", "-O2", "-o", exe, src], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+            out = subprocess.run([exe], check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
+            return int(out.strip())
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            return None
 MARKER = re.compile(r"@@HOST (\S+) (\S+) (\S+)(?: uptime=(\S+))?")
 
 CmdResult = collections.namedtuple("CmdResult", "rc stdout stderr")
@@ -128,6 +188,9 @@ class Host:
 
     def cmdline(self):
         base = LUO_CMDLINE if self.kernel == "luo" else STOCK_CMDLINE
+        khz = machine_tsc_khz()
+        if khz:
+            base += f" tsc_early_khz={khz}"
         return base + (" " + self.cmdline_extra if self.cmdline_extra else "")
 
     def qemu_argv(self):
