@@ -57,11 +57,13 @@ STOCK_CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1 tsc=reliable"
 # restored in a boot whose calibration came out right stalled after its
 # restore: QEMU asks for the old rate, KVM cannot scale to it ("TSC
 # frequency mismatch ... TSC scaling unavailable"), and the restored guest
-# printed nothing for minutes. Every such stall up to 2026-11-30 (CI's
-# qemu_two_vms_two_updates, fleet_rolling_update's h2 and h3) followed a
-# first boot calibrated against the HPET; the runs without one did not
-# stall. TCG's TSC is this machine's own counter (QEMU reads it with
-# rdtsc), so this machine's rate is the right one for every host.
+# (on the TSC) printed nothing for minutes. Every such stall in the logs of
+# 2026-11-30 (CI's qemu_two_vms_two_updates, fleet_rolling_update's h2 and
+# h3) was a restore from a boot calibrated against the HPET into one
+# calibrated right; restores between boots calibrated alike did not stall.
+# Why the mismatch stops the guest is not traced. TCG's TSC is this
+# machine's own counter (QEMU reads it with rdtsc), so this machine's rate
+# is the right one for every host.
 TSC_KHZ_LINE = re.compile(r"tsc: (?:Refined TSC clocksource calibration: |Detected )([\d.]+) MHz")
 
 

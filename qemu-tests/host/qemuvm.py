@@ -114,10 +114,11 @@ GUEST_RESET = "the nested guest reset itself"
 # running, its process is alive) but that printed no tick for minutes: seen
 # in five of seven runs of fleet_rolling_update by 2026-11-30 on kvm-clock,
 # then on the TSC in three of five, and once in CI's
-# qemu_two_vms_two_updates. Every one followed a host boot whose TSC
-# calibration fell back to the HPET (the host's KVM then gave its VMs a TSC
-# rate 470 ppm off, which the next boot could not scale to); the hosts now
-# boot with tsc_early_khz (hostvm.TSC_KHZ_LINE's comment). The failure
+# qemu_two_vms_two_updates. On the TSC, every one was a restore from a host
+# boot whose TSC calibration fell back to the HPET (its KVM gave the VM a
+# TSC rate 470 ppm off) into one calibrated right, which could not give
+# the VM that rate; the hosts now boot with tsc_early_khz
+# (hostvm.TSC_KHZ_LINE's comment). The failure
 # carries QEMU's CPU time over 5 s (a spinning or a halted guest) and the
 # host's kernel log, and scenarios.py runs the scenario once more.
 GUEST_STALLED = "the nested guest stopped printing"
@@ -251,12 +252,11 @@ def disk_path(name):
 # normally after (diag_guest_clock, 2026-11-30: 40 s and 104 s on one host,
 # over 120 s in the fleet: GUEST_STALLED); on the TSC (this line, in the
 # same runs) it went on at once, at 1.000 guest seconds per real second
-# (its uptime counting the blackout there; not in the demo's run). Not
-# traced: these hosts run under TCG, which offers no invariant TSC (QEMU's
-# TCG_APM_FEATURES is 0), and each boot calibrates the TSC rate anew, so
-# the restore asks KVM for a rate it cannot scale to (QEMU: "TSC frequency
-# mismatch ... TSC scaling unavailable"). tsc=reliable keeps the guest's
-# clocksource watchdog from swapping the TSC for kvm-clock again.
+# (its uptime counting the blackout there; not in the demo's run). The
+# stalls on the TSC that came later had another trigger, now gone
+# (GUEST_STALLED); the kvm-clock stall happened without it too, and is not
+# traced. tsc=reliable keeps the guest's clocksource watchdog from
+# swapping the TSC for kvm-clock again.
 GUEST_CLOCK = "clocksource=tsc tsc=reliable"
 
 
