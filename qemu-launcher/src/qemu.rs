@@ -40,6 +40,25 @@ const STATE_FD_NAME: &str = "luo-state";
 /// Lines of QEMU's stderr kept for error messages.
 const STDERR_LINES: usize = 8;
 
+/// What an operator should know when QEMU could not give a VM its TSC rate
+/// (QEMU's warning `TSC frequency mismatch between VM (A kHz) and host
+/// (B kHz), and TSC scaling unavailable`), or None for any other line. On
+/// a restore it means the checkpoint's kernel ran the VM at a rate this
+/// kernel cannot give it; in the project's test hosts every restored guest
+/// that then stood still had made that move (README, "For QEMU hosts").
+fn tsc_rate_advice(line: &str) -> Option<String> {
+    if !line.contains("TSC frequency mismatch") {
+        return None;
+    }
+    Some(
+        "QEMU could not give the guest its TSC rate and this host cannot scale the TSC; a restored guest \
+         may stand still for minutes. Boot every kernel of this host with tsc_early_khz=<the TSC rate in kHz> \
+         (or use a host whose TSC rate the kernel knows: tsc_known_freq in /proc/cpuinfo), then check the \
+         guest's clock"
+            .to_string(),
+    )
+}
+
 /// What a QEMU operation failed on.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
@@ -277,6 +296,9 @@ impl Launch<'_> {
             std::thread::spawn(move || {
                 for line in BufReader::new(err).lines().map_while(Result::ok) {
                     eprintln!("qemu[{name}]: {line}");
+                    if let Some(advice) = tsc_rate_advice(&line) {
+                        eprintln!("luo-qemu: VM {name}: {advice}");
+                    }
                     let mut l = lines.lock().unwrap_or_else(|p| p.into_inner());
                     l.push(line);
                     if l.len() > STDERR_LINES {
@@ -688,6 +710,18 @@ impl Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tsc_rate_advice_only_for_qemus_tsc_warning() {
+        let warn = "qemu-system-x86_64: warning: TSC frequency mismatch between VM (2594939 kHz) and host \
+                    (2596134 kHz), and TSC scaling unavailable";
+        let advice = tsc_rate_advice(warn).expect("advice for the TSC warning");
+        assert!(advice.contains("tsc_early_khz="), "{advice}");
+        assert_eq!(
+            tsc_rate_advice("qemu-system-x86_64: warning: host doesn't support requested feature"),
+            None
+        );
+    }
 
     #[test]
     fn guest_ram_is_the_inherited_memfd_reopened_by_path_and_shared() {
