@@ -53,7 +53,8 @@ import time
 import types
 
 import luodhost
-from qemuvm import GUEST_STALLED, TICK, define_vm, install_launcher, launcher_log, stall_report, wait_launcher
+from qemuvm import (GUEST_STALLED, define_vm, install_launcher, launcher_log, parse_tick, stall_report,
+                    tsc_went_back, wait_launcher)
 
 TIMEOUT = 1500  # 642 s and 684 s measured (2026-11-30, alone on the machine)
 # In `tests` (CI) and in a group `fleet` of its own. Until 2026-11-30 a
@@ -120,9 +121,7 @@ class GuestLog:
 
     def ticks(self):
         out = self.h.check(f"cat /var/lib/luo-vm/{VM}.serial")
-        return [{"n": int(m.group(1)), "boot": m.group(2), "up": float(m.group(3)),
-                 "tsc": int(m.group(7)) if m.group(7) else None}
-                for m in map(TICK.search, out.splitlines()) if m]
+        return [k for k in map(parse_tick, out.splitlines()) if k]
 
     def wait_tick(self, t, after, timeout):
         """The first tick with a counter above `after` (polled every 2 s)."""
@@ -219,9 +218,7 @@ def guest_ok(t, name, log, first_boot):
     t.expect(boots == {first_boot}, f"{name}: the guest's boot ids since its first tick: {boots}, want only {first_boot}")
     steps = [(a["n"], b["n"]) for a, b in zip(ticks, ticks[1:]) if b["n"] != a["n"] + 1]
     t.expect(not steps, f"{name}: the guest's counter did not go on by one: {steps[:10]}")
-    # The guest's TSC (qemuvm.expect_continues): never back, across restores too.
-    back = [(a["n"], b["n"]) for a, b in zip(ticks, ticks[1:])
-            if a["tsc"] is not None and b["tsc"] is not None and b["tsc"] <= a["tsc"]]
+    back = tsc_went_back(ticks)
     t.expect(not back, f"{name}: the guest's TSC went back between ticks {back[:10]}")
     return len(ticks)
 
